@@ -18,7 +18,14 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// `follow.api.v1`: the public API (`RouteService`, `ImageService`).
 pub mod api {
     /// Generated; see `proto/follow/api/v1`.
-    #[allow(missing_docs, clippy::all, clippy::pedantic, unreachable_pub, unused_qualifications, missing_debug_implementations)]
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        unreachable_pub,
+        unused_qualifications,
+        missing_debug_implementations
+    )]
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/follow.api.v1.rs"));
     }
@@ -27,7 +34,14 @@ pub mod api {
 /// `follow.gateway.v1`: the image gateway's control surface (`GatewayService`).
 pub mod gateway {
     /// Generated; see `proto/follow/gateway/v1`.
-    #[allow(missing_docs, clippy::all, clippy::pedantic, unreachable_pub, unused_qualifications, missing_debug_implementations)]
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        unreachable_pub,
+        unused_qualifications,
+        missing_debug_implementations
+    )]
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/follow.gateway.v1.rs"));
     }
@@ -36,7 +50,14 @@ pub mod gateway {
 /// `follow.events.v1`: what crosses the Valkey bus (`ImageResult`, `ImageProgress`).
 pub mod events {
     /// Generated; see `proto/follow/events/v1`.
-    #[allow(missing_docs, clippy::all, clippy::pedantic, unreachable_pub, unused_qualifications, missing_debug_implementations)]
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        unreachable_pub,
+        unused_qualifications,
+        missing_debug_implementations
+    )]
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/follow.events.v1.rs"));
     }
