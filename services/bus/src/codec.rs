@@ -1,0 +1,477 @@
+//! Wire formats of the bus.
+//!
+//! * A result is one stream entry with one string field per `follow.events.v1.ImageResult` field:
+//!   numbers in decimal, timestamps RFC 3339 UTC, `status` as `processed` / `failed`, codes as in
+//!   ARCHITECTURE.md. Unknown fields are ignored (forward compatible); a missing required field or
+//!   a value that does not parse is a [`DecodeError`], which makes the entry poison.
+//! * A progress event is the protobuf binary encoding of `follow.events.v1.ImageProgress`.
+
+use follow_proto::{events::v1 as pb, prost::Message as _, prost_types::Timestamp};
+use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
+use uuid::Uuid;
+
+use crate::{ErrorCode, Failure, ImageResult, Processed, Progress, ResultOutcome, Stage};
+
+/// The schema version this code writes. Readers accept any version and ignore unknown fields.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Every stream field name, as in the protobuf message.
+pub mod field {
+    pub const IMAGE_ID: &str = "image_id";
+    pub const STATUS: &str = "status";
+    pub const SCHEMA_VERSION: &str = "schema_version";
+    pub const STORAGE_KEY: &str = "storage_key";
+    pub const PREVIEW_KEY: &str = "preview_key";
+    pub const SHA256: &str = "sha256";
+    pub const CONTENT_TYPE: &str = "content_type";
+    pub const WIDTH: &str = "width";
+    pub const HEIGHT: &str = "height";
+    pub const PROCESSED_WIDTH: &str = "processed_width";
+    pub const PROCESSED_HEIGHT: &str = "processed_height";
+    pub const BYTE_SIZE: &str = "byte_size";
+    pub const ERROR_CODE: &str = "error_code";
+    pub const ERROR_MESSAGE: &str = "error_message";
+    pub const PRODUCED_AT: &str = "produced_at";
+    pub const PROCESSING_MS: &str = "processing_ms";
+
+    pub const ALL: [&str; 16] = [
+        IMAGE_ID,
+        STATUS,
+        SCHEMA_VERSION,
+        STORAGE_KEY,
+        PREVIEW_KEY,
+        SHA256,
+        CONTENT_TYPE,
+        WIDTH,
+        HEIGHT,
+        PROCESSED_WIDTH,
+        PROCESSED_HEIGHT,
+        BYTE_SIZE,
+        ERROR_CODE,
+        ERROR_MESSAGE,
+        PRODUCED_AT,
+        PROCESSING_MS,
+    ];
+}
+
+const STATUS_PROCESSED: &str = "processed";
+const STATUS_FAILED: &str = "failed";
+
+/// Why bytes from the bus are not a valid message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("missing required field `{0}`")]
+    MissingField(&'static str),
+    #[error("field `{field}` is invalid: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("progress payload does not decode: {0}")]
+    Payload(String),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> DecodeError {
+    DecodeError::InvalidField {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// RFC 3339 in UTC, as every timestamp on the bus is written.
+pub fn format_time(t: OffsetDateTime) -> String {
+    t.to_offset(UtcOffset::UTC)
+        .format(&Rfc3339)
+        .expect("every UTC OffsetDateTime with a four-digit year formats as RFC 3339")
+}
+
+pub(crate) fn parse_time(field: &'static str, s: &str) -> Result<OffsetDateTime, DecodeError> {
+    OffsetDateTime::parse(s, &Rfc3339)
+        .map(|t| t.to_offset(UtcOffset::UTC))
+        .map_err(|e| invalid(field, e.to_string()))
+}
+
+impl ImageResult {
+    /// The stream fields of this result, in a stable order.
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            (field::IMAGE_ID, self.image_id.to_string()),
+            (
+                field::STATUS,
+                match self.outcome {
+                    ResultOutcome::Processed(_) => STATUS_PROCESSED,
+                    ResultOutcome::Failed(_) => STATUS_FAILED,
+                }
+                .to_owned(),
+            ),
+            (field::SCHEMA_VERSION, SCHEMA_VERSION.to_string()),
+        ];
+        match &self.outcome {
+            ResultOutcome::Processed(p) => f.extend([
+                (field::STORAGE_KEY, p.storage_key.clone()),
+                (field::PREVIEW_KEY, p.preview_key.clone()),
+                (field::SHA256, p.sha256.clone()),
+                (field::CONTENT_TYPE, p.content_type.clone()),
+                (field::WIDTH, p.width.to_string()),
+                (field::HEIGHT, p.height.to_string()),
+                (field::PROCESSED_WIDTH, p.processed_width.to_string()),
+                (field::PROCESSED_HEIGHT, p.processed_height.to_string()),
+                (field::BYTE_SIZE, p.byte_size.to_string()),
+            ]),
+            ResultOutcome::Failed(e) => f.extend([
+                (field::ERROR_CODE, e.code.as_str().to_owned()),
+                (field::ERROR_MESSAGE, e.message.clone()),
+            ]),
+        }
+        f.extend([
+            (field::PRODUCED_AT, format_time(self.produced_at)),
+            (field::PROCESSING_MS, self.processing_ms.to_string()),
+        ]);
+        f
+    }
+
+    /// Reads a result from stream fields (name, value) as they came off the wire.
+    pub fn from_fields<N, V>(fields: &[(N, V)]) -> Result<Self, DecodeError>
+    where
+        N: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let fields = Fields(fields);
+        let image_id = fields.required(field::IMAGE_ID)?;
+        let image_id =
+            Uuid::parse_str(image_id).map_err(|e| invalid(field::IMAGE_ID, e.to_string()))?;
+        let _schema_version: u32 = fields.number(field::SCHEMA_VERSION)?;
+        let outcome = match fields.required(field::STATUS)? {
+            STATUS_PROCESSED => ResultOutcome::Processed(Processed {
+                storage_key: fields.required(field::STORAGE_KEY)?.to_owned(),
+                preview_key: fields.required(field::PREVIEW_KEY)?.to_owned(),
+                sha256: fields.sha256()?,
+                content_type: fields.required(field::CONTENT_TYPE)?.to_owned(),
+                width: fields.number(field::WIDTH)?,
+                height: fields.number(field::HEIGHT)?,
+                processed_width: fields.number(field::PROCESSED_WIDTH)?,
+                processed_height: fields.number(field::PROCESSED_HEIGHT)?,
+                byte_size: fields.number(field::BYTE_SIZE)?,
+            }),
+            STATUS_FAILED => ResultOutcome::Failed(Failure {
+                code: fields
+                    .required(field::ERROR_CODE)?
+                    .parse()
+                    .map_err(|()| invalid(field::ERROR_CODE, "not a known error code"))?,
+                message: fields.required(field::ERROR_MESSAGE)?.to_owned(),
+            }),
+            other => {
+                return Err(invalid(
+                    field::STATUS,
+                    format!("expected processed or failed, got {other:.32?}"),
+                ));
+            }
+        };
+        Ok(Self {
+            image_id,
+            outcome,
+            produced_at: parse_time(field::PRODUCED_AT, fields.required(field::PRODUCED_AT)?)?,
+            processing_ms: fields.number(field::PROCESSING_MS)?,
+        })
+    }
+}
+
+/// Field lookup over raw (name, value) pairs; the first occurrence of a name counts.
+struct Fields<'a, N, V>(&'a [(N, V)]);
+
+impl<N: AsRef<[u8]>, V: AsRef<[u8]>> Fields<'_, N, V> {
+    fn required(&self, name: &'static str) -> Result<&str, DecodeError> {
+        let value = self
+            .0
+            .iter()
+            .find(|(n, _)| n.as_ref() == name.as_bytes())
+            .map(|(_, v)| v.as_ref())
+            .ok_or(DecodeError::MissingField(name))?;
+        std::str::from_utf8(value).map_err(|_| invalid(name, "not UTF-8"))
+    }
+
+    fn number<T: std::str::FromStr>(&self, name: &'static str) -> Result<T, DecodeError> {
+        let text = self.required(name)?;
+        text.parse().map_err(|_| {
+            invalid(
+                name,
+                format!("not an unsigned decimal in range: {text:.32?}"),
+            )
+        })
+    }
+
+    fn sha256(&self) -> Result<String, DecodeError> {
+        let hex = self.required(field::SHA256)?;
+        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(hex.to_ascii_lowercase())
+        } else {
+            Err(invalid(field::SHA256, "not 64 hex digits"))
+        }
+    }
+}
+
+impl Progress {
+    /// The `image:progress:{id}` payload: `follow.events.v1.ImageProgress`, protobuf binary.
+    pub fn encode(&self) -> Vec<u8> {
+        let (code, message) = match &self.failure {
+            Some(f) => (pb::ErrorCode::from(f.code), f.message.clone()),
+            None => (pb::ErrorCode::Unspecified, String::new()),
+        };
+        pb::ImageProgress {
+            image_id: self.image_id.to_string(),
+            stage: pb::Stage::from(self.stage).into(),
+            seq: self.seq,
+            time: Some(timestamp(self.at)),
+            error_code: code.into(),
+            error_message: message,
+        }
+        .encode_to_vec()
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let p =
+            pb::ImageProgress::decode(payload).map_err(|e| DecodeError::Payload(e.to_string()))?;
+        let image_id =
+            Uuid::parse_str(&p.image_id).map_err(|e| invalid(field::IMAGE_ID, e.to_string()))?;
+        let stage = pb::Stage::try_from(p.stage)
+            .ok()
+            .and_then(|s| Stage::try_from(s).ok())
+            .ok_or_else(|| invalid("stage", format!("unknown stage {}", p.stage)))?;
+        let time = p.time.ok_or(DecodeError::MissingField("time"))?;
+        let at = OffsetDateTime::from_unix_timestamp(time.seconds)
+            .ok()
+            .and_then(|t| t.replace_nanosecond(u32::try_from(time.nanos).ok()?).ok())
+            .ok_or_else(|| invalid("time", "out of range"))?;
+        let failure = match stage {
+            Stage::Failed => Some(Failure {
+                code: pb::ErrorCode::try_from(p.error_code)
+                    .ok()
+                    .and_then(|c| ErrorCode::try_from(c).ok())
+                    .ok_or_else(|| invalid(field::ERROR_CODE, "missing or unknown"))?,
+                message: p.error_message,
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            image_id,
+            stage,
+            seq: p.seq,
+            at,
+            failure,
+        })
+    }
+}
+
+fn timestamp(t: OffsetDateTime) -> Timestamp {
+    Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: i32::try_from(t.nanosecond()).expect("nanoseconds are below 10^9"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use follow_proto::{FILE_DESCRIPTOR_SET, prost::Message as _, prost_types::FileDescriptorSet};
+    use time::macros::datetime;
+
+    use super::*;
+
+    fn processed() -> ImageResult {
+        ImageResult {
+            image_id: Uuid::new_v4(),
+            outcome: ResultOutcome::Processed(Processed {
+                storage_key: "routes/r/i.jpg".into(),
+                preview_key: "routes/r/i.preview.jpg".into(),
+                sha256: "ab".repeat(32),
+                content_type: "image/jpeg".into(),
+                width: 4000,
+                height: 3000,
+                processed_width: 2048,
+                processed_height: 1536,
+                byte_size: 123_456,
+            }),
+            produced_at: datetime!(2026-11-23 10:00:00.123 UTC),
+            processing_ms: 842,
+        }
+    }
+
+    fn failed() -> ImageResult {
+        ImageResult {
+            outcome: ResultOutcome::Failed(Failure {
+                code: ErrorCode::InvalidImage,
+                message: "not a JPEG, PNG or WebP".into(),
+            }),
+            ..processed()
+        }
+    }
+
+    fn strip(fields: Vec<(&'static str, String)>, name: &str) -> Vec<(&'static str, String)> {
+        fields.into_iter().filter(|(n, _)| *n != name).collect()
+    }
+
+    #[test]
+    fn both_outcomes_round_trip() {
+        for r in [processed(), failed()] {
+            assert_eq!(ImageResult::from_fields(&r.to_fields()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn fields_are_readable_strings() {
+        let f = processed().to_fields();
+        let get = |n: &str| f.iter().find(|(k, _)| *k == n).unwrap().1.clone();
+        assert_eq!(get("status"), "processed");
+        assert_eq!(get("schema_version"), "1");
+        assert_eq!(get("width"), "4000");
+        assert_eq!(get("produced_at"), "2026-11-23T10:00:00.123Z");
+        let f = failed().to_fields();
+        assert!(f.contains(&("error_code", "INVALID_IMAGE".into())));
+        assert!(!f.iter().any(|(k, _)| *k == "storage_key"));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let r = processed();
+        let mut f: Vec<(String, Vec<u8>)> = r
+            .to_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+            .collect();
+        f.push(("added_in_v2".into(), b"whatever".to_vec()));
+        f.push(("bin".into(), vec![0xff, 0xfe]));
+        assert_eq!(ImageResult::from_fields(&f).unwrap(), r);
+    }
+
+    #[test]
+    fn a_missing_required_field_is_a_typed_error() {
+        for name in [
+            "image_id",
+            "status",
+            "schema_version",
+            "produced_at",
+            "processing_ms",
+            "sha256",
+            "width",
+        ] {
+            let f = strip(processed().to_fields(), name);
+            assert_eq!(
+                ImageResult::from_fields(&f),
+                Err(DecodeError::MissingField(
+                    field::ALL.into_iter().find(|n| *n == name).unwrap()
+                ))
+            );
+        }
+        for name in ["error_code", "error_message"] {
+            let f = strip(failed().to_fields(), name);
+            assert!(matches!(
+                ImageResult::from_fields(&f),
+                Err(DecodeError::MissingField(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn hostile_values_are_typed_errors() {
+        let cases: [(&str, &[u8]); 10] = [
+            ("image_id", b"not-a-uuid"),
+            ("status", b"PROCESSED"),
+            ("schema_version", b"-1"),
+            ("width", b"4294967296"),
+            ("byte_size", b"1e9"),
+            ("sha256", b"xyz"),
+            ("produced_at", b"yesterday"),
+            ("processing_ms", b""),
+            ("storage_key", &[0xff, 0xfe, 0xfd]),
+            ("status", &[0xc3, 0x28]),
+        ];
+        for (name, value) in cases {
+            let f: Vec<(&str, Vec<u8>)> = processed()
+                .to_fields()
+                .into_iter()
+                .map(|(k, v)| {
+                    if k == name {
+                        (k, value.to_vec())
+                    } else {
+                        (k, v.into_bytes())
+                    }
+                })
+                .collect();
+            assert!(
+                matches!(
+                    ImageResult::from_fields(&f),
+                    Err(DecodeError::InvalidField { .. })
+                ),
+                "{name} = {value:?}"
+            );
+        }
+        let f: Vec<(&str, &str)> = vec![];
+        assert!(ImageResult::from_fields(&f).is_err());
+    }
+
+    #[test]
+    fn codec_fields_are_exactly_the_protobuf_fields() {
+        let set = FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+        let message = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "follow.events.v1")
+            .flat_map(|f| &f.message_type)
+            .find(|m| m.name() == "ImageResult")
+            .unwrap();
+        let mut proto: Vec<&str> = message.field.iter().map(|f| f.name()).collect();
+        let mut ours = field::ALL.to_vec();
+        proto.sort_unstable();
+        ours.sort_unstable();
+        assert_eq!(ours, proto);
+        // And a full round trip writes each of them at least once across the two outcomes.
+        let mut written: Vec<&str> = processed()
+            .to_fields()
+            .into_iter()
+            .chain(failed().to_fields())
+            .map(|(k, _)| k)
+            .collect();
+        written.sort_unstable();
+        written.dedup();
+        assert_eq!(written, ours);
+    }
+
+    #[test]
+    fn progress_round_trips_and_refuses_garbage() {
+        let id = Uuid::new_v4();
+        let p = Progress {
+            at: datetime!(2026-11-23 10:00:00.5 UTC),
+            ..Progress::stage(id, Stage::Decoding)
+        };
+        assert_eq!(Progress::decode(&p.encode()).unwrap(), p);
+        let f = Progress {
+            at: datetime!(2026-11-23 10:00:01 UTC),
+            ..Progress::failed(
+                id,
+                Failure {
+                    code: ErrorCode::ImageTooLarge,
+                    message: "60000x60000".into(),
+                },
+            )
+        };
+        assert_eq!(Progress::decode(&f.encode()).unwrap(), f);
+        for garbage in [&b""[..], b"\xff\xff\xff", b"hello world"] {
+            assert!(Progress::decode(garbage).is_err());
+        }
+    }
+
+    #[test]
+    fn stages_and_codes_round_trip_through_names_and_protobuf() {
+        for s in Stage::ALL {
+            assert_eq!(s.as_str().parse::<Stage>(), Ok(s));
+            assert_eq!(Stage::try_from(pb::Stage::from(s)), Ok(s));
+        }
+        assert!(Stage::ALL.windows(2).all(|w| w[0].seq() < w[1].seq()));
+        for c in ErrorCode::ALL {
+            assert_eq!(c.as_str().parse::<ErrorCode>(), Ok(c));
+            assert_eq!(ErrorCode::try_from(pb::ErrorCode::from(c)), Ok(c));
+            assert_eq!(
+                pb::ErrorCode::from(c).as_str_name(),
+                format!("ERROR_CODE_{}", c.as_str())
+            );
+        }
+    }
+}

@@ -1,0 +1,39 @@
+use crate::DecodeError;
+
+/// What can go wrong talking to the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("valkey: {0}")]
+    Valkey(#[from] redis::RedisError),
+    #[error("unexpected reply from valkey: {0}")]
+    Reply(String),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+impl BusError {
+    /// Valkey could not be reached or did not answer in time: worth retrying later, and the
+    /// reason for a 503 / `UNAVAILABLE`, as opposed to a bug or a bad request.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            BusError::Valkey(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.code() == Some("LOADING")
+                    || e.code() == Some("BUSY")
+            }
+            _ => false,
+        }
+    }
+
+    /// The consumer group (or its stream) is gone: Valkey lost its data.
+    pub(crate) fn is_nogroup(&self) -> bool {
+        matches!(self, BusError::Valkey(e) if e.code() == Some("NOGROUP"))
+    }
+
+    pub(crate) fn reply(what: impl Into<String>) -> Self {
+        BusError::Reply(what.into())
+    }
+}

@@ -1,0 +1,68 @@
+use redis::aio::ConnectionManager;
+
+use crate::{BusError, Valkey, keys};
+
+/// Whether Valkey answers, and whether the consumer group exists.
+#[derive(Clone)]
+pub struct HealthChecker {
+    conn: ConnectionManager,
+    group: Option<String>,
+}
+
+impl std::fmt::Debug for HealthChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthChecker")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// `PING` answered.
+    pub valkey: bool,
+    /// Whether the group exists on `image:result`; `None` when not checked (or Valkey is down).
+    pub group: Option<bool>,
+}
+
+impl HealthChecker {
+    /// `group`: the consumer group to look for (the API's), or `None` (the gateway).
+    pub fn new(valkey: &Valkey, group: Option<&str>) -> Result<Self, BusError> {
+        Ok(Self {
+            conn: valkey.connection()?,
+            group: group.map(str::to_owned),
+        })
+    }
+
+    pub async fn check(&mut self) -> Health {
+        let ping: Result<String, _> = redis::cmd("PING").query_async(&mut self.conn).await;
+        if let Err(e) = ping {
+            tracing::debug!(error = %e, "valkey health: PING failed");
+            return Health {
+                valkey: false,
+                group: None,
+            };
+        }
+        let group = match self.group.clone() {
+            None => None,
+            Some(name) => Some(self.group_exists(&name).await.unwrap_or(false)),
+        };
+        Health {
+            valkey: true,
+            group,
+        }
+    }
+
+    async fn group_exists(&mut self, name: &str) -> Result<bool, BusError> {
+        let groups: Result<redis::streams::StreamInfoGroupsReply, _> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(keys::RESULT_STREAM)
+            .query_async(&mut self.conn)
+            .await;
+        match groups {
+            Ok(g) => Ok(g.groups.iter().any(|g| g.name == name)),
+            Err(e) if e.code() == Some("ERR") => Ok(false), // no such stream yet
+            Err(e) => Err(e.into()),
+        }
+    }
+}
