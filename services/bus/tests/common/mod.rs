@@ -1,0 +1,170 @@
+//! Shared pieces of the bus tests: a real Valkey per test, results, and recording handlers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use follow_bus::{
+    ConsumerConfig, Delivery, ErrorCode, Failure, Handler, ImageResult, Outcome, Processed,
+    ResultOutcome, Valkey, ValkeyConfig,
+};
+use follow_testkit::ValkeyServer;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+pub const WITHIN: Duration = Duration::from_secs(15);
+
+pub async fn valkey() -> (ValkeyServer, Valkey) {
+    let server = ValkeyServer::start().await.expect("valkey-server starts");
+    let valkey = Valkey::new(ValkeyConfig::new(server.url())).expect("valid url");
+    (server, valkey)
+}
+
+pub fn processed(image_id: Uuid) -> ImageResult {
+    ImageResult {
+        image_id,
+        outcome: ResultOutcome::Processed(Processed {
+            storage_key: format!("images/{image_id}.jpg"),
+            preview_key: format!("images/{image_id}.preview.jpg"),
+            sha256: "0f".repeat(32),
+            content_type: "image/jpeg".into(),
+            width: 4000,
+            height: 3000,
+            processed_width: 2048,
+            processed_height: 1536,
+            byte_size: 345_678,
+        }),
+        produced_at: time::OffsetDateTime::now_utc(),
+        processing_ms: 120,
+    }
+}
+
+pub fn failed(image_id: Uuid) -> ImageResult {
+    ImageResult {
+        outcome: ResultOutcome::Failed(Failure {
+            code: ErrorCode::InvalidImage,
+            message: "not an image".into(),
+        }),
+        ..processed(image_id)
+    }
+}
+
+/// Quick timings so tests run in milliseconds.
+pub fn config(consumer: &str) -> ConsumerConfig {
+    ConsumerConfig {
+        block: Duration::from_millis(200),
+        reclaim_interval: Duration::from_millis(50),
+        backoff_min: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(100),
+        ..ConsumerConfig::new(consumer)
+    }
+}
+
+/// Sends every delivery it gets to a channel (tagged with its name), answering with `decide`.
+pub struct Recorder<F> {
+    pub name: String,
+    pub tx: mpsc::UnboundedSender<(String, Delivery)>,
+    pub decide: F,
+}
+
+impl<F: FnMut(&Delivery) -> Outcome + Send> Handler for Recorder<F> {
+    async fn handle(&mut self, batch: &[Delivery]) -> Vec<Outcome> {
+        batch
+            .iter()
+            .map(|d| {
+                let _ = self.tx.send((self.name.clone(), d.clone()));
+                (self.decide)(d)
+            })
+            .collect()
+    }
+}
+
+/// A handler that acknowledges everything.
+pub fn recorder(
+    name: &str,
+) -> (
+    Recorder<fn(&Delivery) -> Outcome>,
+    mpsc::UnboundedReceiver<(String, Delivery)>,
+) {
+    recorder_with(name, |_| Outcome::Ack)
+}
+
+pub fn recorder_with<F: FnMut(&Delivery) -> Outcome + Send>(
+    name: &str,
+    decide: F,
+) -> (Recorder<F>, mpsc::UnboundedReceiver<(String, Delivery)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        Recorder {
+            name: name.to_owned(),
+            tx,
+            decide,
+        },
+        rx,
+    )
+}
+
+pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WITHIN, rx.recv())
+        .await
+        .expect("a delivery within the deadline")
+        .expect("channel open")
+}
+
+/// Pending count of the group.
+pub async fn pending(conn: &mut redis::aio::MultiplexedConnection, group: &str) -> u64 {
+    let reply: redis::Value = redis::cmd("XPENDING")
+        .arg("image:result")
+        .arg(group)
+        .query_async(conn)
+        .await
+        .unwrap();
+    match reply {
+        redis::Value::Array(parts) => match &parts[0] {
+            redis::Value::Int(n) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+pub async fn xlen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    redis::cmd("XLEN").arg(key).query_async(conn).await.unwrap()
+}
+
+/// Reads up to `count` new entries as `consumer` without acknowledging them (a consumer that
+/// then dies).
+pub async fn read_raw(
+    conn: &mut redis::aio::MultiplexedConnection,
+    consumer: &str,
+    count: usize,
+) -> Vec<String> {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("api-workers")
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg("image:result")
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap();
+    reply
+        .keys
+        .into_iter()
+        .flat_map(|k| k.ids.into_iter().map(|id| id.id))
+        .collect()
+}
+
+pub async fn create_group(conn: &mut redis::aio::MultiplexedConnection) {
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("image:result")
+        .arg("api-workers")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async::<()>(conn)
+        .await
+        .unwrap();
+}
