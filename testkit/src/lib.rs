@@ -16,7 +16,10 @@ pub use wait::{eventually, eventually_async};
 #[derive(Debug, thiserror::Error)]
 pub enum TestkitError {
     #[error("{what} not found: {hint}")]
-    NotFound { what: &'static str, hint: &'static str },
+    NotFound {
+        what: &'static str,
+        hint: &'static str,
+    },
     #[error("{what} did not become ready: {detail}")]
     NotReady { what: &'static str, detail: String },
     #[error("io: {0}")]
@@ -26,7 +29,9 @@ pub enum TestkitError {
 /// A loopback port that was free a moment ago. Callers must cope with losing the race for it
 /// (servers here retry on another port when theirs was taken).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
 }
 
 /// Looks up `name` on `PATH`.

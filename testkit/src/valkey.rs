@@ -31,7 +31,9 @@ impl ValkeyServer {
         for _ in 0..PORT_ATTEMPTS {
             let mut server = Self {
                 binary: binary.clone(),
-                dir: tempfile::Builder::new().prefix("follow-valkey-").tempdir()?,
+                dir: tempfile::Builder::new()
+                    .prefix("follow-valkey-")
+                    .tempdir()?,
                 port: free_port()?,
                 child: None,
             };
@@ -102,7 +104,10 @@ impl ValkeyServer {
             }
             // The pid check makes sure we reached our own server, not another test's that won
             // the race for this port.
-            if server_pid(self.port).await.is_some_and(|pid| Some(pid) == child.id()) {
+            if server_pid(self.port)
+                .await
+                .is_some_and(|pid| Some(pid) == child.id())
+            {
                 self.child = Some(child);
                 return Ok(());
             }
@@ -130,7 +135,11 @@ impl Drop for ValkeyServer {
 async fn server_pid(port: u16) -> Option<u32> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
     let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-    let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
     info.lines()
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|pid| pid.trim().parse().ok())

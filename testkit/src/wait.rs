@@ -6,7 +6,11 @@ const POLL: Duration = Duration::from_millis(10);
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
 /// For tests: waiting on a condition with a deadline, never sleeping a guessed time.
-pub async fn eventually<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(
+    deadline: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     eventually_async(deadline, what, || std::future::ready(check())).await
 }
 
@@ -21,7 +25,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < until, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         sleep(POLL).await;
     }
 }

@@ -1,14 +1,15 @@
 //! The result stream against a real Valkey: producer, consumer group, pending re-read, reclaim,
 //! dead-lettering, trimming and recovery from lost data.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use std::{collections::HashMap, time::Duration};
 
 use common::*;
 use follow_bus::{
-    Consumer, Delivery, EntryId, HealthChecker, ImageResult, Outcome, Producer, Reclaimer,
-    Trimmer,
+    Consumer, Delivery, EntryId, HealthChecker, ImageResult, Outcome, Producer, Reclaimer, Trimmer,
 };
 use follow_testkit::eventually_async;
 use tokio_util::sync::CancellationToken;
@@ -47,14 +48,23 @@ async fn each_result_goes_to_exactly_one_of_several_consumers() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     for name in ["c1", "c2", "c3"] {
-        let consumer = Consumer::new(&valkey, follow_bus::ConsumerConfig { batch_size: 4, ..config(name) }).unwrap();
+        let consumer = Consumer::new(
+            &valkey,
+            follow_bus::ConsumerConfig {
+                batch_size: 4,
+                ..config(name)
+            },
+        )
+        .unwrap();
         let mut handler = Recorder {
             name: name.into(),
             tx: tx.clone(),
             decide: |_: &Delivery| Outcome::Ack,
         };
         let cancel = cancel.clone();
-        tasks.push(tokio::spawn(async move { consumer.run(&mut handler, cancel).await }));
+        tasks.push(tokio::spawn(async move {
+            consumer.run(&mut handler, cancel).await
+        }));
     }
     let mut producer = Producer::new(&valkey).unwrap();
     let mut sent = Vec::new();
@@ -105,13 +115,20 @@ async fn a_restarted_consumer_re_reads_its_own_pending_entries_first() {
     cancel.cancel();
     task.await.unwrap();
     let mut conn = server.connection().await;
-    assert_eq!(pending(&mut conn, "api-workers").await, 1, "not acknowledged, not lost");
+    assert_eq!(
+        pending(&mut conn, "api-workers").await,
+        1,
+        "not acknowledged, not lost"
+    );
 
     // Second life, same consumer name, long min_idle so no reclaim is involved.
     let cancel = CancellationToken::new();
     let consumer = Consumer::new(
         &valkey,
-        follow_bus::ConsumerConfig { min_idle: Duration::from_secs(3600), ..config("api-1") },
+        follow_bus::ConsumerConfig {
+            min_idle: Duration::from_secs(3600),
+            ..config("api-1")
+        },
     )
     .unwrap();
     let (mut handler, mut rx) = recorder("second");
@@ -135,18 +152,30 @@ async fn a_restarted_consumer_re_reads_its_own_pending_entries_first() {
 #[tokio::test]
 async fn retry_keeps_the_entry_without_redelivery_or_dead_lettering() {
     let (server, valkey) = valkey().await;
-    Producer::new(&valkey).unwrap().publish(&processed(Uuid::new_v4())).await.unwrap();
+    Producer::new(&valkey)
+        .unwrap()
+        .publish(&processed(Uuid::new_v4()))
+        .await
+        .unwrap();
     // A database outage lasting longer than max_deliveries attempts.
     let consumer = Consumer::new(
         &valkey,
-        follow_bus::ConsumerConfig { max_deliveries: 1, min_idle: Duration::from_millis(20), ..config("api-1") },
+        follow_bus::ConsumerConfig {
+            max_deliveries: 1,
+            min_idle: Duration::from_millis(20),
+            ..config("api-1")
+        },
     )
     .unwrap();
     let stats = consumer.stats();
     let mut calls = 0;
     let (mut handler, mut rx) = recorder_with("h", move |_: &Delivery| {
         calls += 1;
-        if calls <= 5 { Outcome::Retry } else { Outcome::Ack }
+        if calls <= 5 {
+            Outcome::Retry
+        } else {
+            Outcome::Ack
+        }
     });
     let cancel = CancellationToken::new();
     let task = {
@@ -155,7 +184,10 @@ async fn retry_keeps_the_entry_without_redelivery_or_dead_lettering() {
     };
     for _ in 0..6 {
         let (_, d) = recv(&mut rx).await;
-        assert_eq!(d.deliveries, 1, "retries happen in memory, not by redelivery");
+        assert_eq!(
+            d.deliveries, 1,
+            "retries happen in memory, not by redelivery"
+        );
     }
     let mut conn = server.connection().await;
     eventually_async(WITHIN, "acknowledged after the outage", || {
@@ -175,13 +207,20 @@ async fn an_idle_entry_of_a_dead_consumer_is_reclaimed_by_another() {
     let mut conn = server.connection().await;
     create_group(&mut conn).await;
     let result = processed(Uuid::new_v4());
-    Producer::new(&valkey).unwrap().publish(&result).await.unwrap();
+    Producer::new(&valkey)
+        .unwrap()
+        .publish(&result)
+        .await
+        .unwrap();
     let ids = read_raw(&mut conn, "crashed", 10).await;
     assert_eq!(ids.len(), 1);
 
     let consumer = Consumer::new(
         &valkey,
-        follow_bus::ConsumerConfig { min_idle: Duration::from_millis(100), ..config("survivor") },
+        follow_bus::ConsumerConfig {
+            min_idle: Duration::from_millis(100),
+            ..config("survivor")
+        },
     )
     .unwrap();
     let stats = consumer.stats();
@@ -202,7 +241,10 @@ async fn an_idle_entry_of_a_dead_consumer_is_reclaimed_by_another() {
     .await;
     cancel.cancel();
     task.await.unwrap();
-    assert_eq!(stats.reclaimed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        stats.reclaimed.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }
 
 #[tokio::test]
@@ -211,7 +253,11 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
     let mut conn = server.connection().await;
     create_group(&mut conn).await;
     let result = failed(Uuid::new_v4());
-    let id = Producer::new(&valkey).unwrap().publish(&result).await.unwrap();
+    let id = Producer::new(&valkey)
+        .unwrap()
+        .publish(&result)
+        .await
+        .unwrap();
     // Delivered 4 times in all: a crash loop.
     read_raw(&mut conn, "crashing", 1).await;
     for _ in 0..3 {
@@ -229,9 +275,16 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
     let mut reclaimer =
         Reclaimer::new(&valkey, "api-workers", "survivor", Duration::ZERO, 4, 10).unwrap();
     let survivors = reclaimer.claim_all().await.unwrap();
-    assert!(survivors.is_empty(), "the 5th delivery is over the limit of 4");
+    assert!(
+        survivors.is_empty(),
+        "the 5th delivery is over the limit of 4"
+    );
 
-    assert_eq!(pending(&mut conn, "api-workers").await, 0, "acknowledged once dead-lettered");
+    assert_eq!(
+        pending(&mut conn, "api-workers").await,
+        0,
+        "acknowledged once dead-lettered"
+    );
     let dead: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg("image:result:dead")
         .arg("-")
@@ -243,7 +296,11 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
     let fields: HashMap<_, _> = dead[0].1.iter().cloned().collect();
     assert_eq!(fields["dead_original_id"], id.0);
     assert_eq!(fields["dead_deliveries"], "5");
-    assert!(fields["dead_reason"].contains("delivered 5 times"), "{}", fields["dead_reason"]);
+    assert!(
+        fields["dead_reason"].contains("delivered 5 times"),
+        "{}",
+        fields["dead_reason"]
+    );
     assert_eq!(fields["dead_consumer"], "survivor");
     // The original result is kept whole.
     assert_eq!(ImageResult::from_fields(&dead[0].1).unwrap(), result);
@@ -292,8 +349,15 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
         let cancel = cancel.clone();
         tokio::spawn(async move { consumer.run(&mut handler, cancel).await })
     };
-    let handled = [recv(&mut rx).await.1.result.image_id, recv(&mut rx).await.1.result.image_id];
-    assert_eq!(handled, [refused.image_id, good.image_id], "the handler never sees poison");
+    let handled = [
+        recv(&mut rx).await.1.result.image_id,
+        recv(&mut rx).await.1.result.image_id,
+    ];
+    assert_eq!(
+        handled,
+        [refused.image_id, good.image_id],
+        "the handler never sees poison"
+    );
     eventually_async(WITHIN, "three entries dead-lettered", || {
         let mut conn = conn.clone();
         async move { (xlen(&mut conn, "image:result:dead").await == 3).then_some(()) }
@@ -306,7 +370,7 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
     .await;
     cancel.cancel();
     task.await.unwrap();
-    let reasons: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let reasons: RawEntries = redis::cmd("XRANGE")
         .arg("image:result:dead")
         .arg("-")
         .arg("+")
@@ -320,7 +384,10 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
             String::from_utf8(v.clone()).unwrap()
         })
         .collect();
-    assert!(reasons[0].starts_with("poison: missing required field"), "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("poison: missing required field"),
+        "{reasons:?}"
+    );
     assert!(reasons[1].starts_with("poison:"), "{reasons:?}");
     assert_eq!(reasons[2], "route was deleted");
 }
@@ -333,9 +400,19 @@ async fn trimming_never_drops_an_unacknowledged_entry() {
     let mut producer = Producer::new(&valkey).unwrap();
     let mut ids = Vec::new();
     for _ in 0..10 {
-        ids.push(producer.publish(&processed(Uuid::new_v4())).await.unwrap().0);
+        ids.push(
+            producer
+                .publish(&processed(Uuid::new_v4()))
+                .await
+                .unwrap()
+                .0,
+        );
     }
-    assert_eq!(trimmer.trim().await.unwrap(), 0, "without the group nothing is trimmed");
+    assert_eq!(
+        trimmer.trim().await.unwrap(),
+        0,
+        "without the group nothing is trimmed"
+    );
 
     create_group(&mut conn).await;
     assert_eq!(trimmer.trim().await.unwrap(), 0, "nothing delivered yet");
@@ -394,7 +471,10 @@ async fn the_consumer_recreates_its_group_after_valkey_loses_its_data() {
     assert_eq!(recv(&mut rx).await.1.result, before);
 
     let mut conn = server.connection().await;
-    redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await.unwrap();
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
     let after = processed(Uuid::new_v4());
     producer.publish(&after).await.unwrap();
     assert_eq!(recv(&mut rx).await.1.result, after);

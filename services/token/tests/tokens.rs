@@ -1,5 +1,7 @@
 //! Issue and verify of upload and user tokens, and every way a token must be refused.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::time::{Duration, SystemTime};
 
 use base64::{

@@ -78,20 +78,20 @@ impl<F: FnMut(&Delivery) -> Outcome + Send> Handler for Recorder<F> {
     }
 }
 
+/// What a [`Recorder`] saw: (its name, the delivery).
+pub type Seen = mpsc::UnboundedReceiver<(String, Delivery)>;
+
+pub type AckAll = fn(&Delivery) -> Outcome;
+
 /// A handler that acknowledges everything.
-pub fn recorder(
-    name: &str,
-) -> (
-    Recorder<fn(&Delivery) -> Outcome>,
-    mpsc::UnboundedReceiver<(String, Delivery)>,
-) {
+pub fn recorder(name: &str) -> (Recorder<AckAll>, Seen) {
     recorder_with(name, |_| Outcome::Ack)
 }
 
 pub fn recorder_with<F: FnMut(&Delivery) -> Outcome + Send>(
     name: &str,
     decide: F,
-) -> (Recorder<F>, mpsc::UnboundedReceiver<(String, Delivery)>) {
+) -> (Recorder<F>, Seen) {
     let (tx, rx) = mpsc::unbounded_channel();
     (
         Recorder {
@@ -126,6 +126,9 @@ pub async fn pending(conn: &mut redis::aio::MultiplexedConnection, group: &str) 
         _ => 0,
     }
 }
+
+/// Entries as raw (id, [(field, value)]) pairs.
+pub type RawEntries = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
 
 pub async fn xlen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
     redis::cmd("XLEN").arg(key).query_async(conn).await.unwrap()

@@ -1,0 +1,250 @@
+//! Progress reporting and the one-time upload guard against a real Valkey.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use follow_bus::{
+    ErrorCode, Failure, GuardOutcome, Progress, ProgressTracker, Recorded, Stage, UploadGuard, keys,
+};
+use futures_util::StreamExt as _;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() {
+    let (server, valkey) = valkey().await;
+    let image_id = Uuid::new_v4();
+    let mut pubsub = valkey.pubsub().await.unwrap();
+    pubsub.subscribe(keys::progress(image_id)).await.unwrap();
+    let mut messages = pubsub.into_on_message();
+
+    let mut tracker = ProgressTracker::new(&valkey).unwrap();
+    let stages = [
+        Stage::Queued,
+        Stage::WaitingUpload,
+        Stage::Validating,
+        Stage::Decoding,
+        Stage::Processing,
+        Stage::Encoding,
+        Stage::UploadingToStorage,
+        Stage::Done,
+    ];
+    for stage in stages {
+        assert_eq!(
+            tracker
+                .record(&Progress::stage(image_id, stage))
+                .await
+                .unwrap(),
+            Recorded::Applied
+        );
+    }
+    let mut seen = Vec::new();
+    for _ in stages {
+        let msg = tokio::time::timeout(WITHIN, messages.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(msg.get_channel_name(), keys::progress(image_id));
+        let p = Progress::decode(msg.get_payload_bytes()).unwrap();
+        assert_eq!(p.image_id, image_id);
+        assert_eq!(p.seq, p.stage.seq());
+        seen.push(p.stage);
+    }
+    assert_eq!(seen, stages);
+
+    let mut conn = server.connection().await;
+    let hash: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys::status(image_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(hash["stage"], "done");
+    assert_eq!(hash["seq"], Stage::Done.seq().to_string());
+    assert!(hash["updated_at"].ends_with('Z'));
+    assert!(!hash.contains_key("error_code"));
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(keys::status(image_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
+
+    let snapshot = tracker.current(image_id).await.unwrap().unwrap();
+    assert_eq!(snapshot.stage, Stage::Done);
+    assert_eq!(snapshot.failure, None);
+    assert_eq!(tracker.current(Uuid::new_v4()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_failure_carries_its_code_and_a_late_stage_never_moves_it_back() {
+    let (server, valkey) = valkey().await;
+    let image_id = Uuid::new_v4();
+    let mut pubsub = valkey.pubsub().await.unwrap();
+    pubsub.subscribe(keys::progress(image_id)).await.unwrap();
+    let mut messages = pubsub.into_on_message();
+    let mut tracker = ProgressTracker::new(&valkey).unwrap();
+
+    tracker
+        .record(&Progress::stage(image_id, Stage::Decoding))
+        .await
+        .unwrap();
+    let failure = Failure {
+        code: ErrorCode::InvalidImage,
+        message: "truncated JPEG".into(),
+    };
+    tracker
+        .record(&Progress::failed(image_id, failure.clone()))
+        .await
+        .unwrap();
+    // A slow or duplicate report of an earlier stage arrives afterwards.
+    assert_eq!(
+        tracker
+            .record(&Progress::stage(image_id, Stage::Processing))
+            .await
+            .unwrap(),
+        Recorded::Stale
+    );
+    assert_eq!(
+        tracker
+            .record(&Progress::failed(image_id, failure.clone()))
+            .await
+            .unwrap(),
+        Recorded::Stale
+    );
+
+    let snapshot = tracker.current(image_id).await.unwrap().unwrap();
+    assert_eq!(snapshot.stage, Stage::Failed);
+    assert_eq!(snapshot.failure, Some(failure.clone()));
+    let mut conn = server.connection().await;
+    let hash: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys::status(image_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(hash["error_code"], "INVALID_IMAGE");
+    assert_eq!(hash["error_message"], "truncated JPEG");
+
+    // Exactly two messages were published: decoding, then failed; then nothing (checked by a
+    // marker published after the stale writes).
+    redis::cmd("PUBLISH")
+        .arg(keys::progress(image_id))
+        .arg("marker")
+        .query_async::<i64>(&mut conn)
+        .await
+        .unwrap();
+    let mut payloads = Vec::new();
+    for _ in 0..3 {
+        let msg = tokio::time::timeout(WITHIN, messages.next())
+            .await
+            .unwrap()
+            .unwrap();
+        payloads.push(msg.get_payload_bytes().to_vec());
+    }
+    assert_eq!(
+        Progress::decode(&payloads[0]).unwrap().stage,
+        Stage::Decoding
+    );
+    let failed = Progress::decode(&payloads[1]).unwrap();
+    assert_eq!(failed.failure, Some(failure));
+    assert_eq!(payloads[2], b"marker");
+}
+
+#[tokio::test]
+async fn a_hostile_status_hash_is_a_typed_error() {
+    let (server, valkey) = valkey().await;
+    let image_id = Uuid::new_v4();
+    let mut conn = server.connection().await;
+    redis::cmd("HSET")
+        .arg(keys::status(image_id))
+        .arg("stage")
+        .arg("exploding")
+        .arg("seq")
+        .arg("x")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let mut tracker = ProgressTracker::new(&valkey).unwrap();
+    assert!(tracker.current(image_id).await.is_err());
+    // The guard in the script treats a non-numeric seq as absent, so a real report repairs it.
+    assert_eq!(
+        tracker
+            .record(&Progress::stage(image_id, Stage::Queued))
+            .await
+            .unwrap(),
+        Recorded::Applied
+    );
+    assert_eq!(
+        tracker.current(image_id).await.unwrap().unwrap().stage,
+        Stage::Queued
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upload_guard_is_acquired_exactly_once_under_100_concurrent_attempts() {
+    let (server, valkey) = valkey().await;
+    let image_id = Uuid::new_v4();
+    let guard = UploadGuard::new(&valkey).unwrap();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(100));
+    let attempts: Vec<_> = (0..100)
+        .map(|i| {
+            let mut guard = guard.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                guard.acquire(image_id, &format!("gw-{i}")).await.unwrap()
+            })
+        })
+        .collect();
+    let mut acquired = 0;
+    for a in attempts {
+        if a.await.unwrap() == GuardOutcome::Acquired {
+            acquired += 1;
+        }
+    }
+    assert_eq!(acquired, 1);
+
+    let mut conn = server.connection().await;
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(keys::upload_guard(image_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
+    let holder: String = redis::cmd("GET")
+        .arg(keys::upload_guard(image_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(holder.starts_with("gw-"));
+
+    // Sequentially, too, and another image is unaffected.
+    assert_eq!(
+        guard.clone().acquire(image_id, "late").await.unwrap(),
+        GuardOutcome::Taken
+    );
+    assert_eq!(
+        guard.clone().acquire(Uuid::new_v4(), "x").await.unwrap(),
+        GuardOutcome::Acquired
+    );
+}
+
+#[tokio::test]
+async fn with_valkey_down_every_call_fails_fast_as_unavailable() {
+    let (mut server, valkey) = valkey().await;
+    let mut guard = UploadGuard::new(&valkey).unwrap();
+    let mut tracker = ProgressTracker::new(&valkey).unwrap();
+    server.stop().await;
+    let started = std::time::Instant::now();
+    let err = guard.acquire(Uuid::new_v4(), "gw").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    let err = tracker
+        .record(&Progress::stage(Uuid::new_v4(), Stage::Validating))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    // Not a timing assertion on speed, a bound against hanging forever.
+    assert!(started.elapsed() < WITHIN);
+}
