@@ -103,20 +103,13 @@ pub struct ConsumerStats {
 /// including after Valkey lost its data (`NOGROUP`). It acknowledges only what the handler says is
 /// done; on cancellation it stops between batches, and whatever it had not acknowledged stays
 /// pending, to be re-read or reclaimed: nothing is lost.
+#[derive(Debug)]
 pub struct Consumer {
     reader: ConnectionManager,
     conn: ConnectionManager,
     reclaimer: Reclaimer,
     config: ConsumerConfig,
     stats: Arc<ConsumerStats>,
-}
-
-impl std::fmt::Debug for Consumer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Consumer")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Where the next read comes from.

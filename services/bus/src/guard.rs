@@ -7,18 +7,10 @@ use crate::{BusError, Valkey, keys};
 
 /// The one-time upload guard `image:upload:{image_id}` (`SET NX EX`): the first upload of a token
 /// takes it, every later one finds it taken.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct UploadGuard {
     conn: ConnectionManager,
     ttl: Duration,
-}
-
-impl std::fmt::Debug for UploadGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UploadGuard")
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

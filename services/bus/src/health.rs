@@ -3,18 +3,10 @@ use redis::aio::ConnectionManager;
 use crate::{BusError, Valkey, keys};
 
 /// Whether Valkey answers, and whether the consumer group exists.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct HealthChecker {
     conn: ConnectionManager,
     group: Option<String>,
-}
-
-impl std::fmt::Debug for HealthChecker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HealthChecker")
-            .field("group", &self.group)
-            .finish_non_exhaustive()
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

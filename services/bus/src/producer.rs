@@ -6,15 +6,9 @@ use crate::{BusError, EntryId, ImageResult, Valkey, keys};
 ///
 /// Never trims (no `MAXLEN`): an entry the API has not acknowledged must survive, however long
 /// the API is away. The [`crate::Trimmer`] on the consumer side bounds the stream safely.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Producer {
     conn: ConnectionManager,
-}
-
-impl std::fmt::Debug for Producer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Producer").finish_non_exhaustive()
-    }
 }
 
 impl Producer {

@@ -14,19 +14,11 @@ use crate::{
 /// publishes the [`Progress`] on `image:progress:{id}`: one script, so one round trip and no
 /// interleaving. A write whose `seq` is not above the stored one is dropped, so a late or
 /// duplicate report can never move an image backwards (say, `processing` after `failed`).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ProgressTracker {
     conn: ConnectionManager,
     script: Script,
     ttl: Duration,
-}
-
-impl std::fmt::Debug for ProgressTracker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProgressTracker")
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Whether a report was applied.

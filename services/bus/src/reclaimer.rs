@@ -11,6 +11,7 @@ use crate::{
 
 /// Takes over results left pending by consumers that went away (`XAUTOCLAIM`), moving those
 /// delivered too often to the dead stream.
+#[derive(Debug)]
 pub struct Reclaimer {
     conn: ConnectionManager,
     group: String,
@@ -18,17 +19,6 @@ pub struct Reclaimer {
     min_idle: Duration,
     max_deliveries: u64,
     page_size: usize,
-}
-
-impl std::fmt::Debug for Reclaimer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reclaimer")
-            .field("group", &self.group)
-            .field("consumer", &self.consumer)
-            .field("min_idle", &self.min_idle)
-            .field("max_deliveries", &self.max_deliveries)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Reclaimer {

@@ -8,17 +8,10 @@ use crate::{BusError, EntryId, Valkey, keys};
 /// acknowledged; entries above it have not been delivered yet. So the cut is the oldest pending
 /// entry if there is one, else just above the last-delivered id — `XTRIM MINID` keeps everything
 /// from there on. Both bounds only grow, so reading them before trimming is race-free.
+#[derive(Debug)]
 pub struct Trimmer {
     conn: ConnectionManager,
     group: String,
-}
-
-impl std::fmt::Debug for Trimmer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Trimmer")
-            .field("group", &self.group)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Trimmer {

@@ -17,9 +17,7 @@ use uuid::Uuid;
 async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() {
     let (server, valkey) = valkey().await;
     let image_id = Uuid::new_v4();
-    let mut pubsub = valkey.pubsub().await.unwrap();
-    pubsub.subscribe(keys::progress(image_id)).await.unwrap();
-    let mut messages = pubsub.into_on_message();
+    let mut messages = subscribe(&valkey, image_id).await;
 
     let mut tracker = ProgressTracker::new(&valkey).unwrap();
     let stages = [
@@ -82,9 +80,7 @@ async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() 
 async fn a_failure_carries_its_code_and_a_late_stage_never_moves_it_back() {
     let (server, valkey) = valkey().await;
     let image_id = Uuid::new_v4();
-    let mut pubsub = valkey.pubsub().await.unwrap();
-    pubsub.subscribe(keys::progress(image_id)).await.unwrap();
-    let mut messages = pubsub.into_on_message();
+    let mut messages = subscribe(&valkey, image_id).await;
     let mut tracker = ProgressTracker::new(&valkey).unwrap();
 
     tracker

@@ -12,7 +12,6 @@ use follow_bus::{
     Consumer, Delivery, EntryId, HealthChecker, ImageResult, Outcome, Producer, Reclaimer, Trimmer,
 };
 use follow_testkit::eventually_async;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 #[tokio::test]
@@ -23,13 +22,7 @@ async fn produced_fields_are_readable_strings() {
     let id = producer.publish(&result).await.unwrap();
 
     let mut conn = server.connection().await;
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg("image:result")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let entries = xrange(&mut conn, "image:result").await;
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].0, id.0);
     let fields: HashMap<_, _> = entries[0].1.iter().cloned().collect();
@@ -44,9 +37,8 @@ async fn produced_fields_are_readable_strings() {
 #[tokio::test]
 async fn each_result_goes_to_exactly_one_of_several_consumers() {
     let (server, valkey) = valkey().await;
-    let cancel = CancellationToken::new();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut tasks = Vec::new();
+    let mut consumers = Vec::new();
     for name in ["c1", "c2", "c3"] {
         let consumer = Consumer::new(
             &valkey,
@@ -56,15 +48,12 @@ async fn each_result_goes_to_exactly_one_of_several_consumers() {
             },
         )
         .unwrap();
-        let mut handler = Recorder {
+        let handler = Recorder {
             name: name.into(),
             tx: tx.clone(),
             decide: |_: &Delivery| Outcome::Ack,
         };
-        let cancel = cancel.clone();
-        tasks.push(tokio::spawn(async move {
-            consumer.run(&mut handler, cancel).await
-        }));
+        consumers.push(spawn(consumer, handler));
     }
     let mut producer = Producer::new(&valkey).unwrap();
     let mut sent = Vec::new();
@@ -82,14 +71,9 @@ async fn each_result_goes_to_exactly_one_of_several_consumers() {
         assert_eq!(seen[id].len(), 1, "{id} handled by {:?}", seen[id]);
     }
     let mut conn = server.connection().await;
-    eventually_async(WITHIN, "every entry acknowledged", || {
-        let mut conn = conn.clone();
-        async move { (pending(&mut conn, "api-workers").await == 0).then_some(()) }
-    })
-    .await;
-    cancel.cancel();
-    for t in tasks {
-        t.await.unwrap();
+    drained(&conn).await;
+    for running in consumers {
+        running.stop().await;
     }
     assert!(rx.try_recv().is_err(), "no result was handled twice");
     assert_eq!(pending(&mut conn, "api-workers").await, 0);
@@ -103,17 +87,12 @@ async fn a_restarted_consumer_re_reads_its_own_pending_entries_first() {
     producer.publish(&result).await.unwrap();
 
     // First life: the handler never finishes applying (Retry), and the process is stopped.
-    let cancel = CancellationToken::new();
     let consumer = Consumer::new(&valkey, config("api-1")).unwrap();
-    let (mut handler, mut rx) = recorder_with("first", |_: &Delivery| Outcome::Retry);
-    let task = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move { consumer.run(&mut handler, cancel).await })
-    };
+    let (handler, mut rx) = recorder_with("first", |_: &Delivery| Outcome::Retry);
+    let running = spawn(consumer, handler);
     let (_, first) = recv(&mut rx).await;
     assert_eq!(first.deliveries, 1);
-    cancel.cancel();
-    task.await.unwrap();
+    running.stop().await;
     let mut conn = server.connection().await;
     assert_eq!(
         pending(&mut conn, "api-workers").await,
@@ -122,7 +101,6 @@ async fn a_restarted_consumer_re_reads_its_own_pending_entries_first() {
     );
 
     // Second life, same consumer name, long min_idle so no reclaim is involved.
-    let cancel = CancellationToken::new();
     let consumer = Consumer::new(
         &valkey,
         follow_bus::ConsumerConfig {
@@ -131,22 +109,14 @@ async fn a_restarted_consumer_re_reads_its_own_pending_entries_first() {
         },
     )
     .unwrap();
-    let (mut handler, mut rx) = recorder("second");
-    let task = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move { consumer.run(&mut handler, cancel).await })
-    };
+    let (handler, mut rx) = recorder("second");
+    let running = spawn(consumer, handler);
     let (_, again) = recv(&mut rx).await;
     assert_eq!(again.result, result);
     assert_eq!(again.id, first.id);
     assert_eq!(again.deliveries, 2);
-    eventually_async(WITHIN, "the re-read entry acknowledged", || {
-        let mut conn = conn.clone();
-        async move { (pending(&mut conn, "api-workers").await == 0).then_some(()) }
-    })
-    .await;
-    cancel.cancel();
-    task.await.unwrap();
+    drained(&conn).await;
+    running.stop().await;
 }
 
 #[tokio::test]
@@ -169,7 +139,7 @@ async fn retry_keeps_the_entry_without_redelivery_or_dead_lettering() {
     .unwrap();
     let stats = consumer.stats();
     let mut calls = 0;
-    let (mut handler, mut rx) = recorder_with("h", move |_: &Delivery| {
+    let (handler, mut rx) = recorder_with("h", move |_: &Delivery| {
         calls += 1;
         if calls <= 5 {
             Outcome::Retry
@@ -177,11 +147,7 @@ async fn retry_keeps_the_entry_without_redelivery_or_dead_lettering() {
             Outcome::Ack
         }
     });
-    let cancel = CancellationToken::new();
-    let task = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move { consumer.run(&mut handler, cancel).await })
-    };
+    let running = spawn(consumer, handler);
     for _ in 0..6 {
         let (_, d) = recv(&mut rx).await;
         assert_eq!(
@@ -190,13 +156,8 @@ async fn retry_keeps_the_entry_without_redelivery_or_dead_lettering() {
         );
     }
     let mut conn = server.connection().await;
-    eventually_async(WITHIN, "acknowledged after the outage", || {
-        let mut conn = conn.clone();
-        async move { (pending(&mut conn, "api-workers").await == 0).then_some(()) }
-    })
-    .await;
-    cancel.cancel();
-    task.await.unwrap();
+    drained(&conn).await;
+    running.stop().await;
     assert_eq!(xlen(&mut conn, "image:result:dead").await, 0);
     assert_eq!(stats.retried.load(std::sync::atomic::Ordering::Relaxed), 5);
 }
@@ -224,23 +185,14 @@ async fn an_idle_entry_of_a_dead_consumer_is_reclaimed_by_another() {
     )
     .unwrap();
     let stats = consumer.stats();
-    let (mut handler, mut rx) = recorder("survivor");
-    let cancel = CancellationToken::new();
-    let task = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move { consumer.run(&mut handler, cancel).await })
-    };
+    let (handler, mut rx) = recorder("survivor");
+    let running = spawn(consumer, handler);
     let (_, d) = recv(&mut rx).await;
     assert_eq!(d.id, EntryId(ids[0].clone()));
     assert_eq!(d.result, result);
     assert_eq!(d.deliveries, 2);
-    eventually_async(WITHIN, "reclaimed entry acknowledged", || {
-        let mut conn = conn.clone();
-        async move { (pending(&mut conn, "api-workers").await == 0).then_some(()) }
-    })
-    .await;
-    cancel.cancel();
-    task.await.unwrap();
+    drained(&conn).await;
+    running.stop().await;
     assert_eq!(
         stats.reclaimed.load(std::sync::atomic::Ordering::Relaxed),
         1
@@ -285,13 +237,7 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
         0,
         "acknowledged once dead-lettered"
     );
-    let dead: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg("image:result:dead")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let dead = xrange(&mut conn, "image:result:dead").await;
     assert_eq!(dead.len(), 1);
     let fields: HashMap<_, _> = dead[0].1.iter().cloned().collect();
     assert_eq!(fields["dead_original_id"], id.0);
@@ -337,18 +283,14 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
 
     let consumer = Consumer::new(&valkey, config("api-1")).unwrap();
     let refused_id = refused.image_id;
-    let (mut handler, mut rx) = recorder_with("h", move |d: &Delivery| {
+    let (handler, mut rx) = recorder_with("h", move |d: &Delivery| {
         if d.result.image_id == refused_id {
             Outcome::DeadLetter("route was deleted".into())
         } else {
             Outcome::Ack
         }
     });
-    let cancel = CancellationToken::new();
-    let task = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move { consumer.run(&mut handler, cancel).await })
-    };
+    let running = spawn(consumer, handler);
     let handled = [
         recv(&mut rx).await.1.result.image_id,
         recv(&mut rx).await.1.result.image_id,
@@ -363,13 +305,8 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
         async move { (xlen(&mut conn, "image:result:dead").await == 3).then_some(()) }
     })
     .await;
-    eventually_async(WITHIN, "nothing left pending", || {
-        let mut conn = conn.clone();
-        async move { (pending(&mut conn, "api-workers").await == 0).then_some(()) }
-    })
-    .await;
-    cancel.cancel();
-    task.await.unwrap();
+    drained(&conn).await;
+    running.stop().await;
     let reasons: RawEntries = redis::cmd("XRANGE")
         .arg("image:result:dead")
         .arg("-")
@@ -459,12 +396,8 @@ async fn trimming_never_drops_an_unacknowledged_entry() {
 async fn the_consumer_recreates_its_group_after_valkey_loses_its_data() {
     let (server, valkey) = valkey().await;
     let consumer = Consumer::new(&valkey, config("api-1")).unwrap();
-    let (mut handler, mut rx) = recorder("h");
-    let cancel = CancellationToken::new();
-    let task = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move { consumer.run(&mut handler, cancel).await })
-    };
+    let (handler, mut rx) = recorder("h");
+    let running = spawn(consumer, handler);
     let mut producer = Producer::new(&valkey).unwrap();
     let before = processed(Uuid::new_v4());
     producer.publish(&before).await.unwrap();
@@ -481,20 +414,15 @@ async fn the_consumer_recreates_its_group_after_valkey_loses_its_data() {
 
     let mut health = HealthChecker::new(&valkey, Some("api-workers")).unwrap();
     assert_eq!(health.check().await.group, Some(true), "group is back");
-    cancel.cancel();
-    task.await.unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]
 async fn the_consumer_survives_a_valkey_restart_and_stops_promptly() {
     let (mut server, valkey) = valkey().await;
     let consumer = Consumer::new(&valkey, config("api-1")).unwrap();
-    let (mut handler, mut rx) = recorder("h");
-    let cancel = CancellationToken::new();
-    let task = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move { consumer.run(&mut handler, cancel).await })
-    };
+    let (handler, mut rx) = recorder("h");
+    let running = spawn(consumer, handler);
     server.restart().await.unwrap();
     let producer = Producer::new(&valkey).unwrap();
     let r = processed(Uuid::new_v4());
@@ -508,11 +436,7 @@ async fn the_consumer_survives_a_valkey_restart_and_stops_promptly() {
     assert_eq!(recv(&mut rx).await.1.result, r);
 
     server.stop().await;
-    cancel.cancel();
-    tokio::time::timeout(WITHIN, task)
-        .await
-        .expect("stops while Valkey is down")
-        .unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]

@@ -171,3 +171,65 @@ pub async fn create_group(conn: &mut redis::aio::MultiplexedConnection) {
         .await
         .unwrap();
 }
+
+/// A consumer running in a task.
+pub struct Running {
+    cancel: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub fn spawn<H: Handler + 'static>(consumer: follow_bus::Consumer, mut handler: H) -> Running {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { consumer.run(&mut handler, cancel).await })
+    };
+    Running { cancel, task }
+}
+
+impl Running {
+    /// Cancels and waits for the consumer to return (bounded, so a hang fails the test).
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(WITHIN, self.task)
+            .await
+            .expect("the consumer stops promptly")
+            .expect("the consumer task does not panic");
+    }
+}
+
+/// Waits until the group has no pending entry.
+pub async fn drained(conn: &redis::aio::MultiplexedConnection) {
+    follow_testkit::eventually_async(WITHIN, "no pending entry", || {
+        let mut conn = conn.clone();
+        async move { (pending(&mut conn, "api-workers").await == 0).then_some(()) }
+    })
+    .await;
+}
+
+/// Every entry of a stream, fields as UTF-8 strings.
+pub async fn xrange(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Vec<(String, Vec<(String, String)>)> {
+    redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+/// The messages of one image's progress channel, subscribed before this returns.
+pub async fn subscribe(
+    valkey: &Valkey,
+    image_id: Uuid,
+) -> impl futures_util::Stream<Item = redis::Msg> + use<> {
+    let mut pubsub = valkey.pubsub().await.unwrap();
+    pubsub
+        .subscribe(follow_bus::keys::progress(image_id))
+        .await
+        .unwrap();
+    pubsub.into_on_message()
+}
