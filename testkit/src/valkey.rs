@@ -1,21 +1,15 @@
-use std::{
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
-};
+use std::path::PathBuf;
 
 use tempfile::TempDir;
-use tokio::{
-    process::{Child, Command},
-    time::{Instant, sleep},
+use tokio::process::{Child, Command};
+
+use crate::{
+    TestkitError,
+    process::{spawn_ready, with_free_ports},
+    which,
 };
 
-use crate::{TestkitError, free_port, which};
-
-const READY_WITHIN: Duration = Duration::from_secs(15);
-const PORT_ATTEMPTS: usize = 5;
-
-/// A `valkey-server` of one test. Killed when dropped.
+/// A `valkey-server` of one test, empty, without persistence. Killed when dropped.
 #[derive(Debug)]
 pub struct ValkeyServer {
     binary: PathBuf,
@@ -27,26 +21,20 @@ pub struct ValkeyServer {
 impl ValkeyServer {
     pub async fn start() -> Result<Self, TestkitError> {
         let binary = find_binary()?;
-        let mut last = String::new();
-        for _ in 0..PORT_ATTEMPTS {
-            let mut server = Self {
-                binary: binary.clone(),
-                dir: tempfile::Builder::new()
-                    .prefix("follow-valkey-")
-                    .tempdir()?,
-                port: free_port()?,
-                child: None,
-            };
-            match server.spawn().await {
-                Ok(()) => return Ok(server),
-                // Most likely another test took the port between our probe and the bind.
-                Err(e) => last = e.to_string(),
+        with_free_ports("valkey-server", |[port]| {
+            let binary = binary.clone();
+            async move {
+                let mut server = Self {
+                    binary,
+                    dir: tempfile::Builder::new().prefix("follow-valkey-").tempdir()?,
+                    port,
+                    child: None,
+                };
+                server.spawn().await?;
+                Ok(server)
             }
-        }
-        Err(TestkitError::NotReady {
-            what: "valkey-server",
-            detail: last,
         })
+        .await
     }
 
     pub fn port(&self) -> u16 {
@@ -81,45 +69,22 @@ impl ValkeyServer {
     }
 
     async fn spawn(&mut self) -> Result<(), TestkitError> {
-        let log = self.dir.path().join("valkey.log");
-        let mut child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
-            .arg(self.dir.path())
-            .arg("--logfile")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let until = Instant::now() + READY_WITHIN;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Err(TestkitError::NotReady {
-                    what: "valkey-server",
-                    detail: format!("exited with {status}: {}", tail(&log)),
-                });
-            }
-            // The pid check makes sure we reached our own server, not another test's that won
-            // the race for this port.
-            if server_pid(self.port)
-                .await
-                .is_some_and(|pid| Some(pid) == child.id())
-            {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() >= until {
-                let _ = child.kill().await;
-                return Err(TestkitError::NotReady {
-                    what: "valkey-server",
-                    detail: format!("no PONG within {READY_WITHIN:?}: {}", tail(&log)),
-                });
-            }
-            sleep(Duration::from_millis(10)).await;
-        }
+            .arg(self.dir.path());
+        let port = self.port;
+        let log = self.dir.path().join("valkey.log");
+        // The pid check makes sure we reached our own server, not another test's that won the
+        // race for this port.
+        let child = spawn_ready("valkey-server", command, &log, |pid| async move {
+            pid.is_some() && server_pid(port).await == pid
+        })
+        .await?;
+        self.child = Some(child);
+        Ok(())
     }
 }
 
@@ -143,12 +108,6 @@ async fn server_pid(port: u16) -> Option<u32> {
     info.lines()
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|pid| pid.trim().parse().ok())
-}
-
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
 fn find_binary() -> Result<PathBuf, TestkitError> {

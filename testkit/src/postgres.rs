@@ -1,0 +1,218 @@
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+use crate::{
+    TestkitError,
+    process::{run, spawn_ready, with_free_ports},
+};
+
+/// The database every [`PostgresServer`] has, owned by its superuser `follow`.
+pub(crate) const DATABASE: &str = "follow";
+
+/// A PostgreSQL server of one test: a fresh cluster (superuser `follow`, trust auth, TCP on
+/// loopback only, durability off for speed) with an empty database [`DATABASE`]. Killed when
+/// dropped.
+///
+/// PostgreSQL refuses to run as root; as root the cluster is made and run as the `postgres`
+/// user (through `setpriv`, which `./dev` relies on too).
+#[derive(Debug)]
+pub struct PostgresServer {
+    bin: PathBuf,
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PostgresServer {
+    pub async fn start() -> Result<Self, TestkitError> {
+        let bin = find_bindir()?;
+        let run_as = RunAs::detect()?;
+        with_free_ports("postgres", |[port]| {
+            let (bin, run_as) = (bin.clone(), run_as.clone());
+            async move {
+                let dir = tempfile::Builder::new().prefix("follow-pg-").tempdir()?;
+                run_as.own(dir.path())?;
+                let mut initdb = run_as.command(bin.join("initdb"));
+                initdb
+                    .arg("-D")
+                    .arg(dir.path().join("data"))
+                    .args(["-U", "follow", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+                run("initdb", &mut initdb).await?;
+                let mut server = Self {
+                    bin,
+                    dir,
+                    port,
+                    child: None,
+                };
+                server.spawn(&run_as).await?;
+                let mut createdb = Command::new(server.bin.join("createdb"));
+                createdb
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "follow"])
+                    .arg(DATABASE);
+                run("createdb", &mut createdb).await?;
+                Ok(server)
+            }
+        })
+        .await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://follow@127.0.0.1:PORT/follow`
+    pub fn url(&self) -> String {
+        self.url_of(DATABASE)
+    }
+
+    /// The URL of another database on this server.
+    pub fn url_of(&self, database: &str) -> String {
+        format!("postgres://follow@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops the server cleanly (a "fast" shutdown: clients are disconnected, committed data is
+    /// kept) for an outage; [`PostgresServer::restart`] brings it back with the same data.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let signalled = match child.id() {
+            Some(pid) => Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status()
+                .await
+                .is_ok_and(|s| s.success()),
+            None => false,
+        };
+        let stopped = signalled
+            && tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+                .await
+                .is_ok();
+        if !stopped {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts the server again on the same port with the same data.
+    pub async fn restart(&mut self) -> Result<(), TestkitError> {
+        self.stop().await;
+        self.spawn(&RunAs::detect()?).await
+    }
+
+    async fn spawn(&mut self, run_as: &RunAs) -> Result<(), TestkitError> {
+        let data = self.dir.path().join("data");
+        // A killed server leaves its pid file; PostgreSQL would refuse to start over it.
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        let mut command = run_as.command(self.bin.join("postgres"));
+        command
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=100"]);
+        let pid_file = data.join("postmaster.pid");
+        let child = spawn_ready(
+            "postgres",
+            command,
+            &self.dir.path().join("postgres.log"),
+            |pid| {
+                let ready = pid.is_some_and(|pid| is_ready(&pid_file, pid));
+                async move { ready }
+            },
+        )
+        .await?;
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Our server is up and accepting connections: its pid file names our process and says `ready`
+/// (another test's server on a raced port would have its own pid file elsewhere).
+fn is_ready(pid_file: &Path, pid: u32) -> bool {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return false;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    lines.first().and_then(|l| l.trim().parse().ok()) == Some(pid)
+        && lines.get(7).is_some_and(|l| l.trim() == "ready")
+}
+
+/// Whom the cluster runs as: ourselves, or (when we are root) the `postgres` user.
+#[derive(Debug, Clone)]
+enum RunAs {
+    Me,
+    Postgres { uid: u32, gid: u32 },
+}
+
+impl RunAs {
+    fn detect() -> Result<Self, TestkitError> {
+        let status = std::fs::read_to_string("/proc/self/status")?;
+        let euid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .and_then(|id| id.parse::<u32>().ok());
+        if euid != Some(0) {
+            return Ok(RunAs::Me);
+        }
+        let passwd = std::fs::read_to_string("/etc/passwd")?;
+        passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&"postgres"))
+            .and_then(|f| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))
+            .map(|(uid, gid)| RunAs::Postgres { uid, gid })
+            .ok_or(TestkitError::NotFound {
+                what: "the postgres user",
+                hint: "running as root needs the `postgres` user (Debian's postgresql package makes it)",
+            })
+    }
+
+    fn own(&self, dir: &Path) -> Result<(), TestkitError> {
+        if let RunAs::Postgres { uid, gid } = self {
+            std::os::unix::fs::chown(dir, Some(*uid), Some(*gid))?;
+        }
+        Ok(())
+    }
+
+    fn command(&self, program: PathBuf) -> Command {
+        match self {
+            RunAs::Me => Command::new(program),
+            RunAs::Postgres { .. } => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+                    .arg(program);
+                c
+            }
+        }
+    }
+}
+
+fn find_bindir() -> Result<PathBuf, TestkitError> {
+    if let Some(dir) = std::env::var_os("FOLLOW_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin)| bin.join("initdb").is_file())
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, bin)| bin).ok_or(TestkitError::NotFound {
+        what: "PostgreSQL server binaries",
+        hint: "run ./dev test (it installs them), or set FOLLOW_PG_BIN",
+    })
+}

@@ -1,0 +1,102 @@
+//! Spawning a server process and waiting until it is ready, shared by every server here.
+
+use std::{future::Future, path::Path, process::Stdio, time::Duration};
+
+use tokio::{
+    process::{Child, Command},
+    time::{Instant, sleep},
+};
+
+use crate::TestkitError;
+
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Starts `command` (killed when its handle drops) and polls `ready` until it says yes.
+/// Fails if the process exits first or the deadline passes; `log` is quoted in the error.
+pub(crate) async fn spawn_ready<F, Fut>(
+    what: &'static str,
+    mut command: Command,
+    log: &Path,
+    mut ready: F,
+) -> Result<Child, TestkitError>
+where
+    F: FnMut(Option<u32>) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let log_file = std::fs::File::create(log)?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()?;
+    let until = Instant::now() + READY_WITHIN;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(TestkitError::NotReady {
+                what,
+                detail: format!("exited with {status}: {}", tail(log)),
+            });
+        }
+        if ready(child.id()).await {
+            return Ok(child);
+        }
+        if Instant::now() >= until {
+            let _ = child.kill().await;
+            return Err(TestkitError::NotReady {
+                what,
+                detail: format!("not ready within {READY_WITHIN:?}: {}", tail(log)),
+            });
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs `attempt` with fresh free ports until one start succeeds: another test can take a port
+/// between our probe and the server's bind.
+pub(crate) async fn with_free_ports<const N: usize, T, F, Fut>(
+    what: &'static str,
+    mut attempt: F,
+) -> Result<T, TestkitError>
+where
+    F: FnMut([u16; N]) -> Fut,
+    Fut: Future<Output = Result<T, TestkitError>>,
+{
+    let mut last = String::new();
+    for _ in 0..5 {
+        let mut ports = [0; N];
+        for p in &mut ports {
+            *p = crate::free_port()?;
+        }
+        match attempt(ports).await {
+            Ok(server) => return Ok(server),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(TestkitError::NotReady { what, detail: last })
+}
+
+/// Runs a short command to completion, failing with its output when it fails.
+pub(crate) async fn run(what: &'static str, command: &mut Command) -> Result<String, TestkitError> {
+    let out = command.stdin(Stdio::null()).output().await?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(TestkitError::NotReady {
+            what,
+            detail: format!(
+                "{:?} exited with {}: {}{}",
+                command.as_std().get_program(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        })
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join(" | ")
+}
