@@ -32,7 +32,9 @@ impl GarageServer {
         with_free_ports("garage", |[s3, rpc, admin]| {
             let binary = binary.clone();
             async move {
-                let dir = tempfile::Builder::new().prefix("follow-garage-").tempdir()?;
+                let dir = tempfile::Builder::new()
+                    .prefix("follow-garage-")
+                    .tempdir()?;
                 let d = dir.path().display();
                 std::fs::write(
                     dir.path().join("garage.toml"),
@@ -137,7 +139,8 @@ api_bind_addr = "127.0.0.1:{admin}"
         let node = node.trim().split('@').next().unwrap_or_default().to_owned();
         run(
             "garage layout assign",
-            self.cli().args(["layout", "assign", "-z", "test", "-c", "1G", &node]),
+            self.cli()
+                .args(["layout", "assign", "-z", "test", "-c", "1G", &node]),
         )
         .await?;
         run(
@@ -147,17 +150,22 @@ api_bind_addr = "127.0.0.1:{admin}"
         .await?;
         run(
             "garage key import",
-            self.cli().args(["key", "import", "--yes", "-n", "test"]).args([
-                &self.access_key,
-                &self.secret_key,
-            ]),
+            self.cli()
+                .args(["key", "import", "--yes", "-n", "test"])
+                .args([&self.access_key, &self.secret_key]),
         )
         .await?;
-        run("garage bucket create", self.cli().args(["bucket", "create", BUCKET])).await?;
+        run(
+            "garage bucket create",
+            self.cli().args(["bucket", "create", BUCKET]),
+        )
+        .await?;
         run(
             "garage bucket allow",
             self.cli()
-                .args(["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key"])
+                .args([
+                    "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key",
+                ])
                 .arg(&self.access_key),
         )
         .await?;

@@ -35,10 +35,14 @@ impl PostgresServer {
                 let dir = tempfile::Builder::new().prefix("follow-pg-").tempdir()?;
                 run_as.own(dir.path())?;
                 let mut initdb = run_as.command(bin.join("initdb"));
-                initdb
-                    .arg("-D")
-                    .arg(dir.path().join("data"))
-                    .args(["-U", "follow", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+                initdb.arg("-D").arg(dir.path().join("data")).args([
+                    "-U",
+                    "follow",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ]);
                 run("initdb", &mut initdb).await?;
                 let mut server = Self {
                     bin,
@@ -110,7 +114,12 @@ impl PostgresServer {
             .arg("-D")
             .arg(&data)
             .args(["-p", &self.port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+            ])
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=100"]);
         let pid_file = data.join("postmaster.pid");
@@ -191,8 +200,13 @@ impl RunAs {
             RunAs::Me => Command::new(program),
             RunAs::Postgres { .. } => {
                 let mut c = Command::new("setpriv");
-                c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
-                    .arg(program);
+                c.args([
+                    "--reuid=postgres",
+                    "--regid=postgres",
+                    "--init-groups",
+                    "--",
+                ])
+                .arg(program);
                 c
             }
         }
@@ -211,8 +225,10 @@ fn find_bindir() -> Result<PathBuf, TestkitError> {
         .filter(|(_, bin)| bin.join("initdb").is_file())
         .collect();
     dirs.sort();
-    dirs.pop().map(|(_, bin)| bin).ok_or(TestkitError::NotFound {
-        what: "PostgreSQL server binaries",
-        hint: "run ./dev test (it installs them), or set FOLLOW_PG_BIN",
-    })
+    dirs.pop()
+        .map(|(_, bin)| bin)
+        .ok_or(TestkitError::NotFound {
+            what: "PostgreSQL server binaries",
+            hint: "run ./dev test (it installs them), or set FOLLOW_PG_BIN",
+        })
 }

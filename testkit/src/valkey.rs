@@ -26,7 +26,9 @@ impl ValkeyServer {
             async move {
                 let mut server = Self {
                     binary,
-                    dir: tempfile::Builder::new().prefix("follow-valkey-").tempdir()?,
+                    dir: tempfile::Builder::new()
+                        .prefix("follow-valkey-")
+                        .tempdir()?,
                     port,
                     child: None,
                 };

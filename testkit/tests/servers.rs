@@ -13,13 +13,22 @@ use follow_testkit::{GarageServer, PostgresServer, ValkeyServer};
 async fn postgres_serves_sql_keeps_data_across_a_restart_and_dies_with_its_handle() {
     let mut pg = PostgresServer::start().await.unwrap();
     let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
-    sqlx::query("CREATE TABLE t (v TEXT)").execute(&pool).await.unwrap();
-    sqlx::query("INSERT INTO t VALUES ('kept')").execute(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE t (v TEXT)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO t VALUES ('kept')")
+        .execute(&pool)
+        .await
+        .unwrap();
     pool.close().await;
 
     pg.restart().await.unwrap();
     let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
-    let v: String = sqlx::query_scalar("SELECT v FROM t").fetch_one(&pool).await.unwrap();
+    let v: String = sqlx::query_scalar("SELECT v FROM t")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(v, "kept");
     pool.close().await;
 
@@ -40,8 +49,16 @@ async fn two_postgres_servers_are_independent() {
     assert_ne!(a.port(), b.port());
     let pa = sqlx::PgPool::connect(&a.url()).await.unwrap();
     let pb = sqlx::PgPool::connect(&b.url()).await.unwrap();
-    sqlx::query("CREATE TABLE only_in_a (x INT)").execute(&pa).await.unwrap();
-    assert!(sqlx::query("SELECT * FROM only_in_a").execute(&pb).await.is_err());
+    sqlx::query("CREATE TABLE only_in_a (x INT)")
+        .execute(&pa)
+        .await
+        .unwrap();
+    assert!(
+        sqlx::query("SELECT * FROM only_in_a")
+            .execute(&pb)
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -86,10 +103,19 @@ async fn valkey_restarts_empty_on_the_same_port() {
     let mut valkey = ValkeyServer::start().await.unwrap();
     let port = valkey.port();
     let mut conn = valkey.connection().await;
-    redis::cmd("SET").arg("k").arg("v").query_async::<()>(&mut conn).await.unwrap();
+    redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
     valkey.restart().await.unwrap();
     assert_eq!(valkey.port(), port);
     let mut conn = valkey.connection().await;
-    let v: Option<String> = redis::cmd("GET").arg("k").query_async(&mut conn).await.unwrap();
+    let v: Option<String> = redis::cmd("GET")
+        .arg("k")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(v, None);
 }
