@@ -258,15 +258,18 @@ impl Consumer {
     ) -> Result<(), BusError> {
         let mut cursor = EntryId("0-0".into());
         loop {
-            let (entries, next) = self.reclaimer.claim_page(&cursor).await?;
+            let page = self.reclaimer.claim_page(&cursor).await?;
+            let claimed = page.entries.len() as u64 + page.dead_lettered;
+            self.stats.reclaimed.fetch_add(claimed, Relaxed);
             self.stats
-                .reclaimed
-                .fetch_add(entries.len() as u64, Relaxed);
-            self.process(handler, cancel, entries).await?;
-            if next.0 == "0-0" || cancel.is_cancelled() {
+                .dead_lettered
+                .fetch_add(page.dead_lettered, Relaxed);
+            let last = page.is_last();
+            self.process(handler, cancel, page.entries).await?;
+            if last || cancel.is_cancelled() {
                 return Ok(());
             }
-            cursor = next;
+            cursor = page.next;
         }
     }
 
@@ -278,7 +281,7 @@ impl Consumer {
         entries: Vec<(Entry, u64)>,
     ) -> Result<(), BusError> {
         let (group, consumer) = (&self.config.group, &self.config.consumer);
-        let entries = drop_over_delivered(
+        let (entries, dead_lettered) = drop_over_delivered(
             &mut self.conn,
             group,
             consumer,
@@ -286,6 +289,7 @@ impl Consumer {
             entries,
         )
         .await?;
+        self.stats.dead_lettered.fetch_add(dead_lettered, Relaxed);
         let mut deleted = Vec::new();
         let mut batch = Vec::with_capacity(entries.len());
         for (entry, deliveries) in entries {

@@ -52,24 +52,27 @@ pub(crate) async fn dead_letter(
     Ok(())
 }
 
-/// Dead-letters the entries delivered more than `max_deliveries` times and returns the others.
+/// Dead-letters the entries delivered more than `max_deliveries` times; returns the others and
+/// how many were dead-lettered.
 pub(crate) async fn drop_over_delivered(
     conn: &mut ConnectionManager,
     group: &str,
     consumer: &str,
     max_deliveries: u64,
     entries: Vec<(Entry, u64)>,
-) -> Result<Vec<(Entry, u64)>, BusError> {
+) -> Result<(Vec<(Entry, u64)>, u64), BusError> {
     let mut keep = Vec::with_capacity(entries.len());
+    let mut dropped = 0;
     for (entry, deliveries) in entries {
         if deliveries > max_deliveries {
             let reason = format!("delivered {deliveries} times (more than {max_deliveries})");
             dead_letter(conn, group, consumer, &entry, deliveries, &reason).await?;
+            dropped += 1;
         } else {
             keep.push((entry, deliveries));
         }
     }
-    Ok(keep)
+    Ok((keep, dropped))
 }
 
 /// How often each entry has been delivered to the group, from its pending entry (one round trip

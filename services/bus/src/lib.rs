@@ -44,6 +44,6 @@ pub use health::{Health, HealthChecker};
 pub use model::{ErrorCode, Failure, ImageResult, Processed, Progress, ResultOutcome, Stage};
 pub use producer::Producer;
 pub use progress::{ProgressTracker, Recorded, StatusSnapshot};
-pub use reclaimer::Reclaimer;
+pub use reclaimer::{ReclaimPage, Reclaimer};
 pub use stream::{Entry, EntryId};
 pub use trimmer::Trimmer;

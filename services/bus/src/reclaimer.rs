@@ -41,12 +41,8 @@ impl Reclaimer {
     }
 
     /// Claims one page of entries idle for `min_idle` or more, starting at `cursor` (`0-0` for
-    /// the start). Returns the claimed entries that may still be handled, each with its delivery
-    /// count (this claim included), and the cursor of the next page (`0-0` once at the end).
-    pub async fn claim_page(
-        &mut self,
-        cursor: &EntryId,
-    ) -> Result<(Vec<(Entry, u64)>, EntryId), BusError> {
+    /// the start), dead-lettering those delivered too often.
+    pub async fn claim_page(&mut self, cursor: &EntryId) -> Result<ReclaimPage, BusError> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
             .arg(keys::RESULT_STREAM)
             .arg(&self.group)
@@ -68,7 +64,7 @@ impl Reclaimer {
             tracing::info!(count = claimed.len(), consumer = %self.consumer, "reclaimed idle results");
         }
         let claimed = with_delivery_counts(&mut self.conn, &self.group, claimed).await?;
-        let keep = drop_over_delivered(
+        let (entries, dead_lettered) = drop_over_delivered(
             &mut self.conn,
             &self.group,
             &self.consumer,
@@ -76,7 +72,11 @@ impl Reclaimer {
             claimed,
         )
         .await?;
-        Ok((keep, next))
+        Ok(ReclaimPage {
+            entries,
+            dead_lettered,
+            next,
+        })
     }
 
     /// Walks every page, returning every entry that may still be handled.
@@ -84,12 +84,31 @@ impl Reclaimer {
         let mut cursor = EntryId("0-0".into());
         let mut all = Vec::new();
         loop {
-            let (entries, next) = self.claim_page(&cursor).await?;
-            all.extend(entries);
-            if next.0 == "0-0" {
+            let page = self.claim_page(&cursor).await?;
+            let last = page.is_last();
+            all.extend(page.entries);
+            if last {
                 return Ok(all);
             }
-            cursor = next;
+            cursor = page.next;
         }
+    }
+}
+
+/// One page of [`Reclaimer::claim_page`].
+#[derive(Debug)]
+pub struct ReclaimPage {
+    /// The claimed entries that may still be handled, each with its delivery count (this claim
+    /// included).
+    pub entries: Vec<(Entry, u64)>,
+    /// Claimed entries moved to the dead stream for having been delivered too often.
+    pub dead_lettered: u64,
+    /// Where the next page starts.
+    pub next: EntryId,
+}
+
+impl ReclaimPage {
+    pub fn is_last(&self) -> bool {
+        self.next.0 == "0-0"
     }
 }

@@ -226,10 +226,16 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
 
     let mut reclaimer =
         Reclaimer::new(&valkey, "api-workers", "survivor", Duration::ZERO, 4, 10).unwrap();
-    let survivors = reclaimer.claim_all().await.unwrap();
+    let page = reclaimer.claim_page(&EntryId("0-0".into())).await.unwrap();
     assert!(
-        survivors.is_empty(),
+        page.entries.is_empty(),
         "the 5th delivery is over the limit of 4"
+    );
+    assert_eq!(page.dead_lettered, 1);
+    assert!(page.is_last());
+    assert!(
+        reclaimer.claim_all().await.unwrap().is_empty(),
+        "nothing left to claim"
     );
 
     assert_eq!(
@@ -456,4 +462,64 @@ async fn health_reports_valkey_and_the_group() {
     let down = health.check().await;
     assert!(!down.valkey);
     assert_eq!(down.group, None);
+}
+
+#[tokio::test]
+async fn a_crash_looping_entry_in_our_own_pending_list_is_dead_lettered_on_re_read() {
+    let (server, valkey) = valkey().await;
+    let mut conn = server.connection().await;
+    create_group(&mut conn).await;
+    let poison_pill = processed(Uuid::new_v4());
+    let fine = processed(Uuid::new_v4());
+    let mut producer = Producer::new(&valkey).unwrap();
+    let id = producer.publish(&poison_pill).await.unwrap();
+    // Three lives of "api-1" each read it and crashed before the ack.
+    read_raw(&mut conn, "api-1", 1).await;
+    for _ in 0..2 {
+        redis::cmd("XCLAIM")
+            .arg("image:result")
+            .arg("api-workers")
+            .arg("api-1")
+            .arg(0)
+            .arg(&id.0)
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .unwrap();
+    }
+    producer.publish(&fine).await.unwrap();
+
+    let consumer = Consumer::new(
+        &valkey,
+        follow_bus::ConsumerConfig {
+            max_deliveries: 3,
+            min_idle: Duration::from_secs(3600),
+            ..config("api-1")
+        },
+    )
+    .unwrap();
+    let stats = consumer.stats();
+    let (handler, mut rx) = recorder("h");
+    let running = spawn(consumer, handler);
+    // The fourth life hands the handler only the other result.
+    assert_eq!(recv(&mut rx).await.1.result, fine);
+    drained(&conn).await;
+    running.stop().await;
+    assert!(rx.try_recv().is_err());
+    let dead = xrange(&mut conn, "image:result:dead").await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0]
+            .1
+            .iter()
+            .find(|(k, _)| k == "dead_original_id")
+            .unwrap()
+            .1,
+        id.0
+    );
+    assert_eq!(
+        stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }
