@@ -253,9 +253,19 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Progress to `stage` (not `failed`: use [`Progress::failed`]), now, with the stage's seq.
+    /// Progress to `stage`, now, with the stage's seq. A failure should come through
+    /// [`Progress::failed`] with its reason; `Stage::Failed` here records an `INTERNAL` one, so a
+    /// failed status always carries a code.
     pub fn stage(image_id: Uuid, stage: Stage) -> Self {
-        debug_assert!(stage != Stage::Failed, "use Progress::failed");
+        if stage == Stage::Failed {
+            return Self::failed(
+                image_id,
+                Failure {
+                    code: ErrorCode::Internal,
+                    message: "failed without a reason".into(),
+                },
+            );
+        }
         Self {
             image_id,
             stage,
