@@ -454,7 +454,10 @@ mod tests {
         };
         assert_eq!(Progress::decode(&f.encode()).unwrap(), f);
         let unexplained = Progress::stage(id, Stage::Failed);
-        assert_eq!(unexplained.failure.map(|f| f.code), Some(ErrorCode::Internal));
+        assert_eq!(
+            unexplained.failure.map(|f| f.code),
+            Some(ErrorCode::Internal)
+        );
         for garbage in [&b""[..], b"\xff\xff\xff", b"hello world"] {
             assert!(Progress::decode(garbage).is_err());
         }

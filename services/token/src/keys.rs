@@ -178,7 +178,8 @@ impl VerifyingKey {
 /// new public key everywhere, then switch the signer to it, then drop the old one.
 #[derive(Clone, Default)]
 pub struct VerifyingKeys {
-    keys: HashMap<Kid, DecodingKey>,
+    /// By `kid` as it appears in token headers.
+    keys: HashMap<String, DecodingKey>,
 }
 
 impl VerifyingKeys {
@@ -186,7 +187,7 @@ impl VerifyingKeys {
         Self {
             keys: keys
                 .into_iter()
-                .map(|k| (k.kid.clone(), k.decoding_key()))
+                .map(|k| (k.kid.0.clone(), k.decoding_key()))
                 .collect(),
         }
     }
@@ -211,14 +212,12 @@ impl VerifyingKeys {
         self.keys.is_empty()
     }
 
-    pub fn kids(&self) -> impl Iterator<Item = &Kid> {
-        self.keys.keys()
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
     }
 
     pub(crate) fn get(&self, kid: &str) -> Option<&DecodingKey> {
-        self.keys
-            .iter()
-            .find_map(|(k, v)| (k.as_str() == kid).then_some(v))
+        self.keys.get(kid)
     }
 }
 
