@@ -3,59 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use follow_testkit::PostgresServer;
-use sqlx::{PgPool, migrate::Migrator};
+mod common;
+
+use common::{insert_route, migrated};
+use follow_api::MIGRATOR;
 use uuid::Uuid;
-
-static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
-
-async fn migrated() -> (PostgresServer, PgPool) {
-    let pg = PostgresServer::start().await.unwrap();
-    let pool = PgPool::connect(&pg.url()).await.unwrap();
-    MIGRATOR.run(&pool).await.unwrap();
-    (pg, pool)
-}
-
-/// A route with one waypoint at (x, y) and its pending image, in one transaction.
-async fn insert_route(
-    pool: &PgPool,
-    owner: &str,
-    request_id: &str,
-    x: f64,
-    y: f64,
-) -> Result<Uuid, sqlx::Error> {
-    let (route, waypoint, image) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO route.routes (id, owner, name, request_id) VALUES ($1, $2, 'r', $3)")
-        .bind(route)
-        .bind(owner)
-        .bind(request_id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO route.waypoints (id, route_id, position, marker_x, marker_y, current_image_id)
-         VALUES ($1, $2, 0, $3, $4, $5)",
-    )
-    .bind(waypoint)
-    .bind(route)
-    .bind(x)
-    .bind(y)
-    .bind(image)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO image.images (id, route_id, waypoint_id, content_type, declared_size, storage_key, expires_at)
-         VALUES ($1, $2, $3, 'image/jpeg', 1000, $4, now() + interval '1 hour')",
-    )
-    .bind(image)
-    .bind(route)
-    .bind(waypoint)
-    .bind(format!("routes/{route}/{image}.jpg"))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(image)
-}
 
 #[tokio::test]
 async fn applies_once_and_keeps_markers_bit_for_bit() {
@@ -63,14 +15,16 @@ async fn applies_once_and_keeps_markers_bit_for_bit() {
     MIGRATOR.run(&pool).await.unwrap(); // idempotent
 
     let (x, y) = (0.123_456_789_012_345_67_f64, 1.0 - f64::EPSILON);
-    insert_route(&pool, "alice", "req-1", x, y).await.unwrap();
+    insert_route(&pool, "alice", "req-1", &[(x, y)])
+        .await
+        .unwrap();
     let (gx, gy): (f64, f64) = sqlx::query_as("SELECT marker_x, marker_y FROM route.waypoints")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!((gx.to_bits(), gy.to_bits()), (x.to_bits(), y.to_bits()));
     // Bounds are inclusive.
-    insert_route(&pool, "alice", "req-2", 0.0, 1.0)
+    insert_route(&pool, "alice", "req-2", &[(0.0, 1.0)])
         .await
         .unwrap();
 }
@@ -88,7 +42,7 @@ async fn refuses_markers_outside_the_unit_square_and_nan() {
     .into_iter()
     .enumerate()
     {
-        let err = insert_route(&pool, "alice", &format!("req-{i}"), x, y)
+        let err = insert_route(&pool, "alice", &format!("req-{i}"), &[(x, y)])
             .await
             .unwrap_err();
         assert!(
@@ -106,11 +60,13 @@ async fn refuses_markers_outside_the_unit_square_and_nan() {
 #[tokio::test]
 async fn one_request_id_per_owner() {
     let (_pg, pool) = migrated().await;
-    insert_route(&pool, "alice", "same", 0.5, 0.5)
+    insert_route(&pool, "alice", "same", &[(0.5, 0.5)])
         .await
         .unwrap();
-    insert_route(&pool, "bob", "same", 0.5, 0.5).await.unwrap();
-    let err = insert_route(&pool, "alice", "same", 0.5, 0.5)
+    insert_route(&pool, "bob", "same", &[(0.5, 0.5)])
+        .await
+        .unwrap();
+    let err = insert_route(&pool, "alice", "same", &[(0.5, 0.5)])
         .await
         .unwrap_err();
     assert!(
@@ -122,7 +78,11 @@ async fn one_request_id_per_owner() {
 #[tokio::test]
 async fn an_image_cannot_be_final_without_its_facts() {
     let (_pg, pool) = migrated().await;
-    let image = insert_route(&pool, "alice", "r", 0.5, 0.5).await.unwrap();
+    let image = insert_route(&pool, "alice", "r", &[(0.5, 0.5)])
+        .await
+        .unwrap()
+        .waypoints[0]
+        .1;
     for update in [
         "UPDATE image.images SET status = 'PROCESSED' WHERE id = $1",
         "UPDATE image.images SET status = 'FAILED' WHERE id = $1",
@@ -182,7 +142,9 @@ async fn a_waypoint_must_point_at_an_existing_image_by_commit_time() {
 #[tokio::test]
 async fn reverts_cleanly_and_applies_again() {
     let (_pg, pool) = migrated().await;
-    insert_route(&pool, "alice", "r", 0.5, 0.5).await.unwrap();
+    insert_route(&pool, "alice", "r", &[(0.5, 0.5)])
+        .await
+        .unwrap();
     MIGRATOR.undo(&pool, 0).await.unwrap();
     let schemas: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM information_schema.schemata WHERE schema_name IN ('route', 'image')",
@@ -192,5 +154,7 @@ async fn reverts_cleanly_and_applies_again() {
     .unwrap();
     assert_eq!(schemas, 0);
     MIGRATOR.run(&pool).await.unwrap();
-    insert_route(&pool, "alice", "r", 0.5, 0.5).await.unwrap();
+    insert_route(&pool, "alice", "r", &[(0.5, 0.5)])
+        .await
+        .unwrap();
 }

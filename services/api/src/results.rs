@@ -1,0 +1,208 @@
+//! Applying `image:result` entries to PostgreSQL.
+//!
+//! A batch is applied in one transaction, each result in a savepoint of its own:
+//! * the image moves from PENDING to PROCESSED (facts recorded) or FAILED (code, message); a
+//!   result for an image that is unknown or no longer PENDING changes nothing, so redelivered and
+//!   duplicated results are harmless;
+//! * the image's waypoint, if that image is still its current one, becomes CONFIRMED or FAILED
+//!   (its markers are never touched);
+//! * the route becomes READY when every waypoint is CONFIRMED.
+//!
+//! A result the database refuses (a constraint or value error) can never apply: it is
+//! dead-lettered alone and the rest of the batch commits. Any other database error (PostgreSQL
+//! down) fails the whole batch, which the consumer retries: never dead-lettered.
+
+use follow_bus::{Delivery, Failure, Handler, ImageResult, Outcome, Processed, ResultOutcome};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// What applying one result did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The image became PROCESSED; `route_ready` when that made its route READY.
+    Processed {
+        image_id: Uuid,
+        route_id: Uuid,
+        route_ready: bool,
+    },
+    Failed {
+        image_id: Uuid,
+        route_id: Uuid,
+    },
+    /// Unknown image, or one already final: nothing changed.
+    Ignored {
+        image_id: Uuid,
+    },
+    /// The database refuses this result (it is malformed beyond what the codec checks).
+    Refused {
+        image_id: Uuid,
+        reason: String,
+    },
+}
+
+/// Applies results; usable directly or as the consumer's [`Handler`].
+#[derive(Debug, Clone)]
+pub struct ResultApplier {
+    pool: PgPool,
+}
+
+impl ResultApplier {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Applies `batch` in one transaction. `Err` only for database errors that may pass (the
+    /// batch then changed nothing).
+    pub async fn apply(&self, batch: &[Delivery]) -> Result<Vec<Applied>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut applied = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+            match apply_one(&mut savepoint, &delivery.id.0, &delivery.result).await {
+                Ok(outcome) => {
+                    savepoint.commit().await?;
+                    applied.push(outcome);
+                }
+                Err(e) if is_permanent(&e) => {
+                    savepoint.rollback().await?;
+                    applied.push(Applied::Refused {
+                        image_id: delivery.result.image_id,
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+}
+
+impl Handler for ResultApplier {
+    async fn handle(&mut self, batch: &[Delivery]) -> Vec<Outcome> {
+        match self.apply(batch).await {
+            Ok(applied) => applied
+                .into_iter()
+                .map(|a| match a {
+                    Applied::Refused { image_id, reason } => {
+                        tracing::error!(%image_id, %reason, "result refused by the database");
+                        Outcome::DeadLetter(format!("refused by the database: {reason}"))
+                    }
+                    Applied::Ignored { image_id } => {
+                        tracing::info!(%image_id, "result for an unknown or final image ignored");
+                        Outcome::Ack
+                    }
+                    Applied::Processed { .. } | Applied::Failed { .. } => Outcome::Ack,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, batch = batch.len(), "applying results failed; will retry");
+                vec![Outcome::Retry; batch.len()]
+            }
+        }
+    }
+}
+
+/// Constraint violations (class 23) and data exceptions (class 22) will fail every time.
+fn is_permanent(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("23") || c.starts_with("22")),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    }
+}
+
+async fn apply_one(
+    conn: &mut PgConnection,
+    entry_id: &str,
+    result: &ImageResult,
+) -> Result<Applied, sqlx::Error> {
+    let image_id = result.image_id;
+    let updated: Option<(Uuid, Uuid)> = match &result.outcome {
+        ResultOutcome::Processed(p) => processed(conn, entry_id, image_id, p).await?,
+        ResultOutcome::Failed(f) => failed(conn, entry_id, image_id, f).await?,
+    };
+    let Some((route_id, waypoint_id)) = updated else {
+        return Ok(Applied::Ignored { image_id });
+    };
+    let is_processed = matches!(result.outcome, ResultOutcome::Processed(_));
+    // Only the waypoint's current image speaks for it: a late result for a replaced image
+    // (after ReissueUpload) updates that image alone.
+    sqlx::query(
+        "UPDATE route.waypoints SET status = $3::route.waypoint_status, updated_at = now()
+         WHERE id = $1 AND current_image_id = $2",
+    )
+    .bind(waypoint_id)
+    .bind(image_id)
+    .bind(if is_processed { "CONFIRMED" } else { "FAILED" })
+    .execute(&mut *conn)
+    .await?;
+    if !is_processed {
+        return Ok(Applied::Failed { image_id, route_id });
+    }
+    let ready = sqlx::query(
+        "UPDATE route.routes SET status = 'READY', updated_at = now()
+         WHERE id = $1 AND status = 'PENDING'
+           AND NOT EXISTS (SELECT 1 FROM route.waypoints
+                           WHERE route_id = $1 AND status <> 'CONFIRMED')",
+    )
+    .bind(route_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Applied::Processed {
+        image_id,
+        route_id,
+        route_ready: ready.rows_affected() == 1,
+    })
+}
+
+async fn processed(
+    conn: &mut PgConnection,
+    entry_id: &str,
+    image_id: Uuid,
+    p: &Processed,
+) -> Result<Option<(Uuid, Uuid)>, sqlx::Error> {
+    let byte_size = i64::try_from(p.byte_size).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    sqlx::query_as(
+        "UPDATE image.images
+         SET status = 'PROCESSED', sha256 = $3, preview_key = $4, width = $5, height = $6,
+             processed_width = $7, processed_height = $8, byte_size = $9,
+             result_entry_id = $2, updated_at = now()
+         WHERE id = $1 AND status = 'PENDING'
+         RETURNING route_id, waypoint_id",
+    )
+    .bind(image_id)
+    .bind(entry_id)
+    .bind(&p.sha256)
+    .bind(&p.preview_key)
+    .bind(i64::from(p.width))
+    .bind(i64::from(p.height))
+    .bind(i64::from(p.processed_width))
+    .bind(i64::from(p.processed_height))
+    .bind(byte_size)
+    .fetch_optional(conn)
+    .await
+}
+
+async fn failed(
+    conn: &mut PgConnection,
+    entry_id: &str,
+    image_id: Uuid,
+    f: &Failure,
+) -> Result<Option<(Uuid, Uuid)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE image.images
+         SET status = 'FAILED', error_code = $3, error_message = $4,
+             result_entry_id = $2, updated_at = now()
+         WHERE id = $1 AND status = 'PENDING'
+         RETURNING route_id, waypoint_id",
+    )
+    .bind(image_id)
+    .bind(entry_id)
+    .bind(f.code.as_str())
+    .bind(&f.message)
+    .fetch_optional(conn)
+    .await
+}

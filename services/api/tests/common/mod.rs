@@ -1,0 +1,107 @@
+//! Fixtures of the API's database tests: a migrated real PostgreSQL and routes in it.
+#![allow(dead_code, unreachable_pub)]
+
+use follow_testkit::PostgresServer;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub async fn migrated() -> (PostgresServer, PgPool) {
+    let pg = PostgresServer::start().await.unwrap();
+    let pool = PgPool::connect(&pg.url()).await.unwrap();
+    follow_api::MIGRATOR.run(&pool).await.unwrap();
+    (pg, pool)
+}
+
+/// A route as `CreateRouteWithWaypoints` leaves it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub id: Uuid,
+    /// (waypoint id, its pending image id), in order.
+    pub waypoints: Vec<(Uuid, Uuid)>,
+}
+
+/// A route with one waypoint per marker, each with a pending image, in one transaction.
+pub async fn insert_route(
+    pool: &PgPool,
+    owner: &str,
+    request_id: &str,
+    markers: &[(f64, f64)],
+) -> Result<Route, sqlx::Error> {
+    let route = Route {
+        id: Uuid::new_v4(),
+        waypoints: markers
+            .iter()
+            .map(|_| (Uuid::new_v4(), Uuid::new_v4()))
+            .collect(),
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO route.routes (id, owner, name, request_id) VALUES ($1, $2, 'r', $3)")
+        .bind(route.id)
+        .bind(owner)
+        .bind(request_id)
+        .execute(&mut *tx)
+        .await?;
+    for (position, (&(x, y), &(waypoint, image))) in
+        markers.iter().zip(&route.waypoints).enumerate()
+    {
+        sqlx::query(
+            "INSERT INTO route.waypoints (id, route_id, position, marker_x, marker_y, current_image_id)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(waypoint)
+        .bind(route.id)
+        .bind(position as i32)
+        .bind(x)
+        .bind(y)
+        .bind(image)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO image.images (id, route_id, waypoint_id, content_type, declared_size, storage_key, expires_at)
+             VALUES ($1, $2, $3, 'image/jpeg', 1000, $4, now() + interval '1 hour')",
+        )
+        .bind(image)
+        .bind(route.id)
+        .bind(waypoint)
+        .bind(format!("routes/{}/{image}.jpg", route.id))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(route)
+}
+
+pub async fn route_status(pool: &PgPool, id: Uuid) -> String {
+    status(
+        pool,
+        "SELECT status::text FROM route.routes WHERE id = $1",
+        id,
+    )
+    .await
+}
+
+pub async fn waypoint_status(pool: &PgPool, id: Uuid) -> String {
+    status(
+        pool,
+        "SELECT status::text FROM route.waypoints WHERE id = $1",
+        id,
+    )
+    .await
+}
+
+pub async fn image_status(pool: &PgPool, id: Uuid) -> String {
+    status(
+        pool,
+        "SELECT status::text FROM image.images WHERE id = $1",
+        id,
+    )
+    .await
+}
+
+async fn status(pool: &PgPool, sql: &'static str, id: Uuid) -> String {
+    sqlx::query_scalar(sql)
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
