@@ -291,3 +291,54 @@ async fn while_postgres_is_down_the_batch_is_retried_not_dead_lettered() {
     .await;
     assert_eq!(image_status(&pool, image).await, "PROCESSED");
 }
+
+#[tokio::test]
+async fn a_late_result_never_moves_a_published_route_back() {
+    let (_pg, pool) = migrated().await;
+    let route = insert_route(&pool, "alice", "r", &[(0.5, 0.5)])
+        .await
+        .unwrap();
+    let (waypoint, old) = route.waypoints[0];
+    // The old upload is still pending when the waypoint gets a new image, which is processed.
+    let new = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO image.images (id, route_id, waypoint_id, content_type, declared_size, storage_key, expires_at)
+         VALUES ($1, $2, $3, 'image/png', 10, 'new', now() + interval '1 hour')",
+    )
+    .bind(new)
+    .bind(route.id)
+    .bind(waypoint)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE route.waypoints SET current_image_id = $2 WHERE id = $1")
+        .bind(waypoint)
+        .bind(new)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let applier = ResultApplier::new(pool.clone());
+    applier
+        .apply(&[delivery(1, new, processed_ok())])
+        .await
+        .unwrap();
+    sqlx::query("UPDATE route.routes SET status = 'PUBLISHED', published_at = now() WHERE id = $1")
+        .bind(route.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let late = applier
+        .apply(&[delivery(2, old, processed_ok())])
+        .await
+        .unwrap();
+    assert_eq!(
+        late,
+        [Applied::Processed {
+            image_id: old,
+            route_id: route.id,
+            route_ready: false
+        }]
+    );
+    assert_eq!(route_status(&pool, route.id).await, "PUBLISHED");
+}
