@@ -230,23 +230,7 @@ async fn a_late_result_for_a_replaced_image_leaves_the_waypoint_alone() {
         .unwrap();
     let (waypoint, old) = route.waypoints[0];
     // ReissueUpload gave the waypoint a new current image.
-    let new = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO image.images (id, route_id, waypoint_id, content_type, declared_size, storage_key, expires_at)
-         VALUES ($1, $2, $3, 'image/png', 10, 'new', now() + interval '1 hour')",
-    )
-    .bind(new)
-    .bind(route.id)
-    .bind(waypoint)
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query("UPDATE route.waypoints SET current_image_id = $2 WHERE id = $1")
-        .bind(waypoint)
-        .bind(new)
-        .execute(&pool)
-        .await
-        .unwrap();
+    let new = reissue(&pool, route.id, waypoint).await;
 
     let applier = ResultApplier::new(pool.clone());
     applier
@@ -300,23 +284,7 @@ async fn a_late_result_never_moves_a_published_route_back() {
         .unwrap();
     let (waypoint, old) = route.waypoints[0];
     // The old upload is still pending when the waypoint gets a new image, which is processed.
-    let new = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO image.images (id, route_id, waypoint_id, content_type, declared_size, storage_key, expires_at)
-         VALUES ($1, $2, $3, 'image/png', 10, 'new', now() + interval '1 hour')",
-    )
-    .bind(new)
-    .bind(route.id)
-    .bind(waypoint)
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query("UPDATE route.waypoints SET current_image_id = $2 WHERE id = $1")
-        .bind(waypoint)
-        .bind(new)
-        .execute(&pool)
-        .await
-        .unwrap();
+    let new = reissue(&pool, route.id, waypoint).await;
     let applier = ResultApplier::new(pool.clone());
     applier
         .apply(&[delivery(1, new, processed_ok())])

@@ -105,3 +105,31 @@ async fn status(pool: &PgPool, sql: &'static str, id: Uuid) -> String {
         .await
         .unwrap()
 }
+
+/// What `ReissueUpload` does to the database: a new pending image becomes the waypoint's
+/// current one; the old image stays. Returns the new image's id.
+pub async fn reissue(pool: &PgPool, route_id: Uuid, waypoint_id: Uuid) -> Uuid {
+    let image = Uuid::new_v4();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO image.images (id, route_id, waypoint_id, content_type, declared_size, storage_key, expires_at)
+         VALUES ($1, $2, $3, 'image/png', 10, $4, now() + interval '1 hour')",
+    )
+    .bind(image)
+    .bind(route_id)
+    .bind(waypoint_id)
+    .bind(format!("routes/{route_id}/{image}.png"))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE route.waypoints SET current_image_id = $2, status = 'PENDING' WHERE id = $1",
+    )
+    .bind(waypoint_id)
+    .bind(image)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    image
+}
