@@ -1,11 +1,11 @@
 use std::path::PathBuf;
 
 use tempfile::TempDir;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::{
     TestkitError,
-    process::{run, spawn_ready, with_free_ports},
+    process::{Guarded, run, spawn_ready, with_free_ports},
     which,
 };
 
@@ -23,7 +23,7 @@ pub struct GarageServer {
     s3_port: u16,
     access_key: String,
     secret_key: String,
-    child: Option<Child>,
+    child: Guarded,
 }
 
 impl GarageServer {
@@ -67,7 +67,7 @@ api_bind_addr = "127.0.0.1:{admin}"
                     // Garage's key id format: GK + 24 hex digits; secret: 64 hex digits.
                     access_key: format!("GK{}", random_hex(12)),
                     secret_key: random_hex(32),
-                    child: None,
+                    child: Guarded::default(),
                 };
                 server.spawn().await?;
                 server.provision().await?;
@@ -100,9 +100,7 @@ api_bind_addr = "127.0.0.1:{admin}"
 
     /// Kills the server. Data and layout stay for [`GarageServer::restart`].
     pub async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
+        self.child.kill().await;
     }
 
     pub async fn restart(&mut self) -> Result<(), TestkitError> {
@@ -130,7 +128,7 @@ api_bind_addr = "127.0.0.1:{admin}"
             },
         )
         .await?;
-        self.child = Some(child);
+        self.child = Guarded::new(child);
         Ok(())
     }
 
@@ -170,14 +168,6 @@ api_bind_addr = "127.0.0.1:{admin}"
         )
         .await?;
         Ok(())
-    }
-}
-
-impl Drop for GarageServer {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.start_kill();
-        }
     }
 }
 

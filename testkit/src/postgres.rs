@@ -1,11 +1,11 @@
 use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::{
     TestkitError,
-    process::{run, spawn_ready, with_free_ports},
+    process::{Guarded, run, spawn_ready, with_free_ports},
 };
 
 /// The database every [`PostgresServer`] has, owned by its superuser `follow`.
@@ -22,7 +22,7 @@ pub struct PostgresServer {
     bin: PathBuf,
     dir: TempDir,
     port: u16,
-    child: Option<Child>,
+    child: Guarded,
 }
 
 impl PostgresServer {
@@ -48,7 +48,7 @@ impl PostgresServer {
                     bin,
                     dir,
                     port,
-                    child: None,
+                    child: Guarded::default(),
                 };
                 server.spawn(&run_as).await?;
                 let mut createdb = Command::new(server.bin.join("createdb"));
@@ -133,16 +133,8 @@ impl PostgresServer {
             },
         )
         .await?;
-        self.child = Some(child);
+        self.child = Guarded::new(child);
         Ok(())
-    }
-}
-
-impl Drop for PostgresServer {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.start_kill();
-        }
     }
 }
 

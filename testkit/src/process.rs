@@ -100,3 +100,33 @@ fn tail(log: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(8)..].join(" | ")
 }
+
+/// A server process that dies with its handle (even when a test panics).
+#[derive(Debug, Default)]
+pub(crate) struct Guarded(Option<Child>);
+
+impl Guarded {
+    pub(crate) fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// The process, for a caller that stops it its own way.
+    pub(crate) fn take(&mut self) -> Option<Child> {
+        self.0.take()
+    }
+
+    /// Kills the process (`SIGKILL`, like a crash) and reaps it.
+    pub(crate) async fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}

@@ -1,11 +1,11 @@
 use std::path::PathBuf;
 
 use tempfile::TempDir;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::{
     TestkitError,
-    process::{spawn_ready, with_free_ports},
+    process::{Guarded, spawn_ready, with_free_ports},
     which,
 };
 
@@ -15,7 +15,7 @@ pub struct ValkeyServer {
     binary: PathBuf,
     dir: TempDir,
     port: u16,
-    child: Option<Child>,
+    child: Guarded,
 }
 
 impl ValkeyServer {
@@ -30,7 +30,7 @@ impl ValkeyServer {
                         .prefix("follow-valkey-")
                         .tempdir()?,
                     port,
-                    child: None,
+                    child: Guarded::default(),
                 };
                 server.spawn().await?;
                 Ok(server)
@@ -59,9 +59,7 @@ impl ValkeyServer {
 
     /// Kills the server (like a crash: no save). Its data is gone, its port kept for `restart`.
     pub async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
+        self.child.kill().await;
     }
 
     /// Starts the server again on the same port, empty.
@@ -85,16 +83,8 @@ impl ValkeyServer {
             pid.is_some() && server_pid(port).await == pid
         })
         .await?;
-        self.child = Some(child);
+        self.child = Guarded::new(child);
         Ok(())
-    }
-}
-
-impl Drop for ValkeyServer {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.start_kill();
-        }
     }
 }
 
