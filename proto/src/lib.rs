@@ -15,53 +15,40 @@ pub use tonic;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/follow_descriptor.bin"));
 
-/// `follow.api.v1`: the public API (`RouteService`, `ImageService`).
-pub mod api {
-    /// Generated; see `proto/follow/api/v1`.
-    #[allow(
-        missing_docs,
-        clippy::all,
-        clippy::pedantic,
-        unreachable_pub,
-        unused_qualifications,
-        missing_debug_implementations
-    )]
-    pub mod v1 {
-        include!(concat!(env!("OUT_DIR"), "/follow.api.v1.rs"));
-    }
+/// A protobuf package `follow.<area>.v1` as the module `<area>::v1`. Modules must mirror the
+/// package path: generated code refers to other packages by `super::super::<area>::v1`.
+macro_rules! package {
+    ($(#[$doc:meta])* $area:ident => $package:literal) => {
+        $(#[$doc])*
+        pub mod $area {
+            /// Generated; lints do not apply to it.
+            #[allow(
+                missing_docs,
+                clippy::all,
+                clippy::pedantic,
+                unreachable_pub,
+                unused_qualifications,
+                missing_debug_implementations
+            )]
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/", $package, ".rs"));
+            }
+        }
+    };
 }
 
-/// `follow.gateway.v1`: the image gateway's control surface (`GatewayService`).
-pub mod gateway {
-    /// Generated; see `proto/follow/gateway/v1`.
-    #[allow(
-        missing_docs,
-        clippy::all,
-        clippy::pedantic,
-        unreachable_pub,
-        unused_qualifications,
-        missing_debug_implementations
-    )]
-    pub mod v1 {
-        include!(concat!(env!("OUT_DIR"), "/follow.gateway.v1.rs"));
-    }
-}
-
-/// `follow.events.v1`: what crosses the Valkey bus (`ImageResult`, `ImageProgress`).
-pub mod events {
-    /// Generated; see `proto/follow/events/v1`.
-    #[allow(
-        missing_docs,
-        clippy::all,
-        clippy::pedantic,
-        unreachable_pub,
-        unused_qualifications,
-        missing_debug_implementations
-    )]
-    pub mod v1 {
-        include!(concat!(env!("OUT_DIR"), "/follow.events.v1.rs"));
-    }
-}
+package!(
+    /// `follow.api.v1`: the public API (`RouteService`, `ImageService`).
+    api => "follow.api.v1"
+);
+package!(
+    /// `follow.gateway.v1`: the image gateway's control surface (`GatewayService`).
+    gateway => "follow.gateway.v1"
+);
+package!(
+    /// `follow.events.v1`: what crosses the Valkey bus (`ImageResult`, `ImageProgress`).
+    events => "follow.events.v1"
+);
 
 #[cfg(test)]
 mod tests {

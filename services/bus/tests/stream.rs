@@ -212,17 +212,7 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
         .unwrap();
     // Delivered 4 times in all: a crash loop.
     read_raw(&mut conn, "crashing", 1).await;
-    for _ in 0..3 {
-        redis::cmd("XCLAIM")
-            .arg("image:result")
-            .arg("api-workers")
-            .arg("crashing")
-            .arg(0)
-            .arg(&id.0)
-            .query_async::<redis::Value>(&mut conn)
-            .await
-            .unwrap();
-    }
+    redeliver(&mut conn, "crashing", &id.0, 3).await;
 
     let mut reclaimer =
         Reclaimer::new(&valkey, "api-workers", "survivor", Duration::ZERO, 4, 10).unwrap();
@@ -475,17 +465,7 @@ async fn a_crash_looping_entry_in_our_own_pending_list_is_dead_lettered_on_re_re
     let id = producer.publish(&poison_pill).await.unwrap();
     // Three lives of "api-1" each read it and crashed before the ack.
     read_raw(&mut conn, "api-1", 1).await;
-    for _ in 0..2 {
-        redis::cmd("XCLAIM")
-            .arg("image:result")
-            .arg("api-workers")
-            .arg("api-1")
-            .arg(0)
-            .arg(&id.0)
-            .query_async::<redis::Value>(&mut conn)
-            .await
-            .unwrap();
-    }
+    redeliver(&mut conn, "api-1", &id.0, 2).await;
     producer.publish(&fine).await.unwrap();
 
     let consumer = Consumer::new(

@@ -233,3 +233,24 @@ pub async fn subscribe(
         .unwrap();
     pubsub.into_on_message()
 }
+
+/// Delivers entry `id` to `consumer` `times` more times (`XCLAIM` without `JUSTID` counts a
+/// delivery): a consumer that keeps crashing on it.
+pub async fn redeliver(
+    conn: &mut redis::aio::MultiplexedConnection,
+    consumer: &str,
+    id: &str,
+    times: usize,
+) {
+    for _ in 0..times {
+        redis::cmd("XCLAIM")
+            .arg("image:result")
+            .arg("api-workers")
+            .arg(consumer)
+            .arg(0)
+            .arg(id)
+            .query_async::<redis::Value>(conn)
+            .await
+            .unwrap();
+    }
+}
