@@ -11,10 +11,22 @@
 //! A result the database refuses (a constraint or value error) can never apply: it is
 //! dead-lettered alone and the rest of the batch commits. Any other database error (PostgreSQL
 //! down) fails the whole batch, which the consumer retries: never dead-lettered.
+//!
+//! After the commit (and before the acknowledgement) each image that changed is announced on
+//! its progress channel ([`Progress::committed`]), so watchers on every instance read the new
+//! state; announcing is best effort (a lost announcement delays a watcher until its next resync
+//! or reconnect, it never loses state).
 
-use follow_bus::{Delivery, Failure, Handler, ImageResult, Outcome, Processed, ResultOutcome};
+use std::{sync::Arc, time::Instant};
+
+use follow_bus::{
+    Delivery, Failure, Handler, ImageResult, Outcome, Processed, Progress, ProgressTracker,
+    ResultOutcome,
+};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
+
+use crate::metrics::Metrics;
 
 /// What applying one result did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,11 +56,48 @@ pub enum Applied {
 #[derive(Debug, Clone)]
 pub struct ResultApplier {
     pool: PgPool,
+    announcer: Option<ProgressTracker>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ResultApplier {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            announcer: None,
+            metrics: None,
+        }
+    }
+
+    /// Announces committed outcomes to watchers through `tracker`.
+    pub fn with_announcer(mut self, tracker: ProgressTracker) -> Self {
+        self.announcer = Some(tracker);
+        self
+    }
+
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    async fn announce(&mut self, batch: &[Delivery], applied: &[Applied]) {
+        let Some(tracker) = &mut self.announcer else {
+            return;
+        };
+        for (delivery, applied) in batch.iter().zip(applied) {
+            let failure = match (applied, &delivery.result.outcome) {
+                (Applied::Processed { .. }, _) => None,
+                (Applied::Failed { .. }, ResultOutcome::Failed(f)) => Some(f.clone()),
+                _ => continue,
+            };
+            let image_id = delivery.result.image_id;
+            if let Err(e) = tracker
+                .announce(&Progress::committed(image_id, failure))
+                .await
+            {
+                tracing::warn!(%image_id, error = %e, "announcing a committed result failed");
+            }
+        }
     }
 
     /// Applies `batch` in one transaction. `Err` only for database errors that may pass (the
@@ -80,21 +129,43 @@ impl ResultApplier {
 
 impl Handler for ResultApplier {
     async fn handle(&mut self, batch: &[Delivery]) -> Vec<Outcome> {
-        match self.apply(batch).await {
-            Ok(applied) => applied
-                .into_iter()
-                .map(|a| match a {
-                    Applied::Refused { image_id, reason } => {
-                        tracing::error!(%image_id, %reason, "result refused by the database");
-                        Outcome::DeadLetter(format!("refused by the database: {reason}"))
-                    }
-                    Applied::Ignored { image_id } => {
-                        tracing::info!(%image_id, "result for an unknown or final image ignored");
-                        Outcome::Ack
-                    }
-                    Applied::Processed { .. } | Applied::Failed { .. } => Outcome::Ack,
-                })
-                .collect(),
+        let started = Instant::now();
+        let result = self.apply(batch).await;
+        if let Some(m) = &self.metrics {
+            m.apply_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        match result {
+            Ok(applied) => {
+                self.announce(batch, &applied).await;
+                applied
+                    .into_iter()
+                    .map(|a| {
+                        let (label, outcome) = match a {
+                            Applied::Refused { image_id, reason } => {
+                                tracing::error!(%image_id, %reason, "result refused by the database");
+                                let reason = format!("refused by the database: {reason}");
+                                ("refused", Outcome::DeadLetter(reason))
+                            }
+                            Applied::Ignored { image_id } => {
+                                tracing::info!(%image_id, "result for an unknown or final image ignored");
+                                ("ignored", Outcome::Ack)
+                            }
+                            Applied::Processed { image_id, route_id, route_ready } => {
+                                tracing::info!(%image_id, %route_id, route_ready, "image processed");
+                                ("processed", Outcome::Ack)
+                            }
+                            Applied::Failed { image_id, route_id } => {
+                                tracing::info!(%image_id, %route_id, "image failed");
+                                ("failed", Outcome::Ack)
+                            }
+                        };
+                        if let Some(m) = &self.metrics {
+                            m.result(label);
+                        }
+                        outcome
+                    })
+                    .collect()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, batch = batch.len(), "applying results failed; will retry");
                 vec![Outcome::Retry; batch.len()]

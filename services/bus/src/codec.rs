@@ -221,6 +221,7 @@ impl Progress {
             time: Some(timestamp(self.at)),
             error_code: code.into(),
             error_message: message,
+            committed: self.committed,
         }
         .encode_to_vec()
     }
@@ -255,6 +256,7 @@ impl Progress {
             seq: p.seq,
             at,
             failure,
+            committed: p.committed,
         })
     }
 }
@@ -453,6 +455,12 @@ mod tests {
             )
         };
         assert_eq!(Progress::decode(&f.encode()).unwrap(), f);
+        let committed = Progress {
+            at: datetime!(2026-11-23 10:00:02 UTC),
+            ..Progress::committed(id, None)
+        };
+        assert!(committed.committed && committed.stage == Stage::Done);
+        assert_eq!(Progress::decode(&committed.encode()).unwrap(), committed);
         let unexplained = Progress::stage(id, Stage::Failed);
         assert_eq!(
             unexplained.failure.map(|f| f.code),

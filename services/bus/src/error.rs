@@ -9,6 +9,9 @@ pub enum BusError {
     Reply(String),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// Valkey was not reachable for a reason already logged (a lost subscription, say).
+    #[error("valkey unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl BusError {
@@ -24,6 +27,7 @@ impl BusError {
                     || e.code() == Some("LOADING")
                     || e.code() == Some("BUSY")
             }
+            BusError::Unavailable(_) => true,
             _ => false,
         }
     }

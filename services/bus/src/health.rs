@@ -46,15 +46,39 @@ impl HealthChecker {
     }
 
     async fn group_exists(&mut self, name: &str) -> Result<bool, BusError> {
+        Ok(self.group_info_of(name).await?.is_some())
+    }
+
+    /// The checked group's backlog, `None` when it does not exist (or no group is checked).
+    pub async fn group_info(&mut self) -> Result<Option<GroupInfo>, BusError> {
+        match self.group.clone() {
+            Some(name) => self.group_info_of(&name).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn group_info_of(&mut self, name: &str) -> Result<Option<GroupInfo>, BusError> {
         let groups: Result<redis::streams::StreamInfoGroupsReply, _> = redis::cmd("XINFO")
             .arg("GROUPS")
             .arg(keys::RESULT_STREAM)
             .query_async(&mut self.conn)
             .await;
         match groups {
-            Ok(g) => Ok(g.groups.iter().any(|g| g.name == name)),
-            Err(e) if e.code() == Some("ERR") => Ok(false), // no such stream yet
+            Ok(g) => Ok(g.groups.iter().find(|g| g.name == name).map(|g| GroupInfo {
+                pending: g.pending as u64,
+                lag: g.lag.map(|l| l as u64),
+            })),
+            Err(e) if e.code() == Some("ERR") => Ok(None), // no such stream yet
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A consumer group's backlog (`XINFO GROUPS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Delivered, not acknowledged.
+    pub pending: u64,
+    /// Not delivered yet; `None` when Valkey cannot tell (after deletions it may not).
+    pub lag: Option<u64>,
 }

@@ -14,7 +14,8 @@
 //! | [`Trimmer`] | `XTRIM MINID` just below the oldest entry the group has not acknowledged |
 //! | [`ProgressTracker`] | stage hash + TTL + `PUBLISH`, one round trip, never moving backwards |
 //! | [`UploadGuard`] | `SET NX EX`: one upload per token |
-//! | [`HealthChecker`] | `PING` + does the consumer group exist |
+//! | [`HealthChecker`] | `PING` + does the consumer group exist (and its backlog) |
+//! | [`Hub`] | one pub/sub connection fanning `image:progress:{id}` out to many watchers |
 //!
 //! Dead-lettered entries keep every original field and gain `dead_reason`, `dead_original_id`,
 //! `dead_consumer`, `dead_deliveries` and `dead_at`.
@@ -27,6 +28,7 @@ mod dead_letter;
 mod error;
 mod guard;
 mod health;
+mod hub;
 pub mod keys;
 mod model;
 mod producer;
@@ -40,7 +42,8 @@ pub use connection::{Valkey, ValkeyConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, Outcome};
 pub use error::BusError;
 pub use guard::{GuardOutcome, UploadGuard};
-pub use health::{Health, HealthChecker};
+pub use health::{GroupInfo, Health, HealthChecker};
+pub use hub::{Hub, HubEvent, Subscription};
 pub use model::{ErrorCode, Failure, ImageResult, Processed, Progress, ResultOutcome, Stage};
 pub use producer::Producer;
 pub use progress::{ProgressTracker, Recorded, StatusSnapshot};

@@ -250,6 +250,9 @@ pub struct Progress {
     pub at: OffsetDateTime,
     /// Set exactly when `stage` is [`Stage::Failed`].
     pub failure: Option<Failure>,
+    /// The API's announcement that the outcome is in the database (see
+    /// [`ProgressTracker::announce`](crate::ProgressTracker::announce)); never in the hash.
+    pub committed: bool,
 }
 
 impl Progress {
@@ -272,6 +275,7 @@ impl Progress {
             seq: stage.seq(),
             at: OffsetDateTime::now_utc(),
             failure: None,
+            committed: false,
         }
     }
 
@@ -282,6 +286,20 @@ impl Progress {
             seq: Stage::Failed.seq(),
             at: OffsetDateTime::now_utc(),
             failure: Some(failure),
+            committed: false,
+        }
+    }
+
+    /// The API's announcement that `image_id`'s outcome (`Done`, or `Failed` with its reason) is
+    /// committed to the database.
+    pub fn committed(image_id: Uuid, failure: Option<Failure>) -> Self {
+        let progress = match failure {
+            Some(failure) => Self::failed(image_id, failure),
+            None => Self::stage(image_id, Stage::Done),
+        };
+        Self {
+            committed: true,
+            ..progress
         }
     }
 }

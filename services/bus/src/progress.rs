@@ -86,6 +86,26 @@ impl ProgressTracker {
         })
     }
 
+    /// Records many reports at once, pipelined on the one multiplexed connection.
+    pub async fn record_all(&mut self, reports: &[Progress]) -> Result<Vec<Recorded>, BusError> {
+        let calls = reports.iter().map(|p| {
+            let mut tracker = self.clone();
+            async move { tracker.record(p).await }
+        });
+        futures_util::future::try_join_all(calls).await
+    }
+
+    /// Publishes `progress` on its channel only (no hash write): for the API's
+    /// [`Progress::committed`] announcements, which follow the gateway's final stage.
+    pub async fn announce(&mut self, progress: &Progress) -> Result<(), BusError> {
+        let _receivers: i64 = redis::cmd("PUBLISH")
+            .arg(keys::progress(progress.image_id))
+            .arg(progress.encode())
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
     /// The current status of an image, `None` when there is none (never written, or expired).
     pub async fn current(&mut self, image_id: Uuid) -> Result<Option<StatusSnapshot>, BusError> {
         let fields: Vec<(String, String)> = redis::cmd("HGETALL")

@@ -1,0 +1,135 @@
+//! `follow.api.v1.ImageService`: an image's status, and the live watch of images or a route.
+
+use std::{pin::Pin, sync::Arc};
+
+use follow_proto::api::v1::{
+    self as api, image_service_server::ImageService as ImageServiceApi,
+    watch_image_status_request::Target as RequestTarget,
+};
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    error::ApiError,
+    state::{Shared, live_stage, parse_id},
+    store::{self, ImageStatus},
+    watch::session::{MAX_IMAGES, Target, Watch},
+};
+
+/// Responses a slow client may leave unread before its stream waits (and the hub switches it to
+/// state-based catch-up instead of queueing more).
+const STREAM_BUFFER: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct ImageService {
+    shared: Arc<Shared>,
+}
+
+impl ImageService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn fail(&self, method: &'static str, e: ApiError) -> Status {
+        self.shared.metrics.rpc_error(method, e.code());
+        e.into()
+    }
+
+    async fn status(
+        &self,
+        request: Request<api::GetImageStatusRequest>,
+    ) -> Result<api::GetImageStatusResponse, ApiError> {
+        let user = self.shared.auth.user(request.metadata())?;
+        let id = parse_id("image_id", &request.get_ref().image_id)?;
+        let mut conn = self.shared.pool.acquire().await?;
+        let image = store::images(&mut conn, &user.0, &[id])
+            .await?
+            .pop()
+            .ok_or(ApiError::NotFound("image"))?;
+        drop(conn);
+        let pending: Vec<_> = [image.id]
+            .into_iter()
+            .filter(|_| image.status == ImageStatus::Pending)
+            .collect();
+        let stages = self.shared.live_stages(&pending).await;
+        let live = live_stage(&pending, stages.as_deref(), image.id);
+        Ok(api::GetImageStatusResponse {
+            image: Some(self.shared.image_view(&image, live).await),
+        })
+    }
+
+    async fn watch(
+        &self,
+        request: Request<api::WatchImageStatusRequest>,
+    ) -> Result<WatchStream, ApiError> {
+        let user = self.shared.auth.user(request.metadata())?;
+        let request = request.into_inner();
+        let target = match request.target {
+            None => return Err(ApiError::invalid("target", "set `images` or `route_id`")),
+            Some(RequestTarget::RouteId(id)) => Target::Route(parse_id("route_id", &id)?),
+            Some(RequestTarget::Images(ids)) => {
+                if ids.image_ids.is_empty() || ids.image_ids.len() > MAX_IMAGES {
+                    return Err(ApiError::invalid(
+                        "images.image_ids",
+                        format!("must have 1-{MAX_IMAGES} ids"),
+                    ));
+                }
+                let ids = ids
+                    .image_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| parse_id(&format!("images.image_ids[{i}]"), id))
+                    .collect::<Result<_, _>>()?;
+                Target::Images(ids)
+            }
+        };
+        let watch = Watch::prepare(
+            Arc::clone(&self.shared),
+            user,
+            target,
+            &request.resume_cursor,
+        )
+        .await?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let metrics = Arc::clone(&self.shared.metrics);
+        let cancel = self.shared.cancel.clone();
+        metrics.watchers.inc();
+        self.shared.tasks.spawn(async move {
+            watch.run(tx, cancel).await;
+            metrics.watchers.dec();
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<api::WatchImageStatusResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ImageServiceApi for ImageService {
+    type WatchImageStatusStream = WatchStream;
+
+    #[tracing::instrument(name = "GetImageStatus", skip_all)]
+    async fn get_image_status(
+        &self,
+        request: Request<api::GetImageStatusRequest>,
+    ) -> Result<Response<api::GetImageStatusResponse>, Status> {
+        self.status(request)
+            .await
+            .map(Response::new)
+            .map_err(|e| self.fail("GetImageStatus", e))
+    }
+
+    #[tracing::instrument(name = "WatchImageStatus", skip_all)]
+    async fn watch_image_status(
+        &self,
+        request: Request<api::WatchImageStatusRequest>,
+    ) -> Result<Response<Self::WatchImageStatusStream>, Status> {
+        self.watch(request)
+            .await
+            .map(Response::new)
+            .map_err(|e| self.fail("WatchImageStatus", e))
+    }
+}

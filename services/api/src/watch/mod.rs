@@ -1,0 +1,4 @@
+//! The live watch: one `WatchImageStatus` stream's [`session`], fed by the process's
+//! [`follow_bus::Hub`].
+
+pub mod session;

@@ -1,0 +1,345 @@
+//! One `WatchImageStatus` stream: resolve and authorize the target, subscribe, then send the
+//! state and every change until the watched images are final.
+//!
+//! Each image has a *level*: the seq of the last stage sent (1 `queued` … 9 `failed`) or
+//! [`FINAL`] once its committed outcome was sent. Events go out only when they raise a level,
+//! so nothing is ever sent twice, and the cursor of every event is the vector of levels after
+//! it: a client resuming with it is sent exactly what raises a level from there.
+
+use std::{sync::Arc, time::Duration};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use follow_bus::Stage;
+use follow_proto::api::v1 as api;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::{
+    auth::User,
+    error::ApiError,
+    state::{Shared, error_code, live_stage, timestamp},
+    store::{self, ImageStatus, RouteStatus},
+};
+use follow_bus::{HubEvent, Subscription};
+
+/// The level of an image whose committed outcome was sent.
+const FINAL: u8 = 10;
+const CURSOR_VERSION: u8 = 1;
+/// Images one stream may watch (a route has at most 100 waypoints too).
+pub const MAX_IMAGES: usize = 100;
+
+pub type Sender = mpsc::Sender<Result<api::WatchImageStatusResponse, Status>>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Images(Vec<Uuid>),
+    Route(Uuid),
+}
+
+/// A resolved, authorized, subscribed watch, ready to run.
+#[derive(Debug)]
+pub struct Watch {
+    shared: Arc<Shared>,
+    owner: User,
+    route: Option<Uuid>,
+    images: Vec<Uuid>,
+    routes_of: Vec<Uuid>,
+    levels: Vec<u8>,
+    route_ready_sent: bool,
+    subscription: Subscription,
+}
+
+impl Watch {
+    /// Checks the target is the caller's and subscribes (before any state is read, so nothing
+    /// falls between the snapshot and the live events).
+    pub async fn prepare(
+        shared: Arc<Shared>,
+        owner: User,
+        target: Target,
+        cursor: &str,
+    ) -> Result<Self, ApiError> {
+        let mut conn = shared.pool.acquire().await?;
+        let (route, images) = match target {
+            Target::Route(id) => {
+                let route = store::route(&mut conn, &owner.0, id)
+                    .await?
+                    .ok_or(ApiError::NotFound("route"))?;
+                let images = route.waypoints.iter().map(|w| w.image.id).collect();
+                (Some(id), images)
+            }
+            Target::Images(mut ids) => {
+                let mut seen = std::collections::HashSet::new();
+                ids.retain(|id| seen.insert(*id));
+                let found = store::images(&mut conn, &owner.0, &ids).await?;
+                if found.len() != ids.len() {
+                    return Err(ApiError::NotFound("image"));
+                }
+                (None, ids)
+            }
+        };
+        drop(conn);
+        let (levels, route_ready_sent) = decode_cursor(cursor, images.len())?;
+        let subscription = shared
+            .hub
+            .subscribe(&images)
+            .await
+            .map_err(|e| ApiError::BusUnavailable(Some(e)))?;
+        Ok(Self {
+            shared,
+            owner,
+            route,
+            routes_of: Vec::new(),
+            levels,
+            route_ready_sent,
+            images,
+            subscription,
+        })
+    }
+
+    /// Sends events into `tx` until the watch is complete, the client is gone (`tx` closed) or
+    /// the service shuts down.
+    pub async fn run(mut self, tx: Sender, cancel: CancellationToken) {
+        let heartbeat = self.shared.limits.heartbeat;
+        let result = self.stream(&tx, &cancel, heartbeat).await;
+        match result {
+            Ok(()) => {}
+            Err(Ended::ClientGone) => tracing::debug!("watcher went away"),
+            Err(Ended::Error(status)) => {
+                let _ = tx.send(Err(status)).await;
+            }
+        }
+    }
+
+    async fn stream(
+        &mut self,
+        tx: &Sender,
+        cancel: &CancellationToken,
+        heartbeat: Duration,
+    ) -> Result<(), Ended> {
+        self.catch_up(tx).await?;
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        while !self.is_complete() {
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    return Err(Ended::Error(Status::unavailable(
+                        "the server is shutting down; reconnect with your last cursor",
+                    )));
+                }
+                () = tx.closed() => return Err(Ended::ClientGone),
+                _ = beat.tick() => {
+                    self.send(tx, api::watch_image_status_response::Event::Heartbeat(
+                        api::HeartbeatEvent {},
+                    )).await?;
+                }
+                event = self.subscription.recv() => match event {
+                    Some(HubEvent::Progress(p)) if p.committed => self.catch_up(tx).await?,
+                    Some(HubEvent::Progress(p)) => self.progress(tx, p.image_id, p.stage, p.seq).await?,
+                    Some(HubEvent::Resync) => self.catch_up(tx).await?,
+                    None => {
+                        return Err(Ended::Error(Status::unavailable(
+                            "live updates stopped; reconnect with your last cursor",
+                        )));
+                    }
+                },
+            }
+            beat.reset();
+        }
+        Ok(())
+    }
+
+    /// Every image final (for a route: READY sent, or nothing left pending that could make it
+    /// READY; the client re-watches after a reissue).
+    fn is_complete(&self) -> bool {
+        let all_final = self.levels.iter().all(|l| *l == FINAL);
+        match self.route {
+            Some(_) => self.route_ready_sent || all_final,
+            None => all_final,
+        }
+    }
+
+    /// Sends what raises a level from the current state in the database (and Valkey).
+    async fn catch_up(&mut self, tx: &Sender) -> Result<(), Ended> {
+        let shared = Arc::clone(&self.shared);
+        let records = async {
+            let mut conn = shared.pool.acquire().await?;
+            let images = store::images(&mut conn, &self.owner.0, &self.images).await?;
+            let route = match self.route {
+                Some(id) => store::route(&mut conn, &self.owner.0, id).await?,
+                None => None,
+            };
+            Ok::<_, ApiError>((images, route))
+        };
+        let (images, route) = records.await.map_err(|e| Ended::Error(e.into()))?;
+        self.routes_of = self
+            .images
+            .iter()
+            .map(|id| {
+                images
+                    .iter()
+                    .find(|i| i.id == *id)
+                    .map_or(Uuid::nil(), |i| i.route_id)
+            })
+            .collect();
+        let pending: Vec<Uuid> = images
+            .iter()
+            .filter(|i| i.status == ImageStatus::Pending)
+            .map(|i| i.id)
+            .collect();
+        let stages = shared.live_stages(&pending).await;
+        for index in 0..self.images.len() {
+            let Some(image) = images.iter().find(|i| i.id == self.images[index]) else {
+                continue;
+            };
+            if image.status.is_final() {
+                if self.levels[index] < FINAL {
+                    self.levels[index] = FINAL;
+                    let event = self.final_event(image).await;
+                    self.send(tx, event).await?;
+                }
+            } else if let Some(stage) = live_stage(&pending, stages.as_deref(), image.id) {
+                self.progress(tx, image.id, stage, stage.seq()).await?;
+            }
+        }
+        if let Some(route) = route
+            && matches!(route.status, RouteStatus::Ready | RouteStatus::Published)
+            && !self.route_ready_sent
+        {
+            self.route_ready_sent = true;
+            let view = shared.route_view(&route).await;
+            self.send(
+                tx,
+                api::watch_image_status_response::Event::RouteReady(api::RouteReadyEvent {
+                    route: Some(view),
+                }),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn final_event(
+        &self,
+        image: &store::ImageRecord,
+    ) -> api::watch_image_status_response::Event {
+        use api::watch_image_status_response::Event;
+        if image.status == ImageStatus::Processed {
+            let view = self.shared.image_view(image, None).await;
+            Event::ImageProcessed(api::ImageProcessedEvent {
+                preview_url: view.preview_url.clone(),
+                image: Some(view),
+            })
+        } else {
+            Event::ImageFailed(api::ImageFailedEvent {
+                image_id: image.id.to_string(),
+                route_id: image.route_id.to_string(),
+                error_code: error_code(image.error_code.as_deref()).into(),
+                error_message: image.error_message.clone().unwrap_or_default(),
+            })
+        }
+    }
+
+    /// A live stage, sent when it is above what the client has.
+    async fn progress(
+        &mut self,
+        tx: &Sender,
+        image_id: Uuid,
+        stage: Stage,
+        seq: u64,
+    ) -> Result<(), Ended> {
+        let Some(index) = self.images.iter().position(|i| *i == image_id) else {
+            return Ok(());
+        };
+        let Ok(level) = u8::try_from(seq) else {
+            return Ok(());
+        };
+        if level >= FINAL || level <= self.levels[index] {
+            return Ok(());
+        }
+        self.levels[index] = level;
+        let route_id = self.routes_of.get(index).copied().unwrap_or_default();
+        self.send(
+            tx,
+            api::watch_image_status_response::Event::ImageProgress(api::ImageProgressEvent {
+                image_id: image_id.to_string(),
+                route_id: route_id.to_string(),
+                stage: follow_proto::events::v1::Stage::from(stage).into(),
+                seq,
+            }),
+        )
+        .await
+    }
+
+    async fn send(
+        &self,
+        tx: &Sender,
+        event: api::watch_image_status_response::Event,
+    ) -> Result<(), Ended> {
+        let response = api::WatchImageStatusResponse {
+            cursor: encode_cursor(&self.levels, self.route_ready_sent),
+            time: Some(timestamp(OffsetDateTime::now_utc())),
+            event: Some(event),
+        };
+        tx.send(Ok(response)).await.map_err(|_| Ended::ClientGone)
+    }
+}
+
+enum Ended {
+    ClientGone,
+    Error(Status),
+}
+
+fn encode_cursor(levels: &[u8], route_ready_sent: bool) -> String {
+    let mut bytes = Vec::with_capacity(levels.len() + 2);
+    bytes.push(CURSOR_VERSION);
+    bytes.push(u8::from(route_ready_sent));
+    bytes.extend_from_slice(levels);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Levels and route flag from a cursor of a watch of `images` images; all zero when empty.
+fn decode_cursor(cursor: &str, images: usize) -> Result<(Vec<u8>, bool), ApiError> {
+    if cursor.is_empty() {
+        return Ok((vec![0; images], false));
+    }
+    let bad = || ApiError::invalid("resume_cursor", "not a cursor of this watch");
+    if cursor.len() > 4 * (MAX_IMAGES + 2) {
+        return Err(bad());
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    match bytes.as_slice() {
+        [CURSOR_VERSION, flag @ (0 | 1), levels @ ..]
+            if levels.len() == images && levels.iter().all(|l| *l <= FINAL) =>
+        {
+            Ok((levels.to_vec(), *flag == 1))
+        }
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_refuse_foreign_or_hostile_input() {
+        let cursor = encode_cursor(&[0, 3, FINAL], true);
+        assert_eq!(
+            decode_cursor(&cursor, 3).unwrap(),
+            (vec![0, 3, FINAL], true)
+        );
+        assert_eq!(decode_cursor("", 2).unwrap(), (vec![0, 0], false));
+        for hostile in [
+            encode_cursor(&[0, 3], false), // another watch's (length)
+            URL_SAFE_NO_PAD.encode([9, 0, 0, 0, 0]),
+            URL_SAFE_NO_PAD.encode([CURSOR_VERSION, 0, 11, 0, 0]),
+            URL_SAFE_NO_PAD.encode([CURSOR_VERSION, 7, 0, 0, 0]),
+            "!!!not base64!!!".to_owned(),
+            "A".repeat(100_000),
+        ] {
+            assert!(decode_cursor(&hostile, 3).is_err(), "{hostile:.40}");
+        }
+    }
+}
