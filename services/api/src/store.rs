@@ -219,14 +219,15 @@ struct RouteRow {
     published_at: Option<OffsetDateTime>,
 }
 
+/// A waypoint joined with its current image; its own columns are renamed apart from the
+/// image's (`id`, `status`).
 #[derive(sqlx::FromRow)]
 struct WaypointRow {
-    id: Uuid,
-    route_id: Uuid,
+    waypoint_id_: Uuid,
     position: i32,
     marker_x: f64,
     marker_y: f64,
-    status: String,
+    waypoint_status_: String,
     #[sqlx(flatten)]
     image: ImageRecord,
 }
@@ -247,8 +248,8 @@ pub async fn routes(
     .await?;
     let found: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let query = format!(
-        "SELECT w.id, w.route_id, w.position, w.marker_x, w.marker_y, w.status::text AS status,
-                {IMAGE_COLUMNS}
+        "SELECT w.id AS waypoint_id_, w.position, w.marker_x, w.marker_y,
+                w.status::text AS waypoint_status_, {IMAGE_COLUMNS}
          FROM route.waypoints w JOIN image.images i ON i.id = w.current_image_id
          WHERE w.route_id = ANY($1)
          ORDER BY w.route_id, w.position"
@@ -264,14 +265,14 @@ pub async fn routes(
         };
         let waypoints = waypoints
             .iter()
-            .filter(|w| w.route_id == row.id)
+            .filter(|w| w.image.route_id == row.id)
             .map(|w| {
                 Ok(WaypointRecord {
-                    id: w.id,
+                    id: w.waypoint_id_,
                     position: w.position,
                     marker_x: w.marker_x,
                     marker_y: w.marker_y,
-                    status: match w.status.as_str() {
+                    status: match w.waypoint_status_.as_str() {
                         "PENDING" => WaypointStatus::Pending,
                         "CONFIRMED" => WaypointStatus::Confirmed,
                         "FAILED" => WaypointStatus::Failed,

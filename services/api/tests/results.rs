@@ -7,44 +7,15 @@ mod common;
 
 use common::*;
 use follow_api::results::{Applied, ResultApplier};
-use follow_bus::{
-    Delivery, EntryId, ErrorCode, Failure, Handler as _, ImageResult, Outcome, Processed,
-    ResultOutcome,
-};
+use follow_bus::{Delivery, EntryId, ErrorCode, Handler as _, Outcome, Processed, ResultOutcome};
 use uuid::Uuid;
 
 fn delivery(n: u32, image_id: Uuid, outcome: ResultOutcome) -> Delivery {
     Delivery {
         id: EntryId(format!("1700000000000-{n}")),
-        result: ImageResult {
-            image_id,
-            outcome,
-            produced_at: time::OffsetDateTime::now_utc(),
-            processing_ms: 100,
-        },
+        result: result(image_id, outcome),
         deliveries: 1,
     }
-}
-
-fn processed_ok() -> ResultOutcome {
-    ResultOutcome::Processed(Processed {
-        storage_key: "k".into(),
-        preview_key: "k.preview".into(),
-        sha256: "cd".repeat(32),
-        content_type: "image/jpeg".into(),
-        width: 4000,
-        height: 3000,
-        processed_width: 2048,
-        processed_height: 1536,
-        byte_size: 300_000,
-    })
-}
-
-fn failed(code: ErrorCode) -> ResultOutcome {
-    ResultOutcome::Failed(Failure {
-        code,
-        message: "bad".into(),
-    })
 }
 
 #[tokio::test]
@@ -58,7 +29,7 @@ async fn processing_every_image_confirms_the_waypoints_and_readies_the_route() {
     };
 
     let first = applier
-        .apply(&[delivery(1, i1, processed_ok())])
+        .apply(&[delivery(1, i1, processed_outcome())])
         .await
         .unwrap();
     assert_eq!(
@@ -74,7 +45,7 @@ async fn processing_every_image_confirms_the_waypoints_and_readies_the_route() {
     assert_eq!(route_status(&pool, route.id).await, "PENDING");
 
     let second = applier
-        .apply(&[delivery(2, i2, processed_ok())])
+        .apply(&[delivery(2, i2, processed_outcome())])
         .await
         .unwrap();
     assert_eq!(
@@ -117,7 +88,7 @@ async fn a_result_applied_twice_has_no_second_effect() {
     let image = route.waypoints[0].1;
     let applier = ResultApplier::new(pool.clone());
     applier
-        .apply(&[delivery(1, image, processed_ok())])
+        .apply(&[delivery(1, image, processed_outcome())])
         .await
         .unwrap();
     let before: (time::OffsetDateTime, String) =
@@ -130,9 +101,9 @@ async fn a_result_applied_twice_has_no_second_effect() {
     // Redelivery of the same entry, a duplicate entry, and a contradicting late failure.
     let again = applier
         .apply(&[
-            delivery(1, image, processed_ok()),
-            delivery(7, image, processed_ok()),
-            delivery(8, image, failed(ErrorCode::InvalidImage)),
+            delivery(1, image, processed_outcome()),
+            delivery(7, image, processed_outcome()),
+            delivery(8, image, failed_outcome(ErrorCode::InvalidImage)),
         ])
         .await
         .unwrap();
@@ -156,7 +127,7 @@ async fn a_failure_fails_the_image_and_its_waypoint_but_not_the_route() {
         .unwrap();
     let (waypoint, image) = route.waypoints[0];
     let applied = ResultApplier::new(pool.clone())
-        .apply(&[delivery(1, image, failed(ErrorCode::ImageTooLarge))])
+        .apply(&[delivery(1, image, failed_outcome(ErrorCode::ImageTooLarge))])
         .await
         .unwrap();
     assert_eq!(
@@ -186,7 +157,7 @@ async fn an_impossible_result_is_dead_lettered_alone_and_an_unknown_image_acknow
     let [(_, good), (bad_waypoint, bad)] = route.waypoints[..] else {
         unreachable!()
     };
-    let ResultOutcome::Processed(mut zero) = processed_ok() else {
+    let ResultOutcome::Processed(mut zero) = processed_outcome() else {
         unreachable!()
     };
     zero.processed_width = 0; // the schema requires positive dimensions
@@ -198,9 +169,9 @@ async fn an_impossible_result_is_dead_lettered_alone_and_an_unknown_image_acknow
     let mut applier = ResultApplier::new(pool.clone());
     let batch = [
         delivery(1, bad, ResultOutcome::Processed(zero)),
-        delivery(2, Uuid::new_v4(), processed_ok()),
+        delivery(2, Uuid::new_v4(), processed_outcome()),
         delivery(3, bad, huge),
-        delivery(4, good, processed_ok()),
+        delivery(4, good, processed_outcome()),
     ];
     let outcomes = applier.handle(&batch).await;
     assert!(
@@ -234,13 +205,13 @@ async fn a_late_result_for_a_replaced_image_leaves_the_waypoint_alone() {
 
     let applier = ResultApplier::new(pool.clone());
     applier
-        .apply(&[delivery(1, old, failed(ErrorCode::InvalidImage))])
+        .apply(&[delivery(1, old, failed_outcome(ErrorCode::InvalidImage))])
         .await
         .unwrap();
     assert_eq!(image_status(&pool, old).await, "FAILED");
     assert_eq!(waypoint_status(&pool, waypoint).await, "PENDING");
     applier
-        .apply(&[delivery(2, new, processed_ok())])
+        .apply(&[delivery(2, new, processed_outcome())])
         .await
         .unwrap();
     assert_eq!(waypoint_status(&pool, waypoint).await, "CONFIRMED");
@@ -261,7 +232,7 @@ async fn while_postgres_is_down_the_batch_is_retried_not_dead_lettered() {
         .await
         .unwrap();
     let mut applier = ResultApplier::new(fast);
-    let batch = [delivery(1, image, processed_ok())];
+    let batch = [delivery(1, image, processed_outcome())];
 
     pg.stop().await;
     assert_eq!(applier.handle(&batch).await, [Outcome::Retry]);
@@ -287,7 +258,7 @@ async fn a_late_result_never_moves_a_published_route_back() {
     let new = reissue(&pool, route.id, waypoint).await;
     let applier = ResultApplier::new(pool.clone());
     applier
-        .apply(&[delivery(1, new, processed_ok())])
+        .apply(&[delivery(1, new, processed_outcome())])
         .await
         .unwrap();
     sqlx::query("UPDATE route.routes SET status = 'PUBLISHED', published_at = now() WHERE id = $1")
@@ -297,7 +268,7 @@ async fn a_late_result_never_moves_a_published_route_back() {
         .unwrap();
 
     let late = applier
-        .apply(&[delivery(2, old, processed_ok())])
+        .apply(&[delivery(2, old, processed_outcome())])
         .await
         .unwrap();
     assert_eq!(

@@ -1,9 +1,43 @@
 //! Fixtures of the API's database tests: a migrated real PostgreSQL and routes in it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod stack;
+
+use follow_bus::{ErrorCode, Failure, ImageResult, Processed, ResultOutcome};
 use follow_testkit::PostgresServer;
 use sqlx::PgPool;
 use uuid::Uuid;
+
+pub fn processed_outcome() -> ResultOutcome {
+    ResultOutcome::Processed(Processed {
+        storage_key: "k".into(),
+        preview_key: "k.preview".into(),
+        sha256: "cd".repeat(32),
+        content_type: "image/jpeg".into(),
+        width: 4000,
+        height: 3000,
+        processed_width: 2048,
+        processed_height: 1536,
+        byte_size: 300_000,
+    })
+}
+
+pub fn failed_outcome(code: ErrorCode) -> ResultOutcome {
+    ResultOutcome::Failed(Failure {
+        code,
+        message: "bad".into(),
+    })
+}
+
+/// A gateway result for `image_id`, produced now.
+pub fn result(image_id: Uuid, outcome: ResultOutcome) -> ImageResult {
+    ImageResult {
+        image_id,
+        outcome,
+        produced_at: time::OffsetDateTime::now_utc(),
+        processing_ms: 100,
+    }
+}
 
 pub async fn migrated() -> (PostgresServer, PgPool) {
     let pg = PostgresServer::start().await.unwrap();
