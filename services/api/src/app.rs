@@ -224,15 +224,20 @@ impl Application {
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartError::Serve(e.to_string()))?;
-        let routes = Routes::from(http::router(probe))
-            .add_service(RouteServiceServer::new(RouteService::new(Arc::clone(
-                &shared,
-            ))))
-            .add_service(ImageServiceServer::new(ImageService::new(Arc::clone(
-                &shared,
-            ))))
-            .add_service(health_service)
-            .add_service(reflection);
+        // grpc-web translation only in front of the gRPC services: it refuses any other
+        // HTTP/1.1 request, and /health and /metrics are plain HTTP.
+        let grpc = Routes::new(RouteServiceServer::new(RouteService::new(Arc::clone(
+            &shared,
+        ))))
+        .add_service(ImageServiceServer::new(ImageService::new(Arc::clone(
+            &shared,
+        ))))
+        .add_service(health_service)
+        .add_service(reflection)
+        .prepare()
+        .into_axum_router()
+        .layer(tonic_web::GrpcWebLayer::new());
+        let routes = Routes::from(grpc.merge(http::router(probe)));
 
         let addr = listener.local_addr().ok();
         tracing::info!(?addr, "follow-api serving");
@@ -241,7 +246,6 @@ impl Application {
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(cors(&config.cors_origins))
-            .layer(tonic_web::GrpcWebLayer::new())
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled())
             .await;

@@ -27,6 +27,7 @@ pub struct Stack {
     pub addr: SocketAddr,
     pub user_key: SigningKey,
     pub upload_key: VerifyingKey,
+    vars: Vars,
     cancel: CancellationToken,
     app: Option<JoinHandle<()>>,
 }
@@ -83,15 +84,7 @@ impl Stack {
             vars.insert("FOLLOW_S3_SECRET_ACCESS_KEY", g.secret_key().into());
         }
         vars.extend(overrides);
-        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let application = Application::build(config, listener).await.unwrap();
-        let addr = application.local_addr();
-        let cancel = CancellationToken::new();
-        let app = tokio::spawn({
-            let cancel = cancel.clone();
-            async move { application.run(cancel).await.unwrap() }
-        });
+        let (addr, cancel, app) = launch(&vars, "127.0.0.1:0").await;
         let pool = PgPool::connect(&pg.url()).await.unwrap();
         let valkey = Valkey::new(ValkeyConfig::new(valkey_server.url())).unwrap();
         Self {
@@ -103,9 +96,17 @@ impl Stack {
             addr,
             user_key,
             upload_key: upload.verifying_key(),
+            vars,
             cancel,
             app: Some(app),
         }
+    }
+
+    /// Stops the service and starts it again on the same port, databases untouched.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let (addr, cancel, app) = launch(&self.vars, &self.addr.to_string()).await;
+        (self.addr, self.cancel, self.app) = (addr, cancel, Some(app));
     }
 
     /// Stops the service gracefully and waits until everything of it has ended.
@@ -164,6 +165,19 @@ impl Stack {
         let status = response.status().as_u16();
         (status, response.text().await.unwrap())
     }
+}
+
+async fn launch(vars: &Vars, addr: &str) -> (SocketAddr, CancellationToken, JoinHandle<()>) {
+    let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let application = Application::build(config, listener).await.unwrap();
+    let addr = application.local_addr();
+    let cancel = CancellationToken::new();
+    let app = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { application.run(cancel).await.unwrap() }
+    });
+    (addr, cancel, app)
 }
 
 impl Drop for Stack {

@@ -1,0 +1,260 @@
+//! The running service as an operator sees it: health (HTTP and gRPC), metrics, and the result
+//! consumer under faults — poison entries, duplicates, a restart with unacknowledged entries,
+//! PostgreSQL down while results arrive.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{failed_outcome, processed_outcome, result, stack::Stack};
+use follow_bus::{ErrorCode, keys};
+use follow_proto::api::v1 as api;
+use follow_testkit::eventually_async;
+use redis::AsyncCommands;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use uuid::Uuid;
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+async fn pending_images(stack: &Stack, n: usize) -> Vec<Uuid> {
+    let request = api::CreateRouteWithWaypointsRequest {
+        request_id: Uuid::new_v4().to_string(),
+        name: String::new(),
+        waypoints: (0..n)
+            .map(|_| api::WaypointInput {
+                marker_x: 0.0,
+                marker_y: 1.0,
+                content_type: "image/webp".into(),
+                file_size: 10,
+            })
+            .collect(),
+    };
+    let created = stack
+        .routes()
+        .await
+        .create_route_with_waypoints(stack.as_user("ops", request))
+        .await
+        .unwrap()
+        .into_inner();
+    created
+        .upload_targets
+        .iter()
+        .map(|t| t.image_id.parse().unwrap())
+        .collect()
+}
+
+async fn image_status(stack: &Stack, id: Uuid) -> String {
+    sqlx::query_scalar("SELECT status::text FROM image.images WHERE id = $1")
+        .bind(id)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap()
+}
+
+async fn grpc_health(stack: &Stack) -> ServingStatus {
+    HealthClient::new(stack.channel().await)
+        .check(HealthCheckRequest {
+            service: "follow.api.v1.RouteService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+#[tokio::test]
+async fn health_follows_valkey_over_http_and_grpc_and_metrics_are_exposed() {
+    let mut stack = Stack::start().await;
+    let (code, body) = stack.get("/health").await;
+    assert_eq!(code, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (health["valkey"].as_str(), health["postgres"].as_str()),
+        (Some("ok"), Some("ok"))
+    );
+    eventually_async(WITHIN, "grpc serving", || async {
+        (grpc_health(&stack).await == ServingStatus::Serving).then_some(())
+    })
+    .await;
+
+    stack.valkey_server.stop().await;
+    let (code, body) = stack.get("/health").await;
+    assert_eq!(code, 503);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (health["valkey"].as_str(), health["postgres"].as_str()),
+        (Some("down"), Some("ok"))
+    );
+    eventually_async(WITHIN, "grpc not serving", || async {
+        (grpc_health(&stack).await == ServingStatus::NotServing).then_some(())
+    })
+    .await;
+
+    stack.valkey_server.restart().await.unwrap();
+    eventually_async(WITHIN, "healthy again", || async {
+        (stack.get("/health").await.0 == 200).then_some(())
+    })
+    .await;
+    eventually_async(WITHIN, "grpc serving again", || async {
+        (grpc_health(&stack).await == ServingStatus::Serving).then_some(())
+    })
+    .await;
+
+    let (code, metrics) = stack.get("/metrics").await;
+    assert_eq!(code, 200);
+    for name in [
+        "follow_api_consumer_lag",
+        "follow_api_consumer_pending",
+        "follow_api_result_apply_seconds",
+        "follow_api_consumer_dead_lettered",
+        "follow_api_watchers_active",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn poison_goes_to_the_dead_stream_and_duplicates_apply_once() {
+    let stack = Stack::start().await;
+    let images = pending_images(&stack, 2).await;
+    let mut valkey = stack.valkey_server.connection().await;
+    // Poison: no status, and garbage bytes.
+    let _: String = redis::cmd("XADD")
+        .arg(keys::RESULT_STREAM)
+        .arg("*")
+        .arg("image_id")
+        .arg(images[0].to_string())
+        .arg("junk")
+        .arg(b"\xff\xfe".as_slice())
+        .query_async(&mut valkey)
+        .await
+        .unwrap();
+    let mut producer = stack.producer();
+    for _ in 0..3 {
+        producer
+            .publish(&result(images[1], processed_outcome()))
+            .await
+            .unwrap();
+    }
+    producer
+        .publish(&result(images[1], failed_outcome(ErrorCode::Internal)))
+        .await
+        .unwrap();
+    eventually_async(WITHIN, "poison dead-lettered", || {
+        let mut valkey = valkey.clone();
+        async move { (valkey.xlen::<_, u64>(keys::DEAD_STREAM).await.unwrap() == 1).then_some(()) }
+    })
+    .await;
+    eventually_async(WITHIN, "group drained", || {
+        let mut valkey = valkey.clone();
+        async move {
+            let pending: redis::streams::StreamPendingReply = valkey
+                .xpending(keys::RESULT_STREAM, keys::RESULT_GROUP)
+                .await
+                .unwrap();
+            (pending.count() == 0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        image_status(&stack, images[0]).await,
+        "PENDING",
+        "poison changed nothing"
+    );
+    assert_eq!(
+        image_status(&stack, images[1]).await,
+        "PROCESSED",
+        "the first result won, once"
+    );
+}
+
+#[tokio::test]
+async fn entries_read_but_not_acknowledged_before_a_restart_are_applied_after_it() {
+    let mut stack = Stack::start().await;
+    let images = pending_images(&stack, 1).await;
+    stack.stop().await;
+    stack
+        .producer()
+        .publish(&result(images[0], processed_outcome()))
+        .await
+        .unwrap();
+    // The stopped instance's consumer had read the entry and died before acknowledging it.
+    let mut valkey = stack.valkey_server.connection().await;
+    let read: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(keys::RESULT_GROUP)
+        .arg("api-test")
+        .arg("STREAMS")
+        .arg(keys::RESULT_STREAM)
+        .arg(">")
+        .query_async(&mut valkey)
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, redis::Value::Array(ref a) if !a.is_empty()),
+        "{read:?}"
+    );
+    stack.restart().await;
+    eventually_async(WITHIN, "applied after restart", || async {
+        (image_status(&stack, images[0]).await == "PROCESSED").then_some(())
+    })
+    .await;
+    eventually_async(WITHIN, "acknowledged", || {
+        let mut valkey = valkey.clone();
+        async move {
+            let pending: redis::streams::StreamPendingReply = valkey
+                .xpending(keys::RESULT_STREAM, keys::RESULT_GROUP)
+                .await
+                .unwrap();
+            (pending.count() == 0).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn while_postgres_is_down_results_wait_and_are_applied_after_it_returns() {
+    let mut stack = Stack::start().await;
+    let images = pending_images(&stack, 3).await;
+    stack.pg.stop().await;
+    let mut producer = stack.producer();
+    for id in &images {
+        producer
+            .publish(&result(*id, processed_outcome()))
+            .await
+            .unwrap();
+    }
+    // The consumer retries (visible in its metric) instead of dead-lettering.
+    eventually_async(WITHIN, "a retry", || async {
+        let (_, metrics) = stack.get("/metrics").await;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("follow_api_consumer_retried_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .filter(|n| *n > 0)
+    })
+    .await;
+    stack.pg.restart().await.unwrap();
+    let pool = sqlx::PgPool::connect(&stack.pg.url()).await.unwrap();
+    for id in &images {
+        eventually_async(WITHIN, "applied", || {
+            let pool = pool.clone();
+            async move {
+                let status: String =
+                    sqlx::query_scalar("SELECT status::text FROM image.images WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&pool)
+                        .await
+                        .ok()?;
+                (status == "PROCESSED").then_some(())
+            }
+        })
+        .await;
+    }
+    let mut valkey = stack.valkey_server.connection().await;
+    let dead: u64 = valkey.xlen(keys::DEAD_STREAM).await.unwrap();
+    assert_eq!(dead, 0, "an outage never dead-letters");
+}
