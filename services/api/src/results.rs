@@ -1,6 +1,7 @@
 //! Applying `image:result` entries to PostgreSQL.
 //!
-//! A batch is applied in one transaction, each result in a savepoint of its own:
+//! A batch is applied in one transaction, set-based (a handful of statements whatever its size,
+//! which is what makes batching pay), with these effects for each result:
 //! * the image moves from PENDING to PROCESSED (facts recorded) or FAILED (code, message); a
 //!   result for an image that is unknown or no longer PENDING changes nothing, so redelivered and
 //!   duplicated results are harmless;
@@ -8,8 +9,11 @@
 //!   (its markers are never touched);
 //! * the route becomes READY when every waypoint is CONFIRMED.
 //!
-//! A result the database refuses (a constraint or value error) can never apply: it is
-//! dead-lettered alone and the rest of the batch commits. Any other database error (PostgreSQL
+//! Within a batch the first result of an image wins; later ones are ignored like redeliveries.
+//!
+//! A result the database refuses (a constraint or value error) can never apply. When the set
+//! statements hit one, the batch is applied again result by result, each in a savepoint, so the
+//! bad one is dead-lettered alone and the rest of the batch commits. Any other database error (PostgreSQL
 //! down) fails the whole batch, which the consumer retries: never dead-lettered.
 //!
 //! After the commit (and before the acknowledgement) each image that changed is announced on
@@ -80,29 +84,156 @@ impl ResultApplier {
         self
     }
 
-    async fn announce(&mut self, batch: &[Delivery], applied: &[Applied]) {
-        let Some(tracker) = &mut self.announcer else {
+    /// Tells watchers (on every instance) about each committed outcome, all at once on the
+    /// multiplexed connection.
+    async fn announce(&self, batch: &[Delivery], applied: &[Applied]) {
+        let Some(tracker) = &self.announcer else {
             return;
         };
-        for (delivery, applied) in batch.iter().zip(applied) {
+        let announcements = batch.iter().zip(applied).filter_map(|(delivery, applied)| {
             let failure = match (applied, &delivery.result.outcome) {
                 (Applied::Processed { .. }, _) => None,
                 (Applied::Failed { .. }, ResultOutcome::Failed(f)) => Some(f.clone()),
-                _ => continue,
+                _ => return None,
             };
             let image_id = delivery.result.image_id;
-            if let Err(e) = tracker
-                .announce(&Progress::committed(image_id, failure))
-                .await
-            {
-                tracing::warn!(%image_id, error = %e, "announcing a committed result failed");
-            }
-        }
+            let mut tracker = tracker.clone();
+            Some(async move {
+                let progress = Progress::committed(image_id, failure);
+                if let Err(e) = tracker.announce(&progress).await {
+                    tracing::warn!(%image_id, error = %e, "announcing a committed result failed");
+                }
+            })
+        });
+        futures_util::future::join_all(announcements).await;
     }
 
     /// Applies `batch` in one transaction. `Err` only for database errors that may pass (the
     /// batch then changed nothing).
     pub async fn apply(&self, batch: &[Delivery]) -> Result<Vec<Applied>, sqlx::Error> {
+        match self.apply_set(batch).await {
+            Err(e) if is_permanent(&e) => {
+                tracing::warn!(error = %e, "a result of the batch is refused; applying one by one");
+                self.apply_each(batch).await
+            }
+            other => other,
+        }
+    }
+
+    /// The fast path: the whole batch in four statements.
+    async fn apply_set(&self, batch: &[Delivery]) -> Result<Vec<Applied>, sqlx::Error> {
+        let mut first = std::collections::HashSet::new();
+        let mut processed = ProcessedColumns::default();
+        let mut failed = FailedColumns::default();
+        for delivery in batch {
+            let (id, entry) = (delivery.result.image_id, delivery.id.0.as_str());
+            if !first.insert(id) {
+                continue;
+            }
+            match &delivery.result.outcome {
+                ResultOutcome::Processed(p) => processed.push(id, entry, p)?,
+                ResultOutcome::Failed(f) => failed.push(id, entry, f),
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut changed: Vec<(Uuid, Uuid, Uuid, bool)> = sqlx::query_as(
+            "UPDATE image.images i
+             SET status = 'PROCESSED', result_entry_id = r.entry, sha256 = r.sha256,
+                 preview_key = r.preview_key, width = r.width, height = r.height,
+                 processed_width = r.pw, processed_height = r.ph, byte_size = r.bytes,
+                 updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
+                         $7::int[], $8::int[], $9::int8[])
+                  AS r(id, entry, sha256, preview_key, width, height, pw, ph, bytes)
+             WHERE i.id = r.id AND i.status = 'PENDING'
+             RETURNING i.id, i.route_id, i.waypoint_id, true",
+        )
+        .bind(&processed.ids)
+        .bind(&processed.entries)
+        .bind(&processed.sha256)
+        .bind(&processed.preview_keys)
+        .bind(&processed.widths)
+        .bind(&processed.heights)
+        .bind(&processed.processed_widths)
+        .bind(&processed.processed_heights)
+        .bind(&processed.byte_sizes)
+        .fetch_all(&mut *tx)
+        .await?;
+        let failures: Vec<(Uuid, Uuid, Uuid, bool)> = sqlx::query_as(
+            "UPDATE image.images i
+             SET status = 'FAILED', result_entry_id = r.entry, error_code = r.code,
+                 error_message = r.message, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS r(id, entry, code, message)
+             WHERE i.id = r.id AND i.status = 'PENDING'
+             RETURNING i.id, i.route_id, i.waypoint_id, false",
+        )
+        .bind(&failed.ids)
+        .bind(&failed.entries)
+        .bind(&failed.codes)
+        .bind(&failed.messages)
+        .fetch_all(&mut *tx)
+        .await?;
+        changed.extend(failures);
+        // Only the waypoint's current image speaks for it (see `apply_one`).
+        sqlx::query(
+            "UPDATE route.waypoints w
+             SET status = CASE WHEN r.ok THEN 'CONFIRMED' ELSE 'FAILED' END::route.waypoint_status,
+                 updated_at = now()
+             FROM unnest($1::uuid[], $2::uuid[], $3::bool[]) AS r(waypoint, image, ok)
+             WHERE w.id = r.waypoint AND w.current_image_id = r.image",
+        )
+        .bind(changed.iter().map(|c| c.2).collect::<Vec<_>>())
+        .bind(changed.iter().map(|c| c.0).collect::<Vec<_>>())
+        .bind(changed.iter().map(|c| c.3).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        let candidates: Vec<Uuid> = changed.iter().filter(|c| c.3).map(|c| c.1).collect();
+        let ready: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE route.routes r SET status = 'READY', updated_at = now()
+             WHERE r.id = ANY($1) AND r.status = 'PENDING'
+               AND NOT EXISTS (SELECT 1 FROM route.waypoints w
+                               WHERE w.route_id = r.id AND w.status <> 'CONFIRMED')
+             RETURNING r.id",
+        )
+        .bind(&candidates)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut applied: Vec<Applied> = batch
+            .iter()
+            .map(|d| {
+                let image_id = d.result.image_id;
+                // `changed` has each image once: only its first result in the batch takes it.
+                match changed.iter().position(|c| c.0 == image_id) {
+                    Some(pos) => match changed.swap_remove(pos) {
+                        (_, route_id, _, true) => Applied::Processed {
+                            image_id,
+                            route_id,
+                            route_ready: false,
+                        },
+                        (_, route_id, _, false) => Applied::Failed { image_id, route_id },
+                    },
+                    None => Applied::Ignored { image_id },
+                }
+            })
+            .collect();
+        // A route is reported ready once, with the last of its images in the batch.
+        let mut ready: std::collections::HashSet<Uuid> = ready.into_iter().collect();
+        for a in applied.iter_mut().rev() {
+            if let Applied::Processed {
+                route_id,
+                route_ready,
+                ..
+            } = a
+            {
+                *route_ready = ready.remove(route_id);
+            }
+        }
+        Ok(applied)
+    }
+
+    /// The slow path: one savepoint per result, so a refused one is isolated.
+    async fn apply_each(&self, batch: &[Delivery]) -> Result<Vec<Applied>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let mut applied = Vec::with_capacity(batch.len());
         for delivery in batch {
@@ -171,6 +302,53 @@ impl Handler for ResultApplier {
                 vec![Outcome::Retry; batch.len()]
             }
         }
+    }
+}
+
+#[derive(Default)]
+struct ProcessedColumns {
+    ids: Vec<Uuid>,
+    entries: Vec<String>,
+    sha256: Vec<String>,
+    preview_keys: Vec<String>,
+    widths: Vec<i32>,
+    heights: Vec<i32>,
+    processed_widths: Vec<i32>,
+    processed_heights: Vec<i32>,
+    byte_sizes: Vec<i64>,
+}
+
+impl ProcessedColumns {
+    fn push(&mut self, id: Uuid, entry: &str, p: &Processed) -> Result<(), sqlx::Error> {
+        let int = |v: u32| i32::try_from(v).map_err(|e| sqlx::Error::Encode(Box::new(e)));
+        self.widths.push(int(p.width)?);
+        self.heights.push(int(p.height)?);
+        self.processed_widths.push(int(p.processed_width)?);
+        self.processed_heights.push(int(p.processed_height)?);
+        self.byte_sizes
+            .push(i64::try_from(p.byte_size).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+        self.ids.push(id);
+        self.entries.push(entry.to_owned());
+        self.sha256.push(p.sha256.clone());
+        self.preview_keys.push(p.preview_key.clone());
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct FailedColumns {
+    ids: Vec<Uuid>,
+    entries: Vec<String>,
+    codes: Vec<&'static str>,
+    messages: Vec<String>,
+}
+
+impl FailedColumns {
+    fn push(&mut self, id: Uuid, entry: &str, f: &Failure) {
+        self.ids.push(id);
+        self.entries.push(entry.to_owned());
+        self.codes.push(f.code.as_str());
+        self.messages.push(f.message.clone());
     }
 }
 

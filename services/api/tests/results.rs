@@ -281,3 +281,41 @@ async fn a_late_result_never_moves_a_published_route_back() {
     );
     assert_eq!(route_status(&pool, route.id).await, "PUBLISHED");
 }
+
+#[tokio::test]
+async fn within_one_batch_the_first_result_of_an_image_wins_and_ready_is_reported_once() {
+    let (_pg, pool) = migrated().await;
+    let route = insert_route(&pool, "dana", "r", &[(0.5, 0.5), (0.5, 0.5)])
+        .await
+        .unwrap();
+    let (a, b) = (route.waypoints[0].1, route.waypoints[1].1);
+    let batch = [
+        delivery(1, a, processed_outcome()),
+        delivery(2, a, failed_outcome(ErrorCode::Internal)),
+        delivery(3, b, processed_outcome()),
+        delivery(4, b, processed_outcome()),
+    ];
+    let applied = ResultApplier::new(pool.clone())
+        .apply(&batch)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied,
+        [
+            Applied::Processed {
+                image_id: a,
+                route_id: route.id,
+                route_ready: false
+            },
+            Applied::Ignored { image_id: a },
+            Applied::Processed {
+                image_id: b,
+                route_id: route.id,
+                route_ready: true
+            },
+            Applied::Ignored { image_id: b },
+        ]
+    );
+    assert_eq!(image_status(&pool, a).await, "PROCESSED");
+    assert_eq!(route_status(&pool, route.id).await, "READY");
+}
