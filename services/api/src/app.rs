@@ -220,8 +220,16 @@ impl Application {
             tasks: tasks.clone(),
             cancel: cancel.clone(),
         });
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        // Only this service's APIs are advertised (the descriptor set holds the gateway's too).
+        let reflection = SERVICES
+            .iter()
+            .chain(&["grpc.health.v1.Health"])
+            .fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |builder, name| builder.with_service_name(*name),
+            )
             .build_v1()
             .map_err(|e| StartError::Serve(e.to_string()))?;
         // grpc-web translation only in front of the gRPC services: it refuses any other

@@ -258,3 +258,26 @@ async fn while_postgres_is_down_results_wait_and_are_applied_after_it_returns() 
     let dead: u64 = valkey.xlen(keys::DEAD_STREAM).await.unwrap();
     assert_eq!(dead, 0, "an outage never dead-letters");
 }
+
+#[tokio::test]
+async fn browsers_may_call_from_other_origins_with_grpc_web_headers() {
+    let stack = Stack::start().await;
+    let response = reqwest::Client::new()
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/follow.api.v1.RouteService/ListRoutes", stack.url()),
+        )
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization,content-type,x-grpc-web,x-user-agent")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let header = |name: &str| {
+        response.headers().get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+    };
+    assert_eq!(header("access-control-allow-origin"), "*");
+    assert!(header("access-control-allow-headers").contains("x-grpc-web"));
+    assert!(header("access-control-allow-headers").contains("authorization"));
+}
