@@ -269,13 +269,20 @@ async fn browsers_may_call_from_other_origins_with_grpc_web_headers() {
         )
         .header("origin", "http://app.example")
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "authorization,content-type,x-grpc-web,x-user-agent")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,x-grpc-web,x-user-agent",
+        )
         .send()
         .await
         .unwrap();
     assert!(response.status().is_success(), "{}", response.status());
     let header = |name: &str| {
-        response.headers().get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
     };
     assert_eq!(header("access-control-allow-origin"), "*");
     assert!(header("access-control-allow-headers").contains("x-grpc-web"));
