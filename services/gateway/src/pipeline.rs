@@ -75,6 +75,7 @@ pub fn decode(
             "the image header is incomplete".into(),
         ));
     }
+    sniff::check_complete(bytes, format)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();
     let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);

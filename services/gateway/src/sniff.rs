@@ -76,6 +76,26 @@ pub fn check_header(bytes: &[u8], max_pixels: u64) -> Result<Header, UploadError
     Ok(Header::Dimensions { width, height })
 }
 
+/// Refuses a body that stops early. JPEG decoders fill a truncated image with grey and call it
+/// a success, so a JPEG must end its last scan with the EOI marker: after the last SOS (`FF DA`)
+/// an `FF D9` must follow (inside entropy-coded data `FF` is always stuffed, so `FF D9` there is
+/// only ever EOI; trailers some cameras append after EOI are fine). PNG and WebP decoders refuse
+/// truncated data themselves.
+pub fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), UploadError> {
+    if format != ImageFormat::Jpeg {
+        return Ok(());
+    }
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let ended = last_scan.is_some_and(|at| bytes[at..].windows(2).any(|w| w == [0xFF, 0xD9]));
+    if ended {
+        Ok(())
+    } else {
+        Err(UploadError::InvalidImage(
+            "the JPEG is truncated (no end of image)".into(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -257,6 +257,7 @@ impl Gateway {
                 "the image header is truncated".into(),
             ));
         }
+        sniff::check_complete(&bytes, format)?;
         Ok(Received {
             bytes,
             format,

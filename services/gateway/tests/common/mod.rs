@@ -1,0 +1,255 @@
+//! A running gateway on a free loopback port with its own real Valkey and Garage (S3), fresh
+//! keys, token minting, test images and S3 / stream inspection.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use follow_bus::{ImageResult, Valkey, ValkeyConfig, keys};
+use follow_image_gateway::{app::Application, config::Config};
+use follow_testkit::{GarageServer, ValkeyServer, eventually_async};
+use follow_token::{SigningKey, UploadClaims, UploadGrant};
+use image::{
+    DynamicImage, ImageBuffer, Rgb, Rgba,
+    codecs::{jpeg::JpegEncoder, png::PngEncoder, webp::WebPEncoder},
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const WITHIN: Duration = Duration::from_secs(30);
+
+pub type Vars = HashMap<&'static str, String>;
+
+pub struct Gateway {
+    pub valkey_server: ValkeyServer,
+    pub garage: GarageServer,
+    pub valkey: Valkey,
+    pub addr: SocketAddr,
+    pub key: SigningKey,
+    pub s3: aws_sdk_s3::Client,
+    cancel: CancellationToken,
+    app: Option<JoinHandle<()>>,
+}
+
+impl Gateway {
+    pub async fn start() -> Self {
+        Self::start_with(Vars::new()).await
+    }
+
+    pub async fn start_with(overrides: Vars) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("FOLLOW_LOG")
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .try_init();
+        let (valkey_server, garage) = tokio::join!(ValkeyServer::start(), GarageServer::start());
+        let (valkey_server, garage) = (valkey_server.unwrap(), garage.unwrap());
+        let key = SigningKey::generate("upload-1".parse().unwrap());
+        let mut vars: Vars = HashMap::from([
+            ("FOLLOW_VALKEY_URL", valkey_server.url()),
+            (
+                "FOLLOW_UPLOAD_PUBLIC_KEYS",
+                format!("upload-1={}", key.verifying_key().to_base64()),
+            ),
+            ("FOLLOW_S3_ENDPOINT", garage.endpoint()),
+            ("FOLLOW_S3_REGION", garage.region().into()),
+            ("FOLLOW_S3_BUCKET", garage.bucket().into()),
+            ("FOLLOW_S3_ACCESS_KEY_ID", garage.access_key().into()),
+            ("FOLLOW_S3_SECRET_ACCESS_KEY", garage.secret_key().into()),
+        ]);
+        vars.extend(overrides);
+        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let application = Application::build(config, listener).unwrap();
+        let addr = application.local_addr();
+        let cancel = CancellationToken::new();
+        let app = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { application.run(cancel).await.unwrap() }
+        });
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::Config::builder()
+                .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+                .endpoint_url(garage.endpoint())
+                .region(aws_sdk_s3::config::Region::new(garage.region().to_owned()))
+                .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                    garage.access_key(),
+                    garage.secret_key(),
+                    None,
+                    None,
+                    "test",
+                ))
+                .force_path_style(true)
+                .build(),
+        );
+        let valkey = Valkey::new(ValkeyConfig::new(valkey_server.url())).unwrap();
+        Self {
+            valkey_server,
+            garage,
+            valkey,
+            addr,
+            key,
+            s3,
+            cancel,
+            app: Some(app),
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        self.cancel.cancel();
+        if let Some(app) = self.app.take() {
+            app.await.unwrap();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// An upload token for a new image.
+    pub fn token(&self, content_type: &str, max_file_size: u64) -> (Uuid, String) {
+        let image_id = Uuid::new_v4();
+        let claims = UploadClaims::new(
+            UploadGrant {
+                sub: "alice".into(),
+                image_id,
+                storage_key: format!("routes/r/images/{image_id}"),
+                content_type: content_type.into(),
+                max_file_size,
+            },
+            SystemTime::now(),
+            Duration::from_secs(600),
+        );
+        (image_id, self.key.sign(&claims).unwrap())
+    }
+
+    pub async fn put(
+        &self,
+        token: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .put(format!("{}/upload?token={token}", self.url()))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(serde_json::Value::Null);
+        (status, body)
+    }
+
+    pub async fn object(&self, key: &str) -> (String, Vec<u8>) {
+        let object = self
+            .s3
+            .get_object()
+            .bucket(self.garage.bucket())
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let content_type = object.content_type().unwrap_or_default().to_owned();
+        (
+            content_type,
+            object.body.collect().await.unwrap().into_bytes().to_vec(),
+        )
+    }
+
+    /// The result the gateway published for `image_id`, waiting for it.
+    pub async fn result(&self, image_id: Uuid) -> ImageResult {
+        eventually_async(WITHIN, "the result on image:result", || async {
+            let mut conn = self.valkey_server.connection().await;
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(keys::RESULT_STREAM)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            entries.iter().find_map(|(_, fields)| {
+                let result = ImageResult::from_fields(fields).ok()?;
+                (result.image_id == image_id).then_some(result)
+            })
+        })
+        .await
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
+    let img = ImageBuffer::from_fn(width, height, |x, y| {
+        Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+    });
+    let mut out = Vec::new();
+    DynamicImage::ImageRgb8(img)
+        .write_with_encoder(JpegEncoder::new_with_quality(&mut out, 90))
+        .unwrap();
+    out
+}
+
+pub fn png_with_alpha(width: u32, height: u32) -> Vec<u8> {
+    let img = ImageBuffer::from_fn(width, height, |x, _| Rgba([0, 0, 255, (x % 256) as u8]));
+    let mut out = Vec::new();
+    DynamicImage::ImageRgba8(img)
+        .write_with_encoder(PngEncoder::new(&mut out))
+        .unwrap();
+    out
+}
+
+pub fn webp(width: u32, height: u32) -> Vec<u8> {
+    let img = ImageBuffer::from_fn(width, height, |x, y| {
+        Rgb([(x % 256) as u8, (y % 256) as u8, 0])
+    });
+    let mut out = Vec::new();
+    DynamicImage::ImageRgb8(img)
+        .write_with_encoder(WebPEncoder::new_lossless(&mut out))
+        .unwrap();
+    out
+}
+
+/// A JPEG whose EXIF says orientation 6 (rotate 90° clockwise to view) and carries GPS.
+pub fn jpeg_with_exif_orientation_6(width: u32, height: u32) -> Vec<u8> {
+    let plain = jpeg(width, height);
+    // TIFF, little endian: IFD0 with Orientation = 6 and a GPS IFD pointer; GPS IFD with
+    // GPSLatitudeRef = "N".
+    let mut tiff: Vec<u8> = b"II*\0".to_vec();
+    tiff.extend_from_slice(&8u32.to_le_bytes());
+    tiff.extend_from_slice(&2u16.to_le_bytes()); // IFD0: 2 entries
+    tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_le_bytes());
+    tiff.extend_from_slice(&6u16.to_le_bytes());
+    tiff.extend_from_slice(&[0, 0]);
+    tiff.extend_from_slice(&0x8825u16.to_le_bytes()); // GPS IFD pointer
+    tiff.extend_from_slice(&4u16.to_le_bytes()); // LONG
+    tiff.extend_from_slice(&1u32.to_le_bytes());
+    tiff.extend_from_slice(&38u32.to_le_bytes()); // offset of the GPS IFD
+    tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+    tiff.extend_from_slice(&1u16.to_le_bytes()); // GPS IFD: 1 entry
+    tiff.extend_from_slice(&0x0001u16.to_le_bytes()); // GPSLatitudeRef
+    tiff.extend_from_slice(&2u16.to_le_bytes()); // ASCII
+    tiff.extend_from_slice(&2u32.to_le_bytes());
+    tiff.extend_from_slice(b"N\0\0\0");
+    tiff.extend_from_slice(&0u32.to_le_bytes());
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend_from_slice(&tiff);
+    let mut out = plain[..2].to_vec(); // SOI
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&u16::try_from(app1.len() + 2).unwrap().to_be_bytes());
+    out.extend_from_slice(&app1);
+    out.extend_from_slice(&plain[2..]);
+    out
+}

@@ -1,0 +1,358 @@
+//! Uploads through the gateway's public HTTP surface, against real Valkey and a real S3 server
+//! (Garage): the happy paths, every refusal, the pipeline's output in the bucket and its result
+//! on the stream.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, Vars, WITHIN, jpeg, jpeg_with_exif_orientation_6, png_with_alpha, webp};
+use follow_bus::{ErrorCode, Progress, ResultOutcome, Stage, keys};
+use follow_token::{UploadClaims, UploadGrant};
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn processed(result: &follow_bus::ImageResult) -> &follow_bus::Processed {
+    match &result.outcome {
+        ResultOutcome::Processed(p) => p,
+        ResultOutcome::Failed(f) => panic!("failed: {f:?}"),
+    }
+}
+
+fn failure_code(result: &follow_bus::ImageResult) -> ErrorCode {
+    match &result.outcome {
+        ResultOutcome::Failed(f) => f.code,
+        ResultOutcome::Processed(p) => panic!("processed: {p:?}"),
+    }
+}
+
+#[tokio::test]
+async fn jpeg_png_and_webp_are_processed_stored_and_reported() {
+    let gw = Gateway::start().await;
+    for (content_type, body, stored_type) in [
+        ("image/jpeg", jpeg(3000, 1500), "image/jpeg"),
+        ("image/png", png_with_alpha(400, 300), "image/png"),
+        ("image/webp", webp(500, 250), "image/jpeg"),
+    ] {
+        let (image_id, token) = gw.token(content_type, 10_000_000);
+        let sha = Sha256::digest(&body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        let (status, answer) = gw.put(&token, content_type, body).await;
+        assert_eq!(status, 202, "{content_type}: {answer}");
+        let result = gw.result(image_id).await;
+        let p = processed(&result);
+        assert_eq!(p.sha256, sha, "of the uploaded bytes");
+        assert_eq!(p.content_type, stored_type);
+        let (kind, bytes) = gw.object(&p.storage_key).await;
+        assert_eq!(kind, stored_type);
+        assert_eq!(bytes.len() as u64, p.byte_size);
+        let stored = image::load_from_memory(&bytes).unwrap();
+        assert_eq!(
+            (stored.width(), stored.height()),
+            (p.processed_width, p.processed_height)
+        );
+        assert!(stored.width().max(stored.height()) <= 2048);
+        let (preview_type, preview) = gw.object(&p.preview_key).await;
+        assert_eq!(preview_type, stored_type);
+        let preview = image::load_from_memory(&preview).unwrap();
+        assert!(preview.width().max(preview.height()) <= 320);
+        if content_type == "image/png" {
+            assert!(stored.color().has_alpha(), "alpha kept");
+        }
+    }
+    let (status, _) = gw
+        .put(&gw.token("image/jpeg", 10).1, "image/jpeg", Vec::new())
+        .await;
+    assert_eq!(status, 415, "an empty body is not an image");
+}
+
+#[tokio::test]
+async fn an_exif_orientation_6_photo_comes_out_upright_without_exif_or_gps() {
+    let gw = Gateway::start().await;
+    let body = jpeg_with_exif_orientation_6(300, 100);
+    assert!(body.windows(4).any(|w| w == b"Exif"));
+    let (image_id, token) = gw.token("image/jpeg", 1_000_000);
+    assert_eq!(gw.put(&token, "image/jpeg", body).await.0, 202);
+    let result = gw.result(image_id).await;
+    let p = processed(&result);
+    assert_eq!((p.width, p.height), (100, 300), "rotated upright");
+    for key in [&p.storage_key, &p.preview_key] {
+        let (_, bytes) = gw.object(key).await;
+        assert!(!bytes.windows(4).any(|w| w == b"Exif"), "no EXIF in {key}");
+        let stored = image::load_from_memory(&bytes).unwrap();
+        assert!(stored.height() > stored.width());
+    }
+}
+
+#[tokio::test]
+async fn a_token_is_good_for_one_upload_even_when_100_race() {
+    let gw = Gateway::start().await;
+    let (image_id, token) = gw.token("image/jpeg", 1_000_000);
+    let body = jpeg(64, 64);
+    assert_eq!(gw.put(&token, "image/jpeg", body.clone()).await.0, 202);
+    let (status, answer) = gw.put(&token, "image/jpeg", body.clone()).await;
+    assert_eq!(status, 409);
+    assert_eq!(answer["error_code"], "DUPLICATE_UPLOAD");
+    let mut conn = gw.valkey_server.connection().await;
+    let exists: bool = redis::AsyncCommands::exists(&mut conn, keys::upload_guard(image_id))
+        .await
+        .unwrap();
+    assert!(exists);
+
+    let (_, token) = gw.token("image/jpeg", 1_000_000);
+    let racers = (0..100).map(|_| gw.put(&token, "image/jpeg", body.clone()));
+    let statuses: Vec<u16> = futures_util::future::join_all(racers)
+        .await
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| matches!(s, 202 | 409 | 503)),
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_401_and_nothing_is_published() {
+    let gw = Gateway::start().await;
+    let grant = |image_id| UploadGrant {
+        sub: "alice".into(),
+        image_id,
+        storage_key: "k".into(),
+        content_type: "image/jpeg".into(),
+        max_file_size: 1000,
+    };
+    let id = uuid::Uuid::new_v4();
+    let now = std::time::SystemTime::now();
+    let expired = gw
+        .key
+        .sign(&UploadClaims::new(
+            grant(id),
+            now - Duration::from_secs(3600),
+            Duration::from_secs(60),
+        ))
+        .unwrap();
+    let (_, good) = gw.token("image/jpeg", 1000);
+    let mut tampered = good.clone();
+    tampered.insert(good.find('.').unwrap() + 3, 'x');
+    let other_kid = follow_token::SigningKey::generate("upload-2".parse().unwrap())
+        .sign(&UploadClaims::new(grant(id), now, Duration::from_secs(60)))
+        .unwrap();
+    let wrong_key = follow_token::SigningKey::generate("upload-1".parse().unwrap())
+        .sign(&UploadClaims::new(grant(id), now, Duration::from_secs(60)))
+        .unwrap();
+    let user_token = gw
+        .key
+        .sign(&follow_token::UserClaims::new(
+            "alice",
+            now,
+            Duration::from_secs(60),
+        ))
+        .unwrap();
+    for (token, code) in [
+        (expired, "TOKEN_EXPIRED"),
+        (tampered, "INVALID_TOKEN"),
+        (other_kid, "INVALID_TOKEN"),
+        (wrong_key, "INVALID_TOKEN"),
+        (user_token, "INVALID_TOKEN"),
+        ("garbage".into(), "INVALID_TOKEN"),
+    ] {
+        let (status, answer) = gw.put(&token, "image/jpeg", jpeg(8, 8)).await;
+        assert_eq!(
+            (status, answer["error_code"].as_str()),
+            (401, Some(code)),
+            "{answer}"
+        );
+    }
+    let response = reqwest::Client::new()
+        .put(format!("{}/upload", gw.url()))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    // Bearer works as well as ?token=.
+    let (_, token) = gw.token("image/jpeg", 1_000_000);
+    let response = reqwest::Client::new()
+        .put(format!("{}/upload", gw.url()))
+        .bearer_auth(token)
+        .header("content-type", "image/jpeg")
+        .body(jpeg(16, 16))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let mut conn = gw.valkey_server.connection().await;
+    let results: u64 = redis::AsyncCommands::xlen(&mut conn, keys::RESULT_STREAM)
+        .await
+        .unwrap();
+    assert!(results <= 1, "refused tokens publish nothing");
+}
+
+#[tokio::test]
+async fn refusals_after_the_guard_end_in_a_failed_result() {
+    let gw = Gateway::start_with(Vars::from([(
+        "FOLLOW_MAX_UPLOAD_BYTES",
+        "200000".to_owned(),
+    )]))
+    .await;
+    // Content type mismatch.
+    let (id, token) = gw.token("image/png", 1_000_000);
+    let (status, answer) = gw.put(&token, "image/jpeg", jpeg(8, 8)).await;
+    assert_eq!(
+        (status, answer["error_code"].as_str()),
+        (415, Some("CONTENT_TYPE_MISMATCH"))
+    );
+    assert_eq!(
+        failure_code(&gw.result(id).await),
+        ErrorCode::ContentTypeMismatch
+    );
+    // Not an image at all.
+    let (id, token) = gw.token("image/jpeg", 1_000_000);
+    let (status, answer) = gw
+        .put(
+            &token,
+            "image/jpeg",
+            b"%PDF-1.7 definitely not a photo".to_vec(),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["error_code"].as_str()),
+        (415, Some("INVALID_IMAGE"))
+    );
+    assert_eq!(failure_code(&gw.result(id).await), ErrorCode::InvalidImage);
+    // A truncated JPEG: accepted (its header is fine), then failed by the decoder.
+    let whole = jpeg(400, 300);
+    let (id, token) = gw.token("image/jpeg", 1_000_000);
+    let (status, _) = gw
+        .put(&token, "image/jpeg", whole[..whole.len() / 3].to_vec())
+        .await;
+    assert!(matches!(status, 202 | 415), "{status}");
+    assert_eq!(failure_code(&gw.result(id).await), ErrorCode::InvalidImage);
+    // A tiny PNG declaring 60000×60000: refused from its header.
+    let mut flood = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+    flood.extend_from_slice(&60_000u32.to_be_bytes());
+    flood.extend_from_slice(&60_000u32.to_be_bytes());
+    flood.extend_from_slice(&[8, 6, 0, 0, 0, 0, 0, 0, 0]);
+    let (id, token) = gw.token("image/png", 1_000_000);
+    let (status, answer) = gw.put(&token, "image/png", flood).await;
+    assert_eq!(
+        (status, answer["error_code"].as_str()),
+        (413, Some("IMAGE_TOO_LARGE"))
+    );
+    assert_eq!(failure_code(&gw.result(id).await), ErrorCode::ImageTooLarge);
+    // Over the token's limit, and over the global cap: 413 before the body is read.
+    for limit in [1000, 10_000_000] {
+        let (id, token) = gw.token("image/jpeg", limit);
+        let (status, answer) = gw.put(&token, "image/jpeg", vec![0xFF; 300_000]).await;
+        assert_eq!(
+            (status, answer["error_code"].as_str()),
+            (413, Some("PAYLOAD_TOO_LARGE"))
+        );
+        assert_eq!(
+            failure_code(&gw.result(id).await),
+            ErrorCode::PayloadTooLarge
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_streamed_body_is_cut_early_without_reading_the_rest() {
+    let gw = Gateway::start().await;
+    let (id, token) = gw.token("image/jpeg", 100_000);
+    // No Content-Length: the gateway counts as bytes arrive. The client would send 1 GiB.
+    // A real JPEG's start, then filler.
+    let mut sent = 0usize;
+    let chunks = futures_util::stream::iter(std::iter::from_fn(move || {
+        sent += 64 * 1024;
+        let chunk = if sent == 64 * 1024 {
+            jpeg(64, 64)
+        } else {
+            vec![0xAB; 64 * 1024]
+        };
+        (sent <= 1 << 30).then_some(Ok::<_, std::io::Error>(chunk))
+    }));
+    let response = reqwest::Client::new()
+        .put(format!("{}/upload?token={token}", gw.url()))
+        .header("content-type", "image/jpeg")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await;
+    // Either the 413 arrives or the connection is cut while sending: never 1 GiB read.
+    if let Ok(response) = response {
+        assert_eq!(response.status(), 413);
+    }
+    assert_eq!(
+        failure_code(&gw.result(id).await),
+        ErrorCode::PayloadTooLarge
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_mid_body_is_timed_out() {
+    let gw = Gateway::start_with(Vars::from([(
+        "FOLLOW_BODY_IDLE_TIMEOUT_SECS",
+        "1".to_owned(),
+    )]))
+    .await;
+    let (id, token) = gw.token("image/jpeg", 1_000_000);
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "PUT /upload?token={token} HTTP/1.1\r\nhost: x\r\ncontent-type: image/jpeg\r\ncontent-length: 100000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&jpeg(64, 64)[..100]).await.unwrap();
+    // Then nothing: the gateway answers on its own.
+    let mut answer = Vec::new();
+    tokio::time::timeout(WITHIN, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(failure_code(&gw.result(id).await), ErrorCode::Internal);
+}
+
+#[tokio::test]
+async fn stages_arrive_in_order_on_the_progress_channel() {
+    let gw = Gateway::start().await;
+    let (id, token) = gw.token("image/jpeg", 10_000_000);
+    let mut pubsub = gw.valkey.pubsub().await.unwrap();
+    pubsub.subscribe(keys::progress(id)).await.unwrap();
+    let mut messages = pubsub.into_on_message();
+    assert_eq!(gw.put(&token, "image/jpeg", jpeg(2500, 1200)).await.0, 202);
+    let mut stages = Vec::new();
+    while stages.last() != Some(&Stage::Done) {
+        let message = tokio::time::timeout(WITHIN, messages.next())
+            .await
+            .unwrap()
+            .unwrap();
+        stages.push(Progress::decode(message.get_payload_bytes()).unwrap().stage);
+    }
+    assert_eq!(
+        stages,
+        [
+            Stage::WaitingUpload,
+            Stage::Validating,
+            Stage::Decoding,
+            Stage::Processing,
+            Stage::Encoding,
+            Stage::UploadingToStorage,
+            Stage::Done
+        ]
+    );
+    let mut tracker = follow_bus::ProgressTracker::new(&gw.valkey).unwrap();
+    assert_eq!(
+        tracker.current(id).await.unwrap().unwrap().stage,
+        Stage::Done
+    );
+}
