@@ -1,0 +1,187 @@
+//! The gateway as operators and watchers see it: Valkey going away mid-run (no new uploads,
+//! in-flight results kept and published after it returns), health over HTTP and gRPC, and
+//! `WatchUpload` over native gRPC and grpc-web.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Gateway, WITHIN, jpeg};
+use follow_bus::ResultOutcome;
+use follow_proto::{
+    events::v1::Stage,
+    gateway::v1::{WatchUploadRequest, gateway_service_client::GatewayServiceClient},
+    tonic::{Code, Request, transport::Endpoint},
+};
+use follow_testkit::eventually_async;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+async fn get(gw: &Gateway, path: &str) -> (u16, serde_json::Value) {
+    let response = reqwest::get(format!("{}{path}", gw.url())).await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+async fn grpc_health(gw: &Gateway) -> ServingStatus {
+    let channel = Endpoint::from_shared(gw.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "follow.gateway.v1.GatewayService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+#[tokio::test]
+async fn with_valkey_down_new_uploads_get_503_and_in_flight_results_arrive_after_it_returns() {
+    let mut gw = Gateway::start().await;
+    let (status, health) = get(&gw, "/health").await;
+    assert_eq!(
+        (
+            status,
+            health["valkey"].as_str(),
+            health["storage"].as_str()
+        ),
+        (200, Some("ok"), Some("ok"))
+    );
+    eventually_async(WITHIN, "grpc serving", || async {
+        (grpc_health(&gw).await == ServingStatus::Serving).then_some(())
+    })
+    .await;
+
+    // An upload in flight: the guard is taken and half the body is in when Valkey goes away.
+    let (image_id, token) = gw.token("image/jpeg", 10_000_000);
+    let body = jpeg(1200, 800);
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "PUT /upload?token={token} HTTP/1.1\r\nhost: x\r\ncontent-type: image/jpeg\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..body.len() / 2]).await.unwrap();
+    let conn = gw.valkey_server.connection().await;
+    eventually_async(WITHIN, "the guard taken", || {
+        let mut conn = conn.clone();
+        async move {
+            redis::AsyncCommands::exists::<_, bool>(
+                &mut conn,
+                follow_bus::keys::upload_guard(image_id),
+            )
+            .await
+            .ok()
+            .filter(|e| *e)
+        }
+    })
+    .await;
+    gw.valkey_server.stop().await;
+    stream.write_all(&body[body.len() / 2..]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WITHIN, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 202"));
+
+    // New uploads: 503 with Retry-After; health says so.
+    let (_, other) = gw.token("image/jpeg", 10_000_000);
+    let response = reqwest::Client::new()
+        .put(format!("{}/upload?token={other}", gw.url()))
+        .header("content-type", "image/jpeg")
+        .body(jpeg(32, 32))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let (status, health) = get(&gw, "/health").await;
+    assert_eq!((status, health["valkey"].as_str()), (503, Some("down")));
+    eventually_async(WITHIN, "grpc not serving", || async {
+        (grpc_health(&gw).await == ServingStatus::NotServing).then_some(())
+    })
+    .await;
+
+    // Valkey back (empty): the in-flight image's result is published from the outbox.
+    gw.valkey_server.restart().await.unwrap();
+    let result = gw.result(image_id).await;
+    assert!(
+        matches!(result.outcome, ResultOutcome::Processed(_)),
+        "{result:?}"
+    );
+    eventually_async(WITHIN, "healthy again", || async {
+        (get(&gw, "/health").await.0 == 200).then_some(())
+    })
+    .await;
+    // A 503 leaves the token usable: the client retries (a first command on a connection that
+    // Valkey dropped may fail once more).
+    let (_, again) = gw.token("image/jpeg", 10_000_000);
+    eventually_async(WITHIN, "uploads accepted again", || async {
+        (gw.put(&again, "image/jpeg", jpeg(32, 32)).await.0 == 202).then_some(())
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn watch_upload_streams_every_stage_over_grpc_and_grpc_web() {
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    let gw = Gateway::start().await;
+    let authorized = |token: &str| {
+        let mut request = Request::new(WatchUploadRequest {});
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let (_, token) = gw.token("image/jpeg", 10_000_000);
+    let channel = Endpoint::from_shared(gw.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut native = GatewayServiceClient::new(channel);
+    let http1 = Client::builder(TokioExecutor::new()).build_http();
+    let web = tower::ServiceBuilder::new()
+        .layer(tonic_web::GrpcWebClientLayer::new())
+        .service(http1);
+    let mut web = GatewayServiceClient::with_origin(web, gw.url().parse().unwrap());
+
+    let mut a = native
+        .watch_upload(authorized(&token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut b = web
+        .watch_upload(authorized(&token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gw.put(&token, "image/jpeg", jpeg(900, 600)).await.0, 202);
+    for stream in [&mut a, &mut b] {
+        let mut stages = Vec::new();
+        while let Some(message) = tokio::time::timeout(WITHIN, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            stages.push(message.status.unwrap().stage());
+        }
+        let mut sorted = stages.clone();
+        sorted.sort_by_key(|s| *s as i32);
+        sorted.dedup();
+        assert_eq!(stages, sorted, "in order, never twice");
+        assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    }
+    let status = native
+        .watch_upload(authorized("garbage"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
