@@ -8,6 +8,7 @@
 
 use std::io::Cursor;
 
+use fast_image_resize::{FilterType as ResizeFilter, ResizeAlg, ResizeOptions, Resizer};
 use follow_bus::Stage;
 use image::{
     DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits,
@@ -46,14 +47,20 @@ pub fn run(
     let image = decode(bytes, format, config.max_pixels)?;
     stage(Stage::Processing);
     let (width, height) = (image.width(), image.height());
-    let main = fit(image, config.long_edge);
-    let preview = fit(main.clone(), config.preview_edge);
+    // The full-size decode is freed as soon as the main image exists: peak memory is the
+    // decoded image plus the resizer's buffers, never two full-size copies.
+    let main = match scaled(&image, config.long_edge) {
+        Some(main) => main,
+        None => image,
+    };
+    let preview = scaled(&main, config.preview_edge);
+    let preview = preview.as_ref().unwrap_or(&main);
     stage(Stage::Encoding);
     Ok(Output {
         width,
         height,
         image: encode(&main, config.jpeg_quality)?,
-        preview: encode(&preview, config.jpeg_quality)?,
+        preview: encode(preview, config.jpeg_quality)?,
     })
 }
 
@@ -95,12 +102,42 @@ pub fn decode(
     Ok(image)
 }
 
-/// Scales down so the long edge is at most `edge`; smaller images are left as they are.
-pub fn fit(image: DynamicImage, edge: u32) -> DynamicImage {
-    if image.width().max(image.height()) <= edge {
-        return image;
+/// The image scaled down so its long edge is `edge`, or `None` when it already fits (never
+/// upscaled). Resized in 8-bit RGB(A) with SIMD convolution (`fast_image_resize`, alpha
+/// premultiplied): no float copies of the image, several times faster than `image`'s resize.
+pub fn scaled(image: &DynamicImage, edge: u32) -> Option<DynamicImage> {
+    let (w, h) = (u64::from(image.width()), u64::from(image.height()));
+    if w.max(h) <= u64::from(edge) {
+        return None;
     }
-    image.resize(edge, edge, FilterType::Triangle)
+    let shorter =
+        |long: u64, short: u64| u32::try_from((short * u64::from(edge) / long).max(1)).unwrap_or(1);
+    let (dw, dh) = if w >= h {
+        (edge, shorter(w, h))
+    } else {
+        (shorter(h, w), edge)
+    };
+    let converted;
+    let source = match image {
+        DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => image,
+        other if other.color().has_alpha() => {
+            converted = DynamicImage::ImageRgba8(other.to_rgba8());
+            &converted
+        }
+        other => {
+            converted = DynamicImage::ImageRgb8(other.to_rgb8());
+            &converted
+        }
+    };
+    let mut target = DynamicImage::new(dw, dh, source.color());
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(ResizeFilter::Bilinear));
+    match Resizer::new().resize(source, &mut target, &options) {
+        Ok(()) => Some(target),
+        Err(e) => {
+            tracing::warn!(error = %e, "fast resize failed; using the slow path");
+            Some(source.resize(edge, edge, FilterType::Triangle))
+        }
+    }
 }
 
 /// JPEG for opaque pixels, PNG (lossless, alpha kept) otherwise.

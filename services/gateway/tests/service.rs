@@ -185,3 +185,71 @@ async fn watch_upload_streams_every_stage_over_grpc_and_grpc_web() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
+    let gw = Gateway::start().await;
+    let channel = Endpoint::from_shared(gw.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = GatewayServiceClient::new(channel);
+    let (image_id, token) = gw.token("image/jpeg", 10_000_000);
+    assert_eq!(gw.put(&token, "image/jpeg", jpeg(300, 200)).await.0, 202);
+    gw.result(image_id).await;
+    let (bad_id, bad) = gw.token("image/png", 10_000_000);
+    assert_eq!(gw.put(&bad, "image/png", jpeg(30, 20)).await.0, 415);
+    gw.result(bad_id).await;
+
+    let mut request = Request::new(follow_proto::gateway::v1::GetUploadStatusRequest {
+        image_id: image_id.to_string(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let status = client
+        .get_upload_status(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(
+        (status.image_id, status.stage()),
+        (image_id.to_string(), Stage::Done)
+    );
+    // Another upload's token does not show this one.
+    let mut request = Request::new(follow_proto::gateway::v1::GetUploadStatusRequest {
+        image_id: image_id.to_string(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {bad}").parse().unwrap());
+    assert_eq!(
+        client.get_upload_status(request).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    let stats = client
+        .get_pipeline_stats(follow_proto::gateway::v1::GetPipelineStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((stats.processed, stats.failed, stats.in_flight), (1, 1, 0));
+    assert_eq!(stats.failed_by_error_code.len(), 1);
+    let metrics = reqwest::get(format!("{}/metrics", gw.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "follow_gateway_uploads_total",
+        "follow_gateway_stage_seconds",
+        "follow_gateway_outbox_length",
+        "follow_gateway_images_failed_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+}
