@@ -216,7 +216,7 @@ async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
         .status
         .unwrap();
     assert_eq!(
-        (status.image_id, status.stage()),
+        (status.image_id.clone(), status.stage()),
         (image_id.to_string(), Stage::Done)
     );
     // Another upload's token does not show this one.
