@@ -60,9 +60,8 @@ async fn grpc_health(stack: &Stack) -> ServingStatus {
             service: "follow.api.v1.RouteService".into(),
         })
         .await
-        .unwrap()
-        .into_inner()
-        .status()
+        // Before the first health report the service is not registered yet.
+        .map_or(ServingStatus::ServiceUnknown, |r| r.into_inner().status())
 }
 
 #[tokio::test]
