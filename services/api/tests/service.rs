@@ -64,6 +64,21 @@ async fn grpc_health(stack: &Stack) -> ServingStatus {
         .map_or(ServingStatus::ServiceUnknown, |r| r.into_inner().status())
 }
 
+/// Waits until `api-workers` has nothing pending.
+async fn drained(valkey: &redis::aio::MultiplexedConnection) {
+    eventually_async(WITHIN, "the group drained", || {
+        let mut valkey = valkey.clone();
+        async move {
+            let pending: redis::streams::StreamPendingReply = valkey
+                .xpending(keys::RESULT_STREAM, keys::RESULT_GROUP)
+                .await
+                .unwrap();
+            (pending.count() == 0).then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn health_follows_valkey_over_http_and_grpc_and_metrics_are_exposed() {
     let mut stack = Stack::start().await;
@@ -147,17 +162,7 @@ async fn poison_goes_to_the_dead_stream_and_duplicates_apply_once() {
         async move { (valkey.xlen::<_, u64>(keys::DEAD_STREAM).await.unwrap() == 1).then_some(()) }
     })
     .await;
-    eventually_async(WITHIN, "group drained", || {
-        let mut valkey = valkey.clone();
-        async move {
-            let pending: redis::streams::StreamPendingReply = valkey
-                .xpending(keys::RESULT_STREAM, keys::RESULT_GROUP)
-                .await
-                .unwrap();
-            (pending.count() == 0).then_some(())
-        }
-    })
-    .await;
+    drained(&valkey).await;
     assert_eq!(
         image_status(&stack, images[0]).await,
         "PENDING",
@@ -201,17 +206,7 @@ async fn entries_read_but_not_acknowledged_before_a_restart_are_applied_after_it
         (image_status(&stack, images[0]).await == "PROCESSED").then_some(())
     })
     .await;
-    eventually_async(WITHIN, "acknowledged", || {
-        let mut valkey = valkey.clone();
-        async move {
-            let pending: redis::streams::StreamPendingReply = valkey
-                .xpending(keys::RESULT_STREAM, keys::RESULT_GROUP)
-                .await
-                .unwrap();
-            (pending.count() == 0).then_some(())
-        }
-    })
-    .await;
+    drained(&valkey).await;
 }
 
 #[tokio::test]
