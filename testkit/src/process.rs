@@ -23,7 +23,10 @@ where
     F: FnMut(Option<u32>) -> Fut,
     Fut: Future<Output = bool>,
 {
-    let log_file = std::fs::File::create(log)?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     let mut child = command
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
@@ -95,10 +98,10 @@ pub(crate) async fn run(what: &'static str, command: &mut Command) -> Result<Str
     }
 }
 
-fn tail(log: &Path) -> String {
+pub(crate) fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(8)..].join(" | ")
+    lines[lines.len().saturating_sub(20)..].join(" | ")
 }
 
 /// A server process that dies with its handle (even when a test panics).
@@ -113,6 +116,12 @@ impl Guarded {
     /// The process, for a caller that stops it its own way.
     pub(crate) fn take(&mut self) -> Option<Child> {
         self.0.take()
+    }
+
+    pub(crate) fn is_running(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
     /// Kills the process (`SIGKILL`, like a crash) and reaps it.

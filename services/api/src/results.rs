@@ -267,6 +267,8 @@ impl Handler for ResultApplier {
         }
         match result {
             Ok(applied) => {
+                // Committed, not acknowledged: the crash window the end-to-end suite tests.
+                fail::fail_point!("api-results-after-commit");
                 self.announce(batch, &applied).await;
                 applied
                     .into_iter()

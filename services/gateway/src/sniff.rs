@@ -96,6 +96,56 @@ pub fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), UploadErr
     }
 }
 
+/// What a JPEG's frame header (SOF) declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JpegFrame {
+    /// The SOF marker's low nibble: 0 baseline, 1 extended, 2 progressive, others rarer.
+    pub process: u8,
+    pub precision: u8,
+    pub components: u8,
+}
+
+impl JpegFrame {
+    /// An 8-bit Huffman-coded DCT image in grey or YCbCr: the shape every camera writes, and
+    /// the one the shrink-on-load decoder is used for.
+    pub fn is_common(&self) -> bool {
+        matches!(self.process, 0..=2) && self.precision == 8 && matches!(self.components, 1 | 3)
+    }
+}
+
+/// Walks a JPEG's marker segments up to its frame header. `None` when there is none before
+/// the first scan or the segments are malformed: the full decoder then reports why.
+pub fn jpeg_frame(bytes: &[u8]) -> Option<JpegFrame> {
+    let mut at = 2;
+    loop {
+        let (&[0xFF, marker], rest) = bytes.get(at..)?.split_first_chunk::<2>()? else {
+            return None;
+        };
+        match marker {
+            // Fill bytes before a marker.
+            0xFF => at += 1,
+            // SOF0..SOF15, but not DHT (C4), JPG (C8) or DAC (CC).
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
+                let [_, _, precision, _, _, _, _, components, ..] = *rest else {
+                    return None;
+                };
+                return Some(JpegFrame {
+                    process: marker & 0x0F,
+                    precision,
+                    components,
+                });
+            }
+            0xDA | 0xD9 => return None,
+            // Markers that stand alone, without a length.
+            0x01 | 0xD0..=0xD7 => at += 2,
+            _ => {
+                let [hi, lo, ..] = *rest else { return None };
+                at += 2 + usize::from(u16::from_be_bytes([hi, lo]));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +169,31 @@ mod tests {
             b"hello world!",
         ] {
             assert!(sniff(garbage).is_err());
+        }
+    }
+
+    #[test]
+    fn jpeg_frames_are_found_past_other_segments_and_garbage_is_none() {
+        let mut jpeg =
+            b"\xFF\xD8\xFF\xE0\x00\x04ab\xFF\xFF\xC2\x00\x11\x08\x00\x10\x00\x20\x03".to_vec();
+        jpeg.extend_from_slice(&[0; 9]);
+        assert_eq!(
+            jpeg_frame(&jpeg),
+            Some(JpegFrame {
+                process: 2,
+                precision: 8,
+                components: 3
+            })
+        );
+        assert!(jpeg_frame(&jpeg).unwrap().is_common());
+        for garbage in [
+            &b"\xFF\xD8"[..],
+            b"\xFF\xD8\xFF\xE0\xFF\xFF",
+            b"\xFF\xD8\x00\x00",
+            b"\xFF\xD8\xFF\xDA\x00\x02",
+            b"\xFF\xD8\xFF\xC0\x00",
+        ] {
+            assert_eq!(jpeg_frame(garbage), None);
         }
     }
 

@@ -1,0 +1,75 @@
+//! What a client of the platform does, in a few helpers: authenticated requests, grpc-web,
+//! uploads, and test photos.
+
+use std::io::Cursor;
+
+use follow_proto::tonic::{Request, metadata::MetadataValue};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb, Rgba};
+
+/// A grpc-web channel over HTTP/1.1, as a browser has.
+pub type GrpcWeb = tonic_web::GrpcWebClientService<
+    Client<HttpConnector, tonic_web::GrpcWebCall<follow_proto::tonic::body::Body>>,
+>;
+
+pub fn grpc_web() -> GrpcWeb {
+    let http1 = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    tower::ServiceBuilder::new()
+        .layer(tonic_web::GrpcWebClientLayer::new())
+        .service(http1)
+}
+
+/// `message` with a bearer token.
+pub fn bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// `PUT` of `body` to an upload URL: the status and the JSON answer.
+pub async fn upload(
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let response = reqwest::Client::new()
+        .put(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.unwrap_or_default()))
+}
+
+/// A photo-like JPEG: smooth gradients, so it compresses like one.
+pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
+    let image = ImageBuffer::from_fn(width, height, |x, y| {
+        Rgb([
+            (x * 255 / width.max(1)) as u8,
+            (y * 255 / height.max(1)) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    });
+    encode(DynamicImage::ImageRgb8(image), ImageFormat::Jpeg)
+}
+
+/// A PNG with a real alpha channel.
+pub fn png_with_alpha(width: u32, height: u32) -> Vec<u8> {
+    let image = ImageBuffer::from_fn(width, height, |x, y| {
+        Rgba([
+            (x % 256) as u8,
+            (y % 256) as u8,
+            128,
+            (x * 255 / width.max(1)) as u8,
+        ])
+    });
+    encode(DynamicImage::ImageRgba8(image), ImageFormat::Png)
+}
+
+fn encode(image: DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    image.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}

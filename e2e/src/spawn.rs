@@ -1,0 +1,170 @@
+//! `spawn` mode: a whole throwaway stack for one test — real Valkey, PostgreSQL and Garage from
+//! `follow-testkit`, and this build's `follow-api` and `follow-image-gateway` binaries started
+//! as processes with fresh keys made by `follow-api keygen`. Everything dies with the handle.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use follow_testkit::{GarageServer, PostgresServer, ServiceProcess, ValkeyServer};
+
+use crate::{Backend, Platform, Service, binary};
+
+#[derive(Debug)]
+pub(crate) struct Stack {
+    valkey: ValkeyServer,
+    _postgres: PostgresServer,
+    _garage: GarageServer,
+    api: ServiceProcess,
+    gateway: ServiceProcess,
+}
+
+/// A `kid=KEY` private key and its `kid=PUB` public half.
+pub(crate) async fn keygen(kid: &str) -> anyhow::Result<(String, String)> {
+    let out = tokio::process::Command::new(binary("follow-api")?)
+        .args(["keygen", "--kid", kid])
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "follow-api keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+    match (lines.next(), lines.next()) {
+        (Some(private), Some(public)) => Ok((private.to_owned(), public.to_owned())),
+        _ => bail!("unexpected keygen output"),
+    }
+}
+
+impl Stack {
+    pub(crate) async fn start() -> anyhow::Result<Platform> {
+        let (valkey, postgres, garage, user, upload) = tokio::join!(
+            ValkeyServer::start(),
+            PostgresServer::start(),
+            GarageServer::start(),
+            keygen("user-e2e"),
+            keygen("upload-e2e"),
+        );
+        let (valkey, postgres, garage) = (valkey?, postgres?, garage?);
+        let ((user_private, user_public), (upload_private, upload_public)) = (user?, upload?);
+        let common = |extra: &[(&str, String)]| {
+            let mut env: Vec<(String, String)> = [
+                ("FOLLOW_VALKEY_URL", valkey.url()),
+                ("FOLLOW_S3_ENDPOINT", garage.endpoint()),
+                ("FOLLOW_S3_REGION", garage.region().to_owned()),
+                ("FOLLOW_S3_BUCKET", garage.bucket().to_owned()),
+                ("FOLLOW_S3_ACCESS_KEY_ID", garage.access_key().to_owned()),
+                (
+                    "FOLLOW_S3_SECRET_ACCESS_KEY",
+                    garage.secret_key().to_owned(),
+                ),
+                ("FOLLOW_LOG_FORMAT", "text".to_owned()),
+                ("FOLLOW_LOG", "info".to_owned()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+            env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+            env
+        };
+        // The API signs upload URLs for the gateway's address, so the gateway starts first.
+        let gateway = ServiceProcess::start(
+            "follow-image-gateway",
+            &binary("follow-image-gateway")?,
+            &[],
+            common(&[("FOLLOW_UPLOAD_PUBLIC_KEYS", upload_public)]),
+            "FOLLOW_GATEWAY_LISTEN",
+        )
+        .await?;
+        let api = ServiceProcess::start(
+            "follow-api",
+            &binary("follow-api")?,
+            &["serve"],
+            common(&[
+                ("FOLLOW_DATABASE_URL", postgres.url()),
+                ("FOLLOW_USER_PUBLIC_KEYS", user_public),
+                ("FOLLOW_UPLOAD_SIGNING_KEY", upload_private),
+                ("FOLLOW_GATEWAY_URL", gateway.url()),
+                ("FOLLOW_CONSUMER_NAME", "api-e2e".to_owned()),
+            ]),
+            "FOLLOW_API_LISTEN",
+        )
+        .await?;
+        Ok(Platform {
+            api_url: api.url(),
+            gateway_url: gateway.url(),
+            valkey_url: valkey.url(),
+            database_url: postgres.url(),
+            user_signing_key: user_private,
+            backend: Backend::Spawn(Box::new(Self {
+                valkey,
+                _postgres: postgres,
+                _garage: garage,
+                api,
+                gateway,
+            })),
+        })
+    }
+
+    fn process(&mut self, service: Service) -> Option<&mut ServiceProcess> {
+        match service {
+            Service::Api => Some(&mut self.api),
+            Service::Gateway => Some(&mut self.gateway),
+            Service::Valkey => None,
+        }
+    }
+
+    pub(crate) async fn stop(&mut self, service: Service) -> anyhow::Result<()> {
+        match self.process(service) {
+            Some(process) => {
+                process
+                    .terminate(Duration::from_secs(30))
+                    .await
+                    .context("the service did not exit within 30 s of SIGTERM")?;
+            }
+            // Valkey without persistence: stopping it loses its data, as a crash of an
+            // in-memory deployment would.
+            None => self.valkey.stop().await,
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn kill(&mut self, service: Service) -> anyhow::Result<()> {
+        match self.process(service) {
+            Some(process) => process.kill().await,
+            None => self.valkey.stop().await,
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn start_service(
+        &mut self,
+        service: Service,
+        env: &[(&str, Option<&str>)],
+    ) -> anyhow::Result<()> {
+        match self.process(service) {
+            Some(process) => {
+                for (key, value) in env {
+                    process.set_env(key, *value);
+                }
+                process.restart().await?;
+            }
+            None => self.valkey.restart().await?,
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_running(&mut self, service: Service) -> bool {
+        self.process(service).is_none_or(ServiceProcess::is_running)
+    }
+
+    pub(crate) fn log(&self, service: Service) -> String {
+        match service {
+            Service::Api => self.api.log(),
+            Service::Gateway => self.gateway.log(),
+            Service::Valkey => String::new(),
+        }
+    }
+}

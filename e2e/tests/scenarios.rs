@@ -1,0 +1,754 @@
+//! The platform end to end, through its public surfaces only. Each test is one scenario of the
+//! e2e issue, against the stack `FOLLOW_E2E_MODE` chooses (a throwaway one by default).
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use follow_e2e::{
+    Platform, Service,
+    client::{bearer, jpeg, png_with_alpha, upload},
+};
+use follow_proto::{
+    api::v1::{
+        self as api, CreateRouteWithWaypointsResponse, ImageIds, WaypointInput,
+        watch_image_status_request::Target, watch_image_status_response::Event,
+    },
+    events::v1::{ErrorCode, ImageProgress, Stage},
+    prost::Message,
+    tonic::{Code, Streaming},
+};
+use follow_testkit::eventually_async;
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The stages of an image that goes through, in order.
+const ALL_STAGES: [Stage; 7] = [
+    Stage::WaitingUpload,
+    Stage::Validating,
+    Stage::Decoding,
+    Stage::Processing,
+    Stage::Encoding,
+    Stage::UploadingToStorage,
+    Stage::Done,
+];
+
+/// One scenario's user on the platform: its own subject, token and routes, removed again by
+/// [`User::clean_up`] (so scenarios leave a shared `local` stack as they found it).
+struct User {
+    sub: String,
+    token: String,
+    images: Vec<String>,
+}
+
+impl User {
+    async fn new(platform: &Platform) -> Self {
+        let sub = format!("e2e-{}", Uuid::new_v4().simple());
+        let token = platform.token(&sub).await.unwrap();
+        Self {
+            sub,
+            token,
+            images: Vec::new(),
+        }
+    }
+
+    /// A route whose waypoints have these markers, each for a JPEG of up to 5 MB.
+    async fn create_route(
+        &mut self,
+        platform: &Platform,
+        markers: &[(f64, f64)],
+    ) -> CreateRouteWithWaypointsResponse {
+        let waypoints = markers
+            .iter()
+            .map(|&(marker_x, marker_y)| WaypointInput {
+                marker_x,
+                marker_y,
+                content_type: "image/jpeg".into(),
+                file_size: 5_000_000,
+            })
+            .collect();
+        let request = api::CreateRouteWithWaypointsRequest {
+            request_id: Uuid::new_v4().to_string(),
+            name: "e2e".into(),
+            waypoints,
+        };
+        let created = platform
+            .routes()
+            .await
+            .unwrap()
+            .create_route_with_waypoints(bearer(request, &self.token))
+            .await
+            .unwrap()
+            .into_inner();
+        self.images
+            .extend(created.upload_targets.iter().map(|t| t.image_id.clone()));
+        created
+    }
+
+    async fn route(&self, platform: &Platform, route_id: &str) -> api::Route {
+        let request = api::GetRouteRequest {
+            route_id: route_id.into(),
+        };
+        platform
+            .routes()
+            .await
+            .unwrap()
+            .get_route(bearer(request, &self.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .route
+            .unwrap()
+    }
+
+    async fn image(&self, platform: &Platform, image_id: &str) -> api::Image {
+        let request = api::GetImageStatusRequest {
+            image_id: image_id.into(),
+        };
+        platform
+            .images()
+            .await
+            .unwrap()
+            .get_image_status(bearer(request, &self.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+            .unwrap()
+    }
+
+    async fn wait_route(&self, platform: &Platform, route_id: &str, status: api::RouteStatus) {
+        eventually_async(WAIT, "the route's status", || async {
+            let route = self.route(platform, route_id).await;
+            (route.status() == status).then_some(())
+        })
+        .await;
+    }
+
+    /// Deletes this user's routes (waypoints and images cascade) and its images' keys.
+    async fn clean_up(self, platform: &Platform) {
+        let db = platform.database().await.unwrap();
+        sqlx::query("DELETE FROM route.routes WHERE owner = $1")
+            .bind(&self.sub)
+            .execute(&db)
+            .await
+            .unwrap();
+        let mut valkey = platform.valkey().await.unwrap();
+        for id in &self.images {
+            let keys = [format!("image:status:{id}"), format!("image:upload:{id}")];
+            let _: () = valkey.del(&keys).await.unwrap();
+        }
+    }
+}
+
+/// Every `ImageProgress` published for `image_id`, from the moment of the call.
+async fn progress_channel(
+    platform: &Platform,
+    image_id: &str,
+) -> impl futures_util::Stream<Item = ImageProgress> + Unpin {
+    let mut pubsub = redis::Client::open(platform.valkey_url.as_str())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub
+        .subscribe(format!("image:progress:{image_id}"))
+        .await
+        .unwrap();
+    Box::pin(
+        pubsub
+            .into_on_message()
+            .map(|m| ImageProgress::decode(m.get_payload_bytes()).unwrap()),
+    )
+}
+
+/// The gateway's stages (not the API's after-commit announcement) until `done` or `failed`.
+async fn stages_until_final(
+    channel: &mut (impl futures_util::Stream<Item = ImageProgress> + Unpin),
+) -> Vec<Stage> {
+    let mut stages = Vec::new();
+    while let Some(progress) = tokio::time::timeout(WAIT, channel.next()).await.unwrap() {
+        if progress.committed {
+            continue;
+        }
+        stages.push(progress.stage());
+        if matches!(progress.stage(), Stage::Done | Stage::Failed) {
+            break;
+        }
+    }
+    stages
+}
+
+/// Field `name` of the `image:result` entries of `image_id`.
+async fn results_of(platform: &Platform, image_id: &str) -> Vec<redis::streams::StreamId> {
+    let mut valkey = platform.valkey().await.unwrap();
+    let entries: redis::streams::StreamRangeReply =
+        valkey.xrange_all("image:result").await.unwrap();
+    entries
+        .ids
+        .into_iter()
+        .filter(|e| e.get::<String>("image_id").as_deref() == Some(image_id))
+        .collect()
+}
+
+async fn pending_results(platform: &Platform) -> u64 {
+    let mut valkey = platform.valkey().await.unwrap();
+    let reply: redis::streams::StreamPendingReply = valkey
+        .xpending("image:result", "api-workers")
+        .await
+        .unwrap_or(redis::streams::StreamPendingReply::Empty);
+    reply.count() as u64
+}
+
+async fn status_field(platform: &Platform, image_id: &str, field: &str) -> Option<String> {
+    let mut valkey = platform.valkey().await.unwrap();
+    valkey
+        .hget(format!("image:status:{image_id}"), field)
+        .await
+        .unwrap()
+}
+
+async fn next_event(stream: &mut Streaming<api::WatchImageStatusResponse>) -> Option<Event> {
+    loop {
+        let message = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("an event within the deadline")
+            .unwrap()?;
+        match message.event.unwrap() {
+            Event::Heartbeat(_) => continue,
+            event => return Some(event),
+        }
+    }
+}
+
+fn watch_images(ids: &[&str]) -> api::WatchImageStatusRequest {
+    api::WatchImageStatusRequest {
+        target: Some(Target::Images(ImageIds {
+            image_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+        })),
+        resume_cursor: String::new(),
+    }
+}
+
+/// 1. A route of three waypoints, from creation to READY, checked in every store.
+#[tokio::test]
+async fn full_flow_from_route_to_ready() {
+    let platform = Platform::start().await.unwrap();
+    let mut user = User::new(&platform).await;
+    // Markers chosen to catch any float round trip (text, f32).
+    let markers = [
+        (0.1, 0.2),
+        (0.333_333_333_333_333_3, 0.5),
+        (1e-9, 0.987_654_321),
+    ];
+    let created = user.create_route(&platform, &markers).await;
+    let route_id = created.route.as_ref().unwrap().id.clone();
+    for target in &created.upload_targets {
+        assert_eq!(
+            status_field(&platform, &target.image_id, "stage")
+                .await
+                .as_deref(),
+            Some("queued")
+        );
+    }
+    let mut channels = Vec::new();
+    for target in &created.upload_targets {
+        channels.push(progress_channel(&platform, &target.image_id).await);
+    }
+    for (i, target) in created.upload_targets.iter().enumerate() {
+        let (status, answer) = upload(
+            &target.upload_url,
+            "image/jpeg",
+            jpeg(1200 + 100 * i as u32, 800),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 202, "{answer}");
+    }
+    for channel in &mut channels {
+        assert_eq!(stages_until_final(channel).await, ALL_STAGES);
+    }
+    user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
+        .await;
+    for target in &created.upload_targets {
+        let results = results_of(&platform, &target.image_id).await;
+        assert_eq!(results.len(), 1);
+        assert_eq!(
+            results[0].get::<String>("status").as_deref(),
+            Some("processed")
+        );
+    }
+    let route = user.route(&platform, &route_id).await;
+    assert_eq!(route.waypoints.len(), 3);
+    for (waypoint, (x, y)) in route.waypoints.iter().zip(markers) {
+        assert_eq!(waypoint.status(), api::WaypointStatus::Confirmed);
+        assert_eq!(waypoint.marker_x.to_bits(), x.to_bits());
+        assert_eq!(waypoint.marker_y.to_bits(), y.to_bits());
+        let image = waypoint.image.as_ref().unwrap();
+        assert_eq!(image.status(), api::ImageStatus::Processed);
+        assert!(
+            image.sha256.len() == 64 && image.sha256.chars().all(|c| c.is_ascii_hexdigit()),
+            "{}",
+            image.sha256
+        );
+        assert!(image.processed_width > 0 && image.processed_height > 0);
+    }
+    let image = user
+        .image(&platform, &created.upload_targets[0].image_id)
+        .await;
+    let preview = reqwest::get(&image.preview_url).await.unwrap();
+    assert_eq!(preview.status(), 200);
+    assert_eq!(preview.headers()["content-type"], "image/jpeg");
+    assert!(
+        preview
+            .bytes()
+            .await
+            .unwrap()
+            .starts_with(&[0xFF, 0xD8, 0xFF])
+    );
+    user.clean_up(&platform).await;
+}
+
+/// 2. The same upload URL twice: accepted, then refused; the guard stays.
+#[tokio::test]
+async fn a_second_upload_with_the_same_token_is_a_conflict() {
+    let platform = Platform::start().await.unwrap();
+    let mut user = User::new(&platform).await;
+    let created = user.create_route(&platform, &[(0.5, 0.5)]).await;
+    let target = &created.upload_targets[0];
+    let (first, _) = upload(&target.upload_url, "image/jpeg", jpeg(64, 64))
+        .await
+        .unwrap();
+    assert_eq!(first, 202);
+    let (second, answer) = upload(&target.upload_url, "image/jpeg", jpeg(64, 64))
+        .await
+        .unwrap();
+    assert_eq!(second, 409);
+    assert_eq!(answer["error_code"], "DUPLICATE_UPLOAD");
+    let mut valkey = platform.valkey().await.unwrap();
+    let guard: bool = valkey
+        .exists(format!("image:upload:{}", target.image_id))
+        .await
+        .unwrap();
+    assert!(guard);
+    user.clean_up(&platform).await;
+}
+
+/// 3. Every stage, in order, on the progress channel; the hash ends at `done`.
+#[tokio::test]
+async fn progress_goes_through_every_stage_in_order() {
+    let platform = Platform::start().await.unwrap();
+    let mut user = User::new(&platform).await;
+    let created = user.create_route(&platform, &[(0.25, 0.75)]).await;
+    let target = &created.upload_targets[0];
+    let mut channel = progress_channel(&platform, &target.image_id).await;
+    let (status, _) = upload(&target.upload_url, "image/jpeg", jpeg(3000, 2000))
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    assert_eq!(stages_until_final(&mut channel).await, ALL_STAGES);
+    assert_eq!(
+        status_field(&platform, &target.image_id, "stage")
+            .await
+            .as_deref(),
+        Some("done")
+    );
+    user.clean_up(&platform).await;
+}
+
+/// 4. Bytes that are no image fail the image everywhere; a reissued upload then completes the
+/// route.
+#[tokio::test]
+async fn a_failure_reaches_postgres_and_a_reissued_upload_recovers_the_route() {
+    let platform = Platform::start().await.unwrap();
+    let mut user = User::new(&platform).await;
+    let created = user.create_route(&platform, &[(0.5, 0.5)]).await;
+    let route_id = created.route.as_ref().unwrap().id.clone();
+    let target = &created.upload_targets[0];
+    let (status, answer) = upload(
+        &target.upload_url,
+        "image/jpeg",
+        b"%PDF-1.7 this is not a photo at all".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 415, "{answer}");
+    let entry = eventually_async(WAIT, "a failed result", || async {
+        results_of(&platform, &target.image_id)
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(entry.get::<String>("status").as_deref(), Some("failed"));
+    let code: String = entry.get("error_code").unwrap();
+    assert!(code.contains("INVALID"), "{code}");
+    let db = platform.database().await.unwrap();
+    let (status, error_code): (String, Option<String>) =
+        eventually_async(WAIT, "the image failed in PostgreSQL", || async {
+            let row: (String, Option<String>) = sqlx::query_as(
+                "SELECT status::text, error_code FROM image.images WHERE id = $1::uuid",
+            )
+            .bind(&target.image_id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            (row.0 == "FAILED").then_some(row)
+        })
+        .await;
+    assert_eq!(
+        (status.as_str(), error_code.as_deref()),
+        ("FAILED", Some(code.as_str()))
+    );
+    let image = user.image(&platform, &target.image_id).await;
+    assert_eq!(image.error_code(), ErrorCode::InvalidImage);
+
+    let reissued = platform
+        .routes()
+        .await
+        .unwrap()
+        .reissue_upload(bearer(
+            api::ReissueUploadRequest {
+                waypoint_id: target.waypoint_id.clone(),
+                content_type: "image/png".into(),
+                file_size: 5_000_000,
+            },
+            &user.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let retry = reissued.upload_target.unwrap();
+    user.images.push(retry.image_id.clone());
+    let (status, answer) = upload(&retry.upload_url, "image/png", png_with_alpha(300, 200))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{answer}");
+    user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
+        .await;
+    let image = user.image(&platform, &retry.image_id).await;
+    assert_eq!(image.status(), api::ImageStatus::Processed);
+    user.clean_up(&platform).await;
+}
+
+/// 5. The live watch, native gRPC and grpc-web side by side: progress, then processed with a
+/// preview URL.
+#[tokio::test]
+async fn live_watch_over_grpc_and_grpc_web() {
+    let platform = Platform::start().await.unwrap();
+    let mut user = User::new(&platform).await;
+    let created = user.create_route(&platform, &[(0.1, 0.1)]).await;
+    let target = &created.upload_targets[0];
+    let id = target.image_id.as_str();
+    let mut native = platform
+        .images()
+        .await
+        .unwrap()
+        .watch_image_status(bearer(watch_images(&[id]), &user.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut web = platform
+        .images_web()
+        .unwrap()
+        .watch_image_status(bearer(watch_images(&[id]), &user.token))
+        .await
+        .unwrap()
+        .into_inner();
+    // Both streams are live once their snapshot (the `queued` stage) has arrived.
+    for stream in [&mut native, &mut web] {
+        let Some(Event::ImageProgress(first)) = next_event(stream).await else {
+            panic!("expected the current stage first");
+        };
+        assert_eq!(first.stage(), Stage::Queued);
+    }
+    let (status, _) = upload(&target.upload_url, "image/jpeg", jpeg(800, 600))
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    for stream in [&mut native, &mut web] {
+        let mut stages = Vec::new();
+        let processed = loop {
+            match next_event(stream).await {
+                Some(Event::ImageProgress(p)) => stages.push(p.stage()),
+                Some(Event::ImageProcessed(p)) => break p,
+                other => panic!("unexpected {other:?} after {stages:?}"),
+            }
+        };
+        assert!(!stages.is_empty(), "progress before the result");
+        assert!(stages.is_sorted(), "{stages:?}");
+        assert_eq!(processed.image.unwrap().id, id);
+        assert!(
+            processed.preview_url.starts_with("http"),
+            "{}",
+            processed.preview_url
+        );
+        assert!(next_event(stream).await.is_none(), "the stream ends");
+    }
+    user.clean_up(&platform).await;
+}
+
+/// 6a. Results published while the API is down are all applied once it is back.
+#[tokio::test]
+async fn results_published_while_the_api_is_down_are_applied_after_it_starts() {
+    let mut platform = Platform::start().await.unwrap();
+    if !platform.controls_processes() {
+        eprintln!("skipped: needs spawn or compose mode to stop the API");
+        return;
+    }
+    let mut user = User::new(&platform).await;
+    let created = user
+        .create_route(&platform, &[(0.2, 0.2), (0.8, 0.8)])
+        .await;
+    let route_id = created.route.as_ref().unwrap().id.clone();
+    platform.stop(Service::Api).await.unwrap();
+    for target in &created.upload_targets {
+        let (status, _) = upload(&target.upload_url, "image/jpeg", jpeg(640, 480))
+            .await
+            .unwrap();
+        assert_eq!(status, 202);
+    }
+    for target in &created.upload_targets {
+        eventually_async(WAIT, "the gateway's result", || async {
+            (!results_of(&platform, &target.image_id).await.is_empty()).then_some(())
+        })
+        .await;
+    }
+    platform.start_service(Service::Api, &[]).await.unwrap();
+    user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
+        .await;
+    eventually_async(WAIT, "an empty pending list", || async {
+        (pending_results(&platform).await == 0).then_some(())
+    })
+    .await;
+    user.clean_up(&platform).await;
+}
+
+/// 6b. The API killed between its commit and its acknowledgement: the entry is delivered again,
+/// applied once (the second time it is ignored), and the pending list drains.
+#[tokio::test]
+async fn a_crash_between_commit_and_ack_redelivers_and_applies_once() {
+    let mut platform = Platform::start().await.unwrap();
+    if !matches!(platform.is_running(Service::Api), Some(true)) {
+        eprintln!("skipped: needs spawn mode (a failpoint-enabled follow-api)");
+        return;
+    }
+    let mut user = User::new(&platform).await;
+    let created = user.create_route(&platform, &[(0.4, 0.6)]).await;
+    let target = &created.upload_targets[0];
+    // Restart the API with the failpoint paused right after the commit.
+    platform.stop(Service::Api).await.unwrap();
+    platform
+        .start_service(
+            Service::Api,
+            &[("FAILPOINTS", Some("api-results-after-commit=pause"))],
+        )
+        .await
+        .unwrap();
+    let (status, _) = upload(&target.upload_url, "image/jpeg", jpeg(640, 480))
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    let db = platform.database().await.unwrap();
+    let committed_at = eventually_async(WAIT, "the commit", || async {
+        let row: (String, Option<String>, String) = sqlx::query_as(
+            "SELECT status::text, result_entry_id, updated_at::text FROM image.images WHERE id = $1::uuid",
+        )
+        .bind(&target.image_id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        (row.0 == "PROCESSED").then_some(row)
+    })
+    .await;
+    assert_eq!(
+        pending_results(&platform).await,
+        1,
+        "committed but not acknowledged: is follow-api built with the `failpoints` feature? \
+         (./dev test builds it so)\n{}",
+        platform.log(Service::Api)
+    );
+    platform.kill(Service::Api).await.unwrap();
+    platform
+        .start_service(Service::Api, &[("FAILPOINTS", None)])
+        .await
+        .unwrap();
+    eventually_async(WAIT, "the pending list drained", || async {
+        (pending_results(&platform).await == 0).then_some(())
+    })
+    .await;
+    let after: (String, Option<String>, String) = sqlx::query_as(
+        "SELECT status::text, result_entry_id, updated_at::text FROM image.images WHERE id = $1::uuid",
+    )
+    .bind(&target.image_id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(after, committed_at, "the redelivery changed nothing");
+    let metrics = reqwest::get(format!("{}/metrics", platform.api_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = |outcome: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "follow_api_results_applied_total{{outcome=\"{outcome}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (counted("ignored"), counted("processed")),
+        (1, 0),
+        "{metrics}"
+    );
+    user.clean_up(&platform).await;
+}
+
+/// 7. Valkey down: both healths say so, route creation is UNAVAILABLE, uploads get 503; after it
+/// returns everything works again.
+#[tokio::test]
+async fn valkey_down_is_reported_and_refused_and_recovered_from() {
+    let mut platform = Platform::start().await.unwrap();
+    for url in [&platform.api_url, &platform.gateway_url] {
+        let (status, body) = platform.health(url).await.unwrap();
+        assert_eq!(
+            (status, body["valkey"].as_str()),
+            (200, Some("ok")),
+            "{url}"
+        );
+    }
+    if !platform.controls_processes() {
+        eprintln!("skipped the outage: needs spawn or compose mode to stop Valkey");
+        return;
+    }
+    let mut user = User::new(&platform).await;
+    let before = user.create_route(&platform, &[(0.3, 0.3)]).await;
+    platform.stop(Service::Valkey).await.unwrap();
+    for url in [platform.api_url.clone(), platform.gateway_url.clone()] {
+        eventually_async(WAIT, "health reporting Valkey down", || async {
+            let (status, body) = platform.health(&url).await.ok()?;
+            (status == 503 && body["valkey"] != "ok").then_some(())
+        })
+        .await;
+    }
+    let request = api::CreateRouteWithWaypointsRequest {
+        request_id: Uuid::new_v4().to_string(),
+        name: "during the outage".into(),
+        waypoints: vec![WaypointInput {
+            marker_x: 0.5,
+            marker_y: 0.5,
+            content_type: "image/jpeg".into(),
+            file_size: 1_000_000,
+        }],
+    };
+    let refused = platform
+        .routes()
+        .await
+        .unwrap()
+        .create_route_with_waypoints(bearer(request, &user.token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    let (status, answer) = upload(
+        &before.upload_targets[0].upload_url,
+        "image/jpeg",
+        jpeg(64, 64),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "{answer}");
+
+    platform.start_service(Service::Valkey, &[]).await.unwrap();
+    for url in [platform.api_url.clone(), platform.gateway_url.clone()] {
+        eventually_async(WAIT, "health reporting Valkey ok", || async {
+            let (status, _) = platform.health(&url).await.ok()?;
+            (status == 200).then_some(())
+        })
+        .await;
+    }
+    // As a client does: UNAVAILABLE and 503 are retried (the API's breaker lets a probe
+    // through within seconds of Valkey's return).
+    let after = eventually_async(WAIT, "a route created again", || async {
+        let request = api::CreateRouteWithWaypointsRequest {
+            request_id: Uuid::new_v4().to_string(),
+            name: "after the outage".into(),
+            waypoints: vec![WaypointInput {
+                marker_x: 0.6,
+                marker_y: 0.6,
+                content_type: "image/jpeg".into(),
+                file_size: 1_000_000,
+            }],
+        };
+        let mut routes = platform.routes().await.unwrap();
+        match routes
+            .create_route_with_waypoints(bearer(request, &user.token))
+            .await
+        {
+            Ok(created) => Some(created.into_inner()),
+            Err(status) if status.code() == Code::Unavailable => None,
+            Err(status) => panic!("{status:?}"),
+        }
+    })
+    .await;
+    user.images
+        .extend(after.upload_targets.iter().map(|t| t.image_id.clone()));
+    let route_id = after.route.as_ref().unwrap().id.clone();
+    let url = &after.upload_targets[0].upload_url;
+    let status = eventually_async(WAIT, "an upload accepted again", || async {
+        let (status, _) = upload(url, "image/jpeg", jpeg(320, 240)).await.unwrap();
+        (status != 503).then_some(status)
+    })
+    .await;
+    assert_eq!(status, 202);
+    user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
+        .await;
+    user.clean_up(&platform).await;
+}
+
+/// 8. Publishing: refused while the route is PENDING, done once it is READY.
+#[tokio::test]
+async fn publish_is_refused_while_pending_and_works_when_ready() {
+    let platform = Platform::start().await.unwrap();
+    let mut user = User::new(&platform).await;
+    let created = user.create_route(&platform, &[(0.9, 0.1)]).await;
+    let route_id = created.route.as_ref().unwrap().id.clone();
+    let publish = || async {
+        platform
+            .routes()
+            .await
+            .unwrap()
+            .publish_route(bearer(
+                api::PublishRouteRequest {
+                    route_id: route_id.clone(),
+                },
+                &user.token,
+            ))
+            .await
+    };
+    assert_eq!(
+        publish().await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let (status, _) = upload(
+        &created.upload_targets[0].upload_url,
+        "image/jpeg",
+        jpeg(500, 400),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 202);
+    user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
+        .await;
+    let published = publish().await.unwrap().into_inner().route.unwrap();
+    assert_eq!(published.status(), api::RouteStatus::Published);
+    assert!(published.publish_time.is_some());
+    user.clean_up(&platform).await;
+}
