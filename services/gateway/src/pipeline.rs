@@ -8,7 +8,10 @@
 
 use std::io::Cursor;
 
-use fast_image_resize::{FilterType as ResizeFilter, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{
+    FilterType as ResizeFilter, PixelType, ResizeAlg, ResizeOptions, Resizer,
+    images::{Image, ImageRef},
+};
 use follow_bus::Stage;
 use image::{
     DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits,
@@ -51,12 +54,9 @@ pub fn run(
         height,
     } = decode(bytes, format, config.max_pixels, config.long_edge)?;
     stage(Stage::Processing);
-    // The full-size decode is freed as soon as the main image exists: peak memory is the
-    // decoded image plus the resizer's buffers, never two full-size copies.
-    let main = match scaled(&image, config.long_edge) {
-        Some(main) => main,
-        None => image,
-    };
+    // The full-size decode is consumed by the main image's resize: peak memory is the decoded
+    // image plus a band of rows, never a second full-size buffer.
+    let main = shrunk(image, config.long_edge)?;
     let preview = scaled(&main, config.preview_edge);
     let preview = preview.as_ref().unwrap_or(&main);
     stage(Stage::Encoding);
@@ -202,21 +202,87 @@ fn decode_jpeg_shrunk(
     Ok((image, orientation))
 }
 
-/// The image scaled down so its long edge is `edge`, or `None` when it already fits (never
-/// upscaled). Resized in 8-bit RGB(A) with SIMD convolution (`fast_image_resize`, alpha
-/// premultiplied): no float copies of the image, several times faster than `image`'s resize.
-pub fn scaled(image: &DynamicImage, edge: u32) -> Option<DynamicImage> {
-    let (w, h) = (u64::from(image.width()), u64::from(image.height()));
+/// Rows per band of [`shrunk`]'s horizontal pass.
+const BAND_ROWS: usize = 64;
+
+/// `image` scaled down to a long edge of `edge` (unchanged when it fits), in the memory it
+/// already has. For 8-bit RGB and grey — every JPEG — the separable resize runs its horizontal
+/// pass band by band and writes each narrowed band back into the image's own buffer: a narrowed
+/// row always lands at or before the source rows still to be read, so nothing unread is
+/// overwritten. The buffer is then cut to the narrow image, and the vertical pass makes the
+/// result. Other pixel types take [`scaled`].
+pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, UploadError> {
+    let Some((dw, dh)) = target_size(image.width(), image.height(), edge) else {
+        return Ok(image);
+    };
+    let pixel = match &image {
+        DynamicImage::ImageRgb8(_) => PixelType::U8x3,
+        DynamicImage::ImageLuma8(_) => PixelType::U8,
+        _ => return Ok(scaled(&image, edge).unwrap_or(image)),
+    };
+    let color = image.color();
+    let (sw, sh) = (image.width(), image.height());
+    let mut pixels = image.into_bytes();
+    let bytes = pixel.size();
+    let (src_row, dst_row) = (sw as usize * bytes, dw as usize * bytes);
+    let mut band = vec![0; dst_row * BAND_ROWS];
+    let mut resizer = Resizer::new();
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(ResizeFilter::Bilinear));
+    let resized = (0..sh as usize).step_by(BAND_ROWS).try_for_each(|top| {
+        let rows = BAND_ROWS.min(sh as usize - top);
+        let src = ImageRef::new(
+            sw,
+            rows as u32,
+            &pixels[top * src_row..(top + rows) * src_row],
+            pixel,
+        )?;
+        let mut dst = Image::from_slice_u8(dw, rows as u32, &mut band[..rows * dst_row], pixel)?;
+        resizer.resize(&src, &mut dst, &options)?;
+        pixels[top * dst_row..(top + rows) * dst_row].copy_from_slice(&band[..rows * dst_row]);
+        Ok::<_, Box<dyn std::error::Error>>(())
+    });
+    drop(band);
+    pixels.truncate(sh as usize * dst_row);
+    pixels.shrink_to_fit();
+    let vertical = resized.and_then(|()| {
+        let src = ImageRef::new(dw, sh, &pixels, pixel)?;
+        let mut dst = Image::new(dw, dh, pixel);
+        resizer.resize(&src, &mut dst, &options)?;
+        Ok(dst.into_vec())
+    });
+    let out = vertical.map_err(|e| {
+        tracing::error!(error = %e, "banded resize failed");
+        UploadError::Internal
+    })?;
+    match color {
+        image::ColorType::L8 => {
+            image::GrayImage::from_raw(dw, dh, out).map(DynamicImage::ImageLuma8)
+        }
+        _ => image::RgbImage::from_raw(dw, dh, out).map(DynamicImage::ImageRgb8),
+    }
+    .ok_or(UploadError::Internal)
+}
+
+/// The size of an image scaled to a long edge of `edge`, or `None` when it already fits.
+fn target_size(width: u32, height: u32, edge: u32) -> Option<(u32, u32)> {
+    let (w, h) = (u64::from(width), u64::from(height));
     if w.max(h) <= u64::from(edge) {
         return None;
     }
     let shorter =
         |long: u64, short: u64| u32::try_from((short * u64::from(edge) / long).max(1)).unwrap_or(1);
-    let (dw, dh) = if w >= h {
+    Some(if w >= h {
         (edge, shorter(w, h))
     } else {
         (shorter(h, w), edge)
-    };
+    })
+}
+
+/// The image scaled down so its long edge is `edge`, or `None` when it already fits (never
+/// upscaled). Resized in 8-bit RGB(A) with SIMD convolution (`fast_image_resize`, alpha
+/// premultiplied): no float copies of the image, several times faster than `image`'s resize.
+pub fn scaled(image: &DynamicImage, edge: u32) -> Option<DynamicImage> {
+    let (dw, dh) = target_size(image.width(), image.height(), edge)?;
     let converted;
     let source = match image {
         DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => image,
@@ -254,10 +320,15 @@ pub fn encode(image: &DynamicImage, quality: u8) -> Result<Encoded, UploadError>
             .map_err(failed)?;
         "image/png"
     } else {
-        image
-            .to_rgb8()
-            .write_with_encoder(JpegEncoder::new_with_quality(&mut bytes, quality))
-            .map_err(failed)?;
+        let encoder = JpegEncoder::new_with_quality(&mut bytes, quality);
+        match image {
+            // No copy for what JPEG takes as it is (every decoded JPEG).
+            DynamicImage::ImageRgb8(_) | DynamicImage::ImageLuma8(_) => {
+                image.write_with_encoder(encoder)
+            }
+            other => other.to_rgb8().write_with_encoder(encoder),
+        }
+        .map_err(failed)?;
         "image/jpeg"
     };
     Ok(Encoded {
@@ -270,7 +341,7 @@ pub fn encode(image: &DynamicImage, quality: u8) -> Result<Encoded, UploadError>
 
 #[cfg(test)]
 mod tests {
-    use image::{ImageBuffer, Rgb, Rgba};
+    use image::{GenericImageView, ImageBuffer, Rgb, Rgba};
 
     use super::*;
 
@@ -330,6 +401,32 @@ mod tests {
                 "x {x}: red {red}, expected {expected}"
             );
         }
+    }
+
+    #[test]
+    fn the_banded_in_place_resize_matches_the_plain_one() {
+        let source = DynamicImage::ImageRgb8(ImageBuffer::from_fn(1000, 301, |x, y| {
+            Rgb([
+                (x * 7 % 256) as u8,
+                (y * 13 % 256) as u8,
+                ((x ^ y) % 256) as u8,
+            ])
+        }));
+        let plain = scaled(&source, 256).unwrap().to_rgb8();
+        let banded = shrunk(source.clone(), 256).unwrap().to_rgb8();
+        assert_eq!(plain.dimensions(), banded.dimensions());
+        let worst = plain
+            .as_raw()
+            .iter()
+            .zip(banded.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(worst <= 2, "largest difference {worst}");
+        let grey = DynamicImage::ImageLuma8(source.to_luma8());
+        assert_eq!(shrunk(grey, 256).unwrap().dimensions(), (256, 77));
+        let small = shrunk(source.clone(), 5000).unwrap();
+        assert_eq!(small.dimensions(), (1000, 301));
     }
 
     #[test]
