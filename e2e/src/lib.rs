@@ -126,6 +126,23 @@ impl Platform {
         self.wait_healthy(url, Duration::from_secs(60)).await
     }
 
+    /// Starts another `follow-api` instance on the same stack (spawn mode) and returns its URL:
+    /// instances share nothing but Valkey and PostgreSQL, with no sticky routing between them.
+    pub async fn add_api(&mut self) -> anyhow::Result<String> {
+        let url = match &mut self.backend {
+            Backend::Spawn(stack) => stack.add_api().await?,
+            _ => bail!("only spawn mode starts more API instances"),
+        };
+        self.wait_healthy(&url, Duration::from_secs(60)).await?;
+        Ok(url)
+    }
+
+    /// `ImageService` of the API instance at `url`.
+    pub async fn images_at(&self, url: &str) -> anyhow::Result<ImageServiceClient<Channel>> {
+        let channel = Endpoint::from_shared(url.to_owned())?.connect().await?;
+        Ok(ImageServiceClient::new(channel))
+    }
+
     /// Whether `service`'s process is running (spawn mode; `None` where it cannot be told).
     pub fn is_running(&mut self, service: Service) -> Option<bool> {
         match &mut self.backend {

@@ -16,6 +16,9 @@ pub(crate) struct Stack {
     _garage: GarageServer,
     api: ServiceProcess,
     gateway: ServiceProcess,
+    /// The API's settings, for more instances of it.
+    api_env: Vec<(String, String)>,
+    more_apis: Vec<ServiceProcess>,
 }
 
 /// A `kid=KEY` private key and its `kid=PUB` public half.
@@ -36,6 +39,17 @@ pub(crate) async fn keygen(kid: &str) -> anyhow::Result<(String, String)> {
         (Some(private), Some(public)) => Ok((private.to_owned(), public.to_owned())),
         _ => bail!("unexpected keygen output"),
     }
+}
+
+async fn start_api(env: Vec<(String, String)>) -> anyhow::Result<ServiceProcess> {
+    Ok(ServiceProcess::start(
+        "follow-api",
+        &binary("follow-api")?,
+        &["serve"],
+        env,
+        "FOLLOW_API_LISTEN",
+    )
+    .await?)
 }
 
 impl Stack {
@@ -78,20 +92,14 @@ impl Stack {
             "FOLLOW_GATEWAY_LISTEN",
         )
         .await?;
-        let api = ServiceProcess::start(
-            "follow-api",
-            &binary("follow-api")?,
-            &["serve"],
-            common(&[
-                ("FOLLOW_DATABASE_URL", postgres.url()),
-                ("FOLLOW_USER_PUBLIC_KEYS", user_public),
-                ("FOLLOW_UPLOAD_SIGNING_KEY", upload_private),
-                ("FOLLOW_GATEWAY_URL", gateway.url()),
-                ("FOLLOW_CONSUMER_NAME", "api-e2e".to_owned()),
-            ]),
-            "FOLLOW_API_LISTEN",
-        )
-        .await?;
+        let api_env = common(&[
+            ("FOLLOW_DATABASE_URL", postgres.url()),
+            ("FOLLOW_USER_PUBLIC_KEYS", user_public),
+            ("FOLLOW_UPLOAD_SIGNING_KEY", upload_private),
+            ("FOLLOW_GATEWAY_URL", gateway.url()),
+            ("FOLLOW_CONSUMER_NAME", "api-e2e".to_owned()),
+        ]);
+        let api = start_api(api_env.clone()).await?;
         Ok(Platform {
             api_url: api.url(),
             gateway_url: gateway.url(),
@@ -104,8 +112,23 @@ impl Stack {
                 _garage: garage,
                 api,
                 gateway,
+                api_env,
+                more_apis: Vec::new(),
             })),
         })
+    }
+
+    /// Starts one more `follow-api` on the same databases (its own consumer name in the group)
+    /// and returns its URL.
+    pub(crate) async fn add_api(&mut self) -> anyhow::Result<String> {
+        let mut env = self.api_env.clone();
+        let name = format!("api-e2e-{}", self.more_apis.len() + 2);
+        env.retain(|(k, _)| k != "FOLLOW_CONSUMER_NAME");
+        env.push(("FOLLOW_CONSUMER_NAME".to_owned(), name));
+        let api = start_api(env).await?;
+        let url = api.url();
+        self.more_apis.push(api);
+        Ok(url)
     }
 
     fn process(&mut self, service: Service) -> Option<&mut ServiceProcess> {

@@ -752,3 +752,85 @@ async fn publish_is_refused_while_pending_and_works_when_ready() {
     assert!(published.publish_time.is_some());
     user.clean_up(&platform).await;
 }
+
+/// Two API instances and no sticky routing: a watcher on one sees every event of a route whose
+/// results either instance applied, and a client that moves to the other instance with its last
+/// cursor gets exactly what it missed — nothing twice.
+#[tokio::test]
+async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
+    let mut platform = Platform::start().await.unwrap();
+    if !matches!(platform.is_running(Service::Api), Some(true)) {
+        eprintln!("skipped: needs spawn mode to start a second API instance");
+        return;
+    }
+    let second = platform.add_api().await.unwrap();
+    let mut user = User::new(&platform).await;
+    let created = user
+        .create_route(&platform, &[(0.2, 0.4), (0.6, 0.8)])
+        .await;
+    let route_id = created.route.as_ref().unwrap().id.clone();
+    let (first, other) = (&created.upload_targets[0], &created.upload_targets[1]);
+    let watch_route = |cursor: &str| api::WatchImageStatusRequest {
+        target: Some(Target::RouteId(route_id.clone())),
+        resume_cursor: cursor.to_owned(),
+    };
+    let mut on_second = platform
+        .images_at(&second)
+        .await
+        .unwrap()
+        .watch_image_status(bearer(watch_route(""), &user.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let (status, _) = upload(&first.upload_url, "image/jpeg", jpeg(640, 480))
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    let cursor = loop {
+        let message = tokio::time::timeout(WAIT, on_second.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match message.event.unwrap() {
+            Event::ImageProcessed(p) => {
+                assert_eq!(p.image.unwrap().id, first.image_id);
+                break message.cursor;
+            }
+            Event::ImageProgress(_) | Event::Heartbeat(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    drop(on_second);
+
+    // While no one watches, the second image goes through.
+    let (status, _) = upload(&other.upload_url, "image/jpeg", jpeg(640, 480))
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
+        .await;
+
+    // Back on the first instance with the cursor: the missed outcome, READY, the end.
+    let mut on_first = platform
+        .images()
+        .await
+        .unwrap()
+        .watch_image_status(bearer(watch_route(&cursor), &user.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut missed = Vec::new();
+    while let Some(event) = next_event(&mut on_first).await {
+        missed.push(match event {
+            Event::ImageProcessed(p) => format!("processed {}", p.image.unwrap().id),
+            Event::RouteReady(_) => "ready".to_owned(),
+            other => panic!("not missed, or sent twice: {other:?}"),
+        });
+    }
+    assert_eq!(
+        missed,
+        [format!("processed {}", other.image_id), "ready".into()]
+    );
+    user.clean_up(&platform).await;
+}
