@@ -834,3 +834,56 @@ async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
     );
     user.clean_up(&platform).await;
 }
+
+/// The TypeScript SDK generated from the contracts (`sdk/typescript`, built by `./dev sdk`)
+/// drives the platform as a browser would — grpc-web and fetch: a route, its live watch, the
+/// upload, every stage, READY, and the preview.
+#[tokio::test]
+async fn the_typescript_sdk_drives_the_platform_over_grpc_web() {
+    let platform = Platform::start().await.unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let smoke = root.join("sdk/typescript/dist/smoke.js");
+    assert!(
+        smoke.is_file(),
+        "{} is missing: run ./dev sdk (./dev test does)",
+        smoke.display()
+    );
+    let user = User::new(&platform).await;
+    let out = tokio::process::Command::new("node")
+        .arg(&smoke)
+        .arg(&platform.api_url)
+        .arg(&user.token)
+        .arg(root.join("demo/photo.jpg"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let stages: Vec<&str> = summary["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "QUEUED",
+            "WAITING_UPLOAD",
+            "VALIDATING",
+            "DECODING",
+            "PROCESSING",
+            "ENCODING",
+            "UPLOADING_TO_STORAGE",
+            "DONE"
+        ]
+    );
+    assert_eq!(summary["previewStatus"], 200);
+    assert_eq!(summary["previewType"], "image/jpeg");
+    user.clean_up(&platform).await;
+}
