@@ -887,3 +887,44 @@ async fn the_typescript_sdk_drives_the_platform_over_grpc_web() {
     assert_eq!(summary["previewType"], "image/jpeg");
     user.clean_up(&platform).await;
 }
+
+/// The demo page (`web/`, on the generated SDK) in headless Chromium, driven by Playwright:
+/// signed in with a dev token, two photos chosen, the route created — and the page ends showing
+/// every image DONE with its preview loaded and the route READY.
+#[tokio::test]
+async fn the_web_page_in_chromium_shows_every_photo_processed() {
+    let platform = Platform::start().await.unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let page = root.join("web/dist/app.js");
+    assert!(
+        page.is_file(),
+        "{} is missing: run ./dev sdk (./dev test does)",
+        page.display()
+    );
+    let user = User::new(&platform).await;
+    let photo = root.join("demo/photo.jpg");
+    let out = tokio::process::Command::new("node")
+        .arg(root.join("web/test/browser.mjs"))
+        .arg(&platform.api_url)
+        .arg(&user.token)
+        .args([&photo, &photo])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["route"], "READY");
+    let images = summary["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    for image in images {
+        assert_eq!(image["stage"], "DONE");
+        assert_eq!(image["uploaded"], 1);
+        assert!(image["preview"].as_u64().unwrap() > 0);
+    }
+    user.clean_up(&platform).await;
+}

@@ -14,6 +14,7 @@ import { ImageService } from "./gen/follow/api/v1/image_service_pb.js";
 import { RouteService } from "./gen/follow/api/v1/route_service_pb.js";
 import { GatewayService } from "./gen/follow/gateway/v1/gateway_service_pb.js";
 
+export { Code, ConnectError } from "@connectrpc/connect";
 export * from "./gen/follow/api/v1/image_service_pb.js";
 export * from "./gen/follow/api/v1/route_service_pb.js";
 export * from "./gen/follow/api/v1/types_pb.js";

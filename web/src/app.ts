@@ -1,0 +1,133 @@
+// The follow demo page: one route with a waypoint per chosen photo, uploads with progress bars,
+// every stage of every image live (WatchImageStatus over grpc-web), previews when processed.
+// Settings come from `?api=…&token=…`, else from `config.json` beside the page (`./dev up` writes
+// it), else the defaults of `./dev up`.
+import { ConnectError, Stage, followClients } from "../../sdk/typescript/src/index.js";
+
+const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+const apiInput = $<HTMLInputElement>("api");
+const tokenInput = $<HTMLInputElement>("token");
+const files = $<HTMLInputElement>("files");
+const start = $<HTMLButtonElement>("start");
+const rows = $<HTMLTableSectionElement>("images");
+
+async function settings(): Promise<{ api: string; token: string }> {
+  const query = new URLSearchParams(location.search);
+  let saved: { api?: string; token?: string } = {};
+  try {
+    const response = await fetch("config.json");
+    if (response.ok) saved = await response.json();
+  } catch {
+    // No config.json: the page was opened from somewhere else; the fields decide.
+  }
+  return {
+    api: query.get("api") ?? saved.api ?? "http://127.0.0.1:8080",
+    token: query.get("token") ?? saved.token ?? "",
+  };
+}
+
+function showError(error: unknown) {
+  const message = error instanceof ConnectError ? `${error.code}: ${error.rawMessage}` : String(error);
+  $("error").textContent = message;
+}
+
+/** PUT with progress events (fetch cannot report upload progress). */
+function upload(url: string, file: File, progress: HTMLProgressElement): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("PUT", url);
+    request.setRequestHeader("content-type", file.type);
+    request.upload.onprogress = (e) => {
+      if (e.lengthComputable) progress.value = e.loaded / e.total;
+    };
+    request.onload = () => {
+      progress.value = 1;
+      request.status === 202 ? resolve() : reject(new Error(`upload ${request.status}: ${request.responseText}`));
+    };
+    request.onerror = () => reject(new Error("upload failed: network error"));
+    request.send(file);
+  });
+}
+
+async function run() {
+  $("error").textContent = "";
+  const chosen = Array.from(files.files ?? []);
+  if (chosen.length === 0) return showError("choose at least one photo");
+  const follow = followClients(apiInput.value, () => tokenInput.value);
+  const { route, uploadTargets } = await follow.routes.createRouteWithWaypoints({
+    requestId: crypto.randomUUID(),
+    name: `${chosen.length} photos`,
+    waypoints: chosen.map((file, i) => ({
+      markerX: (i + 1) / (chosen.length + 1),
+      markerY: 0.5,
+      contentType: file.type,
+      fileSize: BigInt(file.size),
+    })),
+  });
+  if (!route) throw new Error("no route in the answer");
+  $("route-id").textContent = route.id;
+  $("route-status").textContent = "PENDING";
+  const byImage = new Map<string, HTMLTableRowElement>();
+  uploadTargets.forEach((target, i) => {
+    const row = rows.insertRow();
+    row.className = "image-row";
+    row.dataset.imageId = target.imageId;
+    row.insertCell().textContent = chosen[i].name;
+    row.insertCell().append(Object.assign(document.createElement("progress"), { max: 1, value: 0 }));
+    row.insertCell().className = "stage";
+    row.insertCell().className = "preview-cell";
+    byImage.set(target.imageId, row);
+  });
+  let uploads: Promise<void[]> | undefined;
+  const watch = follow.images.watchImageStatus({ target: { case: "routeId", value: route.id } });
+  for await (const { event } of watch) {
+    // The first event means the watch is live: nothing the uploads cause can be missed.
+    uploads ??= Promise.all(
+      uploadTargets.map((target, i) => {
+        const progress = byImage.get(target.imageId)!.querySelector("progress")!;
+        return upload(target.uploadUrl, chosen[i], progress);
+      }),
+    );
+    uploads.catch(showError);
+    switch (event.case) {
+      case "imageProgress": {
+        const stage = byImage.get(event.value.imageId)?.querySelector(".stage");
+        if (stage) stage.textContent = Stage[event.value.stage];
+        break;
+      }
+      case "imageProcessed": {
+        const row = byImage.get(event.value.image?.id ?? "");
+        if (!row) break;
+        row.querySelector(".stage")!.textContent = "DONE";
+        const img = Object.assign(document.createElement("img"), {
+          className: "preview",
+          src: event.value.previewUrl,
+          alt: "preview",
+        });
+        row.querySelector(".preview-cell")!.replaceChildren(img);
+        break;
+      }
+      case "imageFailed": {
+        const stage = byImage.get(event.value.imageId)?.querySelector(".stage");
+        if (stage) {
+          stage.textContent = `FAILED: ${event.value.errorMessage}`;
+          stage.classList.add("failed");
+        }
+        break;
+      }
+      case "routeReady":
+        $("route-status").textContent = "READY";
+        break;
+    }
+  }
+}
+
+const initial = await settings();
+apiInput.value = initial.api;
+tokenInput.value = initial.token;
+start.addEventListener("click", () => {
+  start.disabled = true;
+  run()
+    .catch(showError)
+    .finally(() => (start.disabled = false));
+});

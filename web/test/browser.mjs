@@ -1,0 +1,87 @@
+// The demo page in headless Chromium against a real stack: sign in with a dev token, choose
+// photos, create the route, and wait until the page shows every image processed (stage DONE,
+// preview loaded) and the route READY. Serves dist/ itself on a free loopback port.
+//
+//   node test/browser.mjs API_URL TOKEN PHOTO...
+//
+// Prints a JSON summary; exits non-zero (with a screenshot in $TMPDIR) when the page does not
+// get there within the deadline. Chromium: Debian's, /usr/bin/chromium (or $CHROMIUM).
+import { createServer } from "node:http";
+import { readFile } from "node:fs/promises";
+import { extname, join } from "node:path";
+import { tmpdir } from "node:os";
+import { chromium } from "playwright-core";
+
+const [api, token, ...photos] = process.argv.slice(2);
+if (!api || !token || photos.length === 0) {
+  console.error("usage: node test/browser.mjs API_URL TOKEN PHOTO...");
+  process.exit(2);
+}
+const dist = new URL("../dist/", import.meta.url).pathname;
+const types = { ".html": "text/html", ".js": "text/javascript", ".map": "application/json" };
+const server = createServer(async (request, response) => {
+  const path = new URL(request.url, "http://x").pathname.replace(/^\/$/, "/index.html");
+  try {
+    const body = await readFile(join(dist, path.replace(/\.\.+/g, "")));
+    response.writeHead(200, { "content-type": types[extname(path)] ?? "application/octet-stream" });
+    response.end(body);
+  } catch {
+    response.writeHead(404).end();
+  }
+});
+await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+const page_url = `http://127.0.0.1:${server.address().port}/?api=${encodeURIComponent(api)}&token=${encodeURIComponent(token)}`;
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+let failed = false;
+try {
+  const page = await browser.newPage();
+  const console_lines = [];
+  page.on("console", (m) => console_lines.push(`${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => console_lines.push(`pageerror: ${e.message}`));
+  await page.goto(page_url);
+  await page.setInputFiles("#files", photos);
+  await page.click("#start");
+  try {
+    await page.waitForFunction(
+      (n) => {
+        const rows = [...document.querySelectorAll(".image-row")];
+        return (
+          document.querySelector("#route-status")?.textContent === "READY" &&
+          rows.length === n &&
+          rows.every((row) => {
+            const img = row.querySelector("img.preview");
+            return row.querySelector(".stage")?.textContent === "DONE" && img?.complete && img.naturalWidth > 0;
+          })
+        );
+      },
+      photos.length,
+      { timeout: 60_000, polling: 100 },
+    );
+  } catch (e) {
+    failed = true;
+    const shot = join(tmpdir(), `follow-browser-${Date.now()}.png`);
+    await page.screenshot({ path: shot, fullPage: true });
+    console.error(`the page did not show every image processed: ${e.message}\nscreenshot: ${shot}\n${console_lines.join("\n")}`);
+  }
+  const summary = await page.evaluate(() => ({
+    route: document.querySelector("#route-status")?.textContent,
+    error: document.querySelector("#error")?.textContent,
+    images: [...document.querySelectorAll(".image-row")].map((row) => ({
+      stage: row.querySelector(".stage")?.textContent,
+      uploaded: row.querySelector("progress")?.value,
+      preview: row.querySelector("img.preview")?.naturalWidth ?? 0,
+    })),
+  }));
+  console.log(JSON.stringify(summary));
+} finally {
+  await browser.close();
+  server.close();
+}
+process.exit(failed ? 1 : 0);
