@@ -151,6 +151,14 @@ impl Platform {
         }
     }
 
+    /// Process ids of the API instances (spawn mode), for memory figures.
+    pub fn api_pids(&self) -> Vec<u32> {
+        match &self.backend {
+            Backend::Spawn(stack) => stack.api_pids(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The last lines a service wrote (spawn mode), for failure messages.
     pub fn log(&self, service: Service) -> String {
         match &self.backend {

@@ -179,6 +179,14 @@ impl Stack {
         Ok(())
     }
 
+    /// Process ids of the API instances, the first one first.
+    pub(crate) fn api_pids(&self) -> Vec<u32> {
+        std::iter::once(&self.api)
+            .chain(&self.more_apis)
+            .filter_map(ServiceProcess::pid)
+            .collect()
+    }
+
     pub(crate) fn is_running(&mut self, service: Service) -> bool {
         self.process(service).is_none_or(ServiceProcess::is_running)
     }

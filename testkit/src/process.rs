@@ -118,6 +118,10 @@ impl Guarded {
         self.0.take()
     }
 
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.0.as_ref().and_then(Child::id)
+    }
+
     pub(crate) fn is_running(&mut self) -> bool {
         self.0
             .as_mut()

@@ -1,0 +1,295 @@
+//! `./dev bench live`: live progress at scale, on one machine. A throwaway stack with two API
+//! instances (release builds); `FOLLOW_BENCH_STREAMS` watch streams (default 10,000) on the first
+//! instance and `FOLLOW_BENCH_STREAMS_B` (default 1,000) on the second, half of each over grpc-web
+//! (HTTP/1.1, one connection per stream) and half over native gRPC (HTTP/2, up to 100 streams per
+//! connection). Each stream watches one image. A publisher then plays the gateways: every image
+//! goes through its six in-flight stages (`HSET image:status` + `PUBLISH image:progress`, as the
+//! gateway does) at `FOLLOW_BENCH_RATE` events/s (default 1,000).
+//!
+//! Prints: memory per idle stream (API RSS growth / streams, after every stream got its snapshot),
+//! events published and delivered, delivered/s, publish → client latency p50/p99/max, and lost
+//! and duplicated events (each stream must see each stage of its image exactly once, in order).
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use follow_e2e::{Platform, client::bearer};
+use follow_proto::{
+    api::v1::{
+        self as api, ImageIds, WaypointInput, image_service_client::ImageServiceClient,
+        watch_image_status_request::Target, watch_image_status_response::Event,
+    },
+    events::v1::{ImageProgress, Stage},
+    prost::Message,
+    prost_types::Timestamp,
+    tonic::transport::{Channel, Endpoint},
+};
+use tokio::sync::Barrier;
+
+/// The stages a gateway reports while an image is in flight (the final one would end streams).
+const STAGES: [(Stage, &str); 6] = [
+    (Stage::WaitingUpload, "waiting_upload"),
+    (Stage::Validating, "validating"),
+    (Stage::Decoding, "decoding"),
+    (Stage::Processing, "processing"),
+    (Stage::Encoding, "encoding"),
+    (Stage::UploadingToStorage, "uploading_to_storage"),
+];
+const SLOTS: usize = 10;
+
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// What one stream saw.
+#[derive(Default)]
+struct Seen {
+    latencies_us: Vec<u32>,
+    delivered: u64,
+    duplicated: u64,
+    lost: u64,
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo bench` probes harness=false targets with these.
+    }
+    let streams_a = setting("FOLLOW_BENCH_STREAMS", 10_000);
+    let streams_b = setting("FOLLOW_BENCH_STREAMS_B", 1_000);
+    let rate = setting("FOLLOW_BENCH_RATE", 1_000);
+    let images = setting("FOLLOW_BENCH_IMAGES", 2_000).max(1);
+
+    let mut platform = Platform::start().await.unwrap();
+    let second = platform.add_api().await.unwrap();
+    let pids = platform.api_pids();
+    let token = platform.token("bench").await.unwrap();
+
+    // Images to watch: routes of 100 waypoints.
+    let mut routes = platform.routes().await.unwrap();
+    let mut ids: Vec<String> = Vec::with_capacity(images);
+    while ids.len() < images {
+        let n = (images - ids.len()).min(100);
+        let request = api::CreateRouteWithWaypointsRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            name: "bench".into(),
+            waypoints: (0..n)
+                .map(|i| WaypointInput {
+                    marker_x: i as f64 / 100.0,
+                    marker_y: 0.5,
+                    content_type: "image/jpeg".into(),
+                    file_size: 1_000_000,
+                })
+                .collect(),
+        };
+        let created = routes
+            .create_route_with_waypoints(bearer(request, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(created.upload_targets.into_iter().map(|t| t.image_id));
+    }
+    let index: std::collections::HashMap<String, usize> = ids
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, id)| (id, i))
+        .collect();
+    let index = Arc::new(index);
+
+    // publish time of (image, stage), in µs since `epoch`; 0 = not yet.
+    let epoch = Instant::now();
+    let published: Arc<Vec<AtomicU64>> =
+        Arc::new((0..images * SLOTS).map(|_| AtomicU64::new(0)).collect());
+
+    let rss_before: Vec<u64> = pids.iter().map(|&p| rss_bytes(p)).collect();
+    let total = streams_a + streams_b;
+    let ready = Arc::new(Barrier::new(total + 1));
+    let mut channels: Vec<(String, Vec<Channel>)> = Vec::new();
+    for (url, n) in [
+        (platform.api_url.clone(), streams_a),
+        (second.clone(), streams_b),
+    ] {
+        let mut list = Vec::new();
+        for _ in 0..(n / 2).div_ceil(100).max(1) {
+            list.push(
+                Endpoint::from_shared(url.clone())
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+            );
+        }
+        channels.push((url, list));
+    }
+    let opened = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for (instance, n) in [(0usize, streams_a), (1, streams_b)] {
+        for s in 0..n {
+            let image = (s * 7919 + instance) % images;
+            let id = ids[image].clone();
+            let request = bearer(
+                api::WatchImageStatusRequest {
+                    target: Some(Target::Images(ImageIds {
+                        image_ids: vec![id],
+                    })),
+                    resume_cursor: String::new(),
+                },
+                &token,
+            );
+            let (url, list) = &channels[instance];
+            let web = s % 2 == 0;
+            let native = list[(s / 2) % list.len()].clone();
+            let url = url.clone();
+            let (ready, published, index) = (ready.clone(), published.clone(), index.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut stream = if web {
+                    ImageServiceClient::with_origin(
+                        follow_e2e::client::grpc_web(),
+                        url.parse().unwrap(),
+                    )
+                    .watch_image_status(request)
+                    .await
+                } else {
+                    ImageServiceClient::new(native)
+                        .watch_image_status(request)
+                        .await
+                }
+                .unwrap()
+                .into_inner();
+                // The snapshot (`queued`) first: then the stream is live.
+                let first = stream.message().await.unwrap().unwrap();
+                assert!(matches!(first.event, Some(Event::ImageProgress(_))));
+                ready.wait().await;
+                let mut seen = Seen::default();
+                let mut last = Stage::Queued as i32;
+                while let Ok(Ok(Some(message))) =
+                    tokio::time::timeout(Duration::from_secs(5), stream.message()).await
+                {
+                    let Some(Event::ImageProgress(p)) = message.event else {
+                        continue;
+                    };
+                    let now = epoch.elapsed().as_micros() as u64;
+                    let stage = p.stage;
+                    if stage <= last {
+                        seen.duplicated += 1;
+                        continue;
+                    }
+                    seen.lost += (stage - last - 1) as u64;
+                    last = stage;
+                    seen.delivered += 1;
+                    let image = index[&p.image_id];
+                    let at = published[image * SLOTS + stage as usize].load(Relaxed);
+                    if at > 0 {
+                        seen.latencies_us.push(now.saturating_sub(at) as u32);
+                    }
+                    if stage == Stage::UploadingToStorage as i32 {
+                        break;
+                    }
+                }
+                seen.lost += (Stage::UploadingToStorage as i32 - last).max(0) as u64;
+                seen
+            }));
+        }
+    }
+    ready.wait().await;
+    let open_s = opened.elapsed().as_secs_f64();
+    let rss_idle: Vec<u64> = pids.iter().map(|&p| rss_bytes(p)).collect();
+
+    // The gateways: every image through its stages, paced at `rate` events per second.
+    let mut valkey = platform.valkey().await.unwrap();
+    let events = images * STAGES.len();
+    let started = Instant::now();
+    let mut sent = 0usize;
+    for (seq, (stage, name)) in STAGES.iter().enumerate() {
+        for (image, id) in ids.iter().enumerate() {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+            let progress = ImageProgress {
+                image_id: id.clone(),
+                stage: *stage as i32,
+                seq: seq as u64 + 2,
+                time: Some(Timestamp::from(std::time::SystemTime::now())),
+                ..Default::default()
+            };
+            published[image * SLOTS + *stage as usize]
+                .store(epoch.elapsed().as_micros() as u64, Relaxed);
+            let _: () = redis::pipe()
+                .atomic()
+                .hset_multiple(
+                    format!("image:status:{id}"),
+                    &[("stage", name.to_string()), ("seq", (seq + 2).to_string())],
+                )
+                .ignore()
+                .publish(format!("image:progress:{id}"), progress.encode_to_vec())
+                .ignore()
+                .query_async(&mut valkey)
+                .await
+                .unwrap();
+            sent += 1;
+        }
+    }
+    let publish_s = started.elapsed().as_secs_f64();
+
+    let mut all = Vec::new();
+    let (mut delivered, mut lost, mut duplicated) = (0u64, 0u64, 0u64);
+    for task in tasks {
+        let seen = task.await.unwrap();
+        delivered += seen.delivered;
+        lost += seen.lost;
+        duplicated += seen.duplicated;
+        all.extend(seen.latencies_us);
+    }
+    let deliver_s = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |&us| us as f64 / 1000.0)
+    };
+    let per_stream = |i: usize, n: usize| {
+        rss_idle[i].saturating_sub(rss_before[i]) as f64 / n.max(1) as f64 / 1024.0
+    };
+    println!("live progress: two API instances, one machine (2 shared cores)");
+    println!(
+        "  streams: {streams_a} on instance A + {streams_b} on B, half grpc-web; {images} images; opened in {open_s:.1} s"
+    );
+    println!(
+        "  memory per idle stream: A {:.1} KiB, B {:.1} KiB (target < 20 KB)",
+        per_stream(0, streams_a),
+        per_stream(1, streams_b)
+    );
+    println!(
+        "  published {events} events in {publish_s:.1} s ({:.0}/s, target rate {rate}/s)",
+        events as f64 / publish_s
+    );
+    println!(
+        "  delivered {delivered} events to clients in {deliver_s:.1} s ({:.0}/s)",
+        delivered as f64 / deliver_s
+    );
+    println!(
+        "  latency publish -> client: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < 50 ms)",
+        pct(0.50),
+        pct(0.99),
+        pct(1.0)
+    );
+    println!("  lost {lost}, duplicated {duplicated} (target 0 and 0)");
+}
