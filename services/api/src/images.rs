@@ -8,7 +8,7 @@ use follow_proto::api::v1::{
 };
 use futures_util::Stream;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -100,7 +100,9 @@ impl ImageService {
             watch.run(tx, cancel).await;
             metrics.watchers.dec();
         });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(Box::pin(ReceiverStream::new(rx).map(|item| {
+            item.map(|response| *response).map_err(|status| *status)
+        })))
     }
 }
 

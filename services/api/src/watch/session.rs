@@ -31,7 +31,9 @@ const CURSOR_VERSION: u8 = 1;
 /// Images one stream may watch (a route has at most 100 waypoints too).
 pub const MAX_IMAGES: usize = 100;
 
-pub type Sender = mpsc::Sender<Result<api::WatchImageStatusResponse, Status>>;
+/// Boxed both ways: a channel allocates its first block of 32 slots up front, and with ten
+/// thousand idle watchers the slot size is what their memory is made of.
+pub type Sender = mpsc::Sender<Result<Box<api::WatchImageStatusResponse>, Box<Status>>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -108,7 +110,7 @@ impl Watch {
             Ok(()) => {}
             Err(Ended::ClientGone) => tracing::debug!("watcher went away"),
             Err(Ended::Error(status)) => {
-                let _ = tx.send(Err(status)).await;
+                let _ = tx.send(Err(Box::new(status))).await;
             }
         }
     }
@@ -282,7 +284,9 @@ impl Watch {
             time: Some(timestamp(OffsetDateTime::now_utc())),
             event: Some(event),
         };
-        tx.send(Ok(response)).await.map_err(|_| Ended::ClientGone)
+        tx.send(Ok(Box::new(response)))
+            .await
+            .map_err(|_| Ended::ClientGone)
     }
 }
 
