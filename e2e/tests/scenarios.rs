@@ -130,11 +130,24 @@ impl User {
     /// Deletes this user's routes (waypoints and images cascade) and its images' keys.
     async fn clean_up(self, platform: &Platform) {
         let db = platform.database().await.unwrap();
-        sqlx::query("DELETE FROM route.routes WHERE owner = $1")
-            .bind(&self.sub)
-            .execute(&db)
-            .await
-            .unwrap();
+        // The API may be applying a late result to these rows right now: a deadlock between
+        // the two is resolved by PostgreSQL aborting one side, and the cleanup tries again.
+        eventually_async(WAIT, "the user's routes deleted", || async {
+            match sqlx::query("DELETE FROM route.routes WHERE owner = $1")
+                .bind(&self.sub)
+                .execute(&db)
+                .await
+            {
+                Ok(_) => Some(()),
+                Err(sqlx::Error::Database(e))
+                    if matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+                {
+                    None
+                }
+                Err(e) => panic!("{e}"),
+            }
+        })
+        .await;
         let mut valkey = platform.valkey().await.unwrap();
         for id in &self.images {
             let keys = [format!("image:status:{id}"), format!("image:upload:{id}")];
