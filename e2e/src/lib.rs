@@ -65,10 +65,7 @@ impl Platform {
             other => bail!("FOLLOW_E2E_MODE={other}: expected spawn, local or compose"),
         };
         for url in [&platform.api_url, &platform.gateway_url] {
-            platform
-                .wait_healthy(url, Duration::from_secs(60))
-                .await
-                .with_context(|| format!("{url}/health"))?;
+            platform.wait_healthy(url).await;
         }
         Ok(platform)
     }
@@ -123,7 +120,8 @@ impl Platform {
             Service::Gateway => &self.gateway_url,
             Service::Valkey => return Ok(()),
         };
-        self.wait_healthy(url, Duration::from_secs(60)).await
+        self.wait_healthy(url).await;
+        Ok(())
     }
 
     /// Starts another `follow-api` instance on the same stack (spawn mode) and returns its URL:
@@ -133,14 +131,13 @@ impl Platform {
             Backend::Spawn(stack) => stack.add_api().await?,
             _ => bail!("only spawn mode starts more API instances"),
         };
-        self.wait_healthy(&url, Duration::from_secs(60)).await?;
+        self.wait_healthy(&url).await;
         Ok(url)
     }
 
     /// `ImageService` of the API instance at `url`.
     pub async fn images_at(&self, url: &str) -> anyhow::Result<ImageServiceClient<Channel>> {
-        let channel = Endpoint::from_shared(url.to_owned())?.connect().await?;
-        Ok(ImageServiceClient::new(channel))
+        Ok(ImageServiceClient::new(channel(url).await?))
     }
 
     /// Whether `service`'s process is running (spawn mode; `None` where it cannot be told).
@@ -180,18 +177,12 @@ impl Platform {
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     }
 
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Endpoint::from_shared(self.api_url.clone())?
-            .connect()
-            .await?)
-    }
-
     pub async fn routes(&self) -> anyhow::Result<RouteServiceClient<Channel>> {
-        Ok(RouteServiceClient::new(self.channel().await?))
+        Ok(RouteServiceClient::new(channel(&self.api_url).await?))
     }
 
     pub async fn images(&self) -> anyhow::Result<ImageServiceClient<Channel>> {
-        Ok(ImageServiceClient::new(self.channel().await?))
+        self.images_at(&self.api_url).await
     }
 
     /// `ImageService` over grpc-web on HTTP/1.1, as a browser speaks it.
@@ -222,19 +213,18 @@ impl Platform {
         Ok((status, response.json().await.unwrap_or_default()))
     }
 
-    async fn wait_healthy(&self, url: &str, within: Duration) -> anyhow::Result<()> {
-        let until = tokio::time::Instant::now() + within;
-        loop {
-            let last = self.health(url).await;
-            if matches!(last, Ok((200, _))) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= until {
-                bail!("not healthy within {within:?}: {last:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    /// Polls `{url}/health` until it says ok (panics after a minute, as a test's wait does).
+    async fn wait_healthy(&self, url: &str) {
+        let what = format!("{url}/health to say ok");
+        follow_testkit::eventually_async(Duration::from_secs(60), &what, || async {
+            matches!(self.health(url).await, Ok((200, _))).then_some(())
+        })
+        .await;
     }
+}
+
+async fn channel(url: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())?.connect().await?)
 }
 
 /// A binary of this build: `FOLLOW_E2E_BIN_DIR`, else the target directory this test was built

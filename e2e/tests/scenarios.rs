@@ -15,7 +15,7 @@ use follow_proto::{
     },
     events::v1::{ErrorCode, ImageProgress, Stage},
     prost::Message,
-    tonic::{Code, Streaming},
+    tonic::{Code, Status, Streaming},
 };
 use follow_testkit::eventually_async;
 use futures_util::StreamExt;
@@ -60,6 +60,19 @@ impl User {
         platform: &Platform,
         markers: &[(f64, f64)],
     ) -> CreateRouteWithWaypointsResponse {
+        let created = self.try_create_route(platform, markers).await.unwrap();
+        self.images
+            .extend(created.upload_targets.iter().map(|t| t.image_id.clone()));
+        created
+    }
+
+    /// [`User::create_route`]'s call, its refusal left to the caller (whose images, if it
+    /// succeeds, the caller records).
+    async fn try_create_route(
+        &self,
+        platform: &Platform,
+        markers: &[(f64, f64)],
+    ) -> Result<CreateRouteWithWaypointsResponse, Status> {
         let waypoints = markers
             .iter()
             .map(|&(marker_x, marker_y)| WaypointInput {
@@ -74,17 +87,13 @@ impl User {
             name: "e2e".into(),
             waypoints,
         };
-        let created = platform
+        platform
             .routes()
             .await
             .unwrap()
             .create_route_with_waypoints(bearer(request, &self.token))
             .await
-            .unwrap()
-            .into_inner();
-        self.images
-            .extend(created.upload_targets.iter().map(|t| t.image_id.clone()));
-        created
+            .map(|created| created.into_inner())
     }
 
     async fn route(&self, platform: &Platform, route_id: &str) -> api::Route {
@@ -154,6 +163,40 @@ impl User {
             let _: () = valkey.del(&keys).await.unwrap();
         }
     }
+}
+
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs the repository's Node script `script` (built by `./dev sdk`) with `args`; expects
+/// success and returns the JSON summary it prints last.
+async fn node<const N: usize>(script: &str, args: [&std::ffi::OsStr; N]) -> serde_json::Value {
+    let script = repo().join(script);
+    assert!(
+        script.is_file(),
+        "{} is missing: run ./dev sdk (./dev test does)",
+        script.display()
+    );
+    let out = tokio::process::Command::new("node")
+        .arg(&script)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// Uploads `body` to `url` and expects it accepted.
+async fn upload_accepted(url: &str, content_type: &str, body: Vec<u8>) {
+    let (status, answer) = upload(url, content_type, body).await.unwrap();
+    assert_eq!(status, 202, "{answer}");
 }
 
 /// Every `ImageProgress` published for `image_id`, from the moment of the call.
@@ -271,14 +314,12 @@ async fn full_flow_from_route_to_ready() {
         channels.push(progress_channel(&platform, &target.image_id).await);
     }
     for (i, target) in created.upload_targets.iter().enumerate() {
-        let (status, answer) = upload(
+        upload_accepted(
             &target.upload_url,
             "image/jpeg",
             jpeg(1200 + 100 * i as u32, 800),
         )
-        .await
-        .unwrap();
-        assert_eq!(status, 202, "{answer}");
+        .await;
     }
     for channel in &mut channels {
         assert_eq!(stages_until_final(channel).await, ALL_STAGES);
@@ -357,10 +398,7 @@ async fn progress_goes_through_every_stage_in_order() {
     let created = user.create_route(&platform, &[(0.25, 0.75)]).await;
     let target = &created.upload_targets[0];
     let mut channel = progress_channel(&platform, &target.image_id).await;
-    let (status, _) = upload(&target.upload_url, "image/jpeg", jpeg(3000, 2000))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
+    upload_accepted(&target.upload_url, "image/jpeg", jpeg(3000, 2000)).await;
     assert_eq!(stages_until_final(&mut channel).await, ALL_STAGES);
     assert_eq!(
         status_field(&platform, &target.image_id, "stage")
@@ -435,10 +473,7 @@ async fn a_failure_reaches_postgres_and_a_reissued_upload_recovers_the_route() {
         .into_inner();
     let retry = reissued.upload_target.unwrap();
     user.images.push(retry.image_id.clone());
-    let (status, answer) = upload(&retry.upload_url, "image/png", png_with_alpha(300, 200))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{answer}");
+    upload_accepted(&retry.upload_url, "image/png", png_with_alpha(300, 200)).await;
     user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
         .await;
     let image = user.image(&platform, &retry.image_id).await;
@@ -477,10 +512,7 @@ async fn live_watch_over_grpc_and_grpc_web() {
         };
         assert_eq!(first.stage(), Stage::Queued);
     }
-    let (status, _) = upload(&target.upload_url, "image/jpeg", jpeg(800, 600))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
+    upload_accepted(&target.upload_url, "image/jpeg", jpeg(800, 600)).await;
     for stream in [&mut native, &mut web] {
         let mut stages = Vec::new();
         let processed = loop {
@@ -518,10 +550,7 @@ async fn results_published_while_the_api_is_down_are_applied_after_it_starts() {
     let route_id = created.route.as_ref().unwrap().id.clone();
     platform.stop(Service::Api).await.unwrap();
     for target in &created.upload_targets {
-        let (status, _) = upload(&target.upload_url, "image/jpeg", jpeg(640, 480))
-            .await
-            .unwrap();
-        assert_eq!(status, 202);
+        upload_accepted(&target.upload_url, "image/jpeg", jpeg(640, 480)).await;
     }
     for target in &created.upload_targets {
         eventually_async(WAIT, "the gateway's result", || async {
@@ -560,12 +589,10 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once() {
         )
         .await
         .unwrap();
-    let (status, _) = upload(&target.upload_url, "image/jpeg", jpeg(640, 480))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
+    upload_accepted(&target.upload_url, "image/jpeg", jpeg(640, 480)).await;
     let db = platform.database().await.unwrap();
-    let committed_at = eventually_async(WAIT, "the commit", || async {
+    // What a redelivery must leave alone: status, the entry that won, and the last update.
+    let row = || async {
         let row: (String, Option<String>, String) = sqlx::query_as(
             "SELECT status::text, result_entry_id, updated_at::text FROM image.images WHERE id = $1::uuid",
         )
@@ -573,6 +600,10 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once() {
         .fetch_one(&db)
         .await
         .unwrap();
+        row
+    };
+    let committed_at = eventually_async(WAIT, "the commit", || async {
+        let row = row().await;
         (row.0 == "PROCESSED").then_some(row)
     })
     .await;
@@ -592,13 +623,7 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once() {
         (pending_results(&platform).await == 0).then_some(())
     })
     .await;
-    let after: (String, Option<String>, String) = sqlx::query_as(
-        "SELECT status::text, result_entry_id, updated_at::text FROM image.images WHERE id = $1::uuid",
-    )
-    .bind(&target.image_id)
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    let after = row().await;
     assert_eq!(after, committed_at, "the redelivery changed nothing");
     let metrics = reqwest::get(format!("{}/metrics", platform.api_url))
         .await
@@ -652,21 +677,8 @@ async fn valkey_down_is_reported_and_refused_and_recovered_from() {
         })
         .await;
     }
-    let request = api::CreateRouteWithWaypointsRequest {
-        request_id: Uuid::new_v4().to_string(),
-        name: "during the outage".into(),
-        waypoints: vec![WaypointInput {
-            marker_x: 0.5,
-            marker_y: 0.5,
-            content_type: "image/jpeg".into(),
-            file_size: 1_000_000,
-        }],
-    };
-    let refused = platform
-        .routes()
-        .await
-        .unwrap()
-        .create_route_with_waypoints(bearer(request, &user.token))
+    let refused = user
+        .try_create_route(&platform, &[(0.5, 0.5)])
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable);
@@ -690,22 +702,8 @@ async fn valkey_down_is_reported_and_refused_and_recovered_from() {
     // As a client does: UNAVAILABLE and 503 are retried (the API's breaker lets a probe
     // through within seconds of Valkey's return).
     let after = eventually_async(WAIT, "a route created again", || async {
-        let request = api::CreateRouteWithWaypointsRequest {
-            request_id: Uuid::new_v4().to_string(),
-            name: "after the outage".into(),
-            waypoints: vec![WaypointInput {
-                marker_x: 0.6,
-                marker_y: 0.6,
-                content_type: "image/jpeg".into(),
-                file_size: 1_000_000,
-            }],
-        };
-        let mut routes = platform.routes().await.unwrap();
-        match routes
-            .create_route_with_waypoints(bearer(request, &user.token))
-            .await
-        {
-            Ok(created) => Some(created.into_inner()),
+        match user.try_create_route(&platform, &[(0.6, 0.6)]).await {
+            Ok(created) => Some(created),
             Err(status) if status.code() == Code::Unavailable => None,
             Err(status) => panic!("{status:?}"),
         }
@@ -750,14 +748,12 @@ async fn publish_is_refused_while_pending_and_works_when_ready() {
         publish().await.unwrap_err().code(),
         Code::FailedPrecondition
     );
-    let (status, _) = upload(
+    upload_accepted(
         &created.upload_targets[0].upload_url,
         "image/jpeg",
         jpeg(500, 400),
     )
-    .await
-    .unwrap();
-    assert_eq!(status, 202);
+    .await;
     user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
         .await;
     let published = publish().await.unwrap().into_inner().route.unwrap();
@@ -795,10 +791,7 @@ async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
         .await
         .unwrap()
         .into_inner();
-    let (status, _) = upload(&first.upload_url, "image/jpeg", jpeg(640, 480))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
+    upload_accepted(&first.upload_url, "image/jpeg", jpeg(640, 480)).await;
     let cursor = loop {
         let message = tokio::time::timeout(WAIT, on_second.message())
             .await
@@ -817,10 +810,7 @@ async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
     drop(on_second);
 
     // While no one watches, the second image goes through.
-    let (status, _) = upload(&other.upload_url, "image/jpeg", jpeg(640, 480))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
+    upload_accepted(&other.upload_url, "image/jpeg", jpeg(640, 480)).await;
     user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
         .await;
 
@@ -854,29 +844,17 @@ async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
 #[tokio::test]
 async fn the_typescript_sdk_drives_the_platform_over_grpc_web() {
     let platform = Platform::start().await.unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let smoke = root.join("sdk/typescript/dist/smoke.js");
-    assert!(
-        smoke.is_file(),
-        "{} is missing: run ./dev sdk (./dev test does)",
-        smoke.display()
-    );
     let user = User::new(&platform).await;
-    let out = tokio::process::Command::new("node")
-        .arg(&smoke)
-        .arg(&platform.api_url)
-        .arg(&user.token)
-        .arg(root.join("demo/photo.jpg"))
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let photo = repo().join("demo/photo.jpg");
+    let summary = node(
+        "sdk/typescript/dist/smoke.js",
+        [
+            platform.api_url.as_ref(),
+            user.token.as_ref(),
+            photo.as_os_str(),
+        ],
+    )
+    .await;
     let stages: Vec<&str> = summary["stages"]
         .as_array()
         .unwrap()
@@ -907,30 +885,24 @@ async fn the_typescript_sdk_drives_the_platform_over_grpc_web() {
 #[tokio::test]
 async fn the_web_page_in_chromium_shows_every_photo_processed() {
     let platform = Platform::start().await.unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let page = root.join("web/dist/app.js");
+    let page = repo().join("web/dist/app.js");
     assert!(
         page.is_file(),
         "{} is missing: run ./dev sdk (./dev test does)",
         page.display()
     );
     let user = User::new(&platform).await;
-    let photo = root.join("demo/photo.jpg");
-    let out = tokio::process::Command::new("node")
-        .arg(root.join("web/test/browser.mjs"))
-        .arg(&platform.api_url)
-        .arg(&user.token)
-        .args([&photo, &photo])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let photo = repo().join("demo/photo.jpg");
+    let summary = node(
+        "web/test/browser.mjs",
+        [
+            platform.api_url.as_ref(),
+            user.token.as_ref(),
+            photo.as_os_str(),
+            photo.as_os_str(),
+        ],
+    )
+    .await;
     assert_eq!(summary["route"], "READY");
     let images = summary["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
