@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .emit_rerun_if_changed(false)
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! `./dev bench live`: live progress at scale, on one machine. A throwaway stack with two API
 //! instances (release builds); `FOLLOW_BENCH_STREAMS` watch streams (default 10,000) on the first
-//! instance and `FOLLOW_BENCH_STREAMS_B` (default 1,000) on the second, half of each over grpc-web
-//! (HTTP/1.1, one connection per stream) and half over native gRPC (HTTP/2, up to 100 streams per
-//! connection). Each stream watches one image. A publisher then plays the gateways: every image
+//! instance and `FOLLOW_BENCH_STREAMS_B` (default 1,000) on the second, `FOLLOW_BENCH_WEB_PERCENT`
+//! (default 50) of each over grpc-web (HTTP/1.1, one connection per stream) and the rest over
+//! native gRPC (HTTP/2, up to 100 streams per connection). Each stream watches one image. A publisher then plays the gateways: every image
 //! goes through its six in-flight stages (`HSET image:status` + `PUBLISH image:progress`, as the
 //! gateway does) at `FOLLOW_BENCH_RATE` events/s (default 1,000).
 //!
@@ -78,6 +78,7 @@ async fn main() {
     let streams_b = setting("FOLLOW_BENCH_STREAMS_B", 1_000);
     let rate = setting("FOLLOW_BENCH_RATE", 1_000);
     let images = setting("FOLLOW_BENCH_IMAGES", 2_000).max(1);
+    let web_percent = setting("FOLLOW_BENCH_WEB_PERCENT", 50).min(100);
 
     let mut platform = Platform::start().await.unwrap();
     let second = platform.add_api().await.unwrap();
@@ -130,7 +131,7 @@ async fn main() {
         (second.clone(), streams_b),
     ] {
         let mut list = Vec::new();
-        for _ in 0..(n / 2).div_ceil(100).max(1) {
+        for _ in 0..(n * (100 - web_percent) / 100).div_ceil(100).max(1) {
             list.push(
                 Endpoint::from_shared(url.clone())
                     .unwrap()
@@ -157,8 +158,8 @@ async fn main() {
                 &token,
             );
             let (url, list) = &channels[instance];
-            let web = s % 2 == 0;
-            let native = list[(s / 2) % list.len()].clone();
+            let web = s % 100 < web_percent;
+            let native = list[s % list.len()].clone();
             let url = url.clone();
             let (ready, published, index) = (ready.clone(), published.clone(), index.clone());
             tasks.push(tokio::spawn(async move {
@@ -270,7 +271,7 @@ async fn main() {
     };
     println!("live progress: two API instances, one machine (2 shared cores)");
     println!(
-        "  streams: {streams_a} on instance A + {streams_b} on B, half grpc-web; {images} images; opened in {open_s:.1} s"
+        "  streams: {streams_a} on instance A + {streams_b} on B, {web_percent}% grpc-web; {images} images; opened in {open_s:.1} s"
     );
     println!(
         "  memory per idle stream: A {:.1} KiB, B {:.1} KiB (target < 20 KB)",

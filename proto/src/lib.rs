@@ -11,6 +11,8 @@ pub use prost;
 pub use prost_types;
 pub use tonic;
 
+pub mod codec;
+
 /// Every file of the contracts with its imports, encoded: for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/follow_descriptor.bin"));

@@ -14,6 +14,7 @@ use follow_proto::{
 };
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{service::Routes, transport::Server};
@@ -105,7 +106,7 @@ impl Application {
         let tasks = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
         let progress = ProgressTracker::new(&valkey)?;
-        let (hub, hub_worker) = Hub::new(valkey.clone(), cancel.clone());
+        let (hub, hub_worker) = Hub::new(valkey.clone(), config.watch_max_lag, cancel.clone());
         let mut hub_worker = Some(hub_worker);
         workers::supervise(&tasks, &cancel, "progress-hub", move || {
             // The hub's command channel belongs to this one worker; it is not restarted.
@@ -217,7 +218,8 @@ impl Application {
             },
             hub,
             metrics,
-            tasks: tasks.clone(),
+            // Half the pool: a stampede of watches never takes every connection from the RPCs.
+            watch_db_permits: Semaphore::new((config.database_max_connections / 2).max(1) as usize),
             cancel: cancel.clone(),
         });
         // Only this service's APIs are advertised (the descriptor set holds the gateway's too).
@@ -251,8 +253,8 @@ impl Application {
         tracing::info!(?addr, "follow-api serving");
         let served = Server::builder()
             .accept_http1(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(config.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .layer(cors(&config.cors_origins))
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled())

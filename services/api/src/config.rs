@@ -18,6 +18,9 @@
 //! | `FOLLOW_S3_ACCESS_KEY_ID` / `FOLLOW_S3_SECRET_ACCESS_KEY` | — (required, secret) | S3 credentials |
 //! | `FOLLOW_PREVIEW_URL_TTL_SECS` | `900` | lifetime of presigned preview URLs |
 //! | `FOLLOW_WATCH_HEARTBEAT_SECS` | `15` | heartbeat on idle watch streams |
+//! | `FOLLOW_WATCH_MAX_LAG_SECS` | `30` | a watch stream whose client leaves events untaken for longer (while more come) is ended with `RESOURCE_EXHAUSTED` |
+//! | `FOLLOW_HTTP2_KEEPALIVE_SECS` | `20` | HTTP/2 PING interval: how a vanished client is noticed |
+//! | `FOLLOW_HTTP2_KEEPALIVE_TIMEOUT_SECS` | `10` | a connection whose PING is not answered in this time is closed |
 //! | `FOLLOW_CONSUMER_NAME` | `api-{hostname}-{pid}` | this instance's name in `api-workers` |
 //! | `FOLLOW_RESULT_BATCH` | `64` | results applied per transaction at most |
 //! | `FOLLOW_EXPIRY_INTERVAL_SECS` | `30` | how often expired uploads are looked for |
@@ -75,6 +78,9 @@ pub struct Config {
     pub max_file_size: u64,
     pub s3: S3Config,
     pub heartbeat: Duration,
+    pub watch_max_lag: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
     pub consumer_name: String,
     pub result_batch: usize,
     pub expiry_interval: Duration,
@@ -126,6 +132,9 @@ impl Config {
             max_file_size: env.parsed("FOLLOW_MAX_FILE_SIZE", "26214400")?,
             s3,
             heartbeat: env.secs("FOLLOW_WATCH_HEARTBEAT_SECS", 15)?,
+            watch_max_lag: env.secs("FOLLOW_WATCH_MAX_LAG_SECS", 30)?,
+            keepalive_interval: env.secs("FOLLOW_HTTP2_KEEPALIVE_SECS", 20)?,
+            keepalive_timeout: env.secs("FOLLOW_HTTP2_KEEPALIVE_TIMEOUT_SECS", 10)?,
             consumer_name: match lookup("FOLLOW_CONSUMER_NAME") {
                 Some(name) => name,
                 None => default_consumer_name(),
@@ -149,6 +158,12 @@ impl Config {
             ("FOLLOW_UPLOAD_TOKEN_TTL_SECS", self.upload_token_ttl),
             ("FOLLOW_PREVIEW_URL_TTL_SECS", self.s3.preview_url_ttl),
             ("FOLLOW_WATCH_HEARTBEAT_SECS", self.heartbeat),
+            ("FOLLOW_WATCH_MAX_LAG_SECS", self.watch_max_lag),
+            ("FOLLOW_HTTP2_KEEPALIVE_SECS", self.keepalive_interval),
+            (
+                "FOLLOW_HTTP2_KEEPALIVE_TIMEOUT_SECS",
+                self.keepalive_timeout,
+            ),
             ("FOLLOW_EXPIRY_INTERVAL_SECS", self.expiry_interval),
         ];
         for (name, value) in positive {

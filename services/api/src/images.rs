@@ -1,26 +1,19 @@
 //! `follow.api.v1.ImageService`: an image's status, and the live watch of images or a route.
 
-use std::{pin::Pin, sync::Arc};
+use std::sync::Arc;
 
 use follow_proto::api::v1::{
     self as api, image_service_server::ImageService as ImageServiceApi,
     watch_image_status_request::Target as RequestTarget,
 };
-use futures_util::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
     error::ApiError,
     state::{Shared, live_stage, parse_id},
     store::{self, ImageStatus},
-    watch::session::{MAX_IMAGES, Target, Watch},
+    watch::session::{MAX_IMAGES, Target, Watch, WatchStream},
 };
-
-/// Responses a slow client may leave unread before its stream waits (and the hub switches it to
-/// state-based catch-up instead of queueing more).
-const STREAM_BUFFER: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct ImageService {
@@ -92,22 +85,9 @@ impl ImageService {
             &request.resume_cursor,
         )
         .await?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let metrics = Arc::clone(&self.shared.metrics);
-        let cancel = self.shared.cancel.clone();
-        metrics.watchers.inc();
-        self.shared.tasks.spawn(async move {
-            watch.run(tx, cancel).await;
-            metrics.watchers.dec();
-        });
-        Ok(Box::pin(ReceiverStream::new(rx).map(|item| {
-            item.map(|response| *response).map_err(|status| *status)
-        })))
+        Ok(watch.into_stream(self.shared.cancel.clone()))
     }
 }
-
-type WatchStream =
-    Pin<Box<dyn Stream<Item = Result<api::WatchImageStatusResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ImageServiceApi for ImageService {

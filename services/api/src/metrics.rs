@@ -24,6 +24,7 @@ pub struct Metrics {
     pub results: Family<Labels, Counter>,
     pub apply_seconds: Histogram,
     pub watchers: Gauge,
+    pub watchers_lagged: Counter,
     pub expired: Counter,
     consumer_pending: Gauge,
     consumer_lag: Gauge,
@@ -54,6 +55,7 @@ impl Metrics {
             results: Family::default(),
             apply_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             watchers: Gauge::default(),
+            watchers_lagged: Counter::default(),
             expired: Counter::default(),
             consumer_pending: Gauge::default(),
             consumer_lag: Gauge::default(),
@@ -82,6 +84,11 @@ impl Metrics {
             "watchers_active",
             "open WatchImageStatus streams",
             m.watchers.clone(),
+        );
+        registry.register(
+            "watchers_lagged",
+            "WatchImageStatus streams ended because the client fell too far behind",
+            m.watchers_lagged.clone(),
         );
         registry.register(
             "images_expired",

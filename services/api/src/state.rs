@@ -7,8 +7,10 @@ use follow_bus::{BusError, ErrorCode, Hub, Progress, ProgressTracker, Stage};
 use follow_proto::{api::v1 as api, events::v1 as events, prost_types::Timestamp};
 use follow_token::SigningKey;
 use sqlx::PgPool;
+use sqlx::{Postgres, pool::PoolConnection};
 use time::OffsetDateTime;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
@@ -41,12 +43,36 @@ pub struct Shared {
     pub limits: Limits,
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
-    /// Watch streams run here, so shutdown can wait for them.
-    pub tasks: TaskTracker,
+    /// Database work of watch streams takes a permit first: see [`Shared::watch_db`].
+    pub watch_db_permits: Semaphore,
     pub cancel: CancellationToken,
 }
 
 impl Shared {
+    /// Runs a watch stream's database `work` on a pooled connection, holding one of
+    /// [`Shared::watch_db_permits`]; the work's future is made (and allocated) only then.
+    /// Thousands of watches starting at once wait for a permit (a few bytes each) rather than
+    /// each inside sqlx's acquire (~14 KiB of future), and never take every connection from the
+    /// other RPCs.
+    pub async fn watch_db<T, F>(
+        &self,
+        work: impl FnOnce(PoolConnection<Postgres>) -> F,
+    ) -> Result<T, ApiError>
+    where
+        F: Future<Output = Result<T, ApiError>>,
+    {
+        let _permit = self
+            .watch_db_permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Internal("watch database permits closed".into()))?;
+        Box::pin(async {
+            let conn = self.pool.acquire().await?;
+            work(conn).await
+        })
+        .await
+    }
+
     /// Records `reports` in the status hashes through the circuit breaker: fails fast with
     /// `UNAVAILABLE` while it is open.
     pub async fn record_progress(&self, reports: &[Progress]) -> Result<(), ApiError> {

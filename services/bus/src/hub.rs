@@ -4,19 +4,23 @@
 //! first registration of an id and `UNSUBSCRIBE`s after the last (reference counting), and
 //! hands each message to the mailboxes of that id's watchers.
 //!
-//! Invariants: the hub never waits for a watcher. A mailbox is bounded; when it is full the
-//! message is dropped and the watcher is told to *resync* (re-read the state; progress is
-//! monotonic, so state-based catch-up loses nothing). After the connection drops, the hub
-//! reconnects, resubscribes everything and tells every watcher to resync, since messages
-//! published meanwhile are gone.
+//! Invariants: the hub never waits for a watcher. A mailbox holds at most one message per watched
+//! image: a newer message for an image replaces (coalesces) the one not yet taken, since progress
+//! is monotonic and only the latest stage matters. So a slow watcher costs at most one message
+//! per image, however far behind it is, and an idle one costs no buffer at all. A watcher that
+//! has left messages untaken for longer than the hub's `max_lag` while more keep coming is
+//! *lagged*: the hub drops its registration and tells it so, and it should end its stream with
+//! a status saying to reconnect (with its cursor). After the connection to Valkey drops, the hub
+//! reconnects, resubscribes everything and tells every watcher to *resync* (re-read the state),
+//! since messages published meanwhile are gone.
 
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{BusError, Progress, Valkey, keys};
@@ -24,9 +28,6 @@ use futures_util::StreamExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// Messages a watcher may have waiting before it is switched to resync.
-const MAILBOX: usize = 32;
 
 #[derive(Debug)]
 pub struct Hub {
@@ -37,7 +38,6 @@ pub struct Hub {
 #[derive(Debug)]
 enum Command {
     Subscribe {
-        ids: Vec<Uuid>,
         mailbox: Arc<Mailbox>,
         done: oneshot::Sender<Result<(), BusError>>,
     },
@@ -47,35 +47,76 @@ enum Command {
     },
 }
 
+/// Where the hub leaves a watcher's messages. Locked only for a few instructions at a time.
 #[derive(Debug)]
 struct Mailbox {
     watcher: u64,
-    messages: mpsc::Sender<Progress>,
-    resync: AtomicBool,
+    ids: Vec<Uuid>,
+    inbox: Mutex<Inbox>,
     wake: Notify,
 }
 
+#[derive(Debug, Default)]
+struct Inbox {
+    /// Untaken messages, at most one per image (the latest; see [`Inbox::put`]).
+    pending: Vec<Progress>,
+    /// When the oldest untaken message arrived.
+    since: Option<Instant>,
+    resync: bool,
+    lagged: bool,
+    stopped: bool,
+}
+
+impl Inbox {
+    /// Keeps the newer of `message` and an untaken one for the same image; a `committed`
+    /// announcement is never coalesced away.
+    fn put(&mut self, message: Progress) {
+        match self
+            .pending
+            .iter_mut()
+            .find(|p| p.image_id == message.image_id)
+        {
+            Some(held) => {
+                let committed = held.committed || message.committed;
+                if message.seq >= held.seq {
+                    *held = message;
+                }
+                held.committed = committed;
+            }
+            None => {
+                self.since.get_or_insert_with(Instant::now);
+                self.pending.push(message);
+            }
+        }
+    }
+}
+
 impl Mailbox {
-    fn resync(&self) {
-        self.resync.store(true, Ordering::Release);
+    fn with<R>(&self, f: impl FnOnce(&mut Inbox) -> R) -> R {
+        // A panic while holding this lock cannot leave the inbox half-updated in a way that
+        // matters (every field is valid on its own), so a poisoned lock is still used.
+        let result = f(&mut self.inbox.lock().unwrap_or_else(PoisonError::into_inner));
         self.wake.notify_one();
+        result
     }
 }
 
 /// What a watcher is told.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum HubEvent {
-    Progress(Progress),
+    /// The latest untaken message of each image that has one, in arrival order.
+    Progress(Vec<Progress>),
     /// Messages may have been missed: re-read the state.
     Resync,
+    /// The watcher left messages untaken for longer than the hub's `max_lag`; it is no longer
+    /// registered and receives nothing more.
+    Lagged,
 }
 
 /// A watcher's registration; dropping it unsubscribes.
 #[derive(Debug)]
 pub struct Subscription {
-    ids: Vec<Uuid>,
     mailbox: Arc<Mailbox>,
-    messages: mpsc::Receiver<Progress>,
     commands: mpsc::UnboundedSender<Command>,
 }
 
@@ -83,14 +124,31 @@ impl Subscription {
     /// The next event; `None` once the hub has stopped.
     pub async fn recv(&mut self) -> Option<HubEvent> {
         loop {
-            if self.mailbox.resync.swap(false, Ordering::AcqRel) {
-                // Whatever is queued is older than the state about to be read.
-                while self.messages.try_recv().is_ok() {}
-                return Some(HubEvent::Resync);
-            }
-            tokio::select! {
-                message = self.messages.recv() => return message.map(HubEvent::Progress),
-                () = self.mailbox.wake.notified() => {}
+            let event = {
+                let mut inbox = self
+                    .mailbox
+                    .inbox
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if inbox.lagged {
+                    Some(Some(HubEvent::Lagged))
+                } else if inbox.stopped {
+                    Some(None)
+                } else if std::mem::take(&mut inbox.resync) {
+                    // What is pending is older than the state about to be read.
+                    inbox.pending = Vec::new();
+                    inbox.since = None;
+                    Some(Some(HubEvent::Resync))
+                } else if inbox.pending.is_empty() {
+                    None
+                } else {
+                    inbox.since = None;
+                    Some(Some(HubEvent::Progress(std::mem::take(&mut inbox.pending))))
+                }
+            };
+            match event {
+                Some(event) => return event,
+                None => self.mailbox.wake.notified().await,
             }
         }
     }
@@ -101,60 +159,83 @@ impl Drop for Subscription {
         // The hub may be gone already (shutdown); then there is nothing to undo.
         let _ = self.commands.send(Command::Unsubscribe {
             watcher: self.mailbox.watcher,
-            ids: std::mem::take(&mut self.ids),
+            ids: self.mailbox.ids.clone(),
         });
     }
 }
 
 impl Hub {
-    /// The hub and its worker, which runs until `cancel`.
-    pub fn new(valkey: Valkey, cancel: CancellationToken) -> (Self, impl Future<Output = ()>) {
+    /// How long a watcher may leave messages untaken, unless configured otherwise.
+    pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(30);
+
+    /// The hub and its worker, which runs until `cancel`. A watcher that leaves messages untaken
+    /// for longer than `max_lag` is dropped as [`HubEvent::Lagged`].
+    pub fn new(
+        valkey: Valkey,
+        max_lag: Duration,
+        cancel: CancellationToken,
+    ) -> (Self, impl Future<Output = ()>) {
         let (commands, receiver) = mpsc::unbounded_channel();
         let hub = Self {
             commands,
             next_id: AtomicU64::new(1),
         };
-        (hub, Worker::default().run(valkey, receiver, cancel))
+        let worker = Worker {
+            watchers: HashMap::new(),
+            max_lag,
+        };
+        (hub, worker.run(valkey, receiver, cancel))
     }
 
     /// Registers for the progress of `ids`; returns once Valkey confirmed the subscriptions, so
     /// anything published after this returns is delivered.
     pub async fn subscribe(&self, ids: &[Uuid]) -> Result<Subscription, BusError> {
-        let (tx, messages) = mpsc::channel(MAILBOX);
         let mailbox = Arc::new(Mailbox {
             watcher: self.next_id.fetch_add(1, Ordering::Relaxed),
-            messages: tx,
-            resync: AtomicBool::new(false),
+            ids: ids
+                .iter()
+                .copied()
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect(),
+            inbox: Mutex::default(),
             wake: Notify::new(),
         });
         let subscription = Subscription {
-            ids: ids.to_vec(),
             mailbox: Arc::clone(&mailbox),
-            messages,
             commands: self.commands.clone(),
         };
         let (done, confirmed) = oneshot::channel();
         let stopped = || BusError::Unavailable("the progress hub has stopped".into());
         self.commands
-            .send(Command::Subscribe {
-                ids: ids.to_vec(),
-                mailbox,
-                done,
-            })
+            .send(Command::Subscribe { mailbox, done })
             .map_err(|_| stopped())?;
         confirmed.await.map_err(|_| stopped())??;
         Ok(subscription)
     }
 }
 
-#[derive(Default)]
 struct Worker {
     watchers: HashMap<Uuid, Vec<Arc<Mailbox>>>,
+    max_lag: Duration,
 }
 
 impl Worker {
     async fn run(
         mut self,
+        valkey: Valkey,
+        commands: mpsc::UnboundedReceiver<Command>,
+        cancel: CancellationToken,
+    ) {
+        self.serve(valkey, commands, cancel).await;
+        // Watchers waiting now would wait forever.
+        for mailbox in self.watchers.values().flatten() {
+            mailbox.with(|inbox| inbox.stopped = true);
+        }
+    }
+
+    async fn serve(
+        &mut self,
         valkey: Valkey,
         mut commands: mpsc::UnboundedReceiver<Command>,
         cancel: CancellationToken,
@@ -187,7 +268,9 @@ impl Worker {
             backoff = Duration::from_millis(50);
             if !first {
                 tracing::info!("progress hub: reconnected; watchers resync");
-                self.watchers.values().flatten().for_each(|m| m.resync());
+                for mailbox in self.watchers.values().flatten() {
+                    mailbox.with(|inbox| inbox.resync = true);
+                }
             }
             first = false;
             loop {
@@ -245,9 +328,9 @@ impl Worker {
         sink: &mut redis::aio::PubSubSink,
     ) -> Result<(), BusError> {
         match command {
-            Command::Subscribe { ids, mailbox, done } => {
+            Command::Subscribe { mailbox, done } => {
                 let mut new = Vec::new();
-                for id in ids.iter().collect::<HashSet<_>>() {
+                for id in &mailbox.ids {
                     let watchers = self.watchers.entry(*id).or_default();
                     if watchers.is_empty() {
                         new.push(keys::progress(id));
@@ -261,7 +344,7 @@ impl Worker {
                 };
                 let failed = result.as_ref().err().map(ToString::to_string);
                 if failed.is_some() {
-                    self.remove(mailbox.watcher, &ids);
+                    self.remove(mailbox.watcher, &mailbox.ids);
                 }
                 let _ = done.send(result);
                 match failed {
@@ -295,7 +378,7 @@ impl Worker {
         gone
     }
 
-    fn dispatch(&self, channel: &str, payload: &[u8]) {
+    fn dispatch(&mut self, channel: &str, payload: &[u8]) {
         let progress = match Progress::decode(payload) {
             Ok(p) if keys::progress(p.image_id) == channel => p,
             Ok(_) => {
@@ -307,9 +390,32 @@ impl Worker {
                 return;
             }
         };
+        let mut lagged = Vec::new();
         for mailbox in self.watchers.get(&progress.image_id).into_iter().flatten() {
-            if mailbox.messages.try_send(progress.clone()).is_err() {
-                mailbox.resync();
+            let behind = mailbox.with(|inbox| {
+                if inbox.since.is_some_and(|t| t.elapsed() > self.max_lag) {
+                    inbox.lagged = true;
+                    inbox.pending = Vec::new();
+                    return true;
+                }
+                inbox.put(progress.clone());
+                false
+            });
+            if behind {
+                lagged.push(Arc::clone(mailbox));
+            }
+        }
+        // Nothing more is delivered to it. A channel it alone watched stays subscribed (with no
+        // one to deliver to) until its `Subscription` is dropped, which unsubscribes it.
+        for mailbox in lagged {
+            tracing::info!(
+                watcher = mailbox.watcher,
+                "progress hub: watcher lagged; dropped"
+            );
+            for id in &mailbox.ids {
+                if let Some(watchers) = self.watchers.get_mut(id) {
+                    watchers.retain(|m| m.watcher != mailbox.watcher);
+                }
             }
         }
     }

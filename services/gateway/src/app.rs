@@ -89,7 +89,7 @@ impl Application {
             );
             workers.spawn(async move { outbox.publish(producer, drained).await });
         }
-        let (hub, hub_worker) = Hub::new(valkey.clone(), cancel.clone());
+        let (hub, hub_worker) = Hub::new(valkey.clone(), Hub::DEFAULT_MAX_LAG, cancel.clone());
         workers.spawn(hub_worker);
         let probe = Probe {
             gateway: Arc::clone(&gateway),

@@ -186,17 +186,31 @@ impl UploadWatch {
                 event = subscription.recv() => event,
             };
             let go_on = match event {
-                Some(HubEvent::Progress(p)) if !p.committed => {
-                    let snapshot = StatusSnapshot {
-                        stage: p.stage,
-                        seq: p.seq,
-                        updated_at: p.at,
-                        failure: p.failure,
-                    };
-                    self.send(&tx, &snapshot).await
+                Some(HubEvent::Progress(batch)) => {
+                    let mut go_on = true;
+                    for p in batch.into_iter().filter(|p| !p.committed) {
+                        let snapshot = StatusSnapshot {
+                            stage: p.stage,
+                            seq: p.seq,
+                            updated_at: p.at,
+                            failure: p.failure,
+                        };
+                        go_on = self.send(&tx, &snapshot).await;
+                        if !go_on {
+                            break;
+                        }
+                    }
+                    go_on
                 }
-                Some(HubEvent::Progress(_)) => true,
                 Some(HubEvent::Resync) => self.catch_up(&tx).await,
+                Some(HubEvent::Lagged) => {
+                    let _ = tx
+                        .send(Err(Status::resource_exhausted(
+                            "this watch fell too far behind; watch again",
+                        )))
+                        .await;
+                    return;
+                }
                 None => {
                     let _ = tx
                         .send(Err(Status::unavailable(

@@ -5,14 +5,20 @@
 //! [`FINAL`] once its committed outcome was sent. Events go out only when they raise a level,
 //! so nothing is ever sent twice, and the cursor of every event is the vector of levels after
 //! it: a client resuming with it is sent exactly what raises a level from there.
+//!
+//! A watch is the response stream itself: it works only when the client takes an event (no task
+//! and no queue per stream). An idle watch costs its state and its hub registration; events for
+//! a client that reads slowly wait in the hub, one per image (the latest); a client that leaves
+//! drops the stream, and with it the watch.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use follow_bus::Stage;
 use follow_proto::api::v1 as api;
+use futures_util::Stream;
+use sqlx::{Postgres, pool::PoolConnection};
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
@@ -31,9 +37,9 @@ const CURSOR_VERSION: u8 = 1;
 /// Images one stream may watch (a route has at most 100 waypoints too).
 pub const MAX_IMAGES: usize = 100;
 
-/// Boxed both ways: a channel allocates its first block of 32 slots up front, and with ten
-/// thousand idle watchers the slot size is what their memory is made of.
-pub type Sender = mpsc::Sender<Result<Box<api::WatchImageStatusResponse>, Box<Status>>>;
+/// What a `WatchImageStatus` call returns.
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<api::WatchImageStatusResponse, Status>> + Send>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -52,6 +58,8 @@ pub struct Watch {
     levels: Vec<u8>,
     route_ready_sent: bool,
     subscription: Subscription,
+    /// Events made but not yet taken by the client; empty while the watch idles.
+    outbox: VecDeque<api::WatchImageStatusResponse>,
 }
 
 impl Watch {
@@ -63,26 +71,30 @@ impl Watch {
         target: Target,
         cursor: &str,
     ) -> Result<Self, ApiError> {
-        let mut conn = shared.pool.acquire().await?;
-        let (route, images) = match target {
-            Target::Route(id) => {
-                let route = store::route(&mut conn, &owner.0, id)
-                    .await?
-                    .ok_or(ApiError::NotFound("route"))?;
-                let images = route.waypoints.iter().map(|w| w.image.id).collect();
-                (Some(id), images)
-            }
-            Target::Images(mut ids) => {
-                let mut seen = std::collections::HashSet::new();
-                ids.retain(|id| seen.insert(*id));
-                let found = store::images(&mut conn, &owner.0, &ids).await?;
-                if found.len() != ids.len() {
-                    return Err(ApiError::NotFound("image"));
+        let owner_id = &owner.0;
+        let (route, images) = shared
+            .watch_db(|mut conn| async move {
+                let conn = &mut *conn;
+                match target {
+                    Target::Route(id) => {
+                        let route = store::route(conn, owner_id, id)
+                            .await?
+                            .ok_or(ApiError::NotFound("route"))?;
+                        let images = route.waypoints.iter().map(|w| w.image.id).collect();
+                        Ok((Some(id), images))
+                    }
+                    Target::Images(mut ids) => {
+                        let mut seen = std::collections::HashSet::new();
+                        ids.retain(|id| seen.insert(*id));
+                        let found = store::images(conn, owner_id, &ids).await?;
+                        if found.len() != ids.len() {
+                            return Err(ApiError::NotFound("image"));
+                        }
+                        Ok((None, ids))
+                    }
                 }
-                (None, ids)
-            }
-        };
-        drop(conn);
+            })
+            .await?;
         let (levels, route_ready_sent) = decode_cursor(cursor, images.len())?;
         let subscription = shared
             .hub
@@ -98,58 +110,34 @@ impl Watch {
             route_ready_sent,
             images,
             subscription,
+            outbox: VecDeque::new(),
         })
     }
 
-    /// Sends events into `tx` until the watch is complete, the client is gone (`tx` closed) or
-    /// the service shuts down.
-    pub async fn run(mut self, tx: Sender, cancel: CancellationToken) {
+    /// The watch as a response stream: the state first, then every change, a heartbeat after
+    /// each quiet `heartbeat`; it ends when the watch is complete, and with an error status
+    /// (reconnect with the last cursor) when the service shuts down or the client fell too far
+    /// behind.
+    pub fn into_stream(self, cancel: CancellationToken) -> WatchStream {
         let heartbeat = self.shared.limits.heartbeat;
-        let result = self.stream(&tx, &cancel, heartbeat).await;
-        match result {
-            Ok(()) => {}
-            Err(Ended::ClientGone) => tracing::debug!("watcher went away"),
-            Err(Ended::Error(status)) => {
-                let _ = tx.send(Err(Box::new(status))).await;
-            }
-        }
-    }
-
-    async fn stream(
-        &mut self,
-        tx: &Sender,
-        cancel: &CancellationToken,
-        heartbeat: Duration,
-    ) -> Result<(), Ended> {
-        self.catch_up(tx).await?;
-        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-        while !self.is_complete() {
-            tokio::select! {
-                () = cancel.cancelled() => {
-                    return Err(Ended::Error(Status::unavailable(
-                        "the server is shutting down; reconnect with your last cursor",
-                    )));
+        self.shared.metrics.watchers.inc();
+        let live = Live {
+            beat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
+            watch: self,
+            cancel,
+            started: false,
+        };
+        Box::pin(futures_util::stream::unfold(
+            Some(live),
+            |live| async move {
+                let mut live = live?;
+                match live.next().await {
+                    Some(Ok(response)) => Some((Ok(response), Some(live))),
+                    Some(Err(status)) => Some((Err(status), None)),
+                    None => None,
                 }
-                () = tx.closed() => return Err(Ended::ClientGone),
-                _ = beat.tick() => {
-                    self.send(tx, api::watch_image_status_response::Event::Heartbeat(
-                        api::HeartbeatEvent {},
-                    )).await?;
-                }
-                event = self.subscription.recv() => match event {
-                    Some(HubEvent::Progress(p)) if p.committed => self.catch_up(tx).await?,
-                    Some(HubEvent::Progress(p)) => self.progress(tx, p.image_id, p.stage, p.seq).await?,
-                    Some(HubEvent::Resync) => self.catch_up(tx).await?,
-                    None => {
-                        return Err(Ended::Error(Status::unavailable(
-                            "live updates stopped; reconnect with your last cursor",
-                        )));
-                    }
-                },
-            }
-            beat.reset();
-        }
-        Ok(())
+            },
+        ))
     }
 
     /// Every image final (for a route: READY sent, or nothing left pending that could make it
@@ -162,19 +150,47 @@ impl Watch {
         }
     }
 
-    /// Sends what raises a level from the current state in the database (and Valkey).
-    async fn catch_up(&mut self, tx: &Sender) -> Result<(), Ended> {
+    /// Queues what the hub said as events; `true` when the state must be read (see
+    /// [`Watch::catch_up`]).
+    fn apply(&mut self, event: Option<HubEvent>) -> Result<bool, Status> {
+        match event {
+            Some(HubEvent::Progress(batch)) => {
+                let mut committed = false;
+                for p in batch {
+                    committed |= p.committed;
+                    if !p.committed {
+                        self.progress(p.image_id, p.stage, p.seq);
+                    }
+                }
+                Ok(committed)
+            }
+            Some(HubEvent::Resync) => Ok(true),
+            Some(HubEvent::Lagged) => {
+                self.shared.metrics.watchers_lagged.inc();
+                Err(Status::resource_exhausted(
+                    "this watch fell too far behind; reconnect with your last cursor",
+                ))
+            }
+            None => Err(Status::unavailable(
+                "live updates stopped; reconnect with your last cursor",
+            )),
+        }
+    }
+
+    /// Queues what raises a level from the current state in the database (and Valkey).
+    async fn catch_up(&mut self) -> Result<(), ApiError> {
         let shared = Arc::clone(&self.shared);
-        let records = async {
-            let mut conn = shared.pool.acquire().await?;
-            let images = store::images(&mut conn, &self.owner.0, &self.images).await?;
-            let route = match self.route {
-                Some(id) => store::route(&mut conn, &self.owner.0, id).await?,
-                None => None,
-            };
-            Ok::<_, ApiError>((images, route))
+        shared.watch_db(|conn| self.catch_up_on(conn)).await
+    }
+
+    async fn catch_up_on(&mut self, mut conn: PoolConnection<Postgres>) -> Result<(), ApiError> {
+        let shared = Arc::clone(&self.shared);
+        let images = store::images(&mut conn, &self.owner.0, &self.images).await?;
+        let route = match self.route {
+            Some(id) => store::route(&mut conn, &self.owner.0, id).await?,
+            None => None,
         };
-        let (images, route) = records.await.map_err(|e| Ended::Error(e.into()))?;
+        drop(conn);
         self.routes_of = self
             .images
             .iter()
@@ -199,10 +215,10 @@ impl Watch {
                 if self.levels[index] < FINAL {
                     self.levels[index] = FINAL;
                     let event = self.final_event(image).await;
-                    self.send(tx, event).await?;
+                    self.push(event);
                 }
             } else if let Some(stage) = live_stage(&pending, stages.as_deref(), image.id) {
-                self.progress(tx, image.id, stage, stage.seq()).await?;
+                self.progress(image.id, stage, stage.seq());
             }
         }
         if let Some(route) = route
@@ -211,13 +227,9 @@ impl Watch {
         {
             self.route_ready_sent = true;
             let view = shared.route_view(&route).await;
-            self.send(
-                tx,
-                api::watch_image_status_response::Event::RouteReady(api::RouteReadyEvent {
-                    route: Some(view),
-                }),
-            )
-            .await?;
+            self.push(api::watch_image_status_response::Event::RouteReady(
+                api::RouteReadyEvent { route: Some(view) },
+            ));
         }
         Ok(())
     }
@@ -243,56 +255,98 @@ impl Watch {
         }
     }
 
-    /// A live stage, sent when it is above what the client has.
-    async fn progress(
-        &mut self,
-        tx: &Sender,
-        image_id: Uuid,
-        stage: Stage,
-        seq: u64,
-    ) -> Result<(), Ended> {
+    /// Queues a live stage when it is above what the client has.
+    fn progress(&mut self, image_id: Uuid, stage: Stage, seq: u64) {
         let Some(index) = self.images.iter().position(|i| *i == image_id) else {
-            return Ok(());
+            return;
         };
         let Ok(level) = u8::try_from(seq) else {
-            return Ok(());
+            return;
         };
         if level >= FINAL || level <= self.levels[index] {
-            return Ok(());
+            return;
         }
         self.levels[index] = level;
         let route_id = self.routes_of.get(index).copied().unwrap_or_default();
-        self.send(
-            tx,
-            api::watch_image_status_response::Event::ImageProgress(api::ImageProgressEvent {
+        self.push(api::watch_image_status_response::Event::ImageProgress(
+            api::ImageProgressEvent {
                 image_id: image_id.to_string(),
                 route_id: route_id.to_string(),
                 stage: follow_proto::events::v1::Stage::from(stage).into(),
                 seq,
-            }),
-        )
-        .await
+            },
+        ));
     }
 
-    async fn send(
-        &self,
-        tx: &Sender,
-        event: api::watch_image_status_response::Event,
-    ) -> Result<(), Ended> {
-        let response = api::WatchImageStatusResponse {
+    /// Queues `event` with the cursor of the levels as they are now (after it).
+    fn push(&mut self, event: api::watch_image_status_response::Event) {
+        self.outbox.push_back(api::WatchImageStatusResponse {
             cursor: encode_cursor(&self.levels, self.route_ready_sent),
             time: Some(timestamp(OffsetDateTime::now_utc())),
             event: Some(event),
-        };
-        tx.send(Ok(Box::new(response)))
-            .await
-            .map_err(|_| Ended::ClientGone)
+        });
     }
 }
 
-enum Ended {
-    ClientGone,
-    Error(Status),
+/// A watch being streamed.
+struct Live {
+    watch: Watch,
+    beat: tokio::time::Interval,
+    cancel: CancellationToken,
+    started: bool,
+}
+
+impl Live {
+    /// The next response; `None` when the watch is complete.
+    async fn next(&mut self) -> Option<Result<api::WatchImageStatusResponse, Status>> {
+        let watch = &mut self.watch;
+        loop {
+            if let Some(response) = watch.outbox.pop_front() {
+                self.beat.reset();
+                return Some(Ok(response));
+            }
+            // Idle from here on: a burst's outbox is not kept.
+            watch.outbox = VecDeque::new();
+            if !std::mem::replace(&mut self.started, true) {
+                if let Err(e) = watch.catch_up().await {
+                    return Some(Err(e.into()));
+                }
+                continue;
+            }
+            if watch.is_complete() {
+                return None;
+            }
+            let event = tokio::select! {
+                () = self.cancel.cancelled() => {
+                    return Some(Err(Status::unavailable(
+                        "the server is shutting down; reconnect with your last cursor",
+                    )));
+                }
+                _ = self.beat.tick() => {
+                    watch.push(api::watch_image_status_response::Event::Heartbeat(
+                        api::HeartbeatEvent {},
+                    ));
+                    continue;
+                }
+                event = watch.subscription.recv() => event,
+            };
+            match watch.apply(event) {
+                Ok(false) => {}
+                Ok(true) => {
+                    if let Err(e) = watch.catch_up().await {
+                        return Some(Err(e.into()));
+                    }
+                }
+                Err(status) => return Some(Err(status)),
+            }
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.watch.shared.metrics.watchers.dec();
+    }
 }
 
 fn encode_cursor(levels: &[u8], route_ready_sent: bool) -> String {
