@@ -81,7 +81,7 @@ async fn main() {
     let web_percent = setting("FOLLOW_BENCH_WEB_PERCENT", 50).min(100);
 
     let mut platform = Platform::start().await.unwrap();
-    let second = platform.add_api().await.unwrap();
+    let second = platform.add_api(&[]).await.unwrap();
     let pids = platform.api_pids();
     let token = platform.token("bench").await.unwrap();
 

@@ -17,6 +17,7 @@
 pub mod client;
 mod compose;
 pub mod local;
+pub mod relay;
 mod spawn;
 
 use std::{path::PathBuf, time::Duration};
@@ -124,11 +125,12 @@ impl Platform {
         Ok(())
     }
 
-    /// Starts another `follow-api` instance on the same stack (spawn mode) and returns its URL:
-    /// instances share nothing but Valkey and PostgreSQL, with no sticky routing between them.
-    pub async fn add_api(&mut self) -> anyhow::Result<String> {
+    /// Starts another `follow-api` instance on the same stack (spawn mode), with the usual
+    /// settings plus `env`, and returns its URL: instances share nothing but Valkey and
+    /// PostgreSQL, with no sticky routing between them.
+    pub async fn add_api(&mut self, env: &[(&str, &str)]) -> anyhow::Result<String> {
         let url = match &mut self.backend {
-            Backend::Spawn(stack) => stack.add_api().await?,
+            Backend::Spawn(stack) => stack.add_api(env).await?,
             _ => bail!("only spawn mode starts more API instances"),
         };
         self.wait_healthy(&url).await;
@@ -187,9 +189,14 @@ impl Platform {
 
     /// `ImageService` over grpc-web on HTTP/1.1, as a browser speaks it.
     pub fn images_web(&self) -> anyhow::Result<ImageServiceClient<client::GrpcWeb>> {
+        self.images_web_at(&self.api_url)
+    }
+
+    /// [`Platform::images_web`] of the API instance at `url`.
+    pub fn images_web_at(&self, url: &str) -> anyhow::Result<ImageServiceClient<client::GrpcWeb>> {
         Ok(ImageServiceClient::with_origin(
             client::grpc_web(),
-            self.api_url.parse()?,
+            url.parse()?,
         ))
     }
 
@@ -211,6 +218,17 @@ impl Platform {
         let response = reqwest::get(format!("{url}/health")).await?;
         let status = response.status().as_u16();
         Ok((status, response.json().await.unwrap_or_default()))
+    }
+
+    /// The value of the Prometheus sample `name` (with its labels, as exposed) at `{url}/metrics`;
+    /// 0 when it is not there yet.
+    pub async fn metric(&self, url: &str, name: &str) -> anyhow::Result<f64> {
+        let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+        Ok(text
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0))
     }
 
     /// Polls `{url}/health` until it says ok (panics after a minute, as a test's wait does).

@@ -118,13 +118,14 @@ impl Stack {
         })
     }
 
-    /// Starts one more `follow-api` on the same databases (its own consumer name in the group)
-    /// and returns its URL.
-    pub(crate) async fn add_api(&mut self) -> anyhow::Result<String> {
+    /// Starts one more `follow-api` on the same databases (its own consumer name in the group,
+    /// and `more` settings) and returns its URL.
+    pub(crate) async fn add_api(&mut self, more: &[(&str, &str)]) -> anyhow::Result<String> {
         let mut env = self.api_env.clone();
         let name = format!("api-e2e-{}", self.more_apis.len() + 2);
-        env.retain(|(k, _)| k != "FOLLOW_CONSUMER_NAME");
+        env.retain(|(k, _)| k != "FOLLOW_CONSUMER_NAME" && !more.iter().any(|(m, _)| k == m));
         env.push(("FOLLOW_CONSUMER_NAME".to_owned(), name));
+        env.extend(more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let api = start_api(env).await?;
         let url = api.url();
         self.more_apis.push(api);

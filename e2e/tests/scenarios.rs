@@ -7,15 +7,17 @@ use std::time::Duration;
 use follow_e2e::{
     Platform, Service,
     client::{bearer, jpeg, png_with_alpha, upload},
+    relay::Relay,
 };
 use follow_proto::{
     api::v1::{
         self as api, CreateRouteWithWaypointsResponse, ImageIds, WaypointInput,
-        watch_image_status_request::Target, watch_image_status_response::Event,
+        image_service_client::ImageServiceClient, watch_image_status_request::Target,
+        watch_image_status_response::Event,
     },
     events::v1::{ErrorCode, ImageProgress, Stage},
     prost::Message,
-    tonic::{Code, Status, Streaming},
+    tonic::{Code, Status, Streaming, transport::Endpoint},
 };
 use follow_testkit::eventually_async;
 use futures_util::StreamExt;
@@ -625,27 +627,13 @@ async fn a_crash_between_commit_and_ack_redelivers_and_applies_once() {
     .await;
     let after = row().await;
     assert_eq!(after, committed_at, "the redelivery changed nothing");
-    let metrics = reqwest::get(format!("{}/metrics", platform.api_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let counted = |outcome: &str| {
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with(&format!(
-                    "follow_api_results_applied_total{{outcome=\"{outcome}\"}}"
-                ))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
+    let applied = async |outcome: &str| {
+        let name = format!("follow_api_results_applied_total{{outcome=\"{outcome}\"}}");
+        platform.metric(&platform.api_url, &name).await.unwrap()
     };
     assert_eq!(
-        (counted("ignored"), counted("processed")),
-        (1, 0),
-        "{metrics}"
+        (applied("ignored").await, applied("processed").await),
+        (1.0, 0.0)
     );
     user.clean_up(&platform).await;
 }
@@ -772,7 +760,7 @@ async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
         eprintln!("skipped: needs spawn mode to start a second API instance");
         return;
     }
-    let second = platform.add_api().await.unwrap();
+    let second = platform.add_api(&[]).await.unwrap();
     let mut user = User::new(&platform).await;
     let created = user
         .create_route(&platform, &[(0.2, 0.4), (0.6, 0.8)])
@@ -835,6 +823,275 @@ async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
         missed,
         [format!("processed {}", other.image_id), "ready".into()]
     );
+    user.clean_up(&platform).await;
+}
+
+/// What a watch event says, in short: `progress {image} {stage}`, `processed {image}`,
+/// `failed {image}`, `ready`, `heartbeat`.
+fn said(event: &Event) -> String {
+    match event {
+        Event::ImageProgress(p) => format!("progress {} {:?}", p.image_id, p.stage()),
+        Event::ImageProcessed(p) => format!("processed {}", p.image.as_ref().unwrap().id),
+        Event::ImageFailed(f) => format!("failed {}", f.image_id),
+        Event::RouteReady(_) => "ready".into(),
+        Event::Heartbeat(_) => "heartbeat".into(),
+    }
+}
+
+/// Every event of `stream` until it ends, in short ([`said`]), without heartbeats.
+async fn all_events(stream: &mut Streaming<api::WatchImageStatusResponse>) -> Vec<String> {
+    let mut events = Vec::new();
+    while let Some(event) = next_event(stream).await {
+        events.push(said(&event));
+    }
+    events
+}
+
+/// Issue 6, slow watcher, across two API processes: a client that stops reading holds up no
+/// other watcher (on either instance); once it has left events untaken for longer than
+/// `FOLLOW_WATCH_MAX_LAG_SECS` while more come, its instance ends its stream with
+/// `RESOURCE_EXHAUSTED` and frees it; resuming with its last cursor on the other instance gives
+/// it exactly what it missed, nothing twice.
+#[tokio::test]
+async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance() {
+    let mut platform = Platform::start().await.unwrap();
+    if !matches!(platform.is_running(Service::Api), Some(true)) {
+        eprintln!("skipped: needs spawn mode to start a second API instance");
+        return;
+    }
+    let second = platform
+        .add_api(&[("FOLLOW_WATCH_MAX_LAG_SECS", "1")])
+        .await
+        .unwrap();
+    let mut user = User::new(&platform).await;
+    let created = user
+        .create_route(&platform, &[(0.1, 0.1), (0.5, 0.5), (0.9, 0.9)])
+        .await;
+    let route_id = created.route.as_ref().unwrap().id.clone();
+    let watch_route = |cursor: &str| {
+        bearer(
+            api::WatchImageStatusRequest {
+                target: Some(Target::RouteId(route_id.clone())),
+                resume_cursor: cursor.to_owned(),
+            },
+            &user.token,
+        )
+    };
+
+    // The slow client on the second instance: its stream's HTTP/2 window holds one byte, and
+    // it reads nothing until told.
+    let cramped = Endpoint::from_shared(second.clone())
+        .unwrap()
+        .initial_stream_window_size(Some(1))
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = ImageServiceClient::new(cramped)
+        .watch_image_status(watch_route(""))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fast_first = platform
+        .images()
+        .await
+        .unwrap()
+        .watch_image_status(watch_route(""))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fast_second = platform
+        .images_web_at(&second)
+        .unwrap()
+        .watch_image_status(watch_route(""))
+        .await
+        .unwrap()
+        .into_inner();
+
+    for target in &created.upload_targets {
+        upload_accepted(&target.upload_url, "image/jpeg", jpeg(640, 480)).await;
+    }
+    // Both fast watchers see everything, in order, once, and the end, while the slow one
+    // reads nothing.
+    let expected_end: Vec<String> = created
+        .upload_targets
+        .iter()
+        .map(|t| format!("processed {}", t.image_id))
+        .collect();
+    let (first_saw, second_saw) =
+        tokio::join!(all_events(&mut fast_first), all_events(&mut fast_second));
+    for saw in [&first_saw, &second_saw] {
+        let mut finals: Vec<_> = saw
+            .iter()
+            .filter(|e| e.starts_with("processed"))
+            .cloned()
+            .collect();
+        finals.sort();
+        let mut expected = expected_end.clone();
+        expected.sort();
+        assert_eq!(finals, expected, "{saw:?}");
+        assert_eq!(saw.last().map(String::as_str), Some("ready"), "{saw:?}");
+        let mut unique = saw.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), saw.len(), "nothing twice: {saw:?}");
+    }
+
+    // More reports keep coming for the route's images (late duplicates, as a retrying gateway
+    // sends; they change nothing) until the second instance gives up on the slow watcher.
+    let lagged = async || {
+        platform
+            .metric(&second, "follow_api_watchers_lagged_total")
+            .await
+            .unwrap()
+    };
+    let valkey = platform.valkey().await.unwrap();
+    let image_id = &created.upload_targets[0].image_id;
+    let stale = ImageProgress {
+        image_id: image_id.clone(),
+        stage: Stage::Validating as i32,
+        seq: 3,
+        time: Some(std::time::SystemTime::now().into()),
+        ..Default::default()
+    };
+    eventually_async(WAIT, "the slow watcher ended for lagging", || async {
+        let _: () = valkey
+            .clone()
+            .publish(format!("image:progress:{image_id}"), stale.encode_to_vec())
+            .await
+            .unwrap();
+        (lagged().await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(lagged().await, 1.0, "only the slow watcher lagged");
+
+    // The slow client now reads: what was in flight, then the end with its reason.
+    let mut before = Vec::new();
+    let mut cursor = String::new();
+    let ended = loop {
+        match tokio::time::timeout(WAIT, slow.message()).await.unwrap() {
+            Ok(Some(message)) => {
+                cursor = message.cursor.clone();
+                before.push(said(message.event.as_ref().unwrap()));
+            }
+            Ok(None) => panic!("ended without a status: {before:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
+    assert!(ended.message().contains("cursor"), "{ended:?}");
+    eventually_async(WAIT, "the slow watch freed", || async {
+        let active = platform
+            .metric(&second, "follow_api_watchers_active")
+            .await
+            .unwrap();
+        (active == 0.0).then_some(())
+    })
+    .await;
+
+    // Resumed on the first instance with its last cursor: exactly what it missed.
+    let mut resumed = platform
+        .images()
+        .await
+        .unwrap()
+        .watch_image_status(watch_route(&cursor))
+        .await
+        .unwrap()
+        .into_inner();
+    let after = all_events(&mut resumed).await;
+    let mut all = [before.clone(), after.clone()].concat();
+    assert_eq!(all.last().map(String::as_str), Some("ready"), "{all:?}");
+    for end in &expected_end {
+        assert_eq!(
+            all.iter().filter(|e| *e == end).count(),
+            1,
+            "{before:?} then {after:?}"
+        );
+    }
+    all.sort();
+    let total = all.len();
+    all.dedup();
+    assert_eq!(all.len(), total, "nothing twice: {before:?} then {after:?}");
+    user.clean_up(&platform).await;
+}
+
+/// Issue 6, vanished client, across two API processes: a client whose network vanishes
+/// (connection open, nothing answered) is noticed by the instance's HTTP/2 keepalive and its
+/// watch freed: the watcher count drops and the instance leaves the image's Valkey channel. A
+/// quiet but present watcher on the same instance stays and still gets its events.
+#[tokio::test]
+async fn a_vanished_watcher_is_noticed_by_keepalive_and_freed() {
+    let mut platform = Platform::start().await.unwrap();
+    if !matches!(platform.is_running(Service::Api), Some(true)) {
+        eprintln!("skipped: needs spawn mode to start a second API instance");
+        return;
+    }
+    let second = platform
+        .add_api(&[
+            ("FOLLOW_KEEPALIVE_SECS", "1"),
+            ("FOLLOW_KEEPALIVE_TIMEOUT_SECS", "1"),
+        ])
+        .await
+        .unwrap();
+    let mut user = User::new(&platform).await;
+    let created = user
+        .create_route(&platform, &[(0.2, 0.2), (0.8, 0.8)])
+        .await;
+    let (gone, stays) = (&created.upload_targets[0], &created.upload_targets[1]);
+
+    let relay = Relay::start(&second).await.unwrap();
+    let mut vanishing = platform
+        .images_at(&relay.url)
+        .await
+        .unwrap()
+        .watch_image_status(bearer(watch_images(&[&gone.image_id]), &user.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut present = platform
+        .images_at(&second)
+        .await
+        .unwrap()
+        .watch_image_status(bearer(watch_images(&[&stays.image_id]), &user.token))
+        .await
+        .unwrap()
+        .into_inner();
+    for stream in [&mut vanishing, &mut present] {
+        assert!(matches!(
+            next_event(stream).await,
+            Some(Event::ImageProgress(_))
+        ));
+    }
+    let subscribers = async |image_id: &str| {
+        let mut valkey = platform.valkey().await.unwrap();
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(format!("image:progress:{image_id}"))
+            .query_async(&mut valkey)
+            .await
+            .unwrap();
+        counts[0].1
+    };
+    assert_eq!(subscribers(&gone.image_id).await, 1);
+
+    relay.freeze();
+    eventually_async(WAIT, "the vanished watcher freed", || async {
+        let active = platform
+            .metric(&second, "follow_api_watchers_active")
+            .await
+            .unwrap();
+        (active == 1.0 && subscribers(&gone.image_id).await == 0).then_some(())
+    })
+    .await;
+
+    // The present watcher was kept (it answers PINGs) and goes on.
+    upload_accepted(&stays.upload_url, "image/jpeg", jpeg(320, 240)).await;
+    let saw = all_events(&mut present).await;
+    assert_eq!(
+        saw.last(),
+        Some(&format!("processed {}", stays.image_id)),
+        "{saw:?}"
+    );
+    drop(relay);
     user.clean_up(&platform).await;
 }
 

@@ -15,7 +15,7 @@ use follow_proto::{
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{service::Routes, transport::Server};
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -188,6 +188,7 @@ impl Application {
             valkey: HealthChecker::new(&valkey, Some(keys::RESULT_GROUP))?,
             metrics: Arc::clone(&metrics),
             consumer: consumer_stats,
+            hub: hub.stats(),
         };
         let (reporter, health_service) = tonic_health::server::health_reporter();
         {
@@ -257,7 +258,14 @@ impl Application {
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .layer(cors(&config.cors_origins))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled())
+            .serve_with_incoming_shutdown(
+                connections(
+                    listener,
+                    config.keepalive_interval,
+                    config.keepalive_timeout,
+                ),
+                cancel.cancelled(),
+            )
             .await;
         // However the server ended, everything else stops with it.
         cancel.cancel();
@@ -267,6 +275,33 @@ impl Application {
         tracing::info!("follow-api stopped");
         served.map_err(|e| StartError::Serve(e.to_string()))
     }
+}
+
+/// Accepted connections, each set up so that a peer that vanished is noticed: TCP keepalive
+/// (for HTTP/1.1, which has no PING), `TCP_USER_TIMEOUT` (sent data never acknowledged, which
+/// keepalive probes do not cover), and no Nagle delay for small stream messages.
+fn connections(
+    listener: TcpListener,
+    idle: Duration,
+    timeout: Duration,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval((timeout / 3).max(Duration::from_secs(1)))
+        .with_retries(3);
+    TcpListenerStream::new(listener).map(move |accepted| {
+        let stream = accepted?;
+        let socket = socket2::SockRef::from(&stream);
+        let set = stream
+            .set_nodelay(true)
+            .and_then(|()| socket.set_tcp_keepalive(&keepalive))
+            .and_then(|()| socket.set_tcp_user_timeout(Some(idle + timeout)));
+        if let Err(e) = set {
+            // The connection still works; a vanished peer is only noticed later.
+            tracing::warn!(error = %e, "cannot set socket options");
+        }
+        Ok(stream)
+    })
 }
 
 /// CORS for grpc-web from browsers: the headers grpc-web sends and the trailers it must read.

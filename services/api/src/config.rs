@@ -19,8 +19,8 @@
 //! | `FOLLOW_PREVIEW_URL_TTL_SECS` | `900` | lifetime of presigned preview URLs |
 //! | `FOLLOW_WATCH_HEARTBEAT_SECS` | `15` | heartbeat on idle watch streams |
 //! | `FOLLOW_WATCH_MAX_LAG_SECS` | `30` | a watch stream whose client leaves events untaken for longer (while more come) is ended with `RESOURCE_EXHAUSTED` |
-//! | `FOLLOW_HTTP2_KEEPALIVE_SECS` | `20` | HTTP/2 PING interval: how a vanished client is noticed |
-//! | `FOLLOW_HTTP2_KEEPALIVE_TIMEOUT_SECS` | `10` | a connection whose PING is not answered in this time is closed |
+//! | `FOLLOW_KEEPALIVE_SECS` | `20` | how a vanished client is noticed: HTTP/2 PING interval, and TCP keepalive idle time |
+//! | `FOLLOW_KEEPALIVE_TIMEOUT_SECS` | `10` | a connection whose PING (or TCP keepalive probes) is not answered in this time is closed; so is one whose sent data stays unacknowledged for keepalive + timeout (`TCP_USER_TIMEOUT`) |
 //! | `FOLLOW_CONSUMER_NAME` | `api-{hostname}-{pid}` | this instance's name in `api-workers` |
 //! | `FOLLOW_RESULT_BATCH` | `64` | results applied per transaction at most |
 //! | `FOLLOW_EXPIRY_INTERVAL_SECS` | `30` | how often expired uploads are looked for |
@@ -133,8 +133,8 @@ impl Config {
             s3,
             heartbeat: env.secs("FOLLOW_WATCH_HEARTBEAT_SECS", 15)?,
             watch_max_lag: env.secs("FOLLOW_WATCH_MAX_LAG_SECS", 30)?,
-            keepalive_interval: env.secs("FOLLOW_HTTP2_KEEPALIVE_SECS", 20)?,
-            keepalive_timeout: env.secs("FOLLOW_HTTP2_KEEPALIVE_TIMEOUT_SECS", 10)?,
+            keepalive_interval: env.secs("FOLLOW_KEEPALIVE_SECS", 20)?,
+            keepalive_timeout: env.secs("FOLLOW_KEEPALIVE_TIMEOUT_SECS", 10)?,
             consumer_name: match lookup("FOLLOW_CONSUMER_NAME") {
                 Some(name) => name,
                 None => default_consumer_name(),
@@ -159,11 +159,8 @@ impl Config {
             ("FOLLOW_PREVIEW_URL_TTL_SECS", self.s3.preview_url_ttl),
             ("FOLLOW_WATCH_HEARTBEAT_SECS", self.heartbeat),
             ("FOLLOW_WATCH_MAX_LAG_SECS", self.watch_max_lag),
-            ("FOLLOW_HTTP2_KEEPALIVE_SECS", self.keepalive_interval),
-            (
-                "FOLLOW_HTTP2_KEEPALIVE_TIMEOUT_SECS",
-                self.keepalive_timeout,
-            ),
+            ("FOLLOW_KEEPALIVE_SECS", self.keepalive_interval),
+            ("FOLLOW_KEEPALIVE_TIMEOUT_SECS", self.keepalive_timeout),
             ("FOLLOW_EXPIRY_INTERVAL_SECS", self.expiry_interval),
         ];
         for (name, value) in positive {

@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use follow_bus::{ConsumerStats, HealthChecker};
+use follow_bus::{ConsumerStats, HealthChecker, HubStats};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -16,6 +16,7 @@ pub struct Probe {
     pub valkey: HealthChecker,
     pub metrics: Arc<Metrics>,
     pub consumer: Arc<ConsumerStats>,
+    pub hub: Arc<HubStats>,
 }
 
 /// One check of both dependencies.
@@ -91,6 +92,8 @@ async fn metrics(State(probe): State<Probe>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        probe.metrics.render(Some(&probe.consumer), group),
+        probe
+            .metrics
+            .render(Some(&probe.consumer), Some(&probe.hub), group),
     )
 }

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use follow_bus::ConsumerStats;
+use follow_bus::{ConsumerStats, HubStats};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{
@@ -24,7 +24,8 @@ pub struct Metrics {
     pub results: Family<Labels, Counter>,
     pub apply_seconds: Histogram,
     pub watchers: Gauge,
-    pub watchers_lagged: Counter,
+    watchers_lagged: Counter,
+    hub_channels: Gauge,
     pub expired: Counter,
     consumer_pending: Gauge,
     consumer_lag: Gauge,
@@ -56,6 +57,7 @@ impl Metrics {
             apply_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             watchers: Gauge::default(),
             watchers_lagged: Counter::default(),
+            hub_channels: Gauge::default(),
             expired: Counter::default(),
             consumer_pending: Gauge::default(),
             consumer_lag: Gauge::default(),
@@ -87,8 +89,13 @@ impl Metrics {
         );
         registry.register(
             "watchers_lagged",
-            "WatchImageStatus streams ended because the client fell too far behind",
+            "WatchImageStatus streams dropped because the client fell too far behind",
             m.watchers_lagged.clone(),
+        );
+        registry.register(
+            "hub_channels",
+            "image progress channels this instance subscribes to (images watched here)",
+            m.hub_channels.clone(),
         );
         registry.register(
             "images_expired",
@@ -143,12 +150,21 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with the consumer's counters and the group sample as of now.
+    /// The text exposition, with the consumer's and the hub's counters and the group sample as
+    /// of now.
     pub fn render(
         &self,
         consumer: Option<&Arc<ConsumerStats>>,
+        hub: Option<&HubStats>,
         group: Option<GroupSample>,
     ) -> String {
+        if let Some(hub) = hub {
+            self.watchers_lagged
+                .inner()
+                .store(hub.lagged.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.hub_channels
+                .set(i64::try_from(hub.channels.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        }
         if let Some(stats) = consumer {
             for (counter, value) in [
                 (&self.handled, &stats.handled),

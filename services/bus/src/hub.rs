@@ -4,10 +4,11 @@
 //! first registration of an id and `UNSUBSCRIBE`s after the last (reference counting), and
 //! hands each message to the mailboxes of that id's watchers.
 //!
-//! Invariants: the hub never waits for a watcher. A mailbox holds at most one message per watched
-//! image: a newer message for an image replaces (coalesces) the one not yet taken, since progress
-//! is monotonic and only the latest stage matters. So a slow watcher costs at most one message
-//! per image, however far behind it is, and an idle one costs no buffer at all. A watcher that
+//! Invariants: the hub never waits for a watcher. A watcher that keeps up gets every message.
+//! Past [`QUEUE`] untaken messages, a message for an image that already has one waiting replaces
+//! it (coalescing: progress is monotonic, so the newer stage supersedes the older). So a slow
+//! watcher costs at most `QUEUE` + one message per image, however far behind it is, and an idle
+//! one costs no buffer at all. A watcher that
 //! has left messages untaken for longer than the hub's `max_lag` while more keep coming is
 //! *lagged*: the hub drops its registration and tells it so, and it should end its stream with
 //! a status saying to reconnect (with its cursor). After the connection to Valkey drops, the hub
@@ -29,10 +30,23 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// Untaken messages a watcher may have before new ones coalesce (see the module doc).
+pub const QUEUE: usize = 32;
+
 #[derive(Debug)]
 pub struct Hub {
     commands: mpsc::UnboundedSender<Command>,
     next_id: AtomicU64,
+    stats: Arc<HubStats>,
+}
+
+/// What the hub has done, for metrics.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Channels subscribed now (images someone in this process watches).
+    pub channels: AtomicU64,
+    /// Watchers dropped as [`HubEvent::Lagged`].
+    pub lagged: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -58,7 +72,7 @@ struct Mailbox {
 
 #[derive(Debug, Default)]
 struct Inbox {
-    /// Untaken messages, at most one per image (the latest; see [`Inbox::put`]).
+    /// Untaken messages in arrival order; bounded by [`Inbox::put`].
     pending: Vec<Progress>,
     /// When the oldest untaken message arrived.
     since: Option<Instant>,
@@ -68,26 +82,25 @@ struct Inbox {
 }
 
 impl Inbox {
-    /// Keeps the newer of `message` and an untaken one for the same image; a `committed`
-    /// announcement is never coalesced away.
+    /// Queues `message`; past [`QUEUE`] it only replaces its image's latest untaken message if
+    /// it is newer. A `committed` announcement is never coalesced away.
     fn put(&mut self, message: Progress) {
-        match self
-            .pending
-            .iter_mut()
-            .find(|p| p.image_id == message.image_id)
+        self.since.get_or_insert_with(Instant::now);
+        if self.pending.len() >= QUEUE
+            && let Some(held) = self
+                .pending
+                .iter_mut()
+                .rev()
+                .find(|p| p.image_id == message.image_id)
         {
-            Some(held) => {
-                let committed = held.committed || message.committed;
-                if message.seq >= held.seq {
-                    *held = message;
-                }
-                held.committed = committed;
+            let committed = held.committed || message.committed;
+            if message.seq >= held.seq {
+                *held = message;
             }
-            None => {
-                self.since.get_or_insert_with(Instant::now);
-                self.pending.push(message);
-            }
+            held.committed = committed;
+            return;
         }
+        self.pending.push(message);
     }
 }
 
@@ -104,7 +117,7 @@ impl Mailbox {
 /// What a watcher is told.
 #[derive(Debug, PartialEq)]
 pub enum HubEvent {
-    /// The latest untaken message of each image that has one, in arrival order.
+    /// The untaken messages, in arrival order (coalesced if there were many).
     Progress(Vec<Progress>),
     /// Messages may have been missed: re-read the state.
     Resync,
@@ -176,15 +189,22 @@ impl Hub {
         cancel: CancellationToken,
     ) -> (Self, impl Future<Output = ()>) {
         let (commands, receiver) = mpsc::unbounded_channel();
+        let stats = Arc::new(HubStats::default());
         let hub = Self {
             commands,
             next_id: AtomicU64::new(1),
+            stats: Arc::clone(&stats),
         };
         let worker = Worker {
             watchers: HashMap::new(),
             max_lag,
+            stats,
         };
         (hub, worker.run(valkey, receiver, cancel))
+    }
+
+    pub fn stats(&self) -> Arc<HubStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Registers for the progress of `ids`; returns once Valkey confirmed the subscriptions, so
@@ -218,6 +238,7 @@ impl Hub {
 struct Worker {
     watchers: HashMap<Uuid, Vec<Arc<Mailbox>>>,
     max_lag: Duration,
+    stats: Arc<HubStats>,
 }
 
 impl Worker {
@@ -337,6 +358,7 @@ impl Worker {
                     }
                     watchers.push(Arc::clone(&mailbox));
                 }
+                self.count_channels();
                 let result = if new.is_empty() {
                     Ok(())
                 } else {
@@ -375,7 +397,13 @@ impl Worker {
                 }
             }
         }
+        self.count_channels();
         gone
+    }
+
+    fn count_channels(&self) {
+        let channels = u64::try_from(self.watchers.len()).unwrap_or(u64::MAX);
+        self.stats.channels.store(channels, Ordering::Relaxed);
     }
 
     fn dispatch(&mut self, channel: &str, payload: &[u8]) {
@@ -408,6 +436,7 @@ impl Worker {
         // Nothing more is delivered to it. A channel it alone watched stays subscribed (with no
         // one to deliver to) until its `Subscription` is dropped, which unsubscribes it.
         for mailbox in lagged {
+            self.stats.lagged.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 watcher = mailbox.watcher,
                 "progress hub: watcher lagged; dropped"

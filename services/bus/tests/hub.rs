@@ -1,15 +1,16 @@
-//! The progress hub against a real Valkey: reference-counted subscriptions, coalescing of
-//! superseded messages for a slow watcher, dropping a lagged watcher, resync after Valkey
-//! restarts, and an end for every watcher when the hub stops.
+//! The progress hub against a real Valkey: reference-counted subscriptions, every message for a
+//! watcher that keeps up, a bounded inbox coalescing superseded messages for a slow one, dropping
+//! a lagged watcher, resync after Valkey restarts, and an end for every watcher when the hub
+//! stops.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod common;
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use common::*;
-use follow_bus::{Hub, HubEvent, Progress, Stage, Subscription, keys};
+use follow_bus::{HUB_QUEUE, Hub, HubEvent, Progress, Stage, Subscription, keys};
 use follow_testkit::{ValkeyServer, eventually_async};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -97,57 +98,72 @@ async fn one_valkey_subscription_per_image_however_many_watchers() {
     subscribed(&running.server, a, 0).await;
 }
 
-#[tokio::test]
-async fn a_slow_watcher_gets_the_latest_message_per_image_and_never_a_queue() {
-    let running = hub(Duration::from_secs(60)).await;
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let mut slow = running.hub.subscribe(&[a, b]).await.unwrap();
-    let mut fast = running.hub.subscribe(&[a]).await.unwrap();
-
-    let stages = [
-        Stage::WaitingUpload,
-        Stage::Validating,
-        Stage::Decoding,
-        Stage::Processing,
-    ];
-    publish(&running.server, &Progress::stage(b, Stage::Validating)).await;
-    for stage in stages {
-        publish(&running.server, &Progress::stage(a, stage)).await;
-        // The fast watcher takes each message as it comes; the slow one takes none.
-        assert_eq!(summary(next(&mut fast).await), vec![(a, stage, false)]);
+/// Progress of `image_id` with this `seq` (stages are not checked by the hub, seqs are).
+fn at_seq(image_id: Uuid, seq: u64) -> Progress {
+    Progress {
+        seq,
+        ..Progress::stage(image_id, Stage::Processing)
     }
-    // An older message arriving late does not replace a newer one.
-    publish(&running.server, &Progress::stage(a, Stage::Decoding)).await;
-    publish(&running.server, &Progress::committed(b, None)).await;
-    // A marker published last: once the fast watcher sees it, the slow one's inbox is complete.
-    publish(&running.server, &Progress::stage(a, Stage::Encoding)).await;
-    while summary(next(&mut fast).await).last() != Some(&(a, Stage::Encoding, false)) {}
-
-    assert_eq!(
-        summary(next(&mut slow).await),
-        vec![(b, Stage::Done, true), (a, Stage::Encoding, false)],
-        "one message per image, the newest, in order of first arrival"
-    );
 }
 
 #[tokio::test]
-async fn a_committed_announcement_survives_a_later_stage_message() {
+async fn a_watcher_that_keeps_up_gets_every_message_in_order() {
     let running = hub(Duration::from_secs(60)).await;
     let a = Uuid::new_v4();
     let mut watcher = running.hub.subscribe(&[a]).await.unwrap();
+    let mut seen = Vec::new();
+    for seq in 1..=8 {
+        publish(&running.server, &at_seq(a, seq)).await;
+    }
+    // However the messages are batched, none is left out while the watcher is under the queue.
+    while seen.len() < 8 {
+        let HubEvent::Progress(batch) = next(&mut watcher).await else {
+            panic!("progress expected");
+        };
+        seen.extend(batch.iter().map(|p| p.seq));
+    }
+    assert_eq!(seen, (1..=8).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_slow_watcher_gets_a_bounded_inbox_with_the_newest_message_per_image() {
+    let running = hub(Duration::from_secs(60)).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut slow = running.hub.subscribe(&[a, b]).await.unwrap();
     let mut marker = running.hub.subscribe(&[a]).await.unwrap();
-    publish(&running.server, &Progress::committed(a, None)).await;
-    let mut failed = Progress::stage(a, Stage::Failed);
-    failed.committed = false;
-    publish(&running.server, &failed).await;
-    // Once the marker watcher saw the second, the other's inbox holds both, coalesced.
-    while summary(next(&mut marker).await).last().map(|p| p.1) != Some(Stage::Failed) {}
-    let held = summary(next(&mut watcher).await);
+
+    publish(&running.server, &Progress::stage(b, Stage::Validating)).await;
+    let last = 3 * HUB_QUEUE as u64;
+    for seq in 1..=last {
+        publish(&running.server, &at_seq(a, seq)).await;
+    }
+    // Queue full: b's committed announcement replaces b's message; a stale one for b afterwards
+    // neither replaces it nor takes the announcement away; an older one for a changes nothing.
+    publish(&running.server, &Progress::committed(b, None)).await;
+    publish(&running.server, &Progress::stage(b, Stage::Validating)).await;
+    publish(&running.server, &at_seq(a, 2)).await;
+    // Once the marker watcher (subscribed to a, reading as it goes) saw the end, so did the hub.
+    publish(&running.server, &at_seq(a, last + 1)).await;
+    let mut marker_seen = 0;
+    while marker_seen != last + 1 {
+        let HubEvent::Progress(batch) = next(&mut marker).await else {
+            panic!("progress expected");
+        };
+        marker_seen = batch.last().unwrap().seq;
+    }
+
+    let HubEvent::Progress(held) = next(&mut slow).await else {
+        panic!("progress expected");
+    };
+    assert_eq!(held.len(), HUB_QUEUE, "bounded");
     assert_eq!(
-        held,
-        vec![(a, Stage::Failed, true)],
-        "the announcement is kept"
+        (held[0].image_id, held[0].stage, held[0].committed),
+        (b, Stage::Done, true)
     );
+    let seqs: Vec<u64> = held[1..].iter().map(|p| p.seq).collect();
+    let mut expected: Vec<u64> = (1..HUB_QUEUE as u64 - 1).collect();
+    expected.push(last + 1);
+    assert_eq!(seqs, expected, "the first in order, then the newest");
 }
 
 #[tokio::test]
@@ -168,6 +184,9 @@ async fn a_watcher_that_falls_behind_is_told_and_dropped_while_others_go_on() {
         HubEvent::Lagged,
         "it stays lagged"
     );
+    let stats = running.hub.stats();
+    assert_eq!(stats.lagged.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.channels.load(Ordering::Relaxed), 1);
     publish(&running.server, &Progress::stage(a, Stage::Decoding)).await;
     assert_eq!(
         summary(next(&mut other).await),

@@ -165,12 +165,9 @@ impl Watch {
                 Ok(committed)
             }
             Some(HubEvent::Resync) => Ok(true),
-            Some(HubEvent::Lagged) => {
-                self.shared.metrics.watchers_lagged.inc();
-                Err(Status::resource_exhausted(
-                    "this watch fell too far behind; reconnect with your last cursor",
-                ))
-            }
+            Some(HubEvent::Lagged) => Err(Status::resource_exhausted(
+                "this watch fell too far behind; reconnect with your last cursor",
+            )),
             None => Err(Status::unavailable(
                 "live updates stopped; reconnect with your last cursor",
             )),
