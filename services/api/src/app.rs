@@ -106,7 +106,12 @@ impl Application {
         let tasks = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
         let progress = ProgressTracker::new(&valkey)?;
-        let (hub, hub_worker) = Hub::new(valkey.clone(), config.watch_max_lag, cancel.clone());
+        let (hub, hub_worker) = Hub::with_channels(
+            valkey.clone(),
+            config.hub_channels,
+            config.watch_max_lag,
+            cancel.clone(),
+        );
         let mut hub_worker = Some(hub_worker);
         workers::supervise(&tasks, &cancel, "progress-hub", move || {
             // The hub's command channel belongs to this one worker; it is not restarted.

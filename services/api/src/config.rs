@@ -19,6 +19,7 @@
 //! | `FOLLOW_PREVIEW_URL_TTL_SECS` | `900` | lifetime of presigned preview URLs |
 //! | `FOLLOW_WATCH_HEARTBEAT_SECS` | `15` | heartbeat on idle watch streams |
 //! | `FOLLOW_WATCH_MAX_LAG_SECS` | `30` | a watch stream whose client leaves events untaken for longer (while more come) is ended with `RESOURCE_EXHAUSTED` |
+//! | `FOLLOW_HUB_CHANNELS` | `pattern` | how the progress hub subscribes in Valkey: `pattern` (one `PSUBSCRIBE`) or `per-image` (one `SUBSCRIBE` per watched image); see `cargo bench -p follow-bus --bench hub` |
 //! | `FOLLOW_KEEPALIVE_SECS` | `20` | how a vanished client is noticed: HTTP/2 PING interval, and TCP keepalive idle time |
 //! | `FOLLOW_KEEPALIVE_TIMEOUT_SECS` | `10` | a connection whose PING (or TCP keepalive probes) is not answered in this time is closed; so is one whose sent data stays unacknowledged for keepalive + timeout (`TCP_USER_TIMEOUT`) |
 //! | `FOLLOW_CONSUMER_NAME` | `api-{hostname}-{pid}` | this instance's name in `api-workers` |
@@ -29,6 +30,7 @@
 
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
+use follow_bus::Channels;
 use follow_token::{Kid, SigningKey, VerifyingKeys};
 
 /// Why the configuration was refused; names the variable, never a secret's value.
@@ -79,6 +81,7 @@ pub struct Config {
     pub s3: S3Config,
     pub heartbeat: Duration,
     pub watch_max_lag: Duration,
+    pub hub_channels: Channels,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub consumer_name: String,
@@ -133,6 +136,7 @@ impl Config {
             s3,
             heartbeat: env.secs("FOLLOW_WATCH_HEARTBEAT_SECS", 15)?,
             watch_max_lag: env.secs("FOLLOW_WATCH_MAX_LAG_SECS", 30)?,
+            hub_channels: env.parsed("FOLLOW_HUB_CHANNELS", "pattern")?,
             keepalive_interval: env.secs("FOLLOW_KEEPALIVE_SECS", 20)?,
             keepalive_timeout: env.secs("FOLLOW_KEEPALIVE_TIMEOUT_SECS", 10)?,
             consumer_name: match lookup("FOLLOW_CONSUMER_NAME") {
@@ -291,6 +295,8 @@ mod tests {
         for (name, value) in [
             ("FOLLOW_API_LISTEN", "nowhere"),
             ("FOLLOW_WATCH_HEARTBEAT_SECS", "0"),
+            ("FOLLOW_WATCH_MAX_LAG_SECS", "0"),
+            ("FOLLOW_HUB_CHANNELS", "both"),
             ("FOLLOW_RESULT_BATCH", "100000"),
             ("FOLLOW_UPLOAD_SIGNING_KEY", "no-kid"),
             ("FOLLOW_USER_PUBLIC_KEYS", "u1=garbage"),

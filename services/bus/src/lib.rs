@@ -43,7 +43,7 @@ pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, O
 pub use error::BusError;
 pub use guard::{GuardOutcome, UploadGuard};
 pub use health::{GroupInfo, Health, HealthChecker};
-pub use hub::{Hub, HubEvent, HubStats, QUEUE as HUB_QUEUE, Subscription};
+pub use hub::{Channels, Hub, HubEvent, HubStats, QUEUE as HUB_QUEUE, Subscription};
 pub use model::{ErrorCode, Failure, ImageResult, Processed, Progress, ResultOutcome, Stage};
 pub use producer::Producer;
 pub use progress::{ProgressTracker, Recorded, StatusSnapshot};

@@ -10,7 +10,7 @@ mod common;
 use std::{sync::atomic::Ordering, time::Duration};
 
 use common::*;
-use follow_bus::{HUB_QUEUE, Hub, HubEvent, Progress, Stage, Subscription, keys};
+use follow_bus::{Channels, HUB_QUEUE, Hub, HubEvent, Progress, Stage, Subscription, keys};
 use follow_testkit::{ValkeyServer, eventually_async};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -22,10 +22,10 @@ struct Running {
     worker: tokio::task::JoinHandle<()>,
 }
 
-async fn hub(max_lag: Duration) -> Running {
+async fn hub(channels: Channels, max_lag: Duration) -> Running {
     let (server, valkey) = valkey().await;
     let cancel = CancellationToken::new();
-    let (hub, worker) = Hub::new(valkey, max_lag, cancel.clone());
+    let (hub, worker) = Hub::with_channels(valkey, channels, max_lag, cancel.clone());
     let worker = tokio::spawn(worker);
     Running {
         server,
@@ -67,6 +67,15 @@ fn summary(event: HubEvent) -> Vec<(Uuid, Stage, bool)> {
         .collect()
 }
 
+async fn patterns(server: &ValkeyServer) -> usize {
+    let mut conn = server.connection().await;
+    redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
 /// Waits until `image_id`'s channel has `n` subscribers (the hub (un)subscribes in the background).
 async fn subscribed(server: &ValkeyServer, image_id: Uuid, n: usize) {
     eventually_async(WITHIN, "the subscriber count", || async {
@@ -83,8 +92,8 @@ async fn next(subscription: &mut Subscription) -> HubEvent {
 }
 
 #[tokio::test]
-async fn one_valkey_subscription_per_image_however_many_watchers() {
-    let running = hub(Duration::from_secs(60)).await;
+async fn per_image_one_valkey_subscription_per_image_however_many_watchers() {
+    let running = hub(Channels::PerImage, Duration::from_secs(60)).await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let first = running.hub.subscribe(&[a, b, a]).await.unwrap();
     let second = running.hub.subscribe(&[a]).await.unwrap();
@@ -108,7 +117,7 @@ fn at_seq(image_id: Uuid, seq: u64) -> Progress {
 
 #[tokio::test]
 async fn a_watcher_that_keeps_up_gets_every_message_in_order() {
-    let running = hub(Duration::from_secs(60)).await;
+    let running = hub(Channels::default(), Duration::from_secs(60)).await;
     let a = Uuid::new_v4();
     let mut watcher = running.hub.subscribe(&[a]).await.unwrap();
     let mut seen = Vec::new();
@@ -127,7 +136,7 @@ async fn a_watcher_that_keeps_up_gets_every_message_in_order() {
 
 #[tokio::test]
 async fn a_slow_watcher_gets_a_bounded_inbox_with_the_newest_message_per_image() {
-    let running = hub(Duration::from_secs(60)).await;
+    let running = hub(Channels::default(), Duration::from_secs(60)).await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let mut slow = running.hub.subscribe(&[a, b]).await.unwrap();
     let mut marker = running.hub.subscribe(&[a]).await.unwrap();
@@ -169,7 +178,7 @@ async fn a_slow_watcher_gets_a_bounded_inbox_with_the_newest_message_per_image()
 #[tokio::test]
 async fn a_watcher_that_falls_behind_is_told_and_dropped_while_others_go_on() {
     // With no lag allowed, a second message arriving before the first was taken is too late.
-    let running = hub(Duration::ZERO).await;
+    let running = hub(Channels::PerImage, Duration::ZERO).await;
     let a = Uuid::new_v4();
     let mut lagging = running.hub.subscribe(&[a]).await.unwrap();
     let mut other = running.hub.subscribe(&[a]).await.unwrap();
@@ -201,14 +210,39 @@ async fn a_watcher_that_falls_behind_is_told_and_dropped_while_others_go_on() {
 }
 
 #[tokio::test]
+async fn pattern_one_psubscribe_and_nothing_in_valkey_per_watch() {
+    let running = hub(Channels::Pattern, Duration::from_secs(60)).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let _first = running.hub.subscribe(&[a, b]).await.unwrap();
+    let _second = running.hub.subscribe(&[a]).await.unwrap();
+    assert_eq!(patterns(&running.server).await, 1);
+    assert_eq!(subscribers(&running.server, a).await, 0);
+    assert_eq!(running.hub.stats().channels.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
 async fn watchers_resync_after_valkey_restarts_and_end_when_the_hub_stops() {
-    let mut running = hub(Duration::from_secs(60)).await;
+    for channels in [Channels::PerImage, Channels::Pattern] {
+        resync_and_end(channels).await;
+    }
+}
+
+async fn resync_and_end(channels: Channels) {
+    let mut running = hub(channels, Duration::from_secs(60)).await;
     let a = Uuid::new_v4();
     let mut watcher = running.hub.subscribe(&[a]).await.unwrap();
     running.server.restart().await.unwrap();
     assert_eq!(next(&mut watcher).await, HubEvent::Resync);
     // Resubscribed: live messages flow again.
-    subscribed(&running.server, a, 1).await;
+    match channels {
+        Channels::PerImage => subscribed(&running.server, a, 1).await,
+        Channels::Pattern => {
+            eventually_async(WITHIN, "the pattern subscribed again", || async {
+                (patterns(&running.server).await == 1).then_some(())
+            })
+            .await;
+        }
+    }
     publish(&running.server, &Progress::stage(a, Stage::Validating)).await;
     assert_eq!(
         summary(next(&mut watcher).await),
