@@ -6,7 +6,8 @@
 //! goes through its six in-flight stages (`HSET image:status` + `PUBLISH image:progress`, as the
 //! gateway does) at `FOLLOW_BENCH_RATE` events/s (default 1,000).
 //!
-//! Prints: memory per idle stream (API RSS growth / streams, after every stream got its snapshot),
+//! Prints: memory per idle stream (API RSS growth / streams, after every stream got its snapshot;
+//! native streams are opened first, so their share and grpc-web's are printed apart too),
 //! events published and delivered, delivered/s, publish → client latency p50/p99/max, and lost
 //! and duplicated events (each stream must see each stage of its image exactly once, in order).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -30,7 +31,6 @@ use follow_proto::{
     prost_types::Timestamp,
     tonic::transport::{Channel, Endpoint},
 };
-use tokio::sync::Barrier;
 
 /// The stages a gateway reports while an image is in flight (the final one would end streams).
 const STAGES: [(Stage, &str); 6] = [
@@ -122,9 +122,12 @@ async fn main() {
     let published: Arc<Vec<AtomicU64>> =
         Arc::new((0..images * SLOTS).map(|_| AtomicU64::new(0)).collect());
 
-    let rss_before: Vec<u64> = pids.iter().map(|&p| rss_bytes(p)).collect();
+    let rss = || -> Vec<u64> { pids.iter().map(|&p| rss_bytes(p)).collect() };
+    let rss_before = rss();
     let total = streams_a + streams_b;
-    let ready = Arc::new(Barrier::new(total + 1));
+    let ready = Arc::new(AtomicU64::new(0));
+    // Streams wait for every other to be open before they time out on silence.
+    let (go, going) = tokio::sync::watch::channel(false);
     let mut channels: Vec<(String, Vec<Channel>)> = Vec::new();
     for (url, n) in [
         (platform.api_url.clone(), streams_a),
@@ -142,79 +145,95 @@ async fn main() {
         }
         channels.push((url, list));
     }
+    // Native streams first, then grpc-web ones, the memory measured after each phase.
     let opened = Instant::now();
     let mut tasks = Vec::with_capacity(total);
-    for (instance, n) in [(0usize, streams_a), (1, streams_b)] {
-        for s in 0..n {
-            let image = (s * 7919 + instance) % images;
-            let id = ids[image].clone();
-            let request = bearer(
-                api::WatchImageStatusRequest {
-                    target: Some(Target::Images(ImageIds {
-                        image_ids: vec![id],
-                    })),
-                    resume_cursor: String::new(),
-                },
-                &token,
-            );
-            let (url, list) = &channels[instance];
-            let web = s % 100 < web_percent;
-            let native = list[s % list.len()].clone();
-            let url = url.clone();
-            let (ready, published, index) = (ready.clone(), published.clone(), index.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut stream = if web {
-                    ImageServiceClient::with_origin(
-                        follow_e2e::client::grpc_web(),
-                        url.parse().unwrap(),
-                    )
-                    .watch_image_status(request)
-                    .await
-                } else {
-                    ImageServiceClient::new(native)
+    let mut rss_phases = Vec::new();
+    let mut counts = Vec::new();
+    for phase_web in [false, true] {
+        let mut count = [0usize; 2];
+        for (instance, n) in [(0usize, streams_a), (1, streams_b)] {
+            for s in 0..n {
+                let web = s % 100 < web_percent;
+                if web != phase_web {
+                    continue;
+                }
+                count[instance] += 1;
+                let image = (s * 7919 + instance) % images;
+                let id = ids[image].clone();
+                let request = bearer(
+                    api::WatchImageStatusRequest {
+                        target: Some(Target::Images(ImageIds {
+                            image_ids: vec![id],
+                        })),
+                        resume_cursor: String::new(),
+                    },
+                    &token,
+                );
+                let (url, list) = &channels[instance];
+                let native = list[s % list.len()].clone();
+                let url = url.clone();
+                let (ready, published, index) = (ready.clone(), published.clone(), index.clone());
+                let mut going = going.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut stream = if web {
+                        ImageServiceClient::with_origin(
+                            follow_e2e::client::grpc_web(),
+                            url.parse().unwrap(),
+                        )
                         .watch_image_status(request)
                         .await
-                }
-                .unwrap()
-                .into_inner();
-                // The snapshot (`queued`) first: then the stream is live.
-                let first = stream.message().await.unwrap().unwrap();
-                assert!(matches!(first.event, Some(Event::ImageProgress(_))));
-                ready.wait().await;
-                let mut seen = Seen::default();
-                let mut last = Stage::Queued as i32;
-                while let Ok(Ok(Some(message))) =
-                    tokio::time::timeout(Duration::from_secs(5), stream.message()).await
-                {
-                    let Some(Event::ImageProgress(p)) = message.event else {
-                        continue;
-                    };
-                    let now = epoch.elapsed().as_micros() as u64;
-                    let stage = p.stage;
-                    if stage <= last {
-                        seen.duplicated += 1;
-                        continue;
+                    } else {
+                        ImageServiceClient::new(native)
+                            .watch_image_status(request)
+                            .await
                     }
-                    seen.lost += (stage - last - 1) as u64;
-                    last = stage;
-                    seen.delivered += 1;
-                    let image = index[&p.image_id];
-                    let at = published[image * SLOTS + stage as usize].load(Relaxed);
-                    if at > 0 {
-                        seen.latencies_us.push(now.saturating_sub(at) as u32);
+                    .unwrap()
+                    .into_inner();
+                    // The snapshot (`queued`) first: then the stream is live.
+                    let first = stream.message().await.unwrap().unwrap();
+                    assert!(matches!(first.event, Some(Event::ImageProgress(_))));
+                    ready.fetch_add(1, Relaxed);
+                    going.wait_for(|go| *go).await.unwrap();
+                    let mut seen = Seen::default();
+                    let mut last = Stage::Queued as i32;
+                    while let Ok(Ok(Some(message))) =
+                        tokio::time::timeout(Duration::from_secs(5), stream.message()).await
+                    {
+                        let Some(Event::ImageProgress(p)) = message.event else {
+                            continue;
+                        };
+                        let now = epoch.elapsed().as_micros() as u64;
+                        let stage = p.stage;
+                        if stage <= last {
+                            seen.duplicated += 1;
+                            continue;
+                        }
+                        seen.lost += (stage - last - 1) as u64;
+                        last = stage;
+                        seen.delivered += 1;
+                        let image = index[&p.image_id];
+                        let at = published[image * SLOTS + stage as usize].load(Relaxed);
+                        if at > 0 {
+                            seen.latencies_us.push(now.saturating_sub(at) as u32);
+                        }
+                        if stage == Stage::UploadingToStorage as i32 {
+                            break;
+                        }
                     }
-                    if stage == Stage::UploadingToStorage as i32 {
-                        break;
-                    }
-                }
-                seen.lost += (Stage::UploadingToStorage as i32 - last).max(0) as u64;
-                seen
-            }));
+                    seen.lost += (Stage::UploadingToStorage as i32 - last).max(0) as u64;
+                    seen
+                }));
+            }
         }
+        while ready.load(Relaxed) < tasks.len() as u64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rss_phases.push(rss());
+        counts.push(count);
     }
-    ready.wait().await;
     let open_s = opened.elapsed().as_secs_f64();
-    let rss_idle: Vec<u64> = pids.iter().map(|&p| rss_bytes(p)).collect();
+    go.send_replace(true);
 
     // The gateways: every image through its stages, paced at `rate` events per second.
     let mut valkey = platform.valkey().await.unwrap();
@@ -266,17 +285,21 @@ async fn main() {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
             .map_or(0.0, |&us| us as f64 / 1000.0)
     };
-    let per_stream = |i: usize, n: usize| {
-        rss_idle[i].saturating_sub(rss_before[i]) as f64 / n.max(1) as f64 / 1024.0
+    // KiB per stream on instance `i` grown from `from` to `to` over `n` streams.
+    let per_stream = |i: usize, from: &[u64], to: &[u64], n: usize| {
+        to[i].saturating_sub(from[i]) as f64 / n.max(1) as f64 / 1024.0
     };
+    let (native, web) = (&rss_phases[0], &rss_phases[1]);
     println!("live progress: two API instances, one machine (2 shared cores)");
     println!(
         "  streams: {streams_a} on instance A + {streams_b} on B, {web_percent}% grpc-web; {images} images; opened in {open_s:.1} s"
     );
     println!(
-        "  memory per idle stream: A {:.1} KiB, B {:.1} KiB (target < 20 KB)",
-        per_stream(0, streams_a),
-        per_stream(1, streams_b)
+        "  memory per idle stream: A {:.1} KiB, B {:.1} KiB (target < 20 KB); native gRPC A {:.1} KiB, grpc-web A {:.1} KiB",
+        per_stream(0, &rss_before, web, streams_a),
+        per_stream(1, &rss_before, web, streams_b),
+        per_stream(0, &rss_before, native, counts[0][0]),
+        per_stream(0, native, web, counts[1][0]),
     );
     println!(
         "  published {events} events in {publish_s:.1} s ({:.0}/s, target rate {rate}/s)",

@@ -1089,6 +1089,50 @@ async fn a_vanished_watcher_is_noticed_by_keepalive_and_freed() {
     user.clean_up(&platform).await;
 }
 
+/// Issue 6, shutdown: SIGTERM ends every watch stream; one whose client does not read (so its
+/// end cannot be sent) is cut after `FOLLOW_SHUTDOWN_GRACE_SECS` instead of holding the process.
+#[tokio::test]
+async fn a_stalled_watcher_does_not_hold_up_shutdown() {
+    let mut platform = Platform::start().await.unwrap();
+    if !platform.controls_processes() {
+        eprintln!("skipped: needs to stop the API");
+        return;
+    }
+    platform.stop(Service::Api).await.unwrap();
+    platform
+        .start_service(Service::Api, &[("FOLLOW_SHUTDOWN_GRACE_SECS", Some("1"))])
+        .await
+        .unwrap();
+    let mut user = User::new(&platform).await;
+    let created = user.create_route(&platform, &[(0.5, 0.5)]).await;
+    let image_id = created.upload_targets[0].image_id.clone();
+    // A stream whose HTTP/2 window holds one byte, never read: after its first event the server
+    // cannot send it anything, the end of stream included.
+    let cramped = Endpoint::from_shared(platform.api_url.clone())
+        .unwrap()
+        .initial_stream_window_size(Some(1))
+        .connect()
+        .await
+        .unwrap();
+    let _stalled = ImageServiceClient::new(cramped)
+        .watch_image_status(bearer(watch_images(&[&image_id]), &user.token))
+        .await
+        .unwrap()
+        .into_inner();
+    eventually_async(WAIT, "the stalled stream open", || async {
+        let active = platform
+            .metric(&platform.api_url, "follow_api_watchers_active")
+            .await
+            .unwrap();
+        (active == 1.0).then_some(())
+    })
+    .await;
+    // Within the harness's 30 s, or it fails.
+    platform.stop(Service::Api).await.unwrap();
+    platform.start_service(Service::Api, &[]).await.unwrap();
+    user.clean_up(&platform).await;
+}
+
 /// The TypeScript SDK generated from the contracts (`sdk/typescript`, built by `./dev sdk`)
 /// drives the platform as a browser would — grpc-web and fetch: a route, its live watch, the
 /// upload, every stage, READY, and the preview.

@@ -257,7 +257,7 @@ impl Application {
 
         let addr = listener.local_addr().ok();
         tracing::info!(?addr, "follow-api serving");
-        let served = Server::builder()
+        let serve = Server::builder()
             .accept_http1(true)
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -270,8 +270,17 @@ impl Application {
                     config.keepalive_timeout,
                 ),
                 cancel.cancelled(),
-            )
-            .await;
+            );
+        // Streams end at shutdown (with UNAVAILABLE) when their clients read; one whose client
+        // does not must not hold the process: after the grace it is cut.
+        let grace = config.shutdown_grace;
+        let served = tokio::select! {
+            served = serve => served,
+            () = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "connections still open after the shutdown grace; cut");
+                Ok(())
+            }
+        };
         // However the server ended, everything else stops with it.
         cancel.cancel();
         tasks.close();

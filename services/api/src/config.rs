@@ -19,6 +19,7 @@
 //! | `FOLLOW_PREVIEW_URL_TTL_SECS` | `900` | lifetime of presigned preview URLs |
 //! | `FOLLOW_WATCH_HEARTBEAT_SECS` | `15` | heartbeat on idle watch streams |
 //! | `FOLLOW_WATCH_MAX_LAG_SECS` | `30` | a watch stream whose client leaves events untaken for longer (while more come) is ended with `RESOURCE_EXHAUSTED` |
+//! | `FOLLOW_SHUTDOWN_GRACE_SECS` | `10` | after SIGTERM/SIGINT, how long open connections may take to finish (streams end with `UNAVAILABLE` at once; a client that does not read them is cut after this) |
 //! | `FOLLOW_HUB_CHANNELS` | `pattern` | how the progress hub subscribes in Valkey: `pattern` (one `PSUBSCRIBE`) or `per-image` (one `SUBSCRIBE` per watched image); see `cargo bench -p follow-bus --bench hub` |
 //! | `FOLLOW_KEEPALIVE_SECS` | `20` | how a vanished client is noticed: HTTP/2 PING interval, and TCP keepalive idle time |
 //! | `FOLLOW_KEEPALIVE_TIMEOUT_SECS` | `10` | a connection whose PING (or TCP keepalive probes) is not answered in this time is closed; so is one whose sent data stays unacknowledged for keepalive + timeout (`TCP_USER_TIMEOUT`) |
@@ -82,6 +83,7 @@ pub struct Config {
     pub heartbeat: Duration,
     pub watch_max_lag: Duration,
     pub hub_channels: Channels,
+    pub shutdown_grace: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub consumer_name: String,
@@ -137,6 +139,7 @@ impl Config {
             heartbeat: env.secs("FOLLOW_WATCH_HEARTBEAT_SECS", 15)?,
             watch_max_lag: env.secs("FOLLOW_WATCH_MAX_LAG_SECS", 30)?,
             hub_channels: env.parsed("FOLLOW_HUB_CHANNELS", "pattern")?,
+            shutdown_grace: env.secs("FOLLOW_SHUTDOWN_GRACE_SECS", 10)?,
             keepalive_interval: env.secs("FOLLOW_KEEPALIVE_SECS", 20)?,
             keepalive_timeout: env.secs("FOLLOW_KEEPALIVE_TIMEOUT_SECS", 10)?,
             consumer_name: match lookup("FOLLOW_CONSUMER_NAME") {
