@@ -455,6 +455,15 @@ impl Worker {
     }
 
     fn dispatch(&mut self, channel: &str, payload: &[u8]) {
+        // With a pattern subscription most messages may be for images nobody here watches:
+        // those are dropped by their channel name, before decoding.
+        let watched = channel
+            .strip_prefix(keys::progress("").as_str())
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .is_some_and(|id| self.watchers.contains_key(&id));
+        if !watched {
+            return;
+        }
         let progress = match Progress::decode(payload) {
             Ok(p) if keys::progress(p.image_id) == channel => p,
             Ok(_) => {
