@@ -227,6 +227,11 @@ async fn main() {
             }
         }
         while ready.load(Relaxed) < tasks.len() as u64 {
+            // A stream that failed to open ends its task (with a panic): stop, not wait forever.
+            assert!(
+                !tasks.iter().any(|t| t.is_finished()),
+                "a watch stream failed to open"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         rss_phases.push(rss());
