@@ -43,13 +43,6 @@ const STAGES: [(Stage, &str); 6] = [
 ];
 const SLOTS: usize = 10;
 
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -74,11 +67,11 @@ async fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return; // `cargo bench` probes harness=false targets with these.
     }
-    let streams_a = setting("FOLLOW_BENCH_STREAMS", 10_000);
-    let streams_b = setting("FOLLOW_BENCH_STREAMS_B", 1_000);
-    let rate = setting("FOLLOW_BENCH_RATE", 1_000);
-    let images = setting("FOLLOW_BENCH_IMAGES", 2_000).max(1);
-    let web_percent = setting("FOLLOW_BENCH_WEB_PERCENT", 50).min(100);
+    let streams_a = follow_testkit::setting("FOLLOW_BENCH_STREAMS", 10_000);
+    let streams_b = follow_testkit::setting("FOLLOW_BENCH_STREAMS_B", 1_000);
+    let rate = follow_testkit::setting("FOLLOW_BENCH_RATE", 1_000);
+    let images = follow_testkit::setting("FOLLOW_BENCH_IMAGES", 2_000).max(1);
+    let web_percent = follow_testkit::setting("FOLLOW_BENCH_WEB_PERCENT", 50).min(100);
 
     let mut platform = Platform::start().await.unwrap();
     let second = platform.add_api(&[]).await.unwrap();
@@ -125,7 +118,9 @@ async fn main() {
     let rss = || -> Vec<u64> { pids.iter().map(|&p| rss_bytes(p)).collect() };
     let rss_before = rss();
     let total = streams_a + streams_b;
-    let ready = Arc::new(AtomicU64::new(0));
+    // How many streams got their snapshot (are live).
+    let (ready, mut live) = tokio::sync::watch::channel(0usize);
+    let ready = Arc::new(ready);
     // Streams wait for every other to be open before they time out on silence.
     let (go, going) = tokio::sync::watch::channel(false);
     let mut channels: Vec<(String, Vec<Channel>)> = Vec::new();
@@ -193,7 +188,7 @@ async fn main() {
                     // The snapshot (`queued`) first: then the stream is live.
                     let first = stream.message().await.unwrap().unwrap();
                     assert!(matches!(first.event, Some(Event::ImageProgress(_))));
-                    ready.fetch_add(1, Relaxed);
+                    ready.send_modify(|n| *n += 1);
                     going.wait_for(|go| *go).await.unwrap();
                     let mut seen = Seen::default();
                     let mut last = Stage::Queued as i32;
@@ -226,14 +221,12 @@ async fn main() {
                 }));
             }
         }
-        while ready.load(Relaxed) < tasks.len() as u64 {
-            // A stream that failed to open ends its task (with a panic): stop, not wait forever.
-            assert!(
-                !tasks.iter().any(|t| t.is_finished()),
-                "a watch stream failed to open"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // A stream that failed to open ends its task with a panic: then this times out.
+        let expected = tasks.len();
+        tokio::time::timeout(Duration::from_secs(120), live.wait_for(|n| *n >= expected))
+            .await
+            .expect("every watch stream open within 2 minutes")
+            .unwrap();
         rss_phases.push(rss());
         counts.push(count);
     }

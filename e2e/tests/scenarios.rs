@@ -575,8 +575,7 @@ async fn results_published_while_the_api_is_down_are_applied_after_it_starts() {
 #[tokio::test]
 async fn a_crash_between_commit_and_ack_redelivers_and_applies_once() {
     let mut platform = Platform::start().await.unwrap();
-    if !matches!(platform.is_running(Service::Api), Some(true)) {
-        eprintln!("skipped: needs spawn mode (a failpoint-enabled follow-api)");
+    if !spawned(&mut platform, "spawn mode (a failpoint-enabled follow-api)") {
         return;
     }
     let mut user = User::new(&platform).await;
@@ -756,8 +755,7 @@ async fn publish_is_refused_while_pending_and_works_when_ready() {
 #[tokio::test]
 async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
     let mut platform = Platform::start().await.unwrap();
-    if !matches!(platform.is_running(Service::Api), Some(true)) {
-        eprintln!("skipped: needs spawn mode to start a second API instance");
+    if !spawned(&mut platform, "spawn mode to start a second API instance") {
         return;
     }
     let second = platform.add_api(&[]).await.unwrap();
@@ -826,6 +824,47 @@ async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
     user.clean_up(&platform).await;
 }
 
+/// Whether the stack is this test's own processes (spawn mode); otherwise says the test is
+/// skipped and why.
+fn spawned(platform: &mut Platform, why: &str) -> bool {
+    let spawned = matches!(platform.is_running(Service::Api), Some(true));
+    if !spawned {
+        eprintln!("skipped: needs {why}");
+    }
+    spawned
+}
+
+/// A watch on the API at `url` whose HTTP/2 stream window holds one byte, for a client that
+/// does not read: after its first event the server can send it nothing, its end included.
+async fn unread_watch(
+    url: &str,
+    request: follow_proto::tonic::Request<api::WatchImageStatusRequest>,
+) -> Streaming<api::WatchImageStatusResponse> {
+    let cramped = Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .initial_stream_window_size(Some(1))
+        .connect()
+        .await
+        .unwrap();
+    ImageServiceClient::new(cramped)
+        .watch_image_status(request)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Waits until the API at `url` has `n` watch streams open.
+async fn until_watchers(platform: &Platform, url: &str, n: f64) {
+    eventually_async(WAIT, "the API's open watch streams", || async {
+        let active = platform
+            .metric(url, "follow_api_watchers_active")
+            .await
+            .unwrap();
+        (active == n).then_some(())
+    })
+    .await;
+}
+
 /// What a watch event says, in short: `progress {image} {stage}`, `processed {image}`,
 /// `failed {image}`, `ready`, `heartbeat`.
 fn said(event: &Event) -> String {
@@ -855,8 +894,7 @@ async fn all_events(stream: &mut Streaming<api::WatchImageStatusResponse>) -> Ve
 #[tokio::test]
 async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance() {
     let mut platform = Platform::start().await.unwrap();
-    if !matches!(platform.is_running(Service::Api), Some(true)) {
-        eprintln!("skipped: needs spawn mode to start a second API instance");
+    if !spawned(&mut platform, "spawn mode to start a second API instance") {
         return;
     }
     let second = platform
@@ -878,19 +916,8 @@ async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance
         )
     };
 
-    // The slow client on the second instance: its stream's HTTP/2 window holds one byte, and
-    // it reads nothing until told.
-    let cramped = Endpoint::from_shared(second.clone())
-        .unwrap()
-        .initial_stream_window_size(Some(1))
-        .connect()
-        .await
-        .unwrap();
-    let mut slow = ImageServiceClient::new(cramped)
-        .watch_image_status(watch_route(""))
-        .await
-        .unwrap()
-        .into_inner();
+    // The slow client on the second instance reads nothing until told.
+    let mut slow = unread_watch(&second, watch_route("")).await;
     let mut fast_first = platform
         .images()
         .await
@@ -979,14 +1006,7 @@ async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance
     };
     assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
     assert!(ended.message().contains("cursor"), "{ended:?}");
-    eventually_async(WAIT, "the slow watch freed", || async {
-        let active = platform
-            .metric(&second, "follow_api_watchers_active")
-            .await
-            .unwrap();
-        (active == 0.0).then_some(())
-    })
-    .await;
+    until_watchers(&platform, &second, 0.0).await;
 
     // Resumed on the first instance with its last cursor: exactly what it missed.
     let mut resumed = platform
@@ -1021,8 +1041,7 @@ async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance
 #[tokio::test]
 async fn a_vanished_watcher_is_noticed_by_keepalive_and_freed() {
     let mut platform = Platform::start().await.unwrap();
-    if !matches!(platform.is_running(Service::Api), Some(true)) {
-        eprintln!("skipped: needs spawn mode to start a second API instance");
+    if !spawned(&mut platform, "spawn mode to start a second API instance") {
         return;
     }
     let second = platform
@@ -1106,27 +1125,12 @@ async fn a_stalled_watcher_does_not_hold_up_shutdown() {
     let mut user = User::new(&platform).await;
     let created = user.create_route(&platform, &[(0.5, 0.5)]).await;
     let image_id = created.upload_targets[0].image_id.clone();
-    // A stream whose HTTP/2 window holds one byte, never read: after its first event the server
-    // cannot send it anything, the end of stream included.
-    let cramped = Endpoint::from_shared(platform.api_url.clone())
-        .unwrap()
-        .initial_stream_window_size(Some(1))
-        .connect()
-        .await
-        .unwrap();
-    let _stalled = ImageServiceClient::new(cramped)
-        .watch_image_status(bearer(watch_images(&[&image_id]), &user.token))
-        .await
-        .unwrap()
-        .into_inner();
-    eventually_async(WAIT, "the stalled stream open", || async {
-        let active = platform
-            .metric(&platform.api_url, "follow_api_watchers_active")
-            .await
-            .unwrap();
-        (active == 1.0).then_some(())
-    })
+    let _stalled = unread_watch(
+        &platform.api_url,
+        bearer(watch_images(&[&image_id]), &user.token),
+    )
     .await;
+    until_watchers(&platform, &platform.api_url, 1.0).await;
     // Within the harness's 30 s, or it fails.
     platform.stop(Service::Api).await.unwrap();
     platform.start_service(Service::Api, &[]).await.unwrap();

@@ -24,6 +24,14 @@ pub use service::ServiceProcess;
 pub use valkey::ValkeyServer;
 pub use wait::{eventually, eventually_async};
 
+/// A benchmark's knob: the environment variable `name` as a number, else `default`.
+pub fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Why a test server could not be provided.
 #[derive(Debug, thiserror::Error)]
 pub enum TestkitError {

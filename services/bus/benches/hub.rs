@@ -14,25 +14,15 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use follow_bus::{Channels, Hub, HubEvent, Progress, Stage, Valkey, ValkeyConfig, keys};
-use follow_testkit::ValkeyServer;
+use follow_testkit::{ValkeyServer, eventually_async, setting};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// CPU seconds of this process so far (user + system, from `/proc/self/stat`).
 fn own_cpu() -> f64 {
@@ -151,7 +141,8 @@ async fn run(
 
     // Every watcher records the latency of what it receives until told to stop.
     let stop = CancellationToken::new();
-    let received = Arc::new(AtomicUsize::new(0));
+    let (received, mut counted) = tokio::sync::watch::channel(0usize);
+    let received = Arc::new(received);
     let mut receivers = Vec::with_capacity(watches);
     for mut subscription in subscriptions {
         let (stop, received) = (stop.clone(), Arc::clone(&received));
@@ -164,7 +155,7 @@ async fn run(
                         Some(HubEvent::Progress(batch)) => {
                             let now = OffsetDateTime::now_utc();
                             latencies.extend(batch.iter().map(|p| (now - p.at).as_seconds_f64()));
-                            received.fetch_add(batch.len(), Ordering::Relaxed);
+                            received.send_modify(|n| *n += batch.len());
                         }
                         _ => break,
                     },
@@ -178,10 +169,11 @@ async fn run(
     let expected = publish(server, &watched, &others, watched_share, rate).await;
     // Done when every watcher got what was published for it (or after a deadline: then the
     // figure shows fewer received).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        counted.wait_for(|n| *n >= expected),
+    )
+    .await;
     let (own_after, valkey_after) = (own_cpu(), valkey_cpu(server).await);
     stop.cancel();
     let mut latencies = Vec::with_capacity(expected);
@@ -195,18 +187,23 @@ async fn run(
     let closing = Instant::now();
     drop(subscriptions);
     // Per-image unsubscribes are sent by the worker: done when Valkey has no channel left.
-    let mut conn = server.connection().await;
-    loop {
-        let channels: Vec<String> = redis::cmd("PUBSUB")
-            .arg("CHANNELS")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if channels.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let conn = server.connection().await;
+    eventually_async(
+        Duration::from_secs(60),
+        "every channel unsubscribed",
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let channels: Vec<String> = redis::cmd("PUBSUB")
+                    .arg("CHANNELS")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                channels.is_empty().then_some(())
+            }
+        },
+    )
+    .await;
     let close_ms = closing.elapsed().as_secs_f64() * 1000.0;
     cancel.cancel();
     worker.await.unwrap();

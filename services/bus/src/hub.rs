@@ -316,7 +316,7 @@ impl Worker {
                             sink.subscribe(&channels).await?;
                         }
                     }
-                    Channels::Pattern => sink.psubscribe(keys::progress("*")).await?,
+                    Channels::Pattern => sink.psubscribe(keys::PROGRESS_PATTERN).await?,
                 }
                 Ok::<_, BusError>((sink, stream))
             };
@@ -457,15 +457,13 @@ impl Worker {
     fn dispatch(&mut self, channel: &str, payload: &[u8]) {
         // With a pattern subscription most messages may be for images nobody here watches:
         // those are dropped by their channel name, before decoding.
-        let watched = channel
-            .strip_prefix(keys::progress("").as_str())
-            .and_then(|id| Uuid::parse_str(id).ok())
-            .is_some_and(|id| self.watchers.contains_key(&id));
-        if !watched {
+        let Some(image_id) =
+            keys::progress_image(channel).filter(|id| self.watchers.contains_key(id))
+        else {
             return;
-        }
+        };
         let progress = match Progress::decode(payload) {
-            Ok(p) if keys::progress(p.image_id) == channel => p,
+            Ok(p) if p.image_id == image_id => p,
             Ok(_) => {
                 tracing::warn!(channel, "progress message for another image ignored");
                 return;

@@ -2,6 +2,8 @@
 
 use std::{fmt::Display, time::Duration};
 
+use uuid::Uuid;
+
 /// Stream of processing results, written by the gateway, consumed by the API.
 pub const RESULT_STREAM: &str = "image:result";
 /// Results that could not be applied (poison, delivered too often). For operators.
@@ -29,4 +31,31 @@ pub fn status(image_id: impl Display) -> String {
 /// `image:progress:{image_id}`: live stage changes (Pub/Sub channel).
 pub fn progress(image_id: impl Display) -> String {
     format!("image:progress:{image_id}")
+}
+
+/// The image of a [`progress`] channel; `None` for any other name.
+pub fn progress_image(channel: &str) -> Option<Uuid> {
+    channel
+        .strip_prefix("image:progress:")
+        .and_then(|id| Uuid::parse_str(id).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_image_inverts_progress_and_refuses_other_names() {
+        let id = Uuid::new_v4();
+        assert_eq!(progress_image(&progress(id)), Some(id));
+        for other in [
+            status(id).as_str(),
+            "image:progress:",
+            "image:progress:not-a-uuid",
+            "image:progress:*",
+            "",
+        ] {
+            assert_eq!(progress_image(other), None, "{other}");
+        }
+    }
 }
