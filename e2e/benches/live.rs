@@ -26,7 +26,7 @@ use follow_proto::{
         self as api, ImageIds, WaypointInput, image_service_client::ImageServiceClient,
         watch_image_status_request::Target, watch_image_status_response::Event,
     },
-    events::v1::{ImageProgress, Stage},
+    events::v1::{ImageProgress, ProgressNotice, Stage, progress_notice},
     prost::Message,
     prost_types::Timestamp,
     tonic::transport::{Channel, Endpoint},
@@ -259,7 +259,13 @@ async fn main() {
                     &[("stage", name.to_string()), ("seq", (seq + 2).to_string())],
                 )
                 .ignore()
-                .publish(format!("image:progress:{id}"), progress.encode_to_vec())
+                .publish(
+                    format!("image:progress:{id}"),
+                    ProgressNotice {
+                        notice: Some(progress_notice::Notice::Progress(progress)),
+                    }
+                    .encode_to_vec(),
+                )
                 .ignore()
                 .query_async(&mut valkey)
                 .await

@@ -15,7 +15,7 @@ use follow_proto::{
         image_service_client::ImageServiceClient, watch_image_status_request::Target,
         watch_image_status_response::Event,
     },
-    events::v1::{ErrorCode, ImageProgress, Stage},
+    events::v1::{ErrorCode, ImageProgress, ProgressNotice, Stage, progress_notice},
     prost::Message,
     tonic::{Code, Status, Streaming, transport::Endpoint},
 };
@@ -201,7 +201,8 @@ async fn upload_accepted(url: &str, content_type: &str, body: Vec<u8>) {
     assert_eq!(status, 202, "{answer}");
 }
 
-/// Every `ImageProgress` published for `image_id`, from the moment of the call.
+/// Every stage (`ImageProgress`; not the API's commit announcements) published for
+/// `image_id`, from the moment of the call.
 async fn progress_channel(
     platform: &Platform,
     image_id: &str,
@@ -215,11 +216,15 @@ async fn progress_channel(
         .subscribe(format!("image:progress:{image_id}"))
         .await
         .unwrap();
-    Box::pin(
-        pubsub
-            .into_on_message()
-            .map(|m| ImageProgress::decode(m.get_payload_bytes()).unwrap()),
-    )
+    Box::pin(pubsub.into_on_message().filter_map(|m| async move {
+        match ProgressNotice::decode(m.get_payload_bytes())
+            .unwrap()
+            .notice
+        {
+            Some(progress_notice::Notice::Progress(p)) => Some(p),
+            _ => None,
+        }
+    }))
 }
 
 /// The gateway's stages (not the API's after-commit announcement) until `done` or `failed`.
@@ -228,9 +233,6 @@ async fn stages_until_final(
 ) -> Vec<Stage> {
     let mut stages = Vec::new();
     while let Some(progress) = tokio::time::timeout(WAIT, channel.next()).await.unwrap() {
-        if progress.committed {
-            continue;
-        }
         stages.push(progress.stage());
         if matches!(progress.stage(), Stage::Done | Stage::Failed) {
             break;
@@ -983,7 +985,13 @@ async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance
     eventually_async(WAIT, "the slow watcher ended for lagging", || async {
         let _: () = valkey
             .clone()
-            .publish(format!("image:progress:{image_id}"), stale.encode_to_vec())
+            .publish(
+                format!("image:progress:{image_id}"),
+                ProgressNotice {
+                    notice: Some(progress_notice::Notice::Progress(stale.clone())),
+                }
+                .encode_to_vec(),
+            )
             .await
             .unwrap();
         (lagged().await >= 1.0).then_some(())

@@ -12,6 +12,7 @@ pub use prost_types;
 pub use tonic;
 
 pub mod codec;
+pub mod time;
 
 /// Every file of the contracts with its imports, encoded: for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -98,6 +98,21 @@ api_bind_addr = "127.0.0.1:{admin}"
         &self.secret_key
     }
 
+    /// An S3 client of this server (path-style, its key), for a test to inspect the bucket.
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        crate::s3_client(&self.endpoint(), REGION, &self.access_key, &self.secret_key)
+    }
+
+    /// Freezes the server (`SIGSTOP`): connections are accepted by the kernel, nothing answers.
+    pub fn pause(&self) {
+        self.child.signal(rustix::process::Signal::STOP);
+    }
+
+    /// Lets a paused server go on (`SIGCONT`).
+    pub fn resume(&self) {
+        self.child.signal(rustix::process::Signal::CONT);
+    }
+
     /// Kills the server. Data and layout stay for [`GarageServer::restart`].
     pub async fn stop(&mut self) {
         self.child.kill().await;

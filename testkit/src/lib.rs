@@ -24,6 +24,25 @@ pub use service::ServiceProcess;
 pub use valkey::ValkeyServer;
 pub use wait::{eventually, eventually_async};
 
+/// An S3 client for a test to inspect a bucket (path-style, static credentials).
+pub fn s3_client(
+    endpoint: &str,
+    region: &str,
+    access_key: &str,
+    secret_key: &str,
+) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(endpoint)
+            .region(Region::new(region.to_owned()))
+            .credentials_provider(Credentials::new(access_key, secret_key, None, None, "test"))
+            .force_path_style(true)
+            .build(),
+    )
+}
+
 /// A benchmark's knob: the environment variable `name` as a number, else `default`.
 pub fn setting(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -128,6 +128,17 @@ impl Guarded {
             .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
+    /// Sends `signal` (e.g. `STOP` to freeze it: its sockets stay open but nothing answers,
+    /// `CONT` to let it go on).
+    pub(crate) fn signal(&self, signal: rustix::process::Signal) {
+        if let Some(pid) = self
+            .pid()
+            .and_then(|id| rustix::process::Pid::from_raw(id.cast_signed()))
+        {
+            let _ = rustix::process::kill_process(pid, signal);
+        }
+    }
+
     /// Kills the process (`SIGKILL`, like a crash) and reaps it.
     pub(crate) async fn kill(&mut self) {
         if let Some(mut child) = self.0.take() {

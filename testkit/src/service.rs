@@ -87,6 +87,15 @@ impl ServiceProcess {
         self.child.is_running()
     }
 
+    /// Freezes the process (`SIGSTOP`) / lets it go on (`SIGCONT`).
+    pub fn pause(&self) {
+        self.child.signal(Signal::STOP);
+    }
+
+    pub fn resume(&self) {
+        self.child.signal(Signal::CONT);
+    }
+
     /// Kills the process with `SIGKILL`, like a crash, and reaps it.
     pub async fn kill(&mut self) {
         self.child.kill().await;

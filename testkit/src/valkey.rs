@@ -57,6 +57,16 @@ impl ValkeyServer {
             .expect("test valkey accepts connections")
     }
 
+    /// Freezes the server (`SIGSTOP`): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.child.signal(rustix::process::Signal::STOP);
+    }
+
+    /// Lets a paused server go on (`SIGCONT`).
+    pub fn resume(&self) {
+        self.child.signal(rustix::process::Signal::CONT);
+    }
+
     /// Kills the server (like a crash: no save). Its data is gone, its port kept for `restart`.
     pub async fn stop(&mut self) {
         self.child.kill().await;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use follow_api::{MIGRATOR, results::ResultApplier};
 use follow_bus::{
-    Consumer, ConsumerConfig, HealthChecker, ImageResult, Processed, ResultOutcome, Valkey,
-    ValkeyConfig, keys,
+    Consumer, ConsumerConfig, HealthChecker, ImageResult, Processed, ResultOutcome,
+    StreamMessage as _, Valkey, ValkeyConfig, keys,
 };
 use follow_testkit::{PostgresServer, ValkeyServer};
 use sqlx::PgPool;
@@ -178,16 +178,16 @@ fn result(image_id: Uuid) -> ImageResult {
 
 /// Runs one consumer with the applier (batch size `batch`) until the group has nothing left.
 async fn apply(valkey: &Valkey, pool: &PgPool, batch: usize) -> f64 {
-    let mut health = HealthChecker::new(valkey, Some(keys::RESULT_GROUP)).unwrap();
+    let mut health = HealthChecker::new(valkey, Some(keys::RESULTS)).unwrap();
     let config = ConsumerConfig {
         batch_size: batch,
         block: Duration::from_millis(100),
-        ..ConsumerConfig::new(format!("bench-{batch}"))
+        ..ConsumerConfig::new(keys::RESULTS, format!("bench-{batch}"))
     };
     let mut consumer = Consumer::new(valkey, config).unwrap();
     consumer.ensure_group().await.unwrap();
     let backlog = health
-        .group_info()
+        .queue_info(keys::RESULTS)
         .await
         .unwrap()
         .and_then(|g| g.lag)
@@ -203,7 +203,7 @@ async fn apply(valkey: &Valkey, pool: &PgPool, batch: usize) -> f64 {
         }
     });
     loop {
-        let info = health.group_info().await.unwrap().unwrap();
+        let info = health.queue_info(keys::RESULTS).await.unwrap().unwrap();
         if info.pending == 0 && info.lag == Some(0) {
             break;
         }

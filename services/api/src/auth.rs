@@ -1,6 +1,7 @@
 //! Who is calling: the `sub` of the `authorization: Bearer <user JWT>` metadata, verified offline
 //! with the configured public keys (EdDSA only, selected by `kid`).
 
+use follow_service::auth::bearer_of;
 use follow_token::{UserClaims, Verifier, VerifyingKeys};
 use tonic::metadata::MetadataMap;
 
@@ -23,18 +24,12 @@ impl Authenticator {
     }
 
     pub fn user(&self, metadata: &MetadataMap) -> Result<User, ApiError> {
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| ApiError::Unauthenticated("no authorization metadata".into()))?
-            .to_str()
-            .map_err(|_| ApiError::Unauthenticated("authorization is not text".into()))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| ApiError::Unauthenticated("expected `Bearer <token>`".into()))?;
+        let token = bearer_of(metadata.as_ref())
+            .map_err(|e| ApiError::Unauthenticated(e.to_string()))?
+            .ok_or_else(|| ApiError::Unauthenticated("no authorization metadata".into()))?;
         let claims = self
             .verifier
-            .verify(token.trim())
+            .verify(token)
             .map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
         Ok(User(claims.sub))
     }

@@ -1,8 +1,10 @@
-//! A circuit breaker in front of Valkey writes that route creation depends on.
+//! A circuit breaker in front of Valkey calls the RPCs depend on.
 //!
-//! After `threshold` consecutive failures it opens: calls fail at once (no 2 s timeout per
-//! request while Valkey is down). After `cool_down` one call is let through as a probe; its
-//! success closes the breaker, its failure opens it again.
+//! After `threshold` consecutive failures it opens: calls fail at once (no timeout per request
+//! while Valkey is down). After `cool_down` one call is let through as a probe; its success
+//! closes the breaker, its failure opens it again. Every call that is let through holds a
+//! [`Call`] that records its outcome — and records a failure if it is dropped without one (the
+//! RPC was cancelled mid-call), so the breaker can never stay half-open.
 
 use std::{
     sync::Mutex,
@@ -28,6 +30,31 @@ enum State {
     HalfOpen,
 }
 
+/// A call the breaker let through; its outcome is recorded once, on [`Call::record`] or drop.
+#[derive(Debug)]
+#[must_use = "a call records its outcome"]
+pub struct Call<'a> {
+    breaker: &'a CircuitBreaker,
+    recorded: bool,
+}
+
+impl Call<'_> {
+    pub fn record(mut self, success: bool) {
+        self.recorded = true;
+        self.breaker.record(success);
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            // Cancelled before it knew: count it as a failure, which reopens (and so later
+            // re-probes) instead of leaving a probe in flight forever.
+            self.breaker.record(false);
+        }
+    }
+}
+
 impl CircuitBreaker {
     pub fn new(threshold: u32, cool_down: Duration) -> Self {
         Self {
@@ -37,20 +64,29 @@ impl CircuitBreaker {
         }
     }
 
-    /// Whether a call may go ahead now. A `true` must be followed by [`Self::record`].
-    pub fn allow(&self) -> bool {
+    /// A call may go ahead now (`Some`), or the breaker is open (`None`).
+    pub fn try_call(&self) -> Option<Call<'_>> {
         let mut state = self.lock();
-        match *state {
+        let allowed = match *state {
             State::Closed { .. } => true,
             State::Open { until } if Instant::now() >= until => {
                 *state = State::HalfOpen;
                 true
             }
             State::Open { .. } | State::HalfOpen => false,
+        };
+        drop(state);
+        if allowed {
+            Some(Call {
+                breaker: self,
+                recorded: false,
+            })
+        } else {
+            None
         }
     }
 
-    pub fn record(&self, success: bool) {
+    fn record(&self, success: bool) {
         let mut state = self.lock();
         *state = match (*state, success) {
             (_, true) => State::Closed { failures: 0 },
@@ -79,33 +115,43 @@ impl CircuitBreaker {
 mod tests {
     use super::*;
 
+    fn fail(b: &CircuitBreaker) {
+        b.try_call().expect("allowed").record(false);
+    }
+
     #[test]
     fn opens_after_threshold_probes_after_cool_down_and_closes_on_success() {
         let b = CircuitBreaker::new(3, Duration::ZERO);
-        for _ in 0..2 {
-            assert!(b.allow());
-            b.record(false);
-        }
+        fail(&b);
+        fail(&b);
         assert!(!b.is_open());
-        assert!(b.allow());
-        b.record(false);
+        fail(&b);
         assert!(b.is_open());
         // cool-down of zero: the next call is the probe, and only one probe at a time.
-        assert!(b.allow());
-        assert!(!b.allow());
-        b.record(false);
-        assert!(b.allow());
-        b.record(true);
+        let probe = b.try_call().expect("the probe");
+        assert!(b.try_call().is_none());
+        probe.record(false);
+        b.try_call().expect("the next probe").record(true);
         assert!(!b.is_open());
-        assert!(b.allow() && b.allow());
+        assert!(b.try_call().is_some() && b.try_call().is_some());
     }
 
     #[test]
     fn stays_open_during_cool_down() {
         let b = CircuitBreaker::new(1, Duration::from_secs(3600));
-        assert!(b.allow());
-        b.record(false);
-        assert!(!b.allow());
+        fail(&b);
+        assert!(b.try_call().is_none());
         assert!(b.is_open());
+    }
+
+    #[test]
+    fn a_probe_cancelled_before_it_records_never_leaves_it_half_open() {
+        let b = CircuitBreaker::new(1, Duration::ZERO);
+        fail(&b);
+        let probe = b.try_call().expect("the probe");
+        drop(probe); // the RPC was cancelled while Valkey was slow
+        // Open again, cool-down over: another probe goes through and can close it.
+        b.try_call().expect("a new probe").record(true);
+        assert!(!b.is_open());
     }
 }

@@ -63,19 +63,23 @@ impl ApiError {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::BusUnavailable(_) => Code::Unavailable,
-            Self::Database(e) if is_unavailable(e) => Code::Unavailable,
+            Self::Database(e) if is_transient(e) => Code::Unavailable,
             Self::Bus(e) if e.is_unavailable() => Code::Unavailable,
             Self::Database(_) | Self::Bus(_) | Self::Token(_) | Self::Internal(_) => Code::Internal,
         }
     }
 }
 
-/// Connection-level failures: the database is down or overloaded, not our query being wrong.
-fn is_unavailable(e: &sqlx::Error) -> bool {
+/// Failures that pass: the database is down, overloaded or shutting down (connection classes
+/// 08 and 57P), or it broke a tie between transactions (40001, 40P01) — not our statement
+/// being wrong. Worth retrying; the reason for `UNAVAILABLE`.
+pub fn is_transient(e: &sqlx::Error) -> bool {
     matches!(
         e,
         sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
-    ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| {
+        c.starts_with("57P") || c.starts_with("08") || c == "40001" || c == "40P01"
+    }))
 }
 
 impl From<ApiError> for Status {

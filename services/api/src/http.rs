@@ -1,39 +1,31 @@
-//! The plain-HTTP endpoints beside gRPC on the same port: `GET /health` and `GET /metrics`.
+//! The plain-HTTP endpoints beside gRPC on the same port (operators only, no CORS):
+//! `GET /health` and `GET /metrics`, and the probe both health reports share.
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use follow_bus::{ConsumerStats, HealthChecker, HubStats};
-use serde_json::json;
+use axum::{Router, extract::State, response::Response, routing::get};
+use follow_bus::{ConsumerStats, HealthChecker, HubStats, keys};
+use follow_service::{
+    health::{self, Checks, Probe},
+    workers::Workers,
+};
 use sqlx::PgPool;
 
-use crate::metrics::{GroupSample, Metrics};
+use crate::metrics::Metrics;
 
-/// What `/health` and the gRPC health service ask.
+/// What `/health`, `grpc.health.v1` and `/metrics` ask.
 #[derive(Debug, Clone)]
-pub struct Probe {
+pub struct ApiProbe {
     pub pool: PgPool,
     pub valkey: HealthChecker,
+    pub workers: Workers,
     pub metrics: Arc<Metrics>,
     pub consumer: Arc<ConsumerStats>,
     pub hub: Arc<HubStats>,
 }
 
-/// One check of both dependencies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dependencies {
-    pub valkey: bool,
-    pub postgres: bool,
-}
-
-impl Dependencies {
-    pub fn ok(self) -> bool {
-        self.valkey && self.postgres
-    }
-}
-
-impl Probe {
-    pub async fn check(&self) -> Dependencies {
+impl Probe for ApiProbe {
+    async fn check(&self) -> Checks {
         let mut valkey = self.valkey.clone();
         let postgres = async {
             tokio::time::timeout(
@@ -44,56 +36,31 @@ impl Probe {
             .is_ok_and(|r| r.is_ok())
         };
         let (valkey, postgres) = tokio::join!(valkey.check(), postgres);
-        Dependencies {
-            valkey: valkey.valkey,
-            postgres,
-        }
+        vec![
+            ("valkey", valkey.valkey),
+            ("postgres", postgres),
+            ("workers", self.workers.down().is_empty()),
+        ]
     }
 }
 
-pub fn router(probe: Probe) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .with_state(probe)
+/// `GET /health`, `GET /metrics`.
+pub fn ops(probe: ApiProbe) -> Router {
+    health::router(probe.clone()).merge(
+        Router::new()
+            .route("/metrics", get(metrics))
+            .with_state(probe),
+    )
 }
 
-async fn health(State(probe): State<Probe>) -> impl IntoResponse {
-    let deps = probe.check().await;
-    let word = |ok: bool| if ok { "ok" } else { "down" };
-    let body = json!({
-        "status": if deps.ok() { "ok" } else { "degraded" },
-        "valkey": word(deps.valkey),
-        "postgres": word(deps.postgres),
-    });
-    let code = if deps.ok() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(body))
-}
-
-async fn metrics(State(probe): State<Probe>) -> impl IntoResponse {
-    let mut valkey = probe.valkey.clone();
-    let group = match valkey.group_info().await {
-        Ok(Some(info)) => Some(GroupSample {
-            pending: info.pending,
-            lag: info.lag.unwrap_or(0),
-        }),
-        Ok(None) => None,
+async fn metrics(State(probe): State<ApiProbe>) -> Response {
+    let queue = match probe.valkey.clone().queue_info(keys::RESULTS).await {
+        Ok(queue) => queue,
         Err(e) => {
-            tracing::debug!(error = %e, "metrics: group info unavailable");
+            tracing::debug!(error = %e, "metrics: the result queue is unavailable");
             None
         }
     };
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        probe
-            .metrics
-            .render(Some(&probe.consumer), Some(&probe.hub), group),
-    )
+    probe.metrics.sample(&probe.consumer, &probe.hub, queue);
+    follow_service::metrics::response(probe.metrics.registry())
 }

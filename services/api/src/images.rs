@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     error::ApiError,
-    state::{Shared, live_stage, parse_id},
+    state::{Shared, parse_id},
     store::{self, ImageStatus},
     watch::session::{MAX_IMAGES, Target, Watch, WatchStream},
 };
@@ -42,12 +42,10 @@ impl ImageService {
             .pop()
             .ok_or(ApiError::NotFound("image"))?;
         drop(conn);
-        let pending: Vec<_> = [image.id]
-            .into_iter()
-            .filter(|_| image.status == ImageStatus::Pending)
-            .collect();
-        let stages = self.shared.live_stages(&pending).await;
-        let live = live_stage(&pending, stages.as_deref(), image.id);
+        let live = match image.status {
+            ImageStatus::Pending => self.shared.live_stages(&[image.id]).await.of(image.id),
+            _ => None,
+        };
         Ok(api::GetImageStatusResponse {
             image: Some(self.shared.image_view(&image, live).await),
         })

@@ -3,13 +3,16 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`app`] | start-up from [`config::Config`] with an injectable listener; graceful shutdown |
+//! | [`app`] | start-up from [`config::Config`] with an injectable listener; the workers; graceful shutdown |
 //! | [`config`] | the `FOLLOW_*` settings, validated once |
 //! | [`routes`] / [`images`] | the gRPC services `RouteService` and `ImageService` |
 //! | [`watch`] | live watch: the per-instance pub/sub hub and one stream's session |
-//! | [`results`] | applying `image:result` entries to PostgreSQL (the consumer's handler) |
-//! | [`store`] | the RPCs' SQL |
-//! | [`workers`] | supervised background tasks: consumer, trimmer, expiry, health |
+//! | [`results`] | applying results to PostgreSQL: the one state machine (the consumer's handler) |
+//! | [`reconciler`] | pending images whose upload may have been accepted: records, originals, expiry |
+//! | [`store`] | the RPCs' and the reconciler's SQL, typed rows and statuses |
+//! | [`views`] | database records as API messages |
+//! | [`state`] | what every RPC shares |
+//! | [`auth`] / [`breaker`] | the caller's identity; the circuit breaker in front of Valkey |
 //! | [`http`] / [`metrics`] | `/health`, `/metrics` |
 //! | [`error`] | the one error type and its mapping to `tonic::Status` |
 #![forbid(unsafe_code)]
@@ -22,13 +25,13 @@ pub mod error;
 pub mod http;
 pub mod images;
 pub mod metrics;
+pub mod reconciler;
 pub mod results;
 pub mod routes;
 pub mod state;
-pub mod storage;
 pub mod store;
+pub mod views;
 pub mod watch;
-pub mod workers;
 
 /// The API database's migrations (`migrations/` at the workspace root), embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

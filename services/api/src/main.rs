@@ -5,7 +5,9 @@
 //! * `follow-api migrate [--revert]` — apply (or undo the last) database migration;
 //! * `follow-api keygen --kid K [--out DIR]` — a new Ed25519 key pair;
 //! * `follow-api token --sub NAME` — a user token signed with `FOLLOW_USER_SIGNING_KEY`, for
-//!   development and tests.
+//!   development and tests;
+//! * `follow-api dead list | show ID | replay ID… | replay --all | drop ID…` — the results that
+//!   could not be applied (`image:result:dead`), for operators (`--json` for machines).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -15,16 +17,16 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use follow_api::{
     MIGRATOR,
     app::Application,
     config::{Config, parse_signing_key},
 };
+use follow_bus::{DeadEntry, DeadLetters, EntryId, Valkey, ValkeyConfig, keys};
 use follow_token::{Kid, SigningKey, UserClaims};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "follow-api", version, about = "The follow API service")]
@@ -60,62 +62,53 @@ enum Command {
         #[arg(long, env = "FOLLOW_USER_SIGNING_KEY", hide_env_values = true)]
         key: String,
     },
+    /// Results that could not be applied (image:result:dead), on FOLLOW_VALKEY_URL.
+    Dead {
+        /// Print JSON (one object per entry, or one summary object).
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: DeadAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadAction {
+    /// List dead entries, oldest first, with their reason.
+    List {
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Start after this entry id.
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Show one dead entry with every field.
+    Show { id: String },
+    /// Put entries back on image:result (applying a result twice changes nothing).
+    Replay {
+        ids: Vec<String>,
+        /// Replay every dead entry.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Remove entries from the dead stream.
+    Drop {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Reads FAILPOINTS when built with the `failpoints` feature; nothing otherwise.
     let _failpoints = fail::FailScenario::setup();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("follow-api: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "follow-api failed");
-            eprintln!("follow-api: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    follow_service::runtime::main("follow-api", || run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve().await,
-        Command::Migrate { revert } => {
-            init_logging();
-            let url =
-                std::env::var("FOLLOW_DATABASE_URL").context("FOLLOW_DATABASE_URL is required")?;
-            let pool = sqlx::PgPool::connect(&url)
-                .await
-                .context("connecting to PostgreSQL")?;
-            if revert {
-                let last = MIGRATOR
-                    .iter()
-                    .filter(|m| m.migration_type.is_up_migration())
-                    .map(|m| m.version)
-                    .max();
-                let target = MIGRATOR
-                    .iter()
-                    .map(|m| m.version)
-                    .filter(|v| Some(*v) < last)
-                    .max()
-                    .unwrap_or(0);
-                MIGRATOR.undo(&pool, target).await?;
-                tracing::info!(target, "migration undone");
-            } else {
-                MIGRATOR.run(&pool).await?;
-                tracing::info!("migrations applied");
-            }
-            Ok(())
-        }
+        Command::Migrate { revert } => migrate(revert).await,
         Command::Keygen { kid, out } => keygen(kid, out),
         Command::Token { sub, ttl_secs, key } => {
             let key = parse_signing_key("FOLLOW_USER_SIGNING_KEY", &key)?;
@@ -123,43 +116,211 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(std::io::stdout(), "{}", key.sign(&claims)?)?;
             Ok(())
         }
+        Command::Dead { json, action } => dead(action, json).await,
     }
 }
 
 async fn serve() -> anyhow::Result<()> {
-    init_logging();
     let config = Config::from_env()?;
     tracing::info!(?config, "starting");
-    let listener = TcpListener::bind(config.listen)
+    let listener = TcpListener::bind(config.server.listen)
         .await
-        .with_context(|| format!("binding {}", config.listen))?;
+        .with_context(|| format!("binding {}", config.server.listen))?;
     let application = Application::build(config, listener).await?;
-    let cancel = CancellationToken::new();
-    let signals = tokio::spawn(shutdown_on_signal(cancel.clone()));
-    let result = application.run(cancel).await;
-    signals.abort();
-    Ok(result?)
+    let cancel = follow_service::runtime::shutdown_token();
+    application.run(cancel).await?;
+    Ok(())
 }
 
-/// Cancels on SIGINT or SIGTERM.
-async fn shutdown_on_signal(cancel: CancellationToken) {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+async fn migrate(revert: bool) -> anyhow::Result<()> {
+    let url = std::env::var("FOLLOW_DATABASE_URL").context("FOLLOW_DATABASE_URL is required")?;
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    if revert {
+        // Back to the one before the last applied (sqlx undoes everything above the target).
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version DESC LIMIT 2",
+        )
+        .fetch_all(&pool)
+        .await
+        .context("reading the applied migrations")?;
+        let target = applied.get(1).copied().unwrap_or(0);
+        MIGRATOR.undo(&pool, target).await?;
+        tracing::info!(target, "migration undone");
+    } else {
+        MIGRATOR.run(&pool).await?;
+        tracing::info!("migrations applied");
+    }
+    Ok(())
+}
+
+async fn dead(action: DeadAction, json: bool) -> anyhow::Result<()> {
+    let url =
+        std::env::var("FOLLOW_VALKEY_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut dead = DeadLetters::new(&Valkey::new(ValkeyConfig::new(url))?, keys::RESULTS)?;
+    let mut out = std::io::stdout();
+    match action {
+        DeadAction::List { count, after } => {
+            let after = after.map(EntryId);
+            let entries = dead.list(after.as_ref(), count).await?;
+            for entry in &entries {
+                if json {
+                    writeln!(out, "{}", entry_json(entry, false))?;
+                } else {
+                    let image = field(entry, "image_id");
+                    writeln!(
+                        out,
+                        "{}  image {image}  deliveries {}  failures {}  at {}\n    {}",
+                        entry.id, entry.deliveries, entry.failures, entry.dead_at, entry.reason
+                    )?;
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+            if !json {
+                writeln!(
+                    out,
+                    "{} dead entr{}",
+                    entries.len(),
+                    if entries.len() == 1 { "y" } else { "ies" }
+                )?;
             }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
+        DeadAction::Show { id } => {
+            let Some(entry) = dead.show(&EntryId(id.clone())).await? else {
+                bail!("no dead entry {id}");
+            };
+            if json {
+                writeln!(out, "{}", entry_json(&entry, true))?;
+            } else {
+                writeln!(
+                    out,
+                    "id:          {}\nreason:      {}\noriginal id: {}\nconsumer:    {}\ndeliveries:  {}\nfailures:    {}\ndead at:     {}\nfields:",
+                    entry.id,
+                    entry.reason,
+                    entry.original_id,
+                    entry.consumer,
+                    entry.deliveries,
+                    entry.failures,
+                    entry.dead_at
+                )?;
+                for (name, value) in &entry.fields {
+                    writeln!(out, "  {name} = {value}")?;
+                }
+            }
+        }
+        DeadAction::Replay { ids, all } => {
+            let ids: Vec<EntryId> = if all {
+                let mut ids = Vec::new();
+                let mut after = None;
+                loop {
+                    let page = dead.list(after.as_ref(), 500).await?;
+                    let Some(last) = page.last().map(|e| e.id.clone()) else {
+                        break;
+                    };
+                    ids.extend(page.into_iter().map(|e| e.id));
+                    after = Some(last);
+                }
+                ids
+            } else if ids.is_empty() {
+                bail!("name the entries to replay, or --all");
+            } else {
+                ids.into_iter().map(EntryId).collect()
+            };
+            let mut replayed = Vec::new();
+            let mut missing = Vec::new();
+            for id in ids {
+                match dead.replay(&id).await? {
+                    Some(new) => replayed.push((id, new)),
+                    None => missing.push(id),
+                }
+            }
+            report(
+                &mut out,
+                json,
+                "replayed",
+                &replayed
+                    .iter()
+                    .map(|(old, new)| format!("{old} -> {new}"))
+                    .collect::<Vec<_>>(),
+                &missing,
+            )?;
+        }
+        DeadAction::Drop { ids } => {
+            let mut dropped = Vec::new();
+            let mut missing = Vec::new();
+            for id in ids.into_iter().map(EntryId) {
+                if dead.drop_entry(&id).await? {
+                    dropped.push(id.0);
+                } else {
+                    missing.push(id);
+                }
+            }
+            report(&mut out, json, "dropped", &dropped, &missing)?;
+        }
     }
-    tracing::info!("shutdown requested");
-    cancel.cancel();
+    Ok(())
+}
+
+fn field<'a>(entry: &'a DeadEntry, name: &str) -> &'a str {
+    entry
+        .fields
+        .iter()
+        .find(|(n, _)| n == name)
+        .map_or("?", |(_, v)| v.as_str())
+}
+
+fn entry_json(entry: &DeadEntry, with_fields: bool) -> serde_json::Value {
+    let mut value = serde_json::json!({
+        "id": entry.id.0,
+        "image_id": field(entry, "image_id"),
+        "reason": entry.reason,
+        "original_id": entry.original_id,
+        "consumer": entry.consumer,
+        "deliveries": entry.deliveries,
+        "failures": entry.failures,
+        "dead_at": entry.dead_at,
+    });
+    if with_fields {
+        value["fields"] = entry
+            .fields
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    value
+}
+
+fn report(
+    out: &mut impl std::io::Write,
+    json: bool,
+    done: &str,
+    ids: &[String],
+    missing: &[EntryId],
+) -> anyhow::Result<()> {
+    let missing: Vec<&str> = missing.iter().map(|id| id.0.as_str()).collect();
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ done: ids, "missing": missing })
+        )?;
+    } else {
+        for id in ids {
+            writeln!(out, "{done} {id}")?;
+        }
+        for id in &missing {
+            writeln!(out, "no dead entry {id}")?;
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "{} of the entries were not in the dead stream",
+            missing.len()
+        )
+    }
 }
 
 fn keygen(kid: Kid, out: Option<PathBuf>) -> anyhow::Result<()> {
@@ -195,18 +356,4 @@ fn keygen(kid: Kid, out: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// JSON logs unless `FOLLOW_LOG_FORMAT=text`; the filter from `FOLLOW_LOG` (default `info`).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FOLLOW_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("FOLLOW_LOG_FORMAT").is_ok_and(|f| f == "text") {
-        builder.init();
-    } else {
-        builder.json().with_current_span(true).init();
-    }
 }

@@ -1,11 +1,12 @@
 //! Prometheus metrics of the API (`GET /metrics`): what an operator needs to see the result
-//! pipeline keep up (lag, pending, apply latency, dead letters), errors by code, and watchers.
+//! pipeline keep up (lag, pending, apply latency, dead letters), the reconciler, errors by code,
+//! and watchers.
 
 use std::sync::{Arc, atomic::Ordering};
 
-use follow_bus::{ConsumerStats, HubStats};
+use follow_bus::{ConsumerStats, HubStats, QueueInfo};
+use follow_service::metrics::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::{
-    encoding::text::encode,
     metrics::{
         counter::Counter,
         family::Family,
@@ -15,31 +16,96 @@ use prometheus_client::{
     registry::Registry,
 };
 
-type Labels = Vec<(&'static str, String)>;
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcErrorLabels {
+    method: &'static str,
+    code: RpcCode,
+}
+
+/// A gRPC code as a label value (`NotFound`, `Unavailable`, …).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+struct RpcCode(tonic::Code);
+
+impl EncodeLabelValue for RpcCode {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_fmt(encoder, format_args!("{:?}", self.0))
+    }
+}
+
+/// What applying a result did.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum ResultLabel {
+    Processed,
+    Failed,
+    Ignored,
+    Refused,
+}
+
+impl ResultLabel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Processed => "processed",
+            Self::Failed => "failed",
+            Self::Ignored => "ignored",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// What the reconciler did for a pending image.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Reconciled {
+    /// Its result record was found in S3 and applied.
+    Recovered,
+    /// Its original was found without a result: its job was queued again.
+    Requeued,
+    /// Nothing was uploaded before its token expired (and the grace passed).
+    Expired,
+}
+
+impl Reconciled {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Recovered => "recovered",
+            Self::Requeued => "requeued",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReconciledLabels {
+    action: &'static str,
+}
 
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub rpc_errors: Family<Labels, Counter>,
-    pub results: Family<Labels, Counter>,
+    rpc_errors: Family<RpcErrorLabels, Counter>,
+    results: Family<OutcomeLabels, Counter>,
+    reconciled: Family<ReconciledLabels, Counter>,
     pub apply_seconds: Histogram,
     pub watchers: Gauge,
+    /// Database reads made by watch streams (their opening, resyncs, route readiness).
+    pub watch_db_reads: Counter,
     watchers_lagged: Counter,
     hub_channels: Gauge,
-    pub expired: Counter,
     consumer_pending: Gauge,
     consumer_lag: Gauge,
+    dead_letters: Gauge,
+    oldest_dead_letter_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     handled: Counter,
     dead_lettered: Counter,
     retried: Counter,
     reclaimed: Counter,
-}
-
-/// What the result stream's group reports at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GroupSample {
-    pub pending: u64,
-    pub lag: u64,
 }
 
 impl Default for Metrics {
@@ -54,13 +120,16 @@ impl Metrics {
         let m = Self {
             rpc_errors: Family::default(),
             results: Family::default(),
+            reconciled: Family::default(),
             apply_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             watchers: Gauge::default(),
+            watch_db_reads: Counter::default(),
             watchers_lagged: Counter::default(),
             hub_channels: Gauge::default(),
-            expired: Counter::default(),
             consumer_pending: Gauge::default(),
             consumer_lag: Gauge::default(),
+            dead_letters: Gauge::default(),
+            oldest_dead_letter_seconds: Gauge::default(),
             handled: Counter::default(),
             dead_lettered: Counter::default(),
             retried: Counter::default(),
@@ -74,8 +143,13 @@ impl Metrics {
         );
         registry.register(
             "results_applied",
-            "image:result entries applied, by outcome (processed, failed, ignored, refused)",
+            "results applied, by outcome (processed, failed, ignored, refused)",
             m.results.clone(),
+        );
+        registry.register(
+            "reconciled",
+            "pending images the reconciler settled, by action (recovered, requeued, expired)",
+            m.reconciled.clone(),
         );
         registry.register(
             "result_apply_seconds",
@@ -88,6 +162,11 @@ impl Metrics {
             m.watchers.clone(),
         );
         registry.register(
+            "watch_db_reads",
+            "database reads made by WatchImageStatus streams",
+            m.watch_db_reads.clone(),
+        );
+        registry.register(
             "watchers_lagged",
             "WatchImageStatus streams dropped because the client fell too far behind",
             m.watchers_lagged.clone(),
@@ -98,11 +177,6 @@ impl Metrics {
             m.hub_channels.clone(),
         );
         registry.register(
-            "images_expired",
-            "pending images expired because their upload token ran out",
-            m.expired.clone(),
-        );
-        registry.register(
             "consumer_pending",
             "entries delivered to api-workers and not acknowledged yet",
             m.consumer_pending.clone(),
@@ -111,6 +185,16 @@ impl Metrics {
             "consumer_lag",
             "entries of image:result not yet delivered to api-workers",
             m.consumer_lag.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "entries in image:result:dead (list them with `follow-api dead list`)",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "oldest_dead_letter_seconds",
+            "age of the oldest entry in image:result:dead",
+            m.oldest_dead_letter_seconds.clone(),
         );
         registry.register(
             "consumer_handled",
@@ -124,7 +208,7 @@ impl Metrics {
         );
         registry.register(
             "consumer_retried",
-            "batches retried after a transient error",
+            "handlings retried after a transient error or a failure",
             m.retried.clone(),
         );
         registry.register(
@@ -137,55 +221,57 @@ impl Metrics {
 
     pub fn rpc_error(&self, method: &'static str, code: tonic::Code) {
         self.rpc_errors
-            .get_or_create(&vec![
-                ("method", method.to_owned()),
-                ("code", format!("{code:?}")),
-            ])
+            .get_or_create(&RpcErrorLabels {
+                method,
+                code: RpcCode(code),
+            })
             .inc();
     }
 
-    pub fn result(&self, outcome: &'static str) {
+    pub fn result(&self, outcome: ResultLabel) {
         self.results
-            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
             .inc();
     }
 
-    /// The text exposition, with the consumer's and the hub's counters and the group sample as
-    /// of now.
-    pub fn render(
-        &self,
-        consumer: Option<&Arc<ConsumerStats>>,
-        hub: Option<&HubStats>,
-        group: Option<GroupSample>,
-    ) -> String {
-        if let Some(hub) = hub {
-            self.watchers_lagged
+    pub fn reconciled(&self, action: Reconciled) {
+        self.reconciled
+            .get_or_create(&ReconciledLabels {
+                action: action.as_str(),
+            })
+            .inc();
+    }
+
+    /// Takes in the consumer's and the hub's counters and the result queue as of now.
+    pub fn sample(&self, consumer: &Arc<ConsumerStats>, hub: &HubStats, queue: Option<QueueInfo>) {
+        self.watchers_lagged
+            .inner()
+            .store(hub.lagged.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.hub_channels
+            .set(i64::try_from(hub.channels.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        for (counter, value) in [
+            (&self.handled, &consumer.handled),
+            (&self.dead_lettered, &consumer.dead_lettered),
+            (&self.retried, &consumer.retried),
+            (&self.reclaimed, &consumer.reclaimed),
+        ] {
+            counter
                 .inner()
-                .store(hub.lagged.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.hub_channels
-                .set(i64::try_from(hub.channels.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+                .store(value.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        if let Some(stats) = consumer {
-            for (counter, value) in [
-                (&self.handled, &stats.handled),
-                (&self.dead_lettered, &stats.dead_lettered),
-                (&self.retried, &stats.retried),
-                (&self.reclaimed, &stats.reclaimed),
-            ] {
-                counter
-                    .inner()
-                    .store(value.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
+        if let Some(q) = queue {
+            let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.consumer_pending.set(gauge(q.pending));
+            self.consumer_lag.set(gauge(q.lag.unwrap_or(0)));
+            self.dead_letters.set(gauge(q.dead));
+            self.oldest_dead_letter_seconds
+                .set(q.oldest_dead.map_or(0.0, |age| age.as_secs_f64()));
         }
-        if let Some(g) = group {
-            self.consumer_pending
-                .set(i64::try_from(g.pending).unwrap_or(i64::MAX));
-            self.consumer_lag
-                .set(i64::try_from(g.lag).unwrap_or(i64::MAX));
-        }
-        let mut text = String::new();
-        // Writing to a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
-        text
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }

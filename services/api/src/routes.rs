@@ -13,13 +13,12 @@ use uuid::Uuid;
 use crate::{
     auth::User,
     error::{ApiError, FieldViolation},
-    state::{Shared, parse_id, timestamp},
-    storage::storage_key,
+    state::{Shared, parse_id},
     store::{self, ImageRecord, ImageStatus, NewImage, NewWaypoint, PageKey, RouteStatus},
 };
-
-/// Content types the gateway accepts.
-pub const CONTENT_TYPES: [&str; 3] = ["image/jpeg", "image/png", "image/webp"];
+use follow_bus::CONTENT_TYPES;
+use follow_proto::time::timestamp;
+use follow_service::objects::storage_key;
 const MAX_WAYPOINTS: usize = 100;
 const DEFAULT_PAGE: u32 = 20;
 const MAX_PAGE: u32 = 100;
@@ -62,7 +61,7 @@ impl RouteService {
             return self.existing(user, id).await;
         }
         let route_id = Uuid::now_v7();
-        let expires_at = OffsetDateTime::now_utc() + self.shared.limits.upload_token_ttl;
+        let (expires_at, next_check_at) = self.shared.limits.new_image_times();
         let waypoints: Vec<NewWaypoint> = request
             .waypoints
             .iter()
@@ -78,6 +77,7 @@ impl RouteService {
                         declared_size: i64::try_from(w.file_size).unwrap_or(i64::MAX),
                         storage_key: storage_key(route_id, image_id),
                         expires_at,
+                        next_check_at,
                     },
                 }
             })
@@ -106,7 +106,7 @@ impl RouteService {
         // Written before the commit: if Valkey cannot take it, nothing is created.
         let queued: Vec<Progress> = waypoints
             .iter()
-            .map(|w| Progress::stage(w.image.id, Stage::Queued))
+            .map(|w| Progress::reached(w.image.id, Stage::Queued))
             .collect();
         self.shared.record_progress(&queued).await?;
         tx.commit().await?;
@@ -204,16 +204,11 @@ impl RouteService {
         let mut page = store::route_page(&mut conn, &user.0, after, i64::from(size) + 1).await?;
         let next = if page.len() > size as usize {
             page.truncate(size as usize);
-            page.last().map(|(id, created_at)| {
-                encode_page_token(PageKey {
-                    created_at: *created_at,
-                    id: *id,
-                })
-            })
+            page.last().copied().map(encode_page_token)
         } else {
             None
         };
-        let ids: Vec<Uuid> = page.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<Uuid> = page.iter().map(|key| key.id).collect();
         let routes = store::routes(&mut conn, &user.0, &ids).await?;
         drop(conn);
         let mut views = Vec::with_capacity(routes.len());
@@ -303,6 +298,7 @@ impl RouteService {
             });
         }
         let image_id = Uuid::now_v7();
+        let (expires_at, next_check_at) = self.shared.limits.new_image_times();
         let image = NewImage {
             id: image_id,
             content_type: if request.content_type.is_empty() {
@@ -316,11 +312,12 @@ impl RouteService {
                 i64::try_from(request.file_size).unwrap_or(i64::MAX)
             },
             storage_key: storage_key(current.route_id, image_id),
-            expires_at: OffsetDateTime::now_utc() + self.shared.limits.upload_token_ttl,
+            expires_at,
+            next_check_at,
         };
         let record = store::reissue(&mut tx, current.route_id, waypoint_id, &image).await?;
         self.shared
-            .record_progress(&[Progress::stage(image_id, Stage::Queued)])
+            .record_progress(&[Progress::reached(image_id, Stage::Queued)])
             .await?;
         tx.commit().await?;
         tracing::info!(%waypoint_id, %image_id, old_image_id = %current.id, "upload reissued");

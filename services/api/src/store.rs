@@ -1,26 +1,34 @@
-//! Every SQL statement of the RPCs (the result consumer's are in [`crate::results`]): routes
-//! with their waypoints and current images, ownership built into every read (another user's
-//! rows are simply not found), keyset pagination, publishing, reissue and expiry.
+//! Every SQL statement of the RPCs and the reconciler (the result applier's are in
+//! [`crate::results`]): routes with their waypoints and current images, ownership built into
+//! every read (another user's rows are simply not found), keyset pagination, publishing,
+//! reissue, and the reconciler's leases and expiry. Statuses are the database's enums as Rust
+//! enums, rows are named structs, and no statement is assembled at run time.
 
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "route.route_status", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RouteStatus {
     Pending,
     Ready,
     Published,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(
+    type_name = "route.waypoint_status",
+    rename_all = "SCREAMING_SNAKE_CASE"
+)]
 pub enum WaypointStatus {
     Pending,
     Confirmed,
     Failed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "image.image_status", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ImageStatus {
     Pending,
     Processed,
@@ -56,12 +64,12 @@ pub struct WaypointRecord {
     pub image: ImageRecord,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// One row of `image.images`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct ImageRecord {
     pub id: Uuid,
     pub route_id: Uuid,
     pub waypoint_id: Uuid,
-    #[sqlx(try_from = "String")]
     pub status: ImageStatus,
     pub content_type: String,
     pub declared_size: i64,
@@ -80,19 +88,16 @@ pub struct ImageRecord {
     pub updated_at: OffsetDateTime,
 }
 
-impl TryFrom<String> for ImageStatus {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Ok(match s.as_str() {
-            "PENDING" => Self::Pending,
-            "PROCESSED" => Self::Processed,
-            "FAILED" => Self::Failed,
-            "EXPIRED" => Self::Expired,
-            other => return Err(format!("unknown image status {other}")),
-        })
-    }
+/// The columns of [`ImageRecord`], of `image.images` aliased `i`: a literal, for `concat!`.
+macro_rules! image_columns {
+    () => {
+        "i.id, i.route_id, i.waypoint_id, i.status, i.content_type, i.declared_size, \
+         i.storage_key, i.preview_key, i.sha256, i.width, i.height, i.processed_width, \
+         i.processed_height, i.byte_size, i.error_code, i.error_message, i.expires_at, \
+         i.created_at, i.updated_at"
+    };
 }
+pub(crate) use image_columns;
 
 /// One waypoint and its first image, as created.
 #[derive(Debug, Clone)]
@@ -110,12 +115,9 @@ pub struct NewImage {
     pub declared_size: i64,
     pub storage_key: String,
     pub expires_at: OffsetDateTime,
+    /// When the reconciler first looks at it.
+    pub next_check_at: OffsetDateTime,
 }
-
-const IMAGE_COLUMNS: &str = "i.id, i.route_id, i.waypoint_id, i.status::text AS status, \
-     i.content_type, i.declared_size, i.storage_key, i.preview_key, i.sha256, i.width, i.height, \
-     i.processed_width, i.processed_height, i.byte_size, i.error_code, i.error_message, \
-     i.expires_at, i.created_at, i.updated_at";
 
 /// The route `owner` created with `request_id`, if any.
 pub async fn route_by_request(
@@ -189,12 +191,14 @@ async fn insert_images(
     let sizes: Vec<i64> = images.iter().map(|i| i.declared_size).collect();
     let keys: Vec<&str> = images.iter().map(|i| i.storage_key.as_str()).collect();
     let expiries: Vec<OffsetDateTime> = images.iter().map(|i| i.expires_at).collect();
+    let checks: Vec<OffsetDateTime> = images.iter().map(|i| i.next_check_at).collect();
     sqlx::query(
-        "INSERT INTO image.images
-             (id, route_id, waypoint_id, content_type, declared_size, storage_key, expires_at)
-         SELECT id, $2, waypoint_id, content_type, size, key, expires_at
-         FROM unnest($1::uuid[], $3::uuid[], $4::text[], $5::int8[], $6::text[], $7::timestamptz[])
-              AS i(id, waypoint_id, content_type, size, key, expires_at)",
+        "INSERT INTO image.images (id, route_id, waypoint_id, content_type, declared_size,
+                                   storage_key, expires_at, next_check_at)
+         SELECT id, $2, waypoint_id, content_type, size, key, expires_at, next_check_at
+         FROM unnest($1::uuid[], $3::uuid[], $4::text[], $5::int8[], $6::text[],
+                     $7::timestamptz[], $8::timestamptz[])
+              AS i(id, waypoint_id, content_type, size, key, expires_at, next_check_at)",
     )
     .bind(&ids)
     .bind(route_id)
@@ -203,6 +207,7 @@ async fn insert_images(
     .bind(&sizes)
     .bind(&keys)
     .bind(&expiries)
+    .bind(&checks)
     .execute(conn)
     .await?;
     Ok(())
@@ -213,7 +218,7 @@ struct RouteRow {
     id: Uuid,
     owner: String,
     name: String,
-    status: String,
+    status: RouteStatus,
     created_at: OffsetDateTime,
     updated_at: OffsetDateTime,
     published_at: Option<OffsetDateTime>,
@@ -227,7 +232,7 @@ struct WaypointRow {
     position: i32,
     marker_x: f64,
     marker_y: f64,
-    waypoint_status_: String,
+    waypoint_status_: WaypointStatus,
     #[sqlx(flatten)]
     image: ImageRecord,
 }
@@ -239,7 +244,7 @@ pub async fn routes(
     ids: &[Uuid],
 ) -> Result<Vec<RouteRecord>, sqlx::Error> {
     let rows: Vec<RouteRow> = sqlx::query_as(
-        "SELECT id, owner, name, status::text AS status, created_at, updated_at, published_at
+        "SELECT id, owner, name, status, created_at, updated_at, published_at
          FROM route.routes WHERE owner = $1 AND id = ANY($2)",
     )
     .bind(owner)
@@ -247,62 +252,42 @@ pub async fn routes(
     .fetch_all(&mut *conn)
     .await?;
     let found: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let query = format!(
+    let waypoints: Vec<WaypointRow> = sqlx::query_as(concat!(
         "SELECT w.id AS waypoint_id_, w.position, w.marker_x, w.marker_y,
-                w.status::text AS waypoint_status_, {IMAGE_COLUMNS}
-         FROM route.waypoints w JOIN image.images i ON i.id = w.current_image_id
+                w.status AS waypoint_status_, ",
+        image_columns!(),
+        " FROM route.waypoints w JOIN image.images i ON i.id = w.current_image_id
          WHERE w.route_id = ANY($1)
          ORDER BY w.route_id, w.position"
-    );
-    let waypoints: Vec<WaypointRow> = sqlx::query_as(sqlx::AssertSqlSafe(query))
-        .bind(&found)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut routes = Vec::with_capacity(rows.len());
-    for id in ids {
-        let Some(row) = rows.iter().find(|r| r.id == *id) else {
-            continue;
-        };
-        let waypoints = waypoints
-            .iter()
-            .filter(|w| w.image.route_id == row.id)
-            .map(|w| {
-                Ok(WaypointRecord {
+    ))
+    .bind(&found)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(ids
+        .iter()
+        .filter_map(|id| rows.iter().find(|r| r.id == *id))
+        .map(|row| RouteRecord {
+            id: row.id,
+            owner: row.owner.clone(),
+            name: row.name.clone(),
+            status: row.status,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            published_at: row.published_at,
+            waypoints: waypoints
+                .iter()
+                .filter(|w| w.image.route_id == row.id)
+                .map(|w| WaypointRecord {
                     id: w.waypoint_id_,
                     position: w.position,
                     marker_x: w.marker_x,
                     marker_y: w.marker_y,
-                    status: match w.waypoint_status_.as_str() {
-                        "PENDING" => WaypointStatus::Pending,
-                        "CONFIRMED" => WaypointStatus::Confirmed,
-                        "FAILED" => WaypointStatus::Failed,
-                        other => return Err(decode_error("waypoint status", other)),
-                    },
+                    status: w.waypoint_status_,
                     image: w.image.clone(),
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()?;
-        routes.push(RouteRecord {
-            id: row.id,
-            owner: row.owner.clone(),
-            name: row.name.clone(),
-            status: match row.status.as_str() {
-                "PENDING" => RouteStatus::Pending,
-                "READY" => RouteStatus::Ready,
-                "PUBLISHED" => RouteStatus::Published,
-                other => return Err(decode_error("route status", other)),
-            },
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            published_at: row.published_at,
-            waypoints,
-        });
-    }
-    Ok(routes)
-}
-
-fn decode_error(what: &str, value: &str) -> sqlx::Error {
-    sqlx::Error::Decode(format!("unknown {what} {value:?}").into())
+                .collect(),
+        })
+        .collect())
 }
 
 pub async fn route(
@@ -314,21 +299,21 @@ pub async fn route(
 }
 
 /// Where a page of `ListRoutes` starts: after this route in newest-first order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
 pub struct PageKey {
     pub created_at: OffsetDateTime,
     pub id: Uuid,
 }
 
-/// Up to `limit` of `owner`'s route ids, newest first, after `after`.
+/// Up to `limit` of `owner`'s routes, newest first, after `after`.
 pub async fn route_page(
     conn: &mut PgConnection,
     owner: &str,
     after: Option<PageKey>,
     limit: i64,
-) -> Result<Vec<(Uuid, OffsetDateTime)>, sqlx::Error> {
+) -> Result<Vec<PageKey>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, created_at FROM route.routes
+        "SELECT created_at, id FROM route.routes
          WHERE owner = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
          ORDER BY created_at DESC, id DESC
          LIMIT $4",
@@ -360,19 +345,19 @@ pub async fn waypoint_for_update(
     owner: &str,
     waypoint_id: Uuid,
 ) -> Result<Option<ImageRecord>, sqlx::Error> {
-    let query = format!(
-        "SELECT {IMAGE_COLUMNS}
-         FROM route.waypoints w
+    sqlx::query_as(concat!(
+        "SELECT ",
+        image_columns!(),
+        " FROM route.waypoints w
          JOIN route.routes r ON r.id = w.route_id
          JOIN image.images i ON i.id = w.current_image_id
          WHERE w.id = $1 AND r.owner = $2
          FOR UPDATE OF w"
-    );
-    sqlx::query_as(sqlx::AssertSqlSafe(query))
-        .bind(waypoint_id)
-        .bind(owner)
-        .fetch_optional(conn)
-        .await
+    ))
+    .bind(waypoint_id)
+    .bind(owner)
+    .fetch_optional(conn)
+    .await
 }
 
 /// A new current image for a waypoint, which becomes PENDING again.
@@ -391,20 +376,14 @@ pub async fn reissue(
     .bind(image.id)
     .execute(&mut *conn)
     .await?;
-    image_by_id(conn, image.id)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)
-}
-
-async fn image_by_id(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> Result<Option<ImageRecord>, sqlx::Error> {
-    let query = format!("SELECT {IMAGE_COLUMNS} FROM image.images i WHERE i.id = $1");
-    sqlx::query_as(sqlx::AssertSqlSafe(query))
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_as(concat!(
+        "SELECT ",
+        image_columns!(),
+        " FROM image.images i WHERE i.id = $1"
+    ))
+    .bind(image.id)
+    .fetch_one(conn)
+    .await
 }
 
 /// `owner`'s images among `ids` (any order; unknown and others' are left out).
@@ -413,47 +392,87 @@ pub async fn images(
     owner: &str,
     ids: &[Uuid],
 ) -> Result<Vec<ImageRecord>, sqlx::Error> {
-    let query = format!(
-        "SELECT {IMAGE_COLUMNS}
-         FROM image.images i JOIN route.routes r ON r.id = i.route_id
+    sqlx::query_as(concat!(
+        "SELECT ",
+        image_columns!(),
+        " FROM image.images i JOIN route.routes r ON r.id = i.route_id
          WHERE i.id = ANY($1) AND r.owner = $2"
-    );
-    sqlx::query_as(sqlx::AssertSqlSafe(query))
-        .bind(ids)
-        .bind(owner)
-        .fetch_all(conn)
-        .await
+    ))
+    .bind(ids)
+    .bind(owner)
+    .fetch_all(conn)
+    .await
 }
 
-/// Marks PENDING images whose token expired more than `grace` ago as EXPIRED, and their
-/// waypoints (where still current) as FAILED, at most `limit` per call. Returns the images.
-pub async fn expire_due(
+/// A PENDING image the reconciler looks at, with what a job for it needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Unsettled {
+    pub id: Uuid,
+    pub storage_key: String,
+    pub content_type: String,
+    pub owner: String,
+    pub expires_at: OffsetDateTime,
+}
+
+/// Leases up to `limit` PENDING images due for a look, pushing their next look `every` later
+/// (but never past their expiry plus `grace`, when they are due to expire): instances running
+/// the reconciler at once take different images.
+pub async fn lease_unsettled(
     pool: &PgPool,
+    every: std::time::Duration,
     grace: std::time::Duration,
     limit: i64,
-) -> Result<Vec<Uuid>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let expired: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE image.images SET status = 'EXPIRED', error_code = 'TOKEN_EXPIRED',
-                error_message = 'the upload token expired before an image was processed',
-                updated_at = now()
-         WHERE id IN (SELECT id FROM image.images
-                      WHERE status = 'PENDING' AND expires_at < now() - make_interval(secs => $1)
-                      ORDER BY expires_at LIMIT $2
-                      FOR UPDATE SKIP LOCKED)
-         RETURNING id",
+) -> Result<Vec<Unsettled>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE image.images i
+         SET next_check_at = LEAST(now() + make_interval(secs => $1),
+                                   GREATEST(i.expires_at + make_interval(secs => $2),
+                                            now() + interval '1 second'))
+         FROM route.routes r
+         WHERE r.id = i.route_id
+           AND i.id IN (SELECT id FROM image.images
+                        WHERE status = 'PENDING' AND next_check_at <= now()
+                        ORDER BY next_check_at LIMIT $3
+                        FOR UPDATE SKIP LOCKED)
+         RETURNING i.id, i.storage_key, i.content_type, r.owner, i.expires_at",
     )
+    .bind(every.as_secs_f64())
     .bind(grace.as_secs_f64())
     .bind(limit)
-    .fetch_all(&mut *tx)
+    .fetch_all(pool)
+    .await
+}
+
+/// Expires `id` if it is still PENDING and its token expired more than `grace` ago; its waypoint
+/// (where it is still the current image) fails. The expired row, if it was.
+pub async fn expire(
+    pool: &PgPool,
+    id: Uuid,
+    grace: std::time::Duration,
+) -> Result<Option<ImageRecord>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let expired: Option<ImageRecord> = sqlx::query_as(concat!(
+        "UPDATE image.images i SET status = 'EXPIRED', error_code = 'TOKEN_EXPIRED',
+                error_message = 'the upload token expired before an image was uploaded',
+                updated_at = now()
+         WHERE i.id = $1 AND i.status = 'PENDING'
+           AND i.expires_at < now() - make_interval(secs => $2)
+         RETURNING ",
+        image_columns!()
+    ))
+    .bind(id)
+    .bind(grace.as_secs_f64())
+    .fetch_optional(&mut *tx)
     .await?;
-    sqlx::query(
-        "UPDATE route.waypoints SET status = 'FAILED', updated_at = now()
-         WHERE current_image_id = ANY($1)",
-    )
-    .bind(&expired)
-    .execute(&mut *tx)
-    .await?;
+    if expired.is_some() {
+        sqlx::query(
+            "UPDATE route.waypoints SET status = 'FAILED', updated_at = now()
+             WHERE current_image_id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
     tx.commit().await?;
     Ok(expired)
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    failed_outcome, processed_outcome, result,
+    failed_outcome, processed_for, result,
     stack::{Stack, bearer},
 };
 use follow_bus::{ErrorCode, Stage};
@@ -468,11 +468,11 @@ async fn results_make_the_route_ready_then_publishable_and_a_failure_can_be_reis
     // Both current images processed: READY, then PUBLISHED (twice is fine).
     let third: Uuid = target.image_id.parse().unwrap();
     producer
-        .publish(&result(second, processed_outcome()))
+        .publish(&processed_for(&stack.pool, second).await)
         .await
         .unwrap();
     producer
-        .publish(&result(third, processed_outcome()))
+        .publish(&processed_for(&stack.pool, third).await)
         .await
         .unwrap();
     eventually_async(WITHIN, "route ready", || {

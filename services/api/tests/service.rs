@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{failed_outcome, processed_outcome, result, stack::Stack};
+use common::{failed_outcome, processed_for, result, stack::Stack};
 use follow_bus::{ErrorCode, keys};
 use follow_proto::api::v1 as api;
 use follow_testkit::eventually_async;
@@ -149,7 +149,7 @@ async fn poison_goes_to_the_dead_stream_and_duplicates_apply_once() {
     let mut producer = stack.producer();
     for _ in 0..3 {
         producer
-            .publish(&result(images[1], processed_outcome()))
+            .publish(&processed_for(&stack.pool, images[1]).await)
             .await
             .unwrap();
     }
@@ -182,7 +182,7 @@ async fn entries_read_but_not_acknowledged_before_a_restart_are_applied_after_it
     stack.stop().await;
     stack
         .producer()
-        .publish(&result(images[0], processed_outcome()))
+        .publish(&processed_for(&stack.pool, images[0]).await)
         .await
         .unwrap();
     // The stopped instance's consumer had read the entry and died before acknowledging it.
@@ -213,13 +213,14 @@ async fn entries_read_but_not_acknowledged_before_a_restart_are_applied_after_it
 async fn while_postgres_is_down_results_wait_and_are_applied_after_it_returns() {
     let mut stack = Stack::start().await;
     let images = pending_images(&stack, 3).await;
+    let mut results = Vec::new();
+    for id in &images {
+        results.push(processed_for(&stack.pool, *id).await);
+    }
     stack.pg.stop().await;
     let mut producer = stack.producer();
-    for id in &images {
-        producer
-            .publish(&result(*id, processed_outcome()))
-            .await
-            .unwrap();
+    for result in &results {
+        producer.publish(result).await.unwrap();
     }
     // The consumer retries (visible in its metric) instead of dead-lettering.
     eventually_async(WITHIN, "a retry", || async {

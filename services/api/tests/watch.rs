@@ -8,10 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    failed_outcome, result,
+    failed_outcome, processed_for, result,
     stack::{Stack, Vars, bearer},
 };
-use follow_bus::{ErrorCode, ImageResult, Processed, Progress, ResultOutcome, Stage};
+use follow_bus::{ErrorCode, Progress, ResultOutcome, Stage};
 use follow_proto::{
     api::v1::{
         self as api, image_service_client::ImageServiceClient, watch_image_status_request::Target,
@@ -102,26 +102,17 @@ async fn process(stack: &Stack, image_id: &str, preview: &[u8]) -> String {
         Stage::UploadingToStorage,
         Stage::Done,
     ] {
-        tracker.record(&Progress::stage(id, stage)).await.unwrap();
+        tracker.record(&Progress::reached(id, stage)).await.unwrap();
     }
-    let preview_key = format!("previews/{image_id}.jpg");
+    let processed = processed_for(&stack.pool, id).await;
+    let ResultOutcome::Processed(p) = &processed.outcome else {
+        unreachable!()
+    };
+    let preview_key = p.preview_key.clone();
     let garage = stack.garage.as_ref().unwrap();
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .endpoint_url(garage.endpoint())
-            .region(aws_sdk_s3::config::Region::new(garage.region().to_owned()))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                garage.access_key(),
-                garage.secret_key(),
-                None,
-                None,
-                "test",
-            ))
-            .force_path_style(true)
-            .build(),
-    );
-    s3.put_object()
+    garage
+        .client()
+        .put_object()
         .bucket(garage.bucket())
         .key(&preview_key)
         .content_type("image/jpeg")
@@ -129,20 +120,6 @@ async fn process(stack: &Stack, image_id: &str, preview: &[u8]) -> String {
         .send()
         .await
         .unwrap();
-    let processed = ImageResult {
-        outcome: ResultOutcome::Processed(Processed {
-            storage_key: format!("images/{image_id}"),
-            preview_key: preview_key.clone(),
-            sha256: "ab".repeat(32),
-            content_type: "image/jpeg".into(),
-            width: 4000,
-            height: 3000,
-            processed_width: 2048,
-            processed_height: 1536,
-            byte_size: 1234,
-        }),
-        ..result(id, failed_outcome(ErrorCode::Internal))
-    };
     stack.producer().publish(&processed).await.unwrap();
     preview_key
 }
@@ -194,7 +171,7 @@ async fn a_route_watch_sends_state_then_every_stage_in_order_then_processed_and_
         (image.id.as_str(), image.status()),
         (a.as_str(), api::ImageStatus::Processed)
     );
-    assert_eq!(image.sha256, "ab".repeat(32));
+    assert_eq!(image.sha256, "cd".repeat(32));
     let fetched = reqwest::get(&processed.preview_url).await.unwrap();
     assert_eq!(fetched.status(), 200, "{}", processed.preview_url);
     assert_eq!(fetched.bytes().await.unwrap().as_ref(), preview.as_slice());
@@ -271,7 +248,7 @@ async fn grpc_web_watch_over_http1_gets_progress_then_the_failure() {
     let id: Uuid = image.parse().unwrap();
     stack
         .tracker()
-        .record(&Progress::stage(id, Stage::WaitingUpload))
+        .record(&Progress::reached(id, Stage::WaitingUpload))
         .await
         .unwrap();
     let (_, e) = event(&mut stream).await;
@@ -369,9 +346,10 @@ async fn idle_watches_get_heartbeats_and_unused_tokens_expire_the_image() {
             ("FOLLOW_WATCH_HEARTBEAT_SECS", "1".into()),
             ("FOLLOW_UPLOAD_TOKEN_TTL_SECS", "1".into()),
             ("FOLLOW_EXPIRY_GRACE_SECS", "0".into()),
-            ("FOLLOW_EXPIRY_INTERVAL_SECS", "1".into()),
+            ("FOLLOW_RECONCILE_INTERVAL_SECS", "1".into()),
         ]),
-        false,
+        // The reconciler expires only what it has seen is not in S3.
+        true,
     )
     .await;
     let created = create(&stack, "alice", 1).await;

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use follow_bus::{Channels, Hub, HubEvent, Progress, Stage, Valkey, ValkeyConfig, keys};
+use follow_bus::{Channels, Hub, HubEvent, Notice, Progress, Stage, Valkey, ValkeyConfig, keys};
 use follow_testkit::{ValkeyServer, eventually_async, setting};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -100,7 +100,7 @@ async fn publish(
         };
         let _: () = redis::cmd("PUBLISH")
             .arg(keys::progress(id))
-            .arg(Progress::stage(id, Stage::Processing).encode())
+            .arg(Notice::from(Progress::reached(id, Stage::Processing)).encode())
             .query_async(&mut publisher)
             .await
             .unwrap();
@@ -126,8 +126,8 @@ async fn run(
 ) -> Figures {
     let valkey = Valkey::new(ValkeyConfig::new(server.url())).unwrap();
     let cancel = CancellationToken::new();
-    let (hub, worker) = Hub::with_channels(valkey, channels, Hub::DEFAULT_MAX_LAG, cancel.clone());
-    let worker = tokio::spawn(worker);
+    let hub = Hub::new(valkey, channels, Hub::DEFAULT_MAX_LAG);
+    let worker = tokio::spawn(hub.worker(cancel.clone()));
     let hub = Arc::new(hub);
     let watched: Vec<Uuid> = (0..watches).map(|_| Uuid::new_v4()).collect();
     let others: Vec<Uuid> = (0..watches).map(|_| Uuid::new_v4()).collect();
@@ -154,9 +154,12 @@ async fn run(
                 tokio::select! {
                     () = stop.cancelled() => break,
                     event = subscription.recv() => match event {
-                        Some(HubEvent::Progress(batch)) => {
+                        Some(HubEvent::Notices(batch)) => {
                             let now = OffsetDateTime::now_utc();
-                            latencies.extend(batch.iter().map(|p| (now - p.at).as_seconds_f64()));
+                            latencies.extend(batch.iter().filter_map(|n| match n {
+                                Notice::Progress(p) => Some((now - p.at()).as_seconds_f64()),
+                                Notice::Committed(_) => None,
+                            }));
                             received.send_modify(|n| *n += batch.len());
                         }
                         _ => break,

@@ -4,13 +4,21 @@
 //!   numbers in decimal, timestamps RFC 3339 UTC, `status` as `processed` / `failed`, codes as in
 //!   ARCHITECTURE.md. Unknown fields are ignored (forward compatible); a missing required field or
 //!   a value that does not parse is a [`DecodeError`], which makes the entry poison.
-//! * A progress event is the protobuf binary encoding of `follow.events.v1.ImageProgress`.
+//! * A progress channel message is the protobuf binary encoding of
+//!   `follow.events.v1.ProgressNotice`: a stage change, or the API's commit announcement.
 
-use follow_proto::{events::v1 as pb, prost::Message as _, prost_types::Timestamp};
+use follow_proto::{
+    events::v1 as pb,
+    prost::Message as _,
+    time::{from_timestamp, timestamp},
+};
 use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
-use crate::{ErrorCode, Failure, ImageResult, Processed, Progress, ResultOutcome, Stage};
+use crate::{
+    Committed, ErrorCode, Failure, ImageResult, Job, Notice, Processed, Progress, ResultOutcome,
+    Stage,
+};
 
 /// The schema version this code writes. Readers accept any version and ignore unknown fields.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -33,6 +41,10 @@ pub mod field {
     pub const ERROR_MESSAGE: &str = "error_message";
     pub const PRODUCED_AT: &str = "produced_at";
     pub const PROCESSING_MS: &str = "processing_ms";
+    /// Job fields (`image:jobs`), beside `image_id`, `schema_version`, `storage_key`,
+    /// `content_type`.
+    pub const OWNER: &str = "owner";
+    pub const ACCEPTED_AT: &str = "accepted_at";
 
     pub const ALL: [&str; 16] = [
         IMAGE_ID,
@@ -88,9 +100,74 @@ pub(crate) fn parse_time(field: &'static str, s: &str) -> Result<OffsetDateTime,
         .map_err(|e| invalid(field, e.to_string()))
 }
 
-impl ImageResult {
-    /// The stream fields of this result, in a stable order.
-    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+/// A message carried by a stream: one field per message field, every value a string.
+pub trait StreamMessage: Sized {
+    /// The stream fields, in a stable order.
+    fn to_fields(&self) -> Vec<(&'static str, String)>;
+
+    /// Reads a message from stream fields (name, value) as they came off the wire (or out of a
+    /// JSON record): unknown fields are ignored, a missing or bad required one is an error.
+    fn from_fields<N, V>(fields: &[(N, V)]) -> Result<Self, DecodeError>
+    where
+        N: AsRef<[u8]>,
+        V: AsRef<[u8]>;
+
+    /// The fields as one JSON object (field names as in the stream): the S3 record of a result.
+    fn to_json(&self) -> Vec<u8> {
+        let object: serde_json::Map<String, serde_json::Value> = self
+            .to_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+            .collect();
+        serde_json::to_vec(&object).unwrap_or_default()
+    }
+
+    /// A message from [`StreamMessage::to_json`]'s output.
+    fn from_json(json: &[u8]) -> Result<Self, DecodeError> {
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json)
+            .map_err(|e| DecodeError::Payload(format!("not a JSON object: {e}")))?;
+        let fields: Vec<(String, String)> = object
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                serde_json::Value::String(v) => Some((k, v)),
+                _ => None,
+            })
+            .collect();
+        Self::from_fields(&fields)
+    }
+}
+
+impl StreamMessage for Job {
+    fn to_fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (field::IMAGE_ID, self.image_id.to_string()),
+            (field::SCHEMA_VERSION, SCHEMA_VERSION.to_string()),
+            (field::STORAGE_KEY, self.storage_key.clone()),
+            (field::CONTENT_TYPE, self.content_type.clone()),
+            (field::OWNER, self.owner.clone()),
+            (field::ACCEPTED_AT, format_time(self.accepted_at)),
+        ]
+    }
+
+    fn from_fields<N, V>(fields: &[(N, V)]) -> Result<Self, DecodeError>
+    where
+        N: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let fields = Fields(fields);
+        let _schema_version: u32 = fields.number(field::SCHEMA_VERSION)?;
+        Ok(Self {
+            image_id: fields.uuid(field::IMAGE_ID)?,
+            storage_key: fields.required(field::STORAGE_KEY)?.to_owned(),
+            content_type: fields.required(field::CONTENT_TYPE)?.to_owned(),
+            owner: fields.required(field::OWNER)?.to_owned(),
+            accepted_at: parse_time(field::ACCEPTED_AT, fields.required(field::ACCEPTED_AT)?)?,
+        })
+    }
+}
+
+impl StreamMessage for ImageResult {
+    fn to_fields(&self) -> Vec<(&'static str, String)> {
         let mut f = vec![
             (field::IMAGE_ID, self.image_id.to_string()),
             (
@@ -127,16 +204,13 @@ impl ImageResult {
         f
     }
 
-    /// Reads a result from stream fields (name, value) as they came off the wire.
-    pub fn from_fields<N, V>(fields: &[(N, V)]) -> Result<Self, DecodeError>
+    fn from_fields<N, V>(fields: &[(N, V)]) -> Result<Self, DecodeError>
     where
         N: AsRef<[u8]>,
         V: AsRef<[u8]>,
     {
         let fields = Fields(fields);
-        let image_id = fields.required(field::IMAGE_ID)?;
-        let image_id =
-            Uuid::parse_str(image_id).map_err(|e| invalid(field::IMAGE_ID, e.to_string()))?;
+        let image_id = fields.uuid(field::IMAGE_ID)?;
         let _schema_version: u32 = fields.number(field::SCHEMA_VERSION)?;
         let outcome = match fields.required(field::STATUS)? {
             STATUS_PROCESSED => ResultOutcome::Processed(Processed {
@@ -187,6 +261,10 @@ impl<N: AsRef<[u8]>, V: AsRef<[u8]>> Fields<'_, N, V> {
         std::str::from_utf8(value).map_err(|_| invalid(name, "not UTF-8"))
     }
 
+    fn uuid(&self, name: &'static str) -> Result<Uuid, DecodeError> {
+        Uuid::parse_str(self.required(name)?).map_err(|e| invalid(name, e.to_string()))
+    }
+
     fn number<T: std::str::FromStr>(&self, name: &'static str) -> Result<T, DecodeError> {
         let text = self.required(name)?;
         text.parse().map_err(|_| {
@@ -207,65 +285,87 @@ impl<N: AsRef<[u8]>, V: AsRef<[u8]>> Fields<'_, N, V> {
     }
 }
 
-impl Progress {
-    /// The `image:progress:{id}` payload: `follow.events.v1.ImageProgress`, protobuf binary.
+impl Notice {
+    /// The `image:progress:{id}` payload: `follow.events.v1.ProgressNotice`, protobuf binary.
     pub fn encode(&self) -> Vec<u8> {
-        let (code, message) = match &self.failure {
-            Some(f) => (pb::ErrorCode::from(f.code), f.message.clone()),
-            None => (pb::ErrorCode::Unspecified, String::new()),
+        let notice = match self {
+            Notice::Progress(p) => {
+                let (code, message) = match p.failure() {
+                    Some(f) => (pb::ErrorCode::from(f.code), f.message.clone()),
+                    None => (pb::ErrorCode::Unspecified, String::new()),
+                };
+                pb::progress_notice::Notice::Progress(pb::ImageProgress {
+                    image_id: p.image_id().to_string(),
+                    stage: pb::Stage::from(p.stage()).into(),
+                    seq: p.seq(),
+                    time: Some(timestamp(p.at())),
+                    error_code: code.into(),
+                    error_message: message,
+                })
+            }
+            Notice::Committed(c) => pb::progress_notice::Notice::Committed(pb::ImageCommitted {
+                image_id: c.image_id.to_string(),
+                image: c.image.encode_to_vec(),
+                route_ready: c.route_ready,
+            }),
         };
-        pb::ImageProgress {
-            image_id: self.image_id.to_string(),
-            stage: pb::Stage::from(self.stage).into(),
-            seq: self.seq,
-            time: Some(timestamp(self.at)),
-            error_code: code.into(),
-            error_message: message,
-            committed: self.committed,
+        pb::ProgressNotice {
+            notice: Some(notice),
         }
         .encode_to_vec()
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
-        let p =
-            pb::ImageProgress::decode(payload).map_err(|e| DecodeError::Payload(e.to_string()))?;
-        let image_id =
-            Uuid::parse_str(&p.image_id).map_err(|e| invalid(field::IMAGE_ID, e.to_string()))?;
-        let stage = pb::Stage::try_from(p.stage)
-            .ok()
-            .and_then(|s| Stage::try_from(s).ok())
-            .ok_or_else(|| invalid("stage", format!("unknown stage {}", p.stage)))?;
-        let time = p.time.ok_or(DecodeError::MissingField("time"))?;
-        let at = OffsetDateTime::from_unix_timestamp(time.seconds)
-            .ok()
-            .and_then(|t| t.replace_nanosecond(u32::try_from(time.nanos).ok()?).ok())
-            .ok_or_else(|| invalid("time", "out of range"))?;
-        let failure = match stage {
-            Stage::Failed => Some(Failure {
+        let notice = pb::ProgressNotice::decode(payload)
+            .map_err(|e| DecodeError::Payload(e.to_string()))?
+            .notice
+            .ok_or(DecodeError::MissingField("notice"))?;
+        match notice {
+            pb::progress_notice::Notice::Progress(p) => decode_progress(p).map(Notice::Progress),
+            pb::progress_notice::Notice::Committed(c) => {
+                let image_id = Uuid::parse_str(&c.image_id)
+                    .map_err(|e| invalid(field::IMAGE_ID, e.to_string()))?;
+                let image = follow_proto::api::v1::Image::decode(c.image.as_slice())
+                    .map_err(|e| invalid("image", e.to_string()))?;
+                if Uuid::parse_str(&image.id).ok() != Some(image_id) {
+                    return Err(invalid("image", "the view is of another image"));
+                }
+                Ok(Notice::Committed(Box::new(Committed {
+                    image_id,
+                    image,
+                    route_ready: c.route_ready,
+                })))
+            }
+        }
+    }
+}
+
+fn decode_progress(p: pb::ImageProgress) -> Result<Progress, DecodeError> {
+    let image_id =
+        Uuid::parse_str(&p.image_id).map_err(|e| invalid(field::IMAGE_ID, e.to_string()))?;
+    let stage = pb::Stage::try_from(p.stage)
+        .ok()
+        .and_then(|s| Stage::try_from(s).ok())
+        .ok_or_else(|| invalid("stage", format!("unknown stage {}", p.stage)))?;
+    let time = p.time.ok_or(DecodeError::MissingField("time"))?;
+    let at = from_timestamp(&time).ok_or_else(|| invalid("time", "out of range"))?;
+    let progress = match stage {
+        Stage::Failed => Progress::failed(
+            image_id,
+            Failure {
                 code: pb::ErrorCode::try_from(p.error_code)
                     .ok()
                     .and_then(|c| ErrorCode::try_from(c).ok())
                     .ok_or_else(|| invalid(field::ERROR_CODE, "missing or unknown"))?,
                 message: p.error_message,
-            }),
-            _ => None,
-        };
-        Ok(Self {
-            image_id,
-            stage,
-            seq: p.seq,
-            at,
-            failure,
-            committed: p.committed,
-        })
+            },
+        ),
+        stage => Progress::reached(image_id, stage),
+    };
+    if p.seq != progress.seq() {
+        return Err(invalid("seq", "does not match the stage"));
     }
-}
-
-fn timestamp(t: OffsetDateTime) -> Timestamp {
-    Timestamp {
-        seconds: t.unix_timestamp(),
-        nanos: i32::try_from(t.nanosecond()).expect("nanoseconds are below 10^9"),
-    }
+    Ok(progress.at_time(at))
 }
 
 #[cfg(test)]
@@ -437,37 +537,47 @@ mod tests {
     }
 
     #[test]
-    fn progress_round_trips_and_refuses_garbage() {
+    fn notices_round_trip_and_refuse_garbage() {
         let id = Uuid::new_v4();
-        let p = Progress {
-            at: datetime!(2026-11-23 10:00:00.5 UTC),
-            ..Progress::stage(id, Stage::Decoding)
-        };
-        assert_eq!(Progress::decode(&p.encode()).unwrap(), p);
-        let f = Progress {
-            at: datetime!(2026-11-23 10:00:01 UTC),
-            ..Progress::failed(
+        let round_trip = |n: Notice| assert_eq!(Notice::decode(&n.encode()).unwrap(), n);
+        round_trip(Notice::Progress(
+            Progress::reached(id, Stage::Decoding).at_time(datetime!(2026-11-23 10:00:00.5 UTC)),
+        ));
+        round_trip(Notice::Progress(
+            Progress::failed(
                 id,
                 Failure {
                     code: ErrorCode::ImageTooLarge,
                     message: "60000x60000".into(),
                 },
             )
-        };
-        assert_eq!(Progress::decode(&f.encode()).unwrap(), f);
-        let committed = Progress {
-            at: datetime!(2026-11-23 10:00:02 UTC),
-            ..Progress::committed(id, None)
-        };
-        assert!(committed.committed && committed.stage == Stage::Done);
-        assert_eq!(Progress::decode(&committed.encode()).unwrap(), committed);
-        let unexplained = Progress::stage(id, Stage::Failed);
+            .at_time(datetime!(2026-11-23 10:00:01 UTC)),
+        ));
+        round_trip(Notice::Committed(Box::new(Committed {
+            image_id: id,
+            image: follow_proto::api::v1::Image {
+                id: id.to_string(),
+                width: 4000,
+                ..Default::default()
+            },
+            route_ready: true,
+        })));
+        let unexplained = Progress::reached(id, Stage::Failed);
         assert_eq!(
-            unexplained.failure.map(|f| f.code),
+            unexplained.failure().map(|f| f.code),
             Some(ErrorCode::Internal)
         );
+        let foreign = Notice::Committed(Box::new(Committed {
+            image_id: id,
+            image: follow_proto::api::v1::Image {
+                id: Uuid::new_v4().to_string(),
+                ..Default::default()
+            },
+            route_ready: false,
+        }));
+        assert!(Notice::decode(&foreign.encode()).is_err());
         for garbage in [&b""[..], b"\xff\xff\xff", b"hello world"] {
-            assert!(Progress::decode(garbage).is_err());
+            assert!(Notice::decode(garbage).is_err());
         }
     }
 

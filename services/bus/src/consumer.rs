@@ -1,7 +1,9 @@
-//! The `XREADGROUP` loop that feeds results to a handler.
+//! The `XREADGROUP` loop that feeds a queue's messages to a handler: `image:result` to the API's
+//! result applier, `image:jobs` to the gateway's pipeline workers. One machinery for both.
 
 use std::{
     future::Future,
+    marker::PhantomData,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -14,43 +16,67 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    BusError, Entry, EntryId, ImageResult, Reclaimer, Valkey,
-    dead_letter::{dead_letter, drop_over_delivered, with_delivery_counts},
-    keys,
+    Backoff, BusError, Entry, EntryId, ImageResult, Reclaimer, StreamMessage, Valkey,
+    dead_letter::{
+        Counted, ack_commands, dead_letter, drop_over_delivered, result_xadd, with_counts,
+    },
+    keys::Queue,
     stream::parse_read_reply,
 };
 
-/// What to do with one delivered result.
+/// What to do with one delivered message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Applied (or nothing to apply): acknowledge it.
+    /// Done (or nothing to do): acknowledge it.
     Ack,
-    /// A transient failure (the database is down): keep it pending and hand it to the handler
-    /// again after a backoff. Never dead-letters, however long it lasts.
+    /// Done: add this result to `image:result` and acknowledge, in one `MULTI` (the gateway's
+    /// hand-off of a processed job to the API).
+    HandOff(ImageResult),
+    /// A transient failure (a dependency is down): keep it pending and hand it to the handler
+    /// again after a backoff. Never counted, never dead-lettered, however long it lasts.
     Retry,
-    /// It can never be applied: move it to the dead stream with this reason, then acknowledge.
-    DeadLetter(String),
+    /// The handler failed on it: counted, and handed again after a backoff until it failed
+    /// `max_failures` times, then dead-lettered with this reason.
+    Fail(String),
+    /// It can never be handled: move it to the dead stream with this reason (and hand `result`
+    /// off to `image:result` in the same `MULTI`, when there is one), then acknowledge.
+    DeadLetter {
+        reason: String,
+        hand_off: Option<ImageResult>,
+    },
 }
 
-/// One result handed to the [`Handler`].
+impl Outcome {
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        Self::DeadLetter {
+            reason: reason.into(),
+            hand_off: None,
+        }
+    }
+}
+
+/// One message handed to the [`Handler`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
+pub struct Delivery<M> {
     pub id: EntryId,
-    pub result: ImageResult,
-    /// How many times the group has delivered this entry, this delivery included.
+    pub message: M,
+    /// How many times the group has delivered this entry, this delivery included (restarts of
+    /// its consumer count too: for crash loops, not for failures).
     pub deliveries: u64,
+    /// How many times the handler failed on it before ([`Outcome::Fail`]).
+    pub failures: u64,
 }
 
-/// Applies results. Called with a batch of one or more (up to `batch_size`, more when there is a
-/// backlog); must return one [`Outcome`] per delivery, in order. It is called again with the same
-/// results after a crash or a [`Outcome::Retry`], so applying must be idempotent.
-pub trait Handler: Send {
-    fn handle(&mut self, batch: &[Delivery]) -> impl Future<Output = Vec<Outcome>> + Send;
+/// Handles messages. Called with a batch of one or more (up to `batch_size`); must return one
+/// [`Outcome`] per delivery, in order. It is called again with the same messages after a crash
+/// or a [`Outcome::Retry`] / [`Outcome::Fail`], so handling must be idempotent.
+pub trait Handler<M>: Send {
+    fn handle(&mut self, batch: &[Delivery<M>]) -> impl Future<Output = Vec<Outcome>> + Send;
 }
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    pub group: String,
+    pub queue: Queue,
     /// Unique per process (and stable across its restarts, if it is to re-read its own pending
     /// entries first; otherwise the reclaimer picks them up after `min_idle`).
     pub consumer: String,
@@ -58,9 +84,15 @@ pub struct ConsumerConfig {
     pub batch_size: usize,
     /// `BLOCK` of each read: how long a read waits for new entries.
     pub block: Duration,
-    /// An entry delivered more often than this is dead-lettered instead of handled again.
+    /// Handler failures after which an entry is dead-lettered.
+    pub max_failures: u64,
+    /// Deliveries after which an entry is dead-lettered unhandled: a safety net against an
+    /// entry that crashes its consumer every time. Restarts of a consumer re-deliver its pending
+    /// entries, so this is far above what crashes alone cause.
     pub max_deliveries: u64,
-    /// Entries idle this long in another consumer's pending list are taken over.
+    /// The lease: entries idle this long in another consumer's pending list are taken over.
+    /// While a batch is being handled its entries are touched every third of it, so a slow
+    /// handler keeps them.
     pub min_idle: Duration,
     pub reclaim_interval: Duration,
     pub backoff_min: Duration,
@@ -68,13 +100,14 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    pub fn new(consumer: impl Into<String>) -> Self {
+    pub fn new(queue: Queue, consumer: impl Into<String>) -> Self {
         Self {
-            group: keys::RESULT_GROUP.to_owned(),
+            queue,
             consumer: consumer.into(),
             batch_size: 64,
             block: Duration::from_secs(2),
-            max_deliveries: 10,
+            max_failures: 5,
+            max_deliveries: 100,
             min_idle: Duration::from_secs(60),
             reclaim_interval: Duration::from_secs(15),
             backoff_min: Duration::from_millis(100),
@@ -86,16 +119,17 @@ impl ConsumerConfig {
 /// Counters for metrics and tests.
 #[derive(Debug, Default)]
 pub struct ConsumerStats {
-    /// Results handed to the handler (a retried result counts each time).
+    /// Messages handed to the handler (a retried one counts each time).
     pub handled: AtomicU64,
     pub acked: AtomicU64,
+    /// Handlings answered with [`Outcome::Retry`] or [`Outcome::Fail`].
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
     /// Entries taken over from other consumers.
     pub reclaimed: AtomicU64,
 }
 
-/// Reads `image:result` as one consumer of a group and feeds a [`Handler`].
+/// Reads a queue as one consumer of its group and feeds a [`Handler`].
 ///
 /// On start (and after any error) it first re-reads its own pending entries, then reads new ones
 /// with `BLOCK`; every `reclaim_interval` it takes over entries idle in other consumers with the
@@ -104,12 +138,13 @@ pub struct ConsumerStats {
 /// done; on cancellation it stops between batches, and whatever it had not acknowledged stays
 /// pending, to be re-read or reclaimed: nothing is lost.
 #[derive(Debug)]
-pub struct Consumer {
+pub struct Consumer<M> {
     reader: ConnectionManager,
     conn: ConnectionManager,
     reclaimer: Reclaimer,
     config: ConsumerConfig,
     stats: Arc<ConsumerStats>,
+    message: PhantomData<fn() -> M>,
 }
 
 /// Where the next read comes from.
@@ -126,23 +161,26 @@ impl Cursor {
     }
 }
 
-impl Consumer {
+/// A decoded entry ready for the handler, with the raw entry for dead-lettering.
+type Todo<M> = (Delivery<M>, Counted);
+
+impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
     pub fn new(valkey: &Valkey, config: ConsumerConfig) -> Result<Self, BusError> {
-        let reclaimer = Reclaimer::new(
-            valkey,
-            &config.group,
-            &config.consumer,
-            config.min_idle,
-            config.max_deliveries,
-            config.batch_size,
-        )?;
+        let reclaimer = Reclaimer::new(valkey, &config)?;
         Ok(Self {
             reader: valkey.blocking_connection(config.block)?,
             conn: valkey.connection()?,
             reclaimer,
             config,
             stats: Arc::default(),
+            message: PhantomData,
         })
+    }
+
+    /// Shares `stats` (e.g. one set for several consumers of one process).
+    pub fn with_stats(mut self, stats: Arc<ConsumerStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     pub fn stats(&self) -> Arc<ConsumerStats> {
@@ -151,16 +189,17 @@ impl Consumer {
 
     /// Creates the group from the start of the stream (and the stream) unless it exists.
     pub async fn ensure_group(&mut self) -> Result<(), BusError> {
-        ensure_group(&mut self.conn, &self.config.group).await
+        ensure_group(&mut self.conn, self.config.queue).await
     }
 
     /// Runs until `cancel`. Bus errors are logged and retried with backoff, never returned.
-    pub async fn run<H: Handler>(mut self, handler: &mut H, cancel: CancellationToken) {
+    pub async fn run<H: Handler<M>>(mut self, handler: &mut H, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
         let mut cursor = Cursor::start();
         let mut group_ready = false;
         let mut next_reclaim = Instant::now();
-        tracing::info!(consumer = %self.config.consumer, group = %self.config.group, "result consumer started");
+        let (stream, consumer) = (self.config.queue.stream, self.config.consumer.clone());
+        tracing::info!(stream, %consumer, "consumer started");
         while !cancel.is_cancelled() {
             let step = self
                 .step(
@@ -178,22 +217,23 @@ impl Consumer {
                     cursor = Cursor::start();
                     if e.is_nogroup() {
                         tracing::warn!(
+                            stream,
                             "consumer group is gone (Valkey lost its data?); recreating it"
                         );
                         group_ready = false;
                         continue;
                     }
-                    tracing::warn!(error = %e, "result consumer: bus error; retrying");
-                    if sleep_or_cancel(backoff.next(), &cancel).await {
+                    tracing::warn!(stream, error = %e, "consumer: bus error; retrying");
+                    if sleep_or_cancel(backoff.delay(), &cancel).await {
                         break;
                     }
                 }
             }
         }
-        tracing::info!(consumer = %self.config.consumer, "result consumer stopped");
+        tracing::info!(stream, %consumer, "consumer stopped");
     }
 
-    async fn step<H: Handler>(
+    async fn step<H: Handler<M>>(
         &mut self,
         handler: &mut H,
         cancel: &CancellationToken,
@@ -216,8 +256,7 @@ impl Consumer {
                     *cursor = Cursor::New;
                     return Ok(());
                 };
-                let entries =
-                    with_delivery_counts(&mut self.conn, &self.config.group, entries).await?;
+                let entries = with_counts(&mut self.conn, self.config.queue, entries).await?;
                 self.process(handler, cancel, entries).await?;
                 *cursor = Cursor::Pending(last);
             }
@@ -228,7 +267,14 @@ impl Consumer {
                     // Anything delivered to us meanwhile stays pending for the next start.
                     () = cancel.cancelled() => return Ok(()),
                 };
-                let entries = entries.into_iter().map(|e| (e, 1)).collect();
+                let entries = entries
+                    .into_iter()
+                    .map(|entry| Counted {
+                        entry,
+                        deliveries: 1,
+                        failures: 0,
+                    })
+                    .collect();
                 self.process(handler, cancel, entries).await?;
             }
         }
@@ -238,7 +284,7 @@ impl Consumer {
     async fn read(&mut self, from: &str, block: Option<Duration>) -> Result<Vec<Entry>, BusError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
-            .arg(&self.config.group)
+            .arg(self.config.queue.group)
             .arg(&self.config.consumer)
             .arg("COUNT")
             .arg(self.config.batch_size);
@@ -246,12 +292,12 @@ impl Consumer {
             cmd.arg("BLOCK")
                 .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX));
         }
-        cmd.arg("STREAMS").arg(keys::RESULT_STREAM).arg(from);
+        cmd.arg("STREAMS").arg(self.config.queue.stream).arg(from);
         parse_read_reply(cmd.query_async(&mut self.reader).await?)
     }
 
     /// Takes over entries idle in other consumers, page by page, and handles them.
-    async fn reclaim<H: Handler>(
+    async fn reclaim<H: Handler<M>>(
         &mut self,
         handler: &mut H,
         cancel: &CancellationToken,
@@ -274,16 +320,16 @@ impl Consumer {
     }
 
     /// Sorts out deleted, over-delivered and poison entries, then hands the rest to the handler.
-    async fn process<H: Handler>(
+    async fn process<H: Handler<M>>(
         &mut self,
         handler: &mut H,
         cancel: &CancellationToken,
-        entries: Vec<(Entry, u64)>,
+        entries: Vec<Counted>,
     ) -> Result<(), BusError> {
-        let (group, consumer) = (&self.config.group, &self.config.consumer);
+        let (queue, consumer) = (self.config.queue, self.config.consumer.as_str());
         let (entries, dead_lettered) = drop_over_delivered(
             &mut self.conn,
-            group,
+            queue,
             consumer,
             self.config.max_deliveries,
             entries,
@@ -292,46 +338,46 @@ impl Consumer {
         self.stats.dead_lettered.fetch_add(dead_lettered, Relaxed);
         let mut deleted = Vec::new();
         let mut batch = Vec::with_capacity(entries.len());
-        for (entry, deliveries) in entries {
-            let Some(fields) = &entry.fields else {
-                deleted.push(entry.id);
+        for counted in entries {
+            let Some(fields) = &counted.entry.fields else {
+                deleted.push(counted.entry.id);
                 continue;
             };
-            match ImageResult::from_fields(fields) {
-                Ok(result) => batch.push((
+            match M::from_fields(fields) {
+                Ok(message) => batch.push((
                     Delivery {
-                        id: entry.id.clone(),
-                        result,
-                        deliveries,
+                        id: counted.entry.id.clone(),
+                        message,
+                        deliveries: counted.deliveries,
+                        failures: counted.failures,
                     },
-                    entry,
+                    counted,
                 )),
                 Err(e) => {
                     let reason = format!("poison: {e}");
-                    dead_letter(&mut self.conn, group, consumer, &entry, deliveries, &reason)
-                        .await?;
+                    dead_letter(&mut self.conn, queue, consumer, &counted, &reason, None).await?;
                     self.stats.dead_lettered.fetch_add(1, Relaxed);
                 }
             }
         }
-        // Deleted while pending: there is nothing left to apply.
-        self.ack(deleted).await?;
+        // Deleted while pending: there is nothing left to handle.
+        self.ack(&deleted, None).await?;
         self.deliver(handler, cancel, batch).await
     }
 
-    async fn deliver<H: Handler>(
+    async fn deliver<H: Handler<M>>(
         &mut self,
         handler: &mut H,
         cancel: &CancellationToken,
-        mut todo: Vec<(Delivery, Entry)>,
+        mut todo: Vec<Todo<M>>,
     ) -> Result<(), BusError> {
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
         while !todo.is_empty() {
-            let deliveries: Vec<Delivery> = todo.iter().map(|(d, _)| d.clone()).collect();
+            let deliveries: Vec<Delivery<M>> = todo.iter().map(|(d, _)| d.clone()).collect();
             self.stats
                 .handled
                 .fetch_add(deliveries.len() as u64, Relaxed);
-            let outcomes = handler.handle(&deliveries).await;
+            let outcomes = self.handle_leased(handler, &deliveries).await?;
             if outcomes.len() != deliveries.len() {
                 tracing::error!(
                     expected = deliveries.len(),
@@ -339,32 +385,35 @@ impl Consumer {
                     "handler returned the wrong number of outcomes; retrying the rest"
                 );
             }
-            let mut acks = Vec::new();
-            let mut retry = Vec::new();
             let outcomes = outcomes
                 .into_iter()
                 .chain(std::iter::repeat(Outcome::Retry));
-            for ((delivery, entry), outcome) in todo.into_iter().zip(outcomes) {
+            let mut acks = Vec::new();
+            let mut again = Vec::new();
+            for ((mut delivery, mut counted), outcome) in todo.into_iter().zip(outcomes) {
                 match outcome {
                     Outcome::Ack => acks.push(delivery.id),
-                    Outcome::Retry => retry.push((delivery, entry)),
-                    Outcome::DeadLetter(reason) => {
-                        let (group, consumer) = (&self.config.group, &self.config.consumer);
-                        dead_letter(
-                            &mut self.conn,
-                            group,
-                            consumer,
-                            &entry,
-                            delivery.deliveries,
-                            &reason,
-                        )
-                        .await?;
-                        self.stats.dead_lettered.fetch_add(1, Relaxed);
+                    Outcome::HandOff(result) => self.ack(&[delivery.id], Some(&result)).await?,
+                    Outcome::Retry => again.push((delivery, counted)),
+                    Outcome::Fail(reason) => {
+                        let failures = self.count_failure(&delivery.id).await?;
+                        (delivery.failures, counted.failures) = (failures, failures);
+                        if failures >= self.config.max_failures {
+                            let reason = format!("failed {failures} times; last: {reason}");
+                            self.dead_letter(&counted, &reason, None).await?;
+                        } else {
+                            tracing::warn!(entry_id = %delivery.id, failures, %reason, "handler failed; will retry");
+                            again.push((delivery, counted));
+                        }
+                    }
+                    Outcome::DeadLetter { reason, hand_off } => {
+                        self.dead_letter(&counted, &reason, hand_off.as_ref())
+                            .await?;
                     }
                 }
             }
-            self.ack(acks).await?;
-            todo = retry;
+            self.ack(&acks, None).await?;
+            todo = again;
             if todo.is_empty() {
                 break;
             }
@@ -372,33 +421,83 @@ impl Consumer {
             // Keep the entries ours while we wait: resetting their idle time stops other
             // consumers from reclaiming them (and raising their delivery count) during an outage.
             self.touch(todo.iter().map(|(d, _)| &d.id)).await?;
-            if sleep_or_cancel(backoff.next(), cancel).await {
+            if sleep_or_cancel(backoff.delay(), cancel).await {
                 break;
             }
         }
         Ok(())
     }
 
-    async fn ack(&mut self, ids: Vec<EntryId>) -> Result<(), BusError> {
+    /// Runs the handler on `batch`, touching its entries every third of the lease meanwhile.
+    async fn handle_leased<H: Handler<M>>(
+        &mut self,
+        handler: &mut H,
+        batch: &[Delivery<M>],
+    ) -> Result<Vec<Outcome>, BusError> {
+        let every = (self.config.min_idle / 3).max(Duration::from_millis(100));
+        let mut renew = tokio::time::interval_at(Instant::now() + every, every);
+        let handling = handler.handle(batch);
+        tokio::pin!(handling);
+        loop {
+            tokio::select! {
+                outcomes = &mut handling => return Ok(outcomes),
+                _ = renew.tick() => {
+                    // A lost renewal only risks a duplicate handling, which is idempotent.
+                    if let Err(e) = self.touch(batch.iter().map(|d| &d.id)).await {
+                        tracing::warn!(error = %e, "could not renew the lease of a batch");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &mut self,
+        counted: &Counted,
+        reason: &str,
+        hand_off: Option<&ImageResult>,
+    ) -> Result<(), BusError> {
+        let (queue, consumer) = (self.config.queue, self.config.consumer.as_str());
+        dead_letter(&mut self.conn, queue, consumer, counted, reason, hand_off).await?;
+        self.stats.dead_lettered.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Acknowledges `ids` (with `hand_off` added to `image:result` in the same `MULTI`).
+    async fn ack(
+        &mut self,
+        ids: &[EntryId],
+        hand_off: Option<&ImageResult>,
+    ) -> Result<(), BusError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let n = ids.len() as u64;
-        redis::cmd("XACK")
-            .arg(keys::RESULT_STREAM)
-            .arg(&self.config.group)
-            .arg(ids.iter().map(|id| id.0.as_str()).collect::<Vec<_>>())
-            .query_async::<()>(&mut self.conn)
-            .await?;
-        self.stats.acked.fetch_add(n, Relaxed);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if let Some(result) = hand_off {
+            pipe.add_command(result_xadd(result)).ignore();
+        }
+        ack_commands(&mut pipe, self.config.queue, ids);
+        pipe.query_async::<()>(&mut self.conn).await?;
+        self.stats.acked.fetch_add(ids.len() as u64, Relaxed);
         Ok(())
+    }
+
+    /// One more handler failure of `id`; returns how many there were.
+    async fn count_failure(&mut self, id: &EntryId) -> Result<u64, BusError> {
+        Ok(redis::cmd("HINCRBY")
+            .arg(self.config.queue.failures)
+            .arg(id.0.as_str())
+            .arg(1)
+            .query_async(&mut self.conn)
+            .await?)
     }
 
     /// `XCLAIM … 0 … JUSTID`: resets idle time without counting a delivery.
     async fn touch<'a>(&mut self, ids: impl Iterator<Item = &'a EntryId>) -> Result<(), BusError> {
         redis::cmd("XCLAIM")
-            .arg(keys::RESULT_STREAM)
-            .arg(&self.config.group)
+            .arg(self.config.queue.stream)
+            .arg(self.config.queue.group)
             .arg(&self.config.consumer)
             .arg(0)
             .arg(ids.map(|id| id.0.as_str()).collect::<Vec<_>>())
@@ -411,12 +510,12 @@ impl Consumer {
 
 pub(crate) async fn ensure_group(
     conn: &mut ConnectionManager,
-    group: &str,
+    queue: Queue,
 ) -> Result<(), BusError> {
     let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
         .arg("CREATE")
-        .arg(keys::RESULT_STREAM)
-        .arg(group)
+        .arg(queue.stream)
+        .arg(queue.group)
         .arg("0")
         .arg("MKSTREAM")
         .query_async(conn)
@@ -432,32 +531,5 @@ async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         () = tokio::time::sleep(delay) => false,
         () = cancel.cancelled() => true,
-    }
-}
-
-/// Doubling delays between `min` and `max`.
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        let now = self.next;
-        self.next = (self.next * 2).min(self.max);
-        now
-    }
-
-    fn reset(&mut self) {
-        self.next = self.min;
     }
 }

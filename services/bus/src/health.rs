@@ -1,28 +1,30 @@
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use redis::aio::ConnectionManager;
 
-use crate::{BusError, Valkey, keys};
+use crate::{BusError, EntryId, Valkey, keys::Queue};
 
-/// Whether Valkey answers, and whether the consumer group exists.
+/// Whether Valkey answers, and the state of a queue (for health and metrics).
 #[derive(Clone, Debug)]
 pub struct HealthChecker {
     conn: ConnectionManager,
-    group: Option<String>,
+    queue: Option<Queue>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
     /// `PING` answered.
     pub valkey: bool,
-    /// Whether the group exists on `image:result`; `None` when not checked (or Valkey is down).
+    /// Whether the queue's group exists; `None` when not checked (or Valkey is down).
     pub group: Option<bool>,
 }
 
 impl HealthChecker {
-    /// `group`: the consumer group to look for (the API's), or `None` (the gateway).
-    pub fn new(valkey: &Valkey, group: Option<&str>) -> Result<Self, BusError> {
+    /// `queue`: the queue whose group this service consumes, or `None` to only ping.
+    pub fn new(valkey: &Valkey, queue: Option<Queue>) -> Result<Self, BusError> {
         Ok(Self {
             conn: valkey.connection()?,
-            group: group.map(str::to_owned),
+            queue,
         })
     }
 
@@ -35,9 +37,13 @@ impl HealthChecker {
                 group: None,
             };
         }
-        let group = match self.group.clone() {
+        let group = match self.queue {
             None => None,
-            Some(name) => Some(self.group_exists(&name).await.unwrap_or(false)),
+            Some(queue) => Some(
+                group(&mut self.conn, queue)
+                    .await
+                    .is_ok_and(|g| g.is_some()),
+            ),
         };
         Health {
             valkey: true,
@@ -45,40 +51,109 @@ impl HealthChecker {
         }
     }
 
-    async fn group_exists(&mut self, name: &str) -> Result<bool, BusError> {
-        Ok(self.group_info_of(name).await?.is_some())
-    }
-
-    /// The checked group's backlog, `None` when it does not exist (or no group is checked).
-    pub async fn group_info(&mut self) -> Result<Option<GroupInfo>, BusError> {
-        match self.group.clone() {
-            Some(name) => self.group_info_of(&name).await,
-            None => Ok(None),
-        }
-    }
-
-    async fn group_info_of(&mut self, name: &str) -> Result<Option<GroupInfo>, BusError> {
-        let groups: Result<redis::streams::StreamInfoGroupsReply, _> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(keys::RESULT_STREAM)
-            .query_async(&mut self.conn)
-            .await;
-        match groups {
-            Ok(g) => Ok(g.groups.iter().find(|g| g.name == name).map(|g| GroupInfo {
-                pending: g.pending as u64,
-                lag: g.lag.map(|l| l as u64),
-            })),
-            Err(e) if e.code() == Some("ERR") => Ok(None), // no such stream yet
-            Err(e) => Err(e.into()),
-        }
+    /// The backlog of `queue`, `None` when its group does not exist.
+    pub async fn queue_info(&mut self, queue: Queue) -> Result<Option<QueueInfo>, BusError> {
+        let Some(group) = group(&mut self.conn, queue).await? else {
+            return Ok(None);
+        };
+        let mut pipe = redis::pipe();
+        // The oldest pending entry, the oldest undelivered one, and the dead stream's size.
+        pipe.cmd("XPENDING")
+            .arg(queue.stream)
+            .arg(queue.group)
+            .cmd("XRANGE")
+            .arg(queue.stream)
+            .arg(format!("({}", group.last_delivered_id))
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XLEN")
+            .arg(queue.dead)
+            .cmd("XRANGE")
+            .arg(queue.dead)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        type Entries = Vec<(String, redis::Value)>;
+        let (pending, undelivered, dead, oldest_dead): (
+            redis::streams::StreamPendingReply,
+            Entries,
+            u64,
+            Entries,
+        ) = pipe.query_async(&mut self.conn).await?;
+        let oldest_pending = match pending {
+            redis::streams::StreamPendingReply::Data(data) => Some(EntryId(data.start_id)),
+            _ => None,
+        };
+        let oldest_undelivered = undelivered.into_iter().next().map(|(id, _)| EntryId(id));
+        let oldest = [oldest_pending, oldest_undelivered]
+            .into_iter()
+            .flatten()
+            .filter_map(|id| age(&id))
+            .max();
+        Ok(Some(QueueInfo {
+            pending: group.pending,
+            lag: group.lag,
+            oldest,
+            dead,
+            oldest_dead: oldest_dead
+                .into_iter()
+                .next()
+                .and_then(|(id, _)| age(&EntryId(id))),
+        }))
     }
 }
 
-/// A consumer group's backlog (`XINFO GROUPS`).
+/// The backlog of a queue (`XINFO GROUPS`, `XPENDING`, the dead stream).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GroupInfo {
+pub struct QueueInfo {
     /// Delivered, not acknowledged.
     pub pending: u64,
     /// Not delivered yet; `None` when Valkey cannot tell (after deletions it may not).
     pub lag: Option<u64>,
+    /// Age of the oldest entry not acknowledged yet (pending or undelivered).
+    pub oldest: Option<Duration>,
+    /// Entries in the dead stream, and the age of the oldest.
+    pub dead: u64,
+    pub oldest_dead: Option<Duration>,
+}
+
+/// How long ago an entry was added (its id is its time in milliseconds).
+fn age(id: &EntryId) -> Option<Duration> {
+    let ms: u64 = id.0.split_once('-')?.0.parse().ok()?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    Some(now.saturating_sub(Duration::from_millis(ms)))
+}
+
+/// What `XINFO GROUPS` says of a queue's group.
+pub(crate) struct GroupState {
+    pub(crate) pending: u64,
+    pub(crate) lag: Option<u64>,
+    pub(crate) last_delivered_id: String,
+}
+
+/// The queue's group, `None` when it (or its stream) does not exist.
+pub(crate) async fn group(
+    conn: &mut ConnectionManager,
+    queue: Queue,
+) -> Result<Option<GroupState>, BusError> {
+    let groups: Result<redis::streams::StreamInfoGroupsReply, _> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(queue.stream)
+        .query_async(conn)
+        .await;
+    match groups {
+        Ok(g) => Ok(g
+            .groups
+            .into_iter()
+            .find(|g| g.name == queue.group)
+            .map(|g| GroupState {
+                pending: g.pending as u64,
+                lag: g.lag.map(|l| l as u64),
+                last_delivered_id: g.last_delivered_id,
+            })),
+        Err(e) if e.code() == Some("ERR") => Ok(None), // no such stream yet
+        Err(e) => Err(e.into()),
+    }
 }

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{BusError, Progress, Valkey, keys};
+use crate::{Backoff, BusError, Notice, Valkey, keys};
 use futures_util::StreamExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -35,11 +35,28 @@ use uuid::Uuid;
 /// Untaken messages a watcher may have before new ones coalesce (see the module doc).
 pub const QUEUE: usize = 32;
 
+/// The longest a subscription waits for the hub to confirm it.
+const SUBSCRIBE_WITHIN: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 pub struct Hub {
     commands: mpsc::UnboundedSender<Command>,
     next_id: AtomicU64,
+    shared: Arc<Shared>,
+}
+
+/// What the hub's worker works on, kept outside it so that a new worker takes over where a
+/// failed one left (see [`Hub::worker`]).
+#[derive(Debug)]
+struct Shared {
+    valkey: Valkey,
+    channels: Channels,
+    max_lag: Duration,
     stats: Arc<HubStats>,
+    commands: tokio::sync::Mutex<mpsc::UnboundedReceiver<Command>>,
+    watchers: Mutex<HashMap<Uuid, Vec<Arc<Mailbox>>>>,
+    /// A worker has run before: the next one starts by telling every watcher to resync.
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// How the hub subscribes in Valkey.
@@ -103,7 +120,7 @@ struct Mailbox {
 #[derive(Debug, Default)]
 struct Inbox {
     /// Untaken messages in arrival order; bounded by [`Inbox::put`].
-    pending: Vec<Progress>,
+    pending: Vec<Notice>,
     /// When the oldest untaken message arrived.
     since: Option<Instant>,
     resync: bool,
@@ -112,25 +129,31 @@ struct Inbox {
 }
 
 impl Inbox {
-    /// Queues `message`; past [`QUEUE`] it only replaces its image's latest untaken message if
-    /// it is newer. A `committed` announcement is never coalesced away.
-    fn put(&mut self, message: Progress) {
+    /// Queues `notice`; past [`QUEUE`] it replaces its image's latest untaken notice when that
+    /// one is a stage it supersedes (a later stage, or the committed outcome). A committed
+    /// announcement is never coalesced away.
+    fn put(&mut self, notice: Notice) {
         self.since.get_or_insert_with(Instant::now);
         if self.pending.len() >= QUEUE
             && let Some(held) = self
                 .pending
                 .iter_mut()
                 .rev()
-                .find(|p| p.image_id == message.image_id)
+                .find(|n| n.image_id() == notice.image_id())
         {
-            let committed = held.committed || message.committed;
-            if message.seq >= held.seq {
-                *held = message;
+            match (&*held, &notice) {
+                (Notice::Progress(old), Notice::Progress(new)) => {
+                    if new.seq() >= old.seq() {
+                        *held = notice;
+                    }
+                }
+                (Notice::Progress(_), Notice::Committed(_)) => *held = notice,
+                (Notice::Committed(_), Notice::Progress(_)) => {}
+                (Notice::Committed(_), Notice::Committed(_)) => self.pending.push(notice),
             }
-            held.committed = committed;
             return;
         }
-        self.pending.push(message);
+        self.pending.push(notice);
     }
 }
 
@@ -148,7 +171,7 @@ impl Mailbox {
 #[derive(Debug, PartialEq)]
 pub enum HubEvent {
     /// The untaken messages, in arrival order (coalesced if there were many).
-    Progress(Vec<Progress>),
+    Notices(Vec<Notice>),
     /// Messages may have been missed: re-read the state.
     Resync,
     /// The watcher left messages untaken for longer than the hub's `max_lag`; it is no longer
@@ -186,7 +209,7 @@ impl Subscription {
                     None
                 } else {
                     inbox.since = None;
-                    Some(Some(HubEvent::Progress(std::mem::take(&mut inbox.pending))))
+                    Some(Some(HubEvent::Notices(std::mem::take(&mut inbox.pending))))
                 }
             };
             match event {
@@ -211,41 +234,58 @@ impl Hub {
     /// How long a watcher may leave messages untaken, unless configured otherwise.
     pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(30);
 
-    /// The hub and its worker, which runs until `cancel`. A watcher that leaves messages untaken
-    /// for longer than `max_lag` is dropped as [`HubEvent::Lagged`].
-    pub fn new(
-        valkey: Valkey,
-        max_lag: Duration,
-        cancel: CancellationToken,
-    ) -> (Self, impl Future<Output = ()>) {
-        Self::with_channels(valkey, Channels::default(), max_lag, cancel)
-    }
-
-    /// [`Hub::new`] subscribing as `channels` says.
-    pub fn with_channels(
-        valkey: Valkey,
-        channels: Channels,
-        max_lag: Duration,
-        cancel: CancellationToken,
-    ) -> (Self, impl Future<Output = ()>) {
+    /// A hub subscribing as `channels` says. A watcher that leaves messages untaken for longer
+    /// than `max_lag` is dropped as [`HubEvent::Lagged`]. Nothing is delivered until
+    /// [`Hub::worker`] runs.
+    pub fn new(valkey: Valkey, channels: Channels, max_lag: Duration) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
-        let stats = Arc::new(HubStats::default());
-        let hub = Self {
+        Self {
             commands,
             next_id: AtomicU64::new(1),
-            stats: Arc::clone(&stats),
-        };
-        let worker = Worker {
-            watchers: HashMap::new(),
-            channels,
-            max_lag,
-            stats,
-        };
-        (hub, worker.run(valkey, receiver, cancel))
+            shared: Arc::new(Shared {
+                valkey,
+                channels,
+                max_lag,
+                stats: Arc::default(),
+                commands: tokio::sync::Mutex::new(receiver),
+                watchers: Mutex::default(),
+                started: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The hub's worker: it holds the pub/sub connection and delivers, until `cancel` (then
+    /// every watcher is told the hub stopped). One runs at a time. If one fails (a panic), a new
+    /// one takes over where it left: it subscribes everything again and tells every watcher to
+    /// resync, since messages may have been missed meanwhile.
+    pub fn worker(
+        &self,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static + use<> {
+        let shared = Arc::clone(&self.shared);
+        async move {
+            let mut commands = shared.commands.lock().await;
+            let worker = Worker {
+                shared: Arc::clone(&shared),
+            };
+            worker.serve(&mut commands, &cancel).await;
+            if cancel.is_cancelled() {
+                // Watchers waiting now would wait forever, and so would new subscriptions.
+                commands.close();
+                while let Ok(command) = commands.try_recv() {
+                    if let Command::Subscribe { done, .. } = command {
+                        let _ = done.send(Err(BusError::Unavailable("the hub has stopped".into())));
+                    }
+                }
+                for mailbox in worker.watchers().values().flatten() {
+                    mailbox.with(|inbox| inbox.stopped = true);
+                }
+            }
+        }
     }
 
     pub fn stats(&self) -> Arc<HubStats> {
-        Arc::clone(&self.stats)
+        Arc::clone(&self.shared.stats)
     }
 
     /// Registers for the progress of `ids`; returns once Valkey confirmed the subscriptions, so
@@ -271,47 +311,48 @@ impl Hub {
         self.commands
             .send(Command::Subscribe { mailbox, done })
             .map_err(|_| stopped())?;
-        confirmed.await.map_err(|_| stopped())??;
+        // Answered at once unless the hub is reconnecting to Valkey (or its worker restarting).
+        tokio::time::timeout(SUBSCRIBE_WITHIN, confirmed)
+            .await
+            .map_err(|_| BusError::Unavailable("the progress hub did not answer in time".into()))?
+            .map_err(|_| stopped())??;
         Ok(subscription)
     }
 }
 
 struct Worker {
-    watchers: HashMap<Uuid, Vec<Arc<Mailbox>>>,
-    channels: Channels,
-    max_lag: Duration,
-    stats: Arc<HubStats>,
+    shared: Arc<Shared>,
 }
 
 impl Worker {
-    async fn run(
-        mut self,
-        valkey: Valkey,
-        commands: mpsc::UnboundedReceiver<Command>,
-        cancel: CancellationToken,
-    ) {
-        self.serve(valkey, commands, cancel).await;
-        // Watchers waiting now would wait forever.
-        for mailbox in self.watchers.values().flatten() {
-            mailbox.with(|inbox| inbox.stopped = true);
+    /// The watchers by image. Locked only between awaits.
+    fn watchers(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Vec<Arc<Mailbox>>>> {
+        self.shared
+            .watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn resync_all(&self) {
+        for mailbox in self.watchers().values().flatten() {
+            mailbox.with(|inbox| inbox.resync = true);
         }
     }
 
     async fn serve(
-        &mut self,
-        valkey: Valkey,
-        mut commands: mpsc::UnboundedReceiver<Command>,
-        cancel: CancellationToken,
+        &self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        cancel: &CancellationToken,
     ) {
-        let mut backoff = Duration::from_millis(50);
-        let mut first = true;
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut first = !self.shared.started.swap(true, Ordering::Relaxed);
         loop {
             let connected = async {
-                let (mut sink, stream) = valkey.pubsub().await?.split();
-                match self.channels {
+                let (mut sink, stream) = self.shared.valkey.pubsub().await?.split();
+                match self.shared.channels {
                     Channels::PerImage => {
                         let channels: Vec<String> =
-                            self.watchers.keys().map(keys::progress).collect();
+                            self.watchers().keys().map(keys::progress).collect();
                         if !channels.is_empty() {
                             sink.subscribe(&channels).await?;
                         }
@@ -326,20 +367,17 @@ impl Worker {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "progress hub: cannot subscribe; retrying");
-                        if self.wait(backoff, &mut commands, &cancel).await {
+                        if self.wait(backoff.delay(), commands, cancel).await {
                             return;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;
                     }
                 },
             };
-            backoff = Duration::from_millis(50);
+            backoff.reset();
             if !first {
-                tracing::info!("progress hub: reconnected; watchers resync");
-                for mailbox in self.watchers.values().flatten() {
-                    mailbox.with(|inbox| inbox.resync = true);
-                }
+                tracing::info!("progress hub: (re)connected; watchers resync");
+                self.resync_all();
             }
             first = false;
             loop {
@@ -368,7 +406,7 @@ impl Worker {
 
     /// Waits `delay` while refusing subscriptions (Valkey is down); `true` when cancelled.
     async fn wait(
-        &mut self,
+        &self,
         delay: Duration,
         commands: &mut mpsc::UnboundedReceiver<Command>,
         cancel: &CancellationToken,
@@ -392,22 +430,25 @@ impl Worker {
     }
 
     async fn apply(
-        &mut self,
+        &self,
         command: Command,
         sink: &mut redis::aio::PubSubSink,
     ) -> Result<(), BusError> {
         match command {
             Command::Subscribe { mailbox, done } => {
                 let mut new = Vec::new();
-                for id in &mailbox.ids {
-                    let watchers = self.watchers.entry(*id).or_default();
-                    if watchers.is_empty() {
-                        new.push(keys::progress(id));
+                {
+                    let mut watchers = self.watchers();
+                    for id in &mailbox.ids {
+                        let watching = watchers.entry(*id).or_default();
+                        if watching.is_empty() {
+                            new.push(keys::progress(id));
+                        }
+                        watching.push(Arc::clone(&mailbox));
                     }
-                    watchers.push(Arc::clone(&mailbox));
                 }
                 self.count_channels();
-                let result = if new.is_empty() || self.channels == Channels::Pattern {
+                let result = if new.is_empty() || self.shared.channels == Channels::Pattern {
                     Ok(())
                 } else {
                     sink.subscribe(&new).await.map_err(BusError::from)
@@ -424,7 +465,7 @@ impl Worker {
             }
             Command::Unsubscribe { watcher, ids } => {
                 let gone = self.remove(watcher, &ids);
-                if gone.is_empty() || self.channels == Channels::Pattern {
+                if gone.is_empty() || self.shared.channels == Channels::Pattern {
                     return Ok(());
                 }
                 let channels: Vec<String> = gone.iter().map(keys::progress).collect();
@@ -434,14 +475,17 @@ impl Worker {
     }
 
     /// Drops `watcher` from `ids`; returns the ids nobody watches any more.
-    fn remove(&mut self, watcher: u64, ids: &[Uuid]) -> Vec<Uuid> {
+    fn remove(&self, watcher: u64, ids: &[Uuid]) -> Vec<Uuid> {
         let mut gone = Vec::new();
-        for id in ids {
-            if let Some(watchers) = self.watchers.get_mut(id) {
-                watchers.retain(|m| m.watcher != watcher);
-                if watchers.is_empty() {
-                    self.watchers.remove(id);
-                    gone.push(*id);
+        {
+            let mut watchers = self.watchers();
+            for id in ids {
+                if let Some(watching) = watchers.get_mut(id) {
+                    watching.retain(|m| m.watcher != watcher);
+                    if watching.is_empty() {
+                        watchers.remove(id);
+                        gone.push(*id);
+                    }
                 }
             }
         }
@@ -450,20 +494,23 @@ impl Worker {
     }
 
     fn count_channels(&self) {
-        let channels = u64::try_from(self.watchers.len()).unwrap_or(u64::MAX);
-        self.stats.channels.store(channels, Ordering::Relaxed);
+        let channels = u64::try_from(self.watchers().len()).unwrap_or(u64::MAX);
+        self.shared
+            .stats
+            .channels
+            .store(channels, Ordering::Relaxed);
     }
 
-    fn dispatch(&mut self, channel: &str, payload: &[u8]) {
+    fn dispatch(&self, channel: &str, payload: &[u8]) {
+        let mut watchers = self.watchers();
         // With a pattern subscription most messages may be for images nobody here watches:
         // those are dropped by their channel name, before decoding.
-        let Some(image_id) =
-            keys::progress_image(channel).filter(|id| self.watchers.contains_key(id))
+        let Some(image_id) = keys::progress_image(channel).filter(|id| watchers.contains_key(id))
         else {
             return;
         };
-        let progress = match Progress::decode(payload) {
-            Ok(p) if p.image_id == image_id => p,
+        let notice = match Notice::decode(payload) {
+            Ok(n) if n.image_id() == image_id => n,
             Ok(_) => {
                 tracing::warn!(channel, "progress message for another image ignored");
                 return;
@@ -473,15 +520,16 @@ impl Worker {
                 return;
             }
         };
+        let max_lag = self.shared.max_lag;
         let mut lagged = Vec::new();
-        for mailbox in self.watchers.get(&progress.image_id).into_iter().flatten() {
+        for mailbox in watchers.get(&image_id).into_iter().flatten() {
             let behind = mailbox.with(|inbox| {
-                if inbox.since.is_some_and(|t| t.elapsed() > self.max_lag) {
+                if inbox.since.is_some_and(|t| t.elapsed() > max_lag) {
                     inbox.lagged = true;
                     inbox.pending = Vec::new();
                     return true;
                 }
-                inbox.put(progress.clone());
+                inbox.put(notice.clone());
                 false
             });
             if behind {
@@ -491,14 +539,14 @@ impl Worker {
         // Nothing more is delivered to it. A channel it alone watched stays subscribed (with no
         // one to deliver to) until its `Subscription` is dropped, which unsubscribes it.
         for mailbox in lagged {
-            self.stats.lagged.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.lagged.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 watcher = mailbox.watcher,
                 "progress hub: watcher lagged; dropped"
             );
             for id in &mailbox.ids {
-                if let Some(watchers) = self.watchers.get_mut(id) {
-                    watchers.retain(|m| m.watcher != mailbox.watcher);
+                if let Some(watching) = watchers.get_mut(id) {
+                    watching.retain(|m| m.watcher != mailbox.watcher);
                 }
             }
         }

@@ -4,19 +4,45 @@ use std::{fmt::Display, time::Duration};
 
 use uuid::Uuid;
 
-/// Stream of processing results, written by the gateway, consumed by the API.
-pub const RESULT_STREAM: &str = "image:result";
-/// Results that could not be applied (poison, delivered too often). For operators.
-pub const DEAD_STREAM: &str = "image:result:dead";
+/// A work stream with its consumer group, its dead-letter stream and its failure counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queue {
+    /// The stream (`XADD` by producers, `XREADGROUP` by the group).
+    pub stream: &'static str,
+    pub group: &'static str,
+    /// Entries that could not be handled (poison, failed too often). For operators.
+    pub dead: &'static str,
+    /// Hash: entry id → how many times the handler failed on it (while pending).
+    pub failures: &'static str,
+}
+
+/// Processing results, written by the gateway, consumed by the API.
+pub const RESULTS: Queue = Queue {
+    stream: "image:result",
+    group: "api-workers",
+    dead: "image:result:dead",
+    failures: "image:result:failures",
+};
+
+/// Accepted uploads (their originals are in S3) waiting to be processed by any gateway.
+pub const JOBS: Queue = Queue {
+    stream: "image:jobs",
+    group: "gateway-workers",
+    dead: "image:jobs:dead",
+    failures: "image:jobs:failures",
+};
+
+/// Stream of processing results ([`RESULTS`]).
+pub const RESULT_STREAM: &str = RESULTS.stream;
+/// Results that could not be applied ([`RESULTS`]).
+pub const DEAD_STREAM: &str = RESULTS.dead;
 /// The API's consumer group on [`RESULT_STREAM`].
-pub const RESULT_GROUP: &str = "api-workers";
+pub const RESULT_GROUP: &str = RESULTS.group;
 /// Pattern matching every progress channel.
 pub const PROGRESS_PATTERN: &str = "image:progress:*";
 
 /// How long the status hash lives after its last write.
 pub const STATUS_TTL: Duration = Duration::from_secs(3600);
-/// How long the one-time upload guard is held.
-pub const UPLOAD_GUARD_TTL: Duration = Duration::from_secs(3600);
 
 /// `image:upload:{image_id}`: the one-time upload guard (String, `SET NX EX`).
 pub fn upload_guard(image_id: impl Display) -> String {

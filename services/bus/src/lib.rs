@@ -1,30 +1,34 @@
-//! Everything follow does with Valkey, in one place: key names, the `image:result` stream and its
-//! codec, the consumer-group machinery around it, progress reporting, the one-time upload guard,
-//! and health. Both services use this crate; neither builds a Valkey key or command by hand.
+//! Everything follow does with Valkey, in one place: key names, the two work streams
+//! (`image:jobs`, `image:result`) and their codec, the one consumer-group machinery around both,
+//! progress reporting, the one-time upload guard, and health. Both services use this crate;
+//! neither builds a Valkey key or command by hand.
 //!
 //! The contracts (keys, fields, stages, codes) are those of `shared/ARCHITECTURE.md`:
 //!
 //! | piece | what it does |
 //! |---|---|
-//! | [`keys`] | every key and channel name |
-//! | [`ImageResult`] + [`codec`] | the stream entry ⇄ one string field per `follow.events.v1.ImageResult` field |
-//! | [`Producer`] | `XADD image:result` (never trims: unacknowledged entries must survive) |
-//! | [`Consumer`] | `XREADGROUP` loop: own pending entries first, then new ones; ack / retry / dead-letter |
-//! | [`Reclaimer`] | `XAUTOCLAIM` of entries idle in other (dead) consumers; dead-letters the over-delivered |
+//! | [`keys`] | every key and channel name; the two queues ([`keys::RESULTS`], [`keys::JOBS`]) |
+//! | [`ImageResult`], [`Job`] + [`codec`] | a stream entry ⇄ one string field per message field ([`StreamMessage`]) |
+//! | [`Producer`] | `XADD` of results and jobs (never trims: unacknowledged entries must survive) |
+//! | [`Consumer`] | `XREADGROUP` loop over a queue: own pending entries first, then new ones, idle ones of dead consumers (`XAUTOCLAIM`); ack / hand-off / retry / fail / dead-letter, with leases renewed while handling |
+//! | [`DeadLetters`] | operators' list / show / replay / drop of a dead stream |
 //! | [`Trimmer`] | `XTRIM MINID` just below the oldest entry the group has not acknowledged |
 //! | [`ProgressTracker`] | stage hash + TTL + `PUBLISH`, one round trip, never moving backwards |
 //! | [`UploadGuard`] | `SET NX EX`: one upload per token |
-//! | [`HealthChecker`] | `PING` + does the consumer group exist (and its backlog) |
+//! | [`HealthChecker`] | `PING`, does the consumer group exist, a queue's backlog ([`QueueInfo`]) |
+//! | [`Backoff`] | the one retry delay |
 //! | [`Hub`] | one pub/sub connection fanning `image:progress:{id}` out to many watchers |
 //!
 //! Dead-lettered entries keep every original field and gain `dead_reason`, `dead_original_id`,
-//! `dead_consumer`, `dead_deliveries` and `dead_at`.
+//! `dead_consumer`, `dead_deliveries`, `dead_failures` and `dead_at`.
 #![forbid(unsafe_code)]
 
+mod backoff;
 pub mod codec;
 mod connection;
 mod consumer;
 mod dead_letter;
+pub use dead_letter::{DeadEntry, DeadLetters};
 mod error;
 mod guard;
 mod health;
@@ -37,16 +41,20 @@ mod reclaimer;
 mod stream;
 mod trimmer;
 
-pub use codec::DecodeError;
+pub use backoff::Backoff;
+pub use codec::{DecodeError, StreamMessage};
 pub use connection::{Valkey, ValkeyConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, Outcome};
 pub use error::BusError;
-pub use guard::{GuardOutcome, UploadGuard};
-pub use health::{GroupInfo, Health, HealthChecker};
+pub use guard::{GuardOutcome, GuardState, UploadGuard};
+pub use health::{Health, HealthChecker, QueueInfo};
 pub use hub::{Channels, Hub, HubEvent, HubStats, QUEUE as HUB_QUEUE, Subscription};
-pub use model::{ErrorCode, Failure, ImageResult, Processed, Progress, ResultOutcome, Stage};
+pub use model::{
+    CONTENT_TYPES, Committed, ErrorCode, Failure, ImageResult, Job, Notice, Processed, Progress,
+    ResultOutcome, Stage,
+};
 pub use producer::Producer;
-pub use progress::{ProgressTracker, Recorded, StatusSnapshot};
-pub use reclaimer::{ReclaimPage, Reclaimer};
+pub use progress::{ProgressTracker, Recorded};
+pub(crate) use reclaimer::Reclaimer;
 pub use stream::{Entry, EntryId};
 pub use trimmer::Trimmer;

@@ -48,11 +48,14 @@ impl Stage {
         }
     }
 
-    /// The stage's `seq`: 1 for `queued` up to 9 for `failed`, so it grows with every stage an
-    /// image goes through, whichever process reports it.
-    pub fn seq(self) -> u64 {
+    /// The stage's `seq`: 1 for `queued` up to [`Stage::LAST_SEQ`] for `failed`, so it grows
+    /// with every stage an image goes through, whichever process reports it.
+    pub const fn seq(self) -> u64 {
         self as u64 + 1
     }
+
+    /// The highest seq of any stage.
+    pub const LAST_SEQ: u64 = Stage::Failed.seq();
 
     pub fn is_final(self) -> bool {
         matches!(self, Stage::Done | Stage::Failed)
@@ -107,6 +110,10 @@ impl TryFrom<pb::Stage> for Stage {
         })
     }
 }
+
+/// The image types follow accepts, as content types: a waypoint declares one, the gateway
+/// checks the bytes are of it.
+pub const CONTENT_TYPES: [&str; 3] = ["image/jpeg", "image/png", "image/webp"];
 
 /// Why an upload or the pipeline failed (ARCHITECTURE.md, "Error codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -241,25 +248,39 @@ pub struct ImageResult {
     pub processing_ms: u64,
 }
 
-/// One stage change of one image: the status hash write and the `image:progress:{id}` payload.
+/// One entry of `image:jobs`: an accepted upload whose original is stored in S3 at
+/// `{storage_key}.original`, waiting for a gateway to process it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub image_id: Uuid,
+    pub storage_key: String,
+    /// The content type the upload was accepted as (the token's).
+    pub content_type: String,
+    /// The route owner (the token's `sub`).
+    pub owner: String,
+    pub accepted_at: OffsetDateTime,
+}
+
+/// One stage change of one image: what the status hash holds and what its progress channel
+/// carries. The stage, its `seq` and the failure always agree: they are one value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
-    pub image_id: Uuid,
-    pub stage: Stage,
-    pub seq: u64,
-    pub at: OffsetDateTime,
-    /// Set exactly when `stage` is [`Stage::Failed`].
-    pub failure: Option<Failure>,
-    /// The API's announcement that the outcome is in the database (see
-    /// [`ProgressTracker::announce`](crate::ProgressTracker::announce)); never in the hash.
-    pub committed: bool,
+    image_id: Uuid,
+    reached: Reached,
+    at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reached {
+    /// Any stage but [`Stage::Failed`].
+    Stage(Stage),
+    Failed(Failure),
 }
 
 impl Progress {
-    /// Progress to `stage`, now, with the stage's seq. A failure should come through
-    /// [`Progress::failed`] with its reason; `Stage::Failed` here records an `INTERNAL` one, so a
-    /// failed status always carries a code.
-    pub fn stage(image_id: Uuid, stage: Stage) -> Self {
+    /// Progress to `stage`, now. A failure should come through [`Progress::failed`] with its
+    /// reason; `Stage::Failed` here records an `INTERNAL` one, so a failure always has a code.
+    pub fn reached(image_id: Uuid, stage: Stage) -> Self {
         if stage == Stage::Failed {
             return Self::failed(
                 image_id,
@@ -271,35 +292,82 @@ impl Progress {
         }
         Self {
             image_id,
-            stage,
-            seq: stage.seq(),
+            reached: Reached::Stage(stage),
             at: OffsetDateTime::now_utc(),
-            failure: None,
-            committed: false,
         }
     }
 
     pub fn failed(image_id: Uuid, failure: Failure) -> Self {
         Self {
             image_id,
-            stage: Stage::Failed,
-            seq: Stage::Failed.seq(),
+            reached: Reached::Failed(failure),
             at: OffsetDateTime::now_utc(),
-            failure: Some(failure),
-            committed: false,
         }
     }
 
-    /// The API's announcement that `image_id`'s outcome (`Done`, or `Failed` with its reason) is
-    /// committed to the database.
-    pub fn committed(image_id: Uuid, failure: Option<Failure>) -> Self {
-        let progress = match failure {
-            Some(failure) => Self::failed(image_id, failure),
-            None => Self::stage(image_id, Stage::Done),
-        };
-        Self {
-            committed: true,
-            ..progress
+    /// The same progress, stamped `at` (as read back from the bus).
+    pub(crate) fn at_time(self, at: OffsetDateTime) -> Self {
+        Self { at, ..self }
+    }
+
+    pub fn image_id(&self) -> Uuid {
+        self.image_id
+    }
+
+    pub fn stage(&self) -> Stage {
+        match self.reached {
+            Reached::Stage(stage) => stage,
+            Reached::Failed(_) => Stage::Failed,
+        }
+    }
+
+    /// The stage's seq: grows with every stage an image goes through.
+    pub fn seq(&self) -> u64 {
+        self.stage().seq()
+    }
+
+    pub fn failure(&self) -> Option<&Failure> {
+        match &self.reached {
+            Reached::Failed(failure) => Some(failure),
+            Reached::Stage(_) => None,
+        }
+    }
+
+    pub fn at(&self) -> OffsetDateTime {
+        self.at
+    }
+}
+
+/// The API's announcement that an image's outcome is committed to the database: the image as
+/// committed (the API's own view of it, `follow.api.v1.Image`, without a preview URL) and
+/// whether that commit made its route READY. Watchers need not read the database back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    pub image_id: Uuid,
+    pub image: follow_proto::api::v1::Image,
+    pub route_ready: bool,
+}
+
+/// What travels on an `image:progress:{id}` channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// A stage change (gateway; the API's `queued`).
+    Progress(Progress),
+    /// The outcome is in the database (API only).
+    Committed(Box<Committed>),
+}
+
+impl From<Progress> for Notice {
+    fn from(progress: Progress) -> Self {
+        Notice::Progress(progress)
+    }
+}
+
+impl Notice {
+    pub fn image_id(&self) -> Uuid {
+        match self {
+            Notice::Progress(p) => p.image_id,
+            Notice::Committed(c) => c.image_id,
         }
     }
 }

@@ -1,11 +1,13 @@
+use std::time::Duration;
+
 use redis::aio::ConnectionManager;
 
-use crate::{BusError, EntryId, ImageResult, Valkey, keys};
+use crate::{BusError, EntryId, ImageResult, Job, StreamMessage, Valkey, guard::QUEUED, keys};
 
-/// Publishes results to `image:result`.
+/// Adds messages to the work streams: results to `image:result`, jobs to `image:jobs`.
 ///
-/// Never trims (no `MAXLEN`): an entry the API has not acknowledged must survive, however long
-/// the API is away. The [`crate::Trimmer`] on the consumer side bounds the stream safely.
+/// Never trims (no `MAXLEN`): an entry its group has not acknowledged must survive, however long
+/// its consumers are away. The [`crate::Trimmer`] on the consumer side bounds the streams safely.
 #[derive(Clone, Debug)]
 pub struct Producer {
     conn: ConnectionManager,
@@ -19,10 +21,46 @@ impl Producer {
     }
 
     pub async fn publish(&mut self, result: &ImageResult) -> Result<EntryId, BusError> {
-        let id: String = redis::cmd("XADD")
-            .arg(keys::RESULT_STREAM)
+        self.add(keys::RESULTS.stream, result).await
+    }
+
+    /// Queues `job` and marks its upload guard [`QUEUED`] in the same `MULTI`, so the mark
+    /// means the job is in `image:jobs` (or was taken from it): the reconciler does not queue
+    /// it again. The gateway keeps the guard it holds (`guard_ttl` `None`: the guard keeps its
+    /// expiry, and is not created if it is gone); the reconciler, whose job may follow a loss of
+    /// Valkey's data, makes it (`Some(ttl)`).
+    pub async fn enqueue(
+        &mut self,
+        job: &Job,
+        guard_ttl: Option<Duration>,
+    ) -> Result<EntryId, BusError> {
+        let mut set = redis::cmd("SET");
+        set.arg(keys::upload_guard(job.image_id)).arg(QUEUED);
+        match guard_ttl {
+            None => set.arg("XX").arg("KEEPTTL"),
+            Some(ttl) => set.arg("EX").arg(ttl.as_secs().max(1)),
+        };
+        let (id, _): (String, redis::Value) = redis::pipe()
+            .atomic()
+            .cmd("XADD")
+            .arg(keys::JOBS.stream)
             .arg("*")
-            .arg(result.to_fields())
+            .arg(job.to_fields())
+            .add_command(set)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(EntryId(id))
+    }
+
+    async fn add(
+        &mut self,
+        stream: &str,
+        message: &impl StreamMessage,
+    ) -> Result<EntryId, BusError> {
+        let id: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg(message.to_fields())
             .query_async(&mut self.conn)
             .await?;
         Ok(EntryId(id))

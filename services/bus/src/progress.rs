@@ -1,11 +1,10 @@
 use std::time::Duration;
 
 use redis::{Script, aio::ConnectionManager};
-use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::{
-    BusError, DecodeError, ErrorCode, Failure, Progress, Stage, Valkey,
+    BusError, Committed, DecodeError, ErrorCode, Failure, Notice, Progress, Stage, Valkey,
     codec::{format_time, parse_time},
     keys,
 };
@@ -43,15 +42,6 @@ redis.call('PUBLISH', KEYS[2], ARGV[7])
 return 1
 ";
 
-/// What `image:status:{id}` holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusSnapshot {
-    pub stage: Stage,
-    pub seq: u64,
-    pub updated_at: OffsetDateTime,
-    pub failure: Option<Failure>,
-}
-
 impl ProgressTracker {
     pub fn new(valkey: &Valkey) -> Result<Self, BusError> {
         Ok(Self {
@@ -63,20 +53,20 @@ impl ProgressTracker {
 
     pub async fn record(&mut self, progress: &Progress) -> Result<Recorded, BusError> {
         let (code, message) = progress
-            .failure
-            .as_ref()
+            .failure()
             .map_or(("", ""), |f| (f.code.as_str(), f.message.as_str()));
+        let image_id = progress.image_id();
         let applied: i64 = self
             .script
-            .key(keys::status(progress.image_id))
-            .key(keys::progress(progress.image_id))
-            .arg(progress.stage.as_str())
-            .arg(progress.seq)
-            .arg(format_time(progress.at))
+            .key(keys::status(image_id))
+            .key(keys::progress(image_id))
+            .arg(progress.stage().as_str())
+            .arg(progress.seq())
+            .arg(format_time(progress.at()))
             .arg(code)
             .arg(message)
             .arg(self.ttl.as_secs())
-            .arg(progress.encode())
+            .arg(Notice::Progress(progress.clone()).encode())
             .invoke_async(&mut self.conn)
             .await?;
         Ok(if applied == 1 {
@@ -95,19 +85,20 @@ impl ProgressTracker {
         futures_util::future::try_join_all(calls).await
     }
 
-    /// Publishes `progress` on its channel only (no hash write): for the API's
-    /// [`Progress::committed`] announcements, which follow the gateway's final stage.
-    pub async fn announce(&mut self, progress: &Progress) -> Result<(), BusError> {
+    /// Publishes the API's [`Committed`] announcement on the image's channel (no hash write: it
+    /// follows the gateway's final stage).
+    pub async fn announce(&mut self, committed: Committed) -> Result<(), BusError> {
+        let channel = keys::progress(committed.image_id);
         let _receivers: i64 = redis::cmd("PUBLISH")
-            .arg(keys::progress(progress.image_id))
-            .arg(progress.encode())
+            .arg(channel)
+            .arg(Notice::Committed(Box::new(committed)).encode())
             .query_async(&mut self.conn)
             .await?;
         Ok(())
     }
 
     /// The current status of an image, `None` when there is none (never written, or expired).
-    pub async fn current(&mut self, image_id: Uuid) -> Result<Option<StatusSnapshot>, BusError> {
+    pub async fn current(&mut self, image_id: Uuid) -> Result<Option<Progress>, BusError> {
         let fields: Vec<(String, String)> = redis::cmd("HGETALL")
             .arg(keys::status(image_id))
             .query_async(&mut self.conn)
@@ -129,22 +120,23 @@ impl ProgressTracker {
         let stage: Stage = get("stage")?
             .parse()
             .map_err(|()| invalid("stage", "unknown stage"))?;
-        let failure = match stage {
-            Stage::Failed => Some(Failure {
-                code: get("error_code")?
-                    .parse::<ErrorCode>()
-                    .map_err(|()| invalid("error_code", "unknown code"))?,
-                message: get("error_message").unwrap_or_default().to_owned(),
-            }),
-            _ => None,
+        let progress = match stage {
+            Stage::Failed => Progress::failed(
+                image_id,
+                Failure {
+                    code: get("error_code")?
+                        .parse::<ErrorCode>()
+                        .map_err(|()| invalid("error_code", "unknown code"))?,
+                    message: get("error_message").unwrap_or_default().to_owned(),
+                },
+            ),
+            stage => Progress::reached(image_id, stage),
         };
-        Ok(Some(StatusSnapshot {
-            stage,
-            seq: get("seq")?
-                .parse()
-                .map_err(|_| invalid("seq", "not a number"))?,
-            updated_at: parse_time("updated_at", get("updated_at")?)?,
-            failure,
-        }))
+        if get("seq")?.parse::<u64>().ok() != Some(progress.seq()) {
+            return Err(invalid("seq", "does not match the stage").into());
+        }
+        Ok(Some(
+            progress.at_time(parse_time("updated_at", get("updated_at")?)?),
+        ))
     }
 }

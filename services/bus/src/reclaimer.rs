@@ -3,18 +3,18 @@ use std::time::Duration;
 use redis::{Value, aio::ConnectionManager};
 
 use crate::{
-    BusError, Entry, EntryId, Valkey,
-    dead_letter::{drop_over_delivered, with_delivery_counts},
-    keys,
+    BusError, ConsumerConfig, EntryId, Valkey,
+    dead_letter::{Counted, drop_over_delivered, with_counts},
+    keys::Queue,
     stream::{parse_entries, string},
 };
 
-/// Takes over results left pending by consumers that went away (`XAUTOCLAIM`), moving those
+/// Takes over entries left pending by consumers that went away (`XAUTOCLAIM`), moving those
 /// delivered too often to the dead stream.
 #[derive(Debug)]
-pub struct Reclaimer {
+pub(crate) struct Reclaimer {
     conn: ConnectionManager,
-    group: String,
+    queue: Queue,
     consumer: String,
     min_idle: Duration,
     max_deliveries: u64,
@@ -22,30 +22,24 @@ pub struct Reclaimer {
 }
 
 impl Reclaimer {
-    pub fn new(
-        valkey: &Valkey,
-        group: &str,
-        consumer: &str,
-        min_idle: Duration,
-        max_deliveries: u64,
-        page_size: usize,
-    ) -> Result<Self, BusError> {
+    /// A reclaimer for the consumer `config` describes.
+    pub(crate) fn new(valkey: &Valkey, config: &ConsumerConfig) -> Result<Self, BusError> {
         Ok(Self {
             conn: valkey.connection()?,
-            group: group.to_owned(),
-            consumer: consumer.to_owned(),
-            min_idle,
-            max_deliveries,
-            page_size,
+            queue: config.queue,
+            consumer: config.consumer.clone(),
+            min_idle: config.min_idle,
+            max_deliveries: config.max_deliveries,
+            page_size: config.batch_size,
         })
     }
 
     /// Claims one page of entries idle for `min_idle` or more, starting at `cursor` (`0-0` for
     /// the start), dead-lettering those delivered too often.
-    pub async fn claim_page(&mut self, cursor: &EntryId) -> Result<ReclaimPage, BusError> {
+    pub(crate) async fn claim_page(&mut self, cursor: &EntryId) -> Result<ReclaimPage, BusError> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(keys::RESULT_STREAM)
-            .arg(&self.group)
+            .arg(self.queue.stream)
+            .arg(self.queue.group)
             .arg(&self.consumer)
             .arg(u64::try_from(self.min_idle.as_millis()).unwrap_or(u64::MAX))
             .arg(cursor.0.as_str())
@@ -61,12 +55,12 @@ impl Reclaimer {
         let next = EntryId(string(parts.next().unwrap_or(Value::Nil))?);
         let claimed = parse_entries(parts.next().unwrap_or(Value::Array(Vec::new())))?;
         if !claimed.is_empty() {
-            tracing::info!(count = claimed.len(), consumer = %self.consumer, "reclaimed idle results");
+            tracing::info!(stream = self.queue.stream, count = claimed.len(), consumer = %self.consumer, "reclaimed idle entries");
         }
-        let claimed = with_delivery_counts(&mut self.conn, &self.group, claimed).await?;
+        let claimed = with_counts(&mut self.conn, self.queue, claimed).await?;
         let (entries, dead_lettered) = drop_over_delivered(
             &mut self.conn,
-            &self.group,
+            self.queue,
             &self.consumer,
             self.max_deliveries,
             claimed,
@@ -78,37 +72,21 @@ impl Reclaimer {
             next,
         })
     }
-
-    /// Walks every page, returning every entry that may still be handled.
-    pub async fn claim_all(&mut self) -> Result<Vec<(Entry, u64)>, BusError> {
-        let mut cursor = EntryId("0-0".into());
-        let mut all = Vec::new();
-        loop {
-            let page = self.claim_page(&cursor).await?;
-            let last = page.is_last();
-            all.extend(page.entries);
-            if last {
-                return Ok(all);
-            }
-            cursor = page.next;
-        }
-    }
 }
 
 /// One page of [`Reclaimer::claim_page`].
 #[derive(Debug)]
-pub struct ReclaimPage {
-    /// The claimed entries that may still be handled, each with its delivery count (this claim
-    /// included).
-    pub entries: Vec<(Entry, u64)>,
+pub(crate) struct ReclaimPage {
+    /// The claimed entries that may still be handled (this claim counted).
+    pub(crate) entries: Vec<Counted>,
     /// Claimed entries moved to the dead stream for having been delivered too often.
-    pub dead_lettered: u64,
+    pub(crate) dead_lettered: u64,
     /// Where the next page starts.
-    pub next: EntryId,
+    pub(crate) next: EntryId,
 }
 
 impl ReclaimPage {
-    pub fn is_last(&self) -> bool {
+    pub(crate) fn is_last(&self) -> bool {
         self.next.0 == "0-0"
     }
 }

@@ -1,8 +1,11 @@
+use std::time::Duration;
+
 use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
 
-use crate::{BusError, EntryId, Valkey, keys};
+use crate::{BusError, EntryId, Valkey, keys::Queue};
 
-/// Bounds `image:result` without ever dropping an entry the group has not acknowledged.
+/// Bounds a queue's stream without ever dropping an entry its group has not acknowledged.
 ///
 /// Every entry at or below the group's last-delivered id that is not pending has been
 /// acknowledged; entries above it have not been delivered yet. So the cut is the oldest pending
@@ -11,15 +14,28 @@ use crate::{BusError, EntryId, Valkey, keys};
 #[derive(Debug)]
 pub struct Trimmer {
     conn: ConnectionManager,
-    group: String,
+    queue: Queue,
 }
 
 impl Trimmer {
-    pub fn new(valkey: &Valkey, group: &str) -> Result<Self, BusError> {
+    pub fn new(valkey: &Valkey, queue: Queue) -> Result<Self, BusError> {
         Ok(Self {
             conn: valkey.connection()?,
-            group: group.to_owned(),
+            queue,
         })
+    }
+
+    /// Trims every `every` until `cancel`; errors are logged and tried again next time.
+    pub async fn run(mut self, every: Duration, cancel: CancellationToken) {
+        loop {
+            if let Err(e) = self.trim().await {
+                tracing::warn!(stream = self.queue.stream, error = %e, "trimming failed");
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
     }
 
     /// Trims once; returns how many entries were removed. Without the group nothing is trimmed.
@@ -28,36 +44,26 @@ impl Trimmer {
             return Ok(0);
         };
         let removed: u64 = redis::cmd("XTRIM")
-            .arg(keys::RESULT_STREAM)
+            .arg(self.queue.stream)
             .arg("MINID")
             .arg(min_id.0.as_str())
             .query_async(&mut self.conn)
             .await?;
         if removed > 0 {
-            tracing::debug!(removed, %min_id, "trimmed acknowledged results");
+            tracing::debug!(stream = self.queue.stream, removed, %min_id, "trimmed acknowledged entries");
         }
         Ok(removed)
     }
 
     /// The smallest id that must be kept, or `None` when the group does not exist.
     async fn keep_from(&mut self) -> Result<Option<EntryId>, BusError> {
-        let groups: Result<redis::streams::StreamInfoGroupsReply, _> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(keys::RESULT_STREAM)
-            .query_async(&mut self.conn)
-            .await;
-        let groups = match groups {
-            Ok(g) => g,
-            Err(e) if e.code() == Some("ERR") => return Ok(None), // no such stream
-            Err(e) => return Err(e.into()),
-        };
-        let Some(group) = groups.groups.into_iter().find(|g| g.name == self.group) else {
+        let Some(group) = crate::health::group(&mut self.conn, self.queue).await? else {
             return Ok(None);
         };
         if group.pending > 0 {
             let summary: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
-                .arg(keys::RESULT_STREAM)
-                .arg(&self.group)
+                .arg(self.queue.stream)
+                .arg(self.queue.group)
                 .query_async(&mut self.conn)
                 .await?;
             if let redis::streams::StreamPendingReply::Data(data) = summary {

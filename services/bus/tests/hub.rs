@@ -10,7 +10,9 @@ mod common;
 use std::{sync::atomic::Ordering, time::Duration};
 
 use common::*;
-use follow_bus::{Channels, HUB_QUEUE, Hub, HubEvent, Progress, Stage, Subscription, keys};
+use follow_bus::{
+    Channels, Committed, HUB_QUEUE, Hub, HubEvent, Notice, Progress, Stage, Subscription, keys,
+};
 use follow_testkit::{ValkeyServer, eventually_async};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -25,8 +27,8 @@ struct Running {
 async fn hub(channels: Channels, max_lag: Duration) -> Running {
     let (server, valkey) = valkey().await;
     let cancel = CancellationToken::new();
-    let (hub, worker) = Hub::with_channels(valkey, channels, max_lag, cancel.clone());
-    let worker = tokio::spawn(worker);
+    let hub = Hub::new(valkey, channels, max_lag);
+    let worker = tokio::spawn(hub.worker(cancel.clone()));
     Running {
         server,
         hub,
@@ -35,11 +37,12 @@ async fn hub(channels: Channels, max_lag: Duration) -> Running {
     }
 }
 
-async fn publish(server: &ValkeyServer, progress: &Progress) -> usize {
+async fn publish(server: &ValkeyServer, notice: impl Into<Notice>) -> usize {
+    let notice = notice.into();
     let mut conn = server.connection().await;
     redis::cmd("PUBLISH")
-        .arg(keys::progress(progress.image_id))
-        .arg(progress.encode())
+        .arg(keys::progress(notice.image_id()))
+        .arg(notice.encode())
         .query_async(&mut conn)
         .await
         .unwrap()
@@ -56,15 +59,30 @@ async fn subscribers(server: &ValkeyServer, image_id: Uuid) -> usize {
     counts[0].1
 }
 
-/// What matters of a batch of progress messages: image, stage, committed.
+/// What matters of a batch of notices: image, stage (`Done` for a commit), committed.
 fn summary(event: HubEvent) -> Vec<(Uuid, Stage, bool)> {
-    let HubEvent::Progress(batch) = event else {
-        panic!("progress expected, got {event:?}");
+    let HubEvent::Notices(batch) = event else {
+        panic!("notices expected, got {event:?}");
     };
-    batch
-        .iter()
-        .map(|p| (p.image_id, p.stage, p.committed))
-        .collect()
+    batch.iter().map(said).collect()
+}
+
+fn said(notice: &Notice) -> (Uuid, Stage, bool) {
+    match notice {
+        Notice::Progress(p) => (p.image_id(), p.stage(), false),
+        Notice::Committed(c) => (c.image_id, Stage::Done, true),
+    }
+}
+
+fn committed(image_id: Uuid) -> Notice {
+    Notice::Committed(Box::new(Committed {
+        image_id,
+        image: follow_proto::api::v1::Image {
+            id: image_id.to_string(),
+            ..Default::default()
+        },
+        route_ready: false,
+    }))
 }
 
 async fn patterns(server: &ValkeyServer) -> usize {
@@ -107,72 +125,63 @@ async fn per_image_one_valkey_subscription_per_image_however_many_watchers() {
     subscribed(&running.server, a, 0).await;
 }
 
-/// Progress of `image_id` with this `seq` (stages are not checked by the hub, seqs are).
-fn at_seq(image_id: Uuid, seq: u64) -> Progress {
-    Progress {
-        seq,
-        ..Progress::stage(image_id, Stage::Processing)
-    }
-}
-
 #[tokio::test]
 async fn a_watcher_that_keeps_up_gets_every_message_in_order() {
     let running = hub(Channels::default(), Duration::from_secs(60)).await;
     let a = Uuid::new_v4();
     let mut watcher = running.hub.subscribe(&[a]).await.unwrap();
-    let mut seen = Vec::new();
-    for seq in 1..=8 {
-        publish(&running.server, &at_seq(a, seq)).await;
+    let stages = &Stage::ALL[..8];
+    for stage in stages {
+        publish(&running.server, Progress::reached(a, *stage)).await;
     }
     // However the messages are batched, none is left out while the watcher is under the queue.
-    while seen.len() < 8 {
-        let HubEvent::Progress(batch) = next(&mut watcher).await else {
-            panic!("progress expected");
-        };
-        seen.extend(batch.iter().map(|p| p.seq));
+    let mut seen = Vec::new();
+    while seen.len() < stages.len() {
+        seen.extend(summary(next(&mut watcher).await).into_iter().map(|s| s.1));
     }
-    assert_eq!(seen, (1..=8).collect::<Vec<_>>());
+    assert_eq!(seen, stages);
 }
 
 #[tokio::test]
 async fn a_slow_watcher_gets_a_bounded_inbox_with_the_newest_message_per_image() {
     let running = hub(Channels::default(), Duration::from_secs(60)).await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let mut slow = running.hub.subscribe(&[a, b]).await.unwrap();
+    let others: Vec<Uuid> = (0..HUB_QUEUE - 2).map(|_| Uuid::new_v4()).collect();
+    let watched: Vec<Uuid> = [a, b].into_iter().chain(others.iter().copied()).collect();
+    let mut slow = running.hub.subscribe(&watched).await.unwrap();
     let mut marker = running.hub.subscribe(&[a]).await.unwrap();
 
-    publish(&running.server, &Progress::stage(b, Stage::Validating)).await;
-    let last = 3 * HUB_QUEUE as u64;
-    for seq in 1..=last {
-        publish(&running.server, &at_seq(a, seq)).await;
+    publish(&running.server, Progress::reached(b, Stage::Validating)).await;
+    for id in &others {
+        publish(&running.server, Progress::reached(*id, Stage::Queued)).await;
     }
-    // Queue full: b's committed announcement replaces b's message; a stale one for b afterwards
-    // neither replaces it nor takes the announcement away; an older one for a changes nothing.
-    publish(&running.server, &Progress::committed(b, None)).await;
-    publish(&running.server, &Progress::stage(b, Stage::Validating)).await;
-    publish(&running.server, &at_seq(a, 2)).await;
+    publish(&running.server, Progress::reached(a, Stage::Queued)).await;
+    // Queue full: each later stage of a replaces a's message; b's committed announcement
+    // replaces b's; a stale stage for b afterwards neither replaces it nor takes the
+    // announcement away; an older stage for a changes nothing.
+    for stage in &Stage::ALL[1..7] {
+        publish(&running.server, Progress::reached(a, *stage)).await;
+    }
+    publish(&running.server, committed(b)).await;
+    publish(&running.server, Progress::reached(b, Stage::Validating)).await;
+    publish(&running.server, Progress::reached(a, Stage::Decoding)).await;
     // Once the marker watcher (subscribed to a, reading as it goes) saw the end, so did the hub.
-    publish(&running.server, &at_seq(a, last + 1)).await;
-    let mut marker_seen = 0;
-    while marker_seen != last + 1 {
-        let HubEvent::Progress(batch) = next(&mut marker).await else {
-            panic!("progress expected");
-        };
-        marker_seen = batch.last().unwrap().seq;
+    publish(&running.server, Progress::reached(a, Stage::Done)).await;
+    let mut marker_seen = Stage::Queued;
+    while marker_seen != Stage::Done {
+        marker_seen = summary(next(&mut marker).await).last().unwrap().1;
     }
 
-    let HubEvent::Progress(held) = next(&mut slow).await else {
-        panic!("progress expected");
-    };
+    let held = summary(next(&mut slow).await);
     assert_eq!(held.len(), HUB_QUEUE, "bounded");
+    assert_eq!(held[0], (b, Stage::Done, true));
+    let queued: Vec<Uuid> = held[1..HUB_QUEUE - 1].iter().map(|h| h.0).collect();
+    assert_eq!(queued, others, "the first in order");
     assert_eq!(
-        (held[0].image_id, held[0].stage, held[0].committed),
-        (b, Stage::Done, true)
+        held[HUB_QUEUE - 1],
+        (a, Stage::Done, false),
+        "then the newest"
     );
-    let seqs: Vec<u64> = held[1..].iter().map(|p| p.seq).collect();
-    let mut expected: Vec<u64> = (1..HUB_QUEUE as u64 - 1).collect();
-    expected.push(last + 1);
-    assert_eq!(seqs, expected, "the first in order, then the newest");
 }
 
 #[tokio::test]
@@ -182,10 +191,10 @@ async fn a_watcher_that_falls_behind_is_told_and_dropped_while_others_go_on() {
     let a = Uuid::new_v4();
     let mut lagging = running.hub.subscribe(&[a]).await.unwrap();
     let mut other = running.hub.subscribe(&[a]).await.unwrap();
-    publish(&running.server, &Progress::stage(a, Stage::WaitingUpload)).await;
-    assert!(matches!(next(&mut other).await, HubEvent::Progress(_)));
-    publish(&running.server, &Progress::stage(a, Stage::Validating)).await;
-    assert!(matches!(next(&mut other).await, HubEvent::Progress(_)));
+    publish(&running.server, Progress::reached(a, Stage::WaitingUpload)).await;
+    assert!(matches!(next(&mut other).await, HubEvent::Notices(_)));
+    publish(&running.server, Progress::reached(a, Stage::Validating)).await;
+    assert!(matches!(next(&mut other).await, HubEvent::Notices(_)));
 
     assert_eq!(next(&mut lagging).await, HubEvent::Lagged);
     assert_eq!(
@@ -196,7 +205,7 @@ async fn a_watcher_that_falls_behind_is_told_and_dropped_while_others_go_on() {
     let stats = running.hub.stats();
     assert_eq!(stats.lagged.load(Ordering::Relaxed), 1);
     assert_eq!(stats.channels.load(Ordering::Relaxed), 1);
-    publish(&running.server, &Progress::stage(a, Stage::Decoding)).await;
+    publish(&running.server, Progress::reached(a, Stage::Decoding)).await;
     assert_eq!(
         summary(next(&mut other).await),
         vec![(a, Stage::Decoding, false)],
@@ -243,7 +252,7 @@ async fn resync_and_end(channels: Channels) {
             .await;
         }
     }
-    publish(&running.server, &Progress::stage(a, Stage::Validating)).await;
+    publish(&running.server, Progress::reached(a, Stage::Validating)).await;
     assert_eq!(
         summary(next(&mut watcher).await),
         vec![(a, Stage::Validating, false)]
@@ -254,4 +263,25 @@ async fn resync_and_end(channels: Channels) {
     let ended = tokio::time::timeout(WITHIN, watcher.recv()).await.unwrap();
     assert_eq!(ended, None);
     assert!(running.hub.subscribe(&[a]).await.is_err());
+}
+
+#[tokio::test]
+async fn a_new_worker_takes_over_after_one_fails_and_every_watcher_resyncs() {
+    let running = hub(Channels::PerImage, Duration::from_secs(60)).await;
+    let a = Uuid::new_v4();
+    let mut watcher = running.hub.subscribe(&[a]).await.unwrap();
+    // The worker dies (as if it panicked): nothing is delivered until another one runs.
+    running.worker.abort();
+    let _ = running.worker.await;
+    let second = tokio::spawn(running.hub.worker(running.cancel.clone()));
+    assert_eq!(next(&mut watcher).await, HubEvent::Resync);
+    subscribed(&running.server, a, 1).await;
+    publish(&running.server, Progress::reached(a, Stage::Decoding)).await;
+    assert_eq!(
+        summary(next(&mut watcher).await),
+        vec![(a, Stage::Decoding, false)]
+    );
+    let _late = running.hub.subscribe(&[Uuid::new_v4()]).await.unwrap();
+    running.cancel.cancel();
+    second.await.unwrap();
 }

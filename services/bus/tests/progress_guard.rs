@@ -8,7 +8,8 @@ use std::collections::HashMap;
 
 use common::*;
 use follow_bus::{
-    ErrorCode, Failure, GuardOutcome, Progress, ProgressTracker, Recorded, Stage, UploadGuard, keys,
+    ErrorCode, Failure, GuardOutcome, GuardState, Notice, Progress, ProgressTracker, Recorded,
+    Stage, UploadGuard, keys,
 };
 use futures_util::StreamExt as _;
 use uuid::Uuid;
@@ -33,7 +34,7 @@ async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() 
     for stage in stages {
         assert_eq!(
             tracker
-                .record(&Progress::stage(image_id, stage))
+                .record(&Progress::reached(image_id, stage))
                 .await
                 .unwrap(),
             Recorded::Applied
@@ -46,10 +47,11 @@ async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() 
             .unwrap()
             .unwrap();
         assert_eq!(msg.get_channel_name(), keys::progress(image_id));
-        let p = Progress::decode(msg.get_payload_bytes()).unwrap();
-        assert_eq!(p.image_id, image_id);
-        assert_eq!(p.seq, p.stage.seq());
-        seen.push(p.stage);
+        let Notice::Progress(p) = Notice::decode(msg.get_payload_bytes()).unwrap() else {
+            panic!("a stage, not a commit")
+        };
+        assert_eq!(p.image_id(), image_id);
+        seen.push(p.stage());
     }
     assert_eq!(seen, stages);
 
@@ -71,8 +73,8 @@ async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() 
     assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
 
     let snapshot = tracker.current(image_id).await.unwrap().unwrap();
-    assert_eq!(snapshot.stage, Stage::Done);
-    assert_eq!(snapshot.failure, None);
+    assert_eq!(snapshot.stage(), Stage::Done);
+    assert_eq!(snapshot.failure(), None);
     assert_eq!(tracker.current(Uuid::new_v4()).await.unwrap(), None);
 }
 
@@ -84,7 +86,7 @@ async fn a_failure_carries_its_code_and_a_late_stage_never_moves_it_back() {
     let mut tracker = ProgressTracker::new(&valkey).unwrap();
 
     tracker
-        .record(&Progress::stage(image_id, Stage::Decoding))
+        .record(&Progress::reached(image_id, Stage::Decoding))
         .await
         .unwrap();
     let failure = Failure {
@@ -98,7 +100,7 @@ async fn a_failure_carries_its_code_and_a_late_stage_never_moves_it_back() {
     // A slow or duplicate report of an earlier stage arrives afterwards.
     assert_eq!(
         tracker
-            .record(&Progress::stage(image_id, Stage::Processing))
+            .record(&Progress::reached(image_id, Stage::Processing))
             .await
             .unwrap(),
         Recorded::Stale
@@ -112,8 +114,8 @@ async fn a_failure_carries_its_code_and_a_late_stage_never_moves_it_back() {
     );
 
     let snapshot = tracker.current(image_id).await.unwrap().unwrap();
-    assert_eq!(snapshot.stage, Stage::Failed);
-    assert_eq!(snapshot.failure, Some(failure.clone()));
+    assert_eq!(snapshot.stage(), Stage::Failed);
+    assert_eq!(snapshot.failure(), Some(&failure));
     let mut conn = server.connection().await;
     let hash: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(keys::status(image_id))
@@ -139,12 +141,9 @@ async fn a_failure_carries_its_code_and_a_late_stage_never_moves_it_back() {
             .unwrap();
         payloads.push(msg.get_payload_bytes().to_vec());
     }
-    assert_eq!(
-        Progress::decode(&payloads[0]).unwrap().stage,
-        Stage::Decoding
-    );
-    let failed = Progress::decode(&payloads[1]).unwrap();
-    assert_eq!(failed.failure, Some(failure));
+    assert_eq!(progress(&payloads[0]).stage(), Stage::Decoding);
+    let failed = progress(&payloads[1]);
+    assert_eq!(failed.failure(), Some(&failure));
     assert_eq!(payloads[2], b"marker");
 }
 
@@ -167,13 +166,13 @@ async fn a_hostile_status_hash_is_a_typed_error() {
     // The guard in the script treats a non-numeric seq as absent, so a real report repairs it.
     assert_eq!(
         tracker
-            .record(&Progress::stage(image_id, Stage::Queued))
+            .record(&Progress::reached(image_id, Stage::Queued))
             .await
             .unwrap(),
         Recorded::Applied
     );
     assert_eq!(
-        tracker.current(image_id).await.unwrap().unwrap().stage,
+        tracker.current(image_id).await.unwrap().unwrap().stage(),
         Stage::Queued
     );
 }
@@ -190,7 +189,10 @@ async fn the_upload_guard_is_acquired_exactly_once_under_100_concurrent_attempts
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 barrier.wait().await;
-                guard.acquire(image_id, &format!("gw-{i}")).await.unwrap()
+                guard
+                    .acquire(image_id, &format!("gw-{i}"), HOUR)
+                    .await
+                    .unwrap()
             })
         })
         .collect();
@@ -217,15 +219,29 @@ async fn the_upload_guard_is_acquired_exactly_once_under_100_concurrent_attempts
     assert!(holder.starts_with("gw-"));
 
     // Sequentially, too, and another image is unaffected.
+    let mut guard = guard.clone();
     assert_eq!(
-        guard.clone().acquire(image_id, "late").await.unwrap(),
+        guard.acquire(image_id, "late", HOUR).await.unwrap(),
         GuardOutcome::Taken
     );
+    let other = Uuid::new_v4();
     assert_eq!(
-        guard.clone().acquire(Uuid::new_v4(), "x").await.unwrap(),
+        guard.acquire(other, "x", HOUR).await.unwrap(),
+        GuardOutcome::Acquired
+    );
+    assert_eq!(guard.state(other).await.unwrap(), GuardState::Receiving);
+    assert_eq!(guard.state(Uuid::new_v4()).await.unwrap(), GuardState::Free);
+
+    // Only its holder releases it; then the same token may be used again.
+    assert!(!guard.release(image_id, "late").await.unwrap());
+    assert!(guard.release(image_id, &holder).await.unwrap());
+    assert_eq!(
+        guard.acquire(image_id, "again", HOUR).await.unwrap(),
         GuardOutcome::Acquired
     );
 }
+
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[tokio::test]
 async fn with_valkey_down_every_call_fails_fast_as_unavailable() {
@@ -234,13 +250,20 @@ async fn with_valkey_down_every_call_fails_fast_as_unavailable() {
     let mut tracker = ProgressTracker::new(&valkey).unwrap();
     server.stop().await;
     let started = std::time::Instant::now();
-    let err = guard.acquire(Uuid::new_v4(), "gw").await.unwrap_err();
+    let err = guard.acquire(Uuid::new_v4(), "gw", HOUR).await.unwrap_err();
     assert!(err.is_unavailable(), "{err}");
     let err = tracker
-        .record(&Progress::stage(Uuid::new_v4(), Stage::Validating))
+        .record(&Progress::reached(Uuid::new_v4(), Stage::Validating))
         .await
         .unwrap_err();
     assert!(err.is_unavailable(), "{err}");
     // Not a timing assertion on speed, a bound against hanging forever.
     assert!(started.elapsed() < WITHIN);
+}
+
+fn progress(payload: &[u8]) -> Progress {
+    match Notice::decode(payload).unwrap() {
+        Notice::Progress(p) => p,
+        Notice::Committed(_) => panic!("a stage, not a commit"),
+    }
 }

@@ -9,7 +9,8 @@ use std::{collections::HashMap, time::Duration};
 
 use common::*;
 use follow_bus::{
-    Consumer, Delivery, EntryId, HealthChecker, ImageResult, Outcome, Producer, Reclaimer, Trimmer,
+    Consumer, Delivery, EntryId, HealthChecker, ImageResult, Outcome, Producer, StreamMessage,
+    Trimmer, keys,
 };
 use follow_testkit::eventually_async;
 use uuid::Uuid;
@@ -51,7 +52,7 @@ async fn each_result_goes_to_exactly_one_of_several_consumers() {
         let handler = Recorder {
             name: name.into(),
             tx: tx.clone(),
-            decide: |_: &Delivery| Outcome::Ack,
+            decide: |_: &Delivery<ImageResult>| Outcome::Ack,
         };
         consumers.push(spawn(consumer, handler));
     }
@@ -65,7 +66,7 @@ async fn each_result_goes_to_exactly_one_of_several_consumers() {
     let mut seen: HashMap<Uuid, Vec<String>> = HashMap::new();
     for _ in 0..sent.len() {
         let (who, d) = recv(&mut rx).await;
-        seen.entry(d.result.image_id).or_default().push(who);
+        seen.entry(d.message.image_id).or_default().push(who);
     }
     for id in &sent {
         assert_eq!(seen[id].len(), 1, "{id} handled by {:?}", seen[id]);
@@ -88,7 +89,7 @@ async fn a_restarted_consumer_re_reads_its_own_pending_entries_first() {
 
     // First life: the handler never finishes applying (Retry), and the process is stopped.
     let consumer = Consumer::new(&valkey, config("api-1")).unwrap();
-    let (handler, mut rx) = recorder_with("first", |_: &Delivery| Outcome::Retry);
+    let (handler, mut rx) = recorder_with("first", |_: &Delivery<ImageResult>| Outcome::Retry);
     let running = spawn(consumer, handler);
     let (_, first) = recv(&mut rx).await;
     assert_eq!(first.deliveries, 1);
@@ -112,7 +113,7 @@ async fn a_restarted_consumer_re_reads_its_own_pending_entries_first() {
     let (handler, mut rx) = recorder("second");
     let running = spawn(consumer, handler);
     let (_, again) = recv(&mut rx).await;
-    assert_eq!(again.result, result);
+    assert_eq!(again.message, result);
     assert_eq!(again.id, first.id);
     assert_eq!(again.deliveries, 2);
     drained(&conn).await;
@@ -139,7 +140,7 @@ async fn retry_keeps_the_entry_without_redelivery_or_dead_lettering() {
     .unwrap();
     let stats = consumer.stats();
     let mut calls = 0;
-    let (handler, mut rx) = recorder_with("h", move |_: &Delivery| {
+    let (handler, mut rx) = recorder_with("h", move |_: &Delivery<ImageResult>| {
         calls += 1;
         if calls <= 5 {
             Outcome::Retry
@@ -189,7 +190,7 @@ async fn an_idle_entry_of_a_dead_consumer_is_reclaimed_by_another() {
     let running = spawn(consumer, handler);
     let (_, d) = recv(&mut rx).await;
     assert_eq!(d.id, EntryId(ids[0].clone()));
-    assert_eq!(d.result, result);
+    assert_eq!(d.message, result);
     assert_eq!(d.deliveries, 2);
     drained(&conn).await;
     running.stop().await;
@@ -210,31 +211,40 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
         .publish(&result)
         .await
         .unwrap();
-    // Delivered 4 times in all: a crash loop.
+    // Delivered 4 times in all to consumers that died with it: a crash loop.
     read_raw(&mut conn, "crashing", 1).await;
     redeliver(&mut conn, "crashing", &id.0, 3).await;
 
-    let mut reclaimer =
-        Reclaimer::new(&valkey, "api-workers", "survivor", Duration::ZERO, 4, 10).unwrap();
-    let page = reclaimer.claim_page(&EntryId("0-0".into())).await.unwrap();
+    let consumer = Consumer::new(
+        &valkey,
+        follow_bus::ConsumerConfig {
+            min_idle: Duration::ZERO,
+            max_deliveries: 4,
+            ..config("survivor")
+        },
+    )
+    .unwrap();
+    let stats = consumer.stats();
+    let (handler, mut rx) = recorder("survivor");
+    let running = spawn(consumer, handler);
+    eventually_async(WITHIN, "the entry dead-lettered", || {
+        let mut conn = conn.clone();
+        async move { (xlen(&mut conn, "image:result:dead").await == 1).then_some(()) }
+    })
+    .await;
+    drained(&conn).await;
+    running.stop().await;
     assert!(
-        page.entries.is_empty(),
+        rx.try_recv().is_err(),
         "the 5th delivery is over the limit of 4"
     );
-    assert_eq!(page.dead_lettered, 1);
-    assert!(page.is_last());
-    assert!(
-        reclaimer.claim_all().await.unwrap().is_empty(),
-        "nothing left to claim"
-    );
-
     assert_eq!(
-        pending(&mut conn, "api-workers").await,
-        0,
-        "acknowledged once dead-lettered"
+        stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
     );
     let dead = xrange(&mut conn, "image:result:dead").await;
-    assert_eq!(dead.len(), 1);
     let fields: HashMap<_, _> = dead[0].1.iter().cloned().collect();
     assert_eq!(fields["dead_original_id"], id.0);
     assert_eq!(fields["dead_deliveries"], "5");
@@ -246,6 +256,79 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
     assert_eq!(fields["dead_consumer"], "survivor");
     // The original result is kept whole.
     assert_eq!(ImageResult::from_fields(&dead[0].1).unwrap(), result);
+}
+
+#[tokio::test]
+async fn restarts_are_not_failures_but_a_handler_failing_n_times_dead_letters() {
+    let (server, valkey) = valkey().await;
+    let mut conn = server.connection().await;
+    create_group(&mut conn).await;
+    let (fine, poison) = (processed(Uuid::new_v4()), processed(Uuid::new_v4()));
+    let mut producer = Producer::new(&valkey).unwrap();
+    producer.publish(&fine).await.unwrap();
+    let poison_id = producer.publish(&poison).await.unwrap();
+    // Ten lives of "api-1", each reading both and dying before the ack: restarts, not failures.
+    read_raw(&mut conn, "api-1", 2).await;
+    for _ in 0..9 {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("api-workers")
+            .arg("api-1")
+            .arg("STREAMS")
+            .arg("image:result")
+            .arg("0")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let consumer = Consumer::new(
+        &valkey,
+        follow_bus::ConsumerConfig {
+            max_failures: 3,
+            ..config("api-1")
+        },
+    )
+    .unwrap();
+    let bad = poison.image_id;
+    let (handler, mut rx) = recorder_with("h", move |d: &Delivery<ImageResult>| {
+        if d.message.image_id == bad {
+            Outcome::Fail("the database refuses it".into())
+        } else {
+            Outcome::Ack
+        }
+    });
+    let running = spawn(consumer, handler);
+    eventually_async(WITHIN, "the poison dead-lettered", || {
+        let mut conn = conn.clone();
+        async move { (xlen(&mut conn, "image:result:dead").await == 1).then_some(()) }
+    })
+    .await;
+    drained(&conn).await;
+    running.stop().await;
+    let mut seen = Vec::new();
+    while let Ok((_, d)) = rx.try_recv() {
+        seen.push((d.message.image_id, d.failures));
+    }
+    assert_eq!(
+        seen,
+        [(fine.image_id, 0), (bad, 0), (bad, 1), (bad, 2)],
+        "the fine one applied after ten restarts; the poison handed three times"
+    );
+    let dead = xrange(&mut conn, "image:result:dead").await;
+    let fields: HashMap<_, _> = dead[0].1.iter().cloned().collect();
+    assert_eq!(fields["dead_original_id"], poison_id.0);
+    assert_eq!(fields["dead_failures"], "3");
+    assert!(
+        fields["dead_reason"].contains("failed 3 times"),
+        "{}",
+        fields["dead_reason"]
+    );
+    let counts: u64 = redis::cmd("HLEN")
+        .arg("image:result:failures")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counts, 0, "no failure count outlives its entry");
 }
 
 #[tokio::test]
@@ -279,17 +362,17 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
 
     let consumer = Consumer::new(&valkey, config("api-1")).unwrap();
     let refused_id = refused.image_id;
-    let (handler, mut rx) = recorder_with("h", move |d: &Delivery| {
-        if d.result.image_id == refused_id {
-            Outcome::DeadLetter("route was deleted".into())
+    let (handler, mut rx) = recorder_with("h", move |d: &Delivery<ImageResult>| {
+        if d.message.image_id == refused_id {
+            Outcome::dead_letter("route was deleted")
         } else {
             Outcome::Ack
         }
     });
     let running = spawn(consumer, handler);
     let handled = [
-        recv(&mut rx).await.1.result.image_id,
-        recv(&mut rx).await.1.result.image_id,
+        recv(&mut rx).await.1.message.image_id,
+        recv(&mut rx).await.1.message.image_id,
     ];
     assert_eq!(
         handled,
@@ -329,7 +412,7 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
 async fn trimming_never_drops_an_unacknowledged_entry() {
     let (server, valkey) = valkey().await;
     let mut conn = server.connection().await;
-    let mut trimmer = Trimmer::new(&valkey, "api-workers").unwrap();
+    let mut trimmer = Trimmer::new(&valkey, keys::RESULTS).unwrap();
     let mut producer = Producer::new(&valkey).unwrap();
     let mut ids = Vec::new();
     for _ in 0..10 {
@@ -397,7 +480,7 @@ async fn the_consumer_recreates_its_group_after_valkey_loses_its_data() {
     let mut producer = Producer::new(&valkey).unwrap();
     let before = processed(Uuid::new_v4());
     producer.publish(&before).await.unwrap();
-    assert_eq!(recv(&mut rx).await.1.result, before);
+    assert_eq!(recv(&mut rx).await.1.message, before);
 
     let mut conn = server.connection().await;
     redis::cmd("FLUSHALL")
@@ -406,9 +489,9 @@ async fn the_consumer_recreates_its_group_after_valkey_loses_its_data() {
         .unwrap();
     let after = processed(Uuid::new_v4());
     producer.publish(&after).await.unwrap();
-    assert_eq!(recv(&mut rx).await.1.result, after);
+    assert_eq!(recv(&mut rx).await.1.message, after);
 
-    let mut health = HealthChecker::new(&valkey, Some("api-workers")).unwrap();
+    let mut health = HealthChecker::new(&valkey, Some(keys::RESULTS)).unwrap();
     assert_eq!(health.check().await.group, Some(true), "group is back");
     running.stop().await;
 }
@@ -429,7 +512,7 @@ async fn the_consumer_survives_a_valkey_restart_and_stops_promptly() {
         async move { producer.publish(&r).await.ok() }
     })
     .await;
-    assert_eq!(recv(&mut rx).await.1.result, r);
+    assert_eq!(recv(&mut rx).await.1.message, r);
 
     server.stop().await;
     running.stop().await;
@@ -438,7 +521,7 @@ async fn the_consumer_survives_a_valkey_restart_and_stops_promptly() {
 #[tokio::test]
 async fn health_reports_valkey_and_the_group() {
     let (mut server, valkey) = valkey().await;
-    let mut health = HealthChecker::new(&valkey, Some("api-workers")).unwrap();
+    let mut health = HealthChecker::new(&valkey, Some(keys::RESULTS)).unwrap();
     let h = health.check().await;
     assert!(h.valkey);
     assert_eq!(h.group, Some(false));
@@ -481,7 +564,7 @@ async fn a_crash_looping_entry_in_our_own_pending_list_is_dead_lettered_on_re_re
     let (handler, mut rx) = recorder("h");
     let running = spawn(consumer, handler);
     // The fourth life hands the handler only the other result.
-    assert_eq!(recv(&mut rx).await.1.result, fine);
+    assert_eq!(recv(&mut rx).await.1.message, fine);
     drained(&conn).await;
     running.stop().await;
     assert!(rx.try_recv().is_err());

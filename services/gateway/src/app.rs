@@ -1,41 +1,49 @@
 //! Start-up from a [`Config`] and a bound listener (port 0 in tests), and graceful shutdown:
-//! stop accepting, let in-flight images finish, publish every result they produced, stop.
+//! stop accepting, let uploads being received finish (up to the shutdown grace), let each
+//! worker finish the job in hand, stop. Nothing an upload was promised lives only here: an
+//! accepted upload's original is in S3 and its job in `image:jobs`.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use follow_bus::{
-    BusError, HealthChecker, Hub, Producer, ProgressTracker, UploadGuard, Valkey, ValkeyConfig,
+    BusError, Consumer, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer,
+    ProgressTracker, Trimmer, UploadGuard, Valkey, ValkeyConfig, keys,
 };
-use follow_proto::{
-    FILE_DESCRIPTOR_SET, gateway::v1::gateway_service_server::GatewayServiceServer,
+use follow_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
+use follow_service::{
+    config::ExposeSecret as _,
+    health,
+    s3::Bucket,
+    serve::{ServeError, Surface, serve},
+    workers::Workers,
 };
 use follow_token::Verifier;
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::{service::Routes, transport::Server};
-use tonic_health::ServingStatus;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 
 use crate::{
     config::Config,
-    http::{self, Probe},
+    http::{self, GatewayProbe},
     metrics::Metrics,
-    outbox::Outbox,
     service::GatewayService,
-    storage::Storage,
+    spool::Spool,
     upload::Gateway,
+    worker::JobHandler,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("invalid Valkey settings: {0}")]
     Valkey(#[from] BusError),
-    #[error("cannot serve: {0}")]
-    Serve(String),
+    #[error("cannot open the spool directory: {0}")]
+    Spool(#[from] std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
-const SERVICE: &str = "follow.gateway.v1.GatewayService";
+/// The gRPC services of the gateway, as reflection and health name them.
+const SERVICES: &[&str] = &["follow.gateway.v1.GatewayService"];
 
 #[derive(Debug)]
 pub struct Application {
@@ -46,7 +54,7 @@ pub struct Application {
 
 impl Application {
     pub fn build(config: Config, listener: TcpListener) -> Result<Self, StartError> {
-        let valkey = Valkey::new(ValkeyConfig::new(config.valkey_url.clone()))?;
+        let valkey = Valkey::new(ValkeyConfig::new(config.valkey_url.expose_secret()))?;
         Ok(Self {
             listener,
             config,
@@ -55,7 +63,9 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.config.listen)
+        self.listener
+            .local_addr()
+            .unwrap_or(self.config.server.listen)
     }
 
     pub async fn run(self, cancel: CancellationToken) -> Result<(), StartError> {
@@ -64,121 +74,121 @@ impl Application {
             config,
             valkey,
         } = self;
-        // Uploads, pipelines and watch streams; then the workers that outlive them.
-        let (jobs, workers) = (TaskTracker::new(), TaskTracker::new());
-        let drained = CancellationToken::new();
-        let outbox = Arc::new(Outbox::new(config.outbox_capacity));
+        let workers = Workers::new(cancel.clone());
+        let metrics = Arc::new(Metrics::new());
+        let bucket = Bucket::new(&config.s3);
+        let progress = ProgressTracker::new(&valkey)?;
         let gateway = Arc::new(Gateway {
-            verifier: Verifier::new(config.upload_keys.clone()).with_leeway(5),
+            verifier: Verifier::new(config.upload_keys.clone())
+                .with_leeway(config.token_leeway.as_secs()),
             guard: UploadGuard::new(&valkey)?,
-            progress: ProgressTracker::new(&valkey)?,
-            storage: Storage::new(&config.s3),
-            outbox: Arc::clone(&outbox),
-            admission: Arc::new(Semaphore::new(config.workers + config.queue)),
-            workers: Arc::new(Semaphore::new(config.workers)),
-            metrics: Arc::new(Metrics::new()),
-            tasks: jobs.clone(),
-            holder: format!("gateway-{}", std::process::id()),
+            progress: progress.clone(),
+            producer: Producer::new(&valkey)?,
+            bucket: bucket.clone(),
+            receiving: Arc::new(Semaphore::new(config.receive.max_receiving)),
+            spool: Spool::open(&config.receive.spool_dir)?,
+            metrics: Arc::clone(&metrics),
+            holder: config.jobs.consumer_name.clone(),
             config: config.clone(),
         });
-        {
-            let (outbox, producer, drained) = (
-                Arc::clone(&outbox),
-                Producer::new(&valkey)?,
-                drained.clone(),
-            );
-            workers.spawn(async move { outbox.publish(producer, drained).await });
-        }
-        let (hub, hub_worker) = Hub::new(valkey.clone(), Hub::DEFAULT_MAX_LAG, cancel.clone());
-        workers.spawn(hub_worker);
-        let probe = Probe {
-            gateway: Arc::clone(&gateway),
-            valkey: HealthChecker::new(&valkey, None)?,
+
+        let consumers = Arc::new(ConsumerStats::default());
+        let handler = JobHandler {
+            bucket,
+            progress,
+            metrics,
+            pipeline: config.pipeline,
+            jobs: config.jobs.clone(),
+            max_bytes: config.receive.max_upload_bytes,
         };
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        {
-            let (probe, cancel) = (probe.clone(), cancel.clone());
-            workers.spawn(async move {
-                let mut last = None;
-                loop {
-                    let (valkey, storage) = probe.check().await;
-                    let ok = valkey && storage;
-                    if last != Some(ok) {
-                        let status = if ok {
-                            ServingStatus::Serving
-                        } else {
-                            ServingStatus::NotServing
-                        };
-                        reporter.set_service_status("", status).await;
-                        reporter.set_service_status(SERVICE, status).await;
-                        last = Some(ok);
-                    }
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        for n in 1..=config.jobs.workers {
+            let consumer = ConsumerConfig {
+                batch_size: 1,
+                min_idle: config.jobs.lease,
+                reclaim_interval: (config.jobs.lease / 2).max(Duration::from_secs(1)),
+                max_failures: config.jobs.max_failures,
+                ..ConsumerConfig::new(keys::JOBS, format!("{}-{n}", config.jobs.consumer_name))
+            };
+            let (valkey, handler, consumers, cancel) = (
+                valkey.clone(),
+                handler.clone(),
+                Arc::clone(&consumers),
+                cancel.clone(),
+            );
+            workers.supervise("job-worker", move || {
+                let consumer = Consumer::new(&valkey, consumer.clone());
+                let (mut handler, consumers, cancel) =
+                    (handler.clone(), Arc::clone(&consumers), cancel.clone());
+                async move {
+                    match consumer {
+                        Ok(consumer) => {
+                            Box::pin(consumer.with_stats(consumers).run(&mut handler, cancel))
+                                .await;
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot create a job consumer"),
                     }
                 }
             });
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(SERVICE)
-            .with_service_name("grpc.health.v1.Health")
-            .build_v1()
-            .map_err(|e| StartError::Serve(e.to_string()))?;
+        {
+            let (valkey, cancel) = (valkey.clone(), cancel.clone());
+            workers.supervise("job-trimmer", move || {
+                let (trimmer, cancel) = (Trimmer::new(&valkey, keys::JOBS), cancel.clone());
+                async move {
+                    match trimmer {
+                        Ok(t) => t.run(Duration::from_secs(30), cancel).await,
+                        Err(e) => tracing::error!(error = %e, "cannot create the job trimmer"),
+                    }
+                }
+            });
+        }
+        let hub = Arc::new(Hub::new(
+            valkey.clone(),
+            Default::default(),
+            Hub::DEFAULT_MAX_LAG,
+        ));
+        {
+            let (hub, cancel) = (Arc::clone(&hub), cancel.clone());
+            workers.supervise("progress-hub", move || hub.worker(cancel.clone()));
+        }
+        let queue = HealthChecker::new(&valkey, None)?;
+        let probe = GatewayProbe {
+            gateway: Arc::clone(&gateway),
+            valkey: queue.clone(),
+            workers: workers.clone(),
+            consumers: Arc::clone(&consumers),
+        };
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        {
+            let (probe, cancel) = (probe.clone(), cancel.clone());
+            workers.supervise("health-reporter", move || {
+                health::report(
+                    probe.clone(),
+                    reporter.clone(),
+                    SERVICES,
+                    Duration::from_secs(2),
+                    cancel.clone(),
+                )
+            });
+        }
         let service = GatewayService {
             gateway: Arc::clone(&gateway),
-            hub: Arc::new(hub),
+            hub,
+            queue,
+            consumers,
             cancel: cancel.clone(),
         };
-        // grpc-web only in front of gRPC: it refuses other HTTP/1.1 requests (uploads, /health).
-        let grpc = Routes::new(GatewayServiceServer::new(service))
-            .add_service(health_service)
-            .add_service(reflection)
-            .prepare()
-            .into_axum_router()
-            .layer(tonic_web::GrpcWebLayer::new());
-        let routes = Routes::from(grpc.merge(http::router(Arc::clone(&gateway), probe)));
-        tracing::info!(addr = ?listener.local_addr().ok(), "follow-image-gateway serving");
-        let served = Server::builder()
-            .accept_http1(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(cors())
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled())
-            .await;
-        cancel.cancel();
-        jobs.close();
-        jobs.wait().await;
-        // Every pipeline is done and has queued its result: publish them, then stop.
-        drained.cancel();
-        workers.close();
-        workers.wait().await;
+        let surface = Surface {
+            grpc: Routes::new(GatewayServiceServer::new(service)).add_service(health_service),
+            names: SERVICES,
+            public: http::public(Arc::clone(&gateway)),
+            ops: http::ops(probe),
+        };
+        let served = serve(listener, surface, &config.server, cancel.clone()).await;
+        // However serving ended, everything else stops with it.
+        workers.stop().await;
         drop(gateway);
         tracing::info!("follow-image-gateway stopped");
-        served.map_err(|e| StartError::Serve(e.to_string()))
+        Ok(served?)
     }
-}
-
-fn cors() -> CorsLayer {
-    use axum::http::{HeaderName, Method};
-    let header = HeaderName::from_static;
-    CorsLayer::new()
-        .allow_origin(AllowOrigin::any())
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::OPTIONS])
-        .allow_headers([
-            header("authorization"),
-            header("content-type"),
-            header("x-grpc-web"),
-            header("x-user-agent"),
-            header("grpc-timeout"),
-        ])
-        .expose_headers([
-            header("grpc-status"),
-            header("grpc-message"),
-            header("grpc-status-details-bin"),
-        ])
-        .max_age(Duration::from_secs(3600))
 }

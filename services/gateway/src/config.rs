@@ -1,52 +1,33 @@
-//! Configuration from `FOLLOW_*` environment variables, validated once at start-up.
+//! Configuration from `FOLLOW_*` environment variables, validated once at start-up. The shared
+//! ones (Valkey, S3, keepalive, shutdown grace, CORS, logs) are documented in
+//! `follow_service::config`; the gateway's own:
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
 //! | `FOLLOW_GATEWAY_LISTEN` | `127.0.0.1:8081` | uploads, gRPC, grpc-web, `/health`, `/metrics` |
-//! | `FOLLOW_VALKEY_URL` | `redis://127.0.0.1:6379` | Valkey |
 //! | `FOLLOW_UPLOAD_PUBLIC_KEYS` | — (required) | `kid=KEY,…` keys that verify upload tokens |
-//! | `FOLLOW_S3_ENDPOINT` / `_REGION` / `_BUCKET` | `http://127.0.0.1:3900` / `garage` / `follow-images` | S3 (path-style) |
-//! | `FOLLOW_S3_ACCESS_KEY_ID` / `FOLLOW_S3_SECRET_ACCESS_KEY` | — (required, secret) | S3 credentials |
+//! | `FOLLOW_TOKEN_LEEWAY_SECS` | `5` | clock skew tolerated on a token's `exp` (and kept on the upload guard) |
 //! | `FOLLOW_MAX_UPLOAD_BYTES` | `52428800` (50 MiB) | global cap on a body, whatever the token allows |
 //! | `FOLLOW_MAX_PIXELS` | `50000000` | larger images are refused from their header (`IMAGE_TOO_LARGE`) |
 //! | `FOLLOW_LONG_EDGE` / `FOLLOW_PREVIEW_EDGE` | `2048` / `320` | long edge of the stored image / preview (never upscaled) |
 //! | `FOLLOW_JPEG_QUALITY` | `85` | quality of JPEG output (opaque images) |
-//! | `FOLLOW_PIPELINE_WORKERS` | number of cores | images processed at once (blocking pool) |
-//! | `FOLLOW_PIPELINE_QUEUE` | `4 × workers` | accepted images that may wait for a worker; beyond: 503 |
+//! | `FOLLOW_MAX_RECEIVING` | `256` | uploads received at once (each spooled to disk, a few KiB of memory); beyond: 503 |
+//! | `FOLLOW_SPOOL_DIR` | `$TMPDIR/follow-gateway-spool` | where bodies are spooled while they arrive (one sub-directory per process, removed when it ends) |
 //! | `FOLLOW_BODY_IDLE_TIMEOUT_SECS` | `15` | longest wait for the next bytes of a body |
 //! | `FOLLOW_BODY_TIMEOUT_SECS` | `300` | longest time for a whole body |
 //! | `FOLLOW_MIN_UPLOAD_RATE` | `16384` | bytes/s a body must average after its first 10 s |
-//! | `FOLLOW_OUTBOX_CAPACITY` | `10000` | results kept while Valkey is down |
+//! | `FOLLOW_PIPELINE_WORKERS` | number of cores | jobs processed at once by this instance |
+//! | `FOLLOW_CONSUMER_NAME` | `gateway-{hostname}-{pid}` | this instance's name in `gateway-workers` (its workers add `-{n}`); a stable name lets a restarted instance resume its own jobs at once |
+//! | `FOLLOW_JOB_LEASE_SECS` | `60` | a job taken by a gateway that stopped answering is taken over after this (a working gateway renews its lease) |
+//! | `FOLLOW_JOB_MAX_FAILURES` | `3` | a job whose processing failed this often (not counting storage or Valkey outages) ends as a `failed` result and in `image:jobs:dead` |
+//! | `FOLLOW_KEEP_ORIGINALS` | `false` | keep `{storage_key}.original` after the hand-off |
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
+use follow_service::config::{
+    ConfigError, Env, S3Config, SecretString, ServerConfig, hostname, invalid, valkey_url,
+};
 use follow_token::VerifyingKeys;
-
-#[derive(Debug, thiserror::Error)]
-#[error("{name}: {reason}")]
-pub struct ConfigError {
-    pub name: &'static str,
-    pub reason: String,
-}
-
-/// A secret whose `Debug` never shows it.
-#[derive(Clone)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(…)")
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct S3Config {
-    pub endpoint: String,
-    pub region: String,
-    pub bucket: String,
-    pub access_key_id: String,
-    pub secret_access_key: Secret,
-}
 
 /// Limits and output of the image pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,20 +49,37 @@ impl Default for PipelineConfig {
     }
 }
 
+/// How bodies are received.
 #[derive(Debug, Clone)]
-pub struct Config {
-    pub listen: SocketAddr,
-    pub valkey_url: String,
-    pub upload_keys: VerifyingKeys,
-    pub s3: S3Config,
+pub struct ReceiveConfig {
     pub max_upload_bytes: u64,
-    pub pipeline: PipelineConfig,
-    pub workers: usize,
-    pub queue: usize,
+    pub max_receiving: usize,
+    pub spool_dir: PathBuf,
     pub body_idle_timeout: Duration,
     pub body_timeout: Duration,
     pub min_upload_rate: u64,
-    pub outbox_capacity: usize,
+}
+
+/// How jobs are processed.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub workers: usize,
+    pub consumer_name: String,
+    pub lease: Duration,
+    pub max_failures: u64,
+    pub keep_originals: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub valkey_url: SecretString,
+    pub upload_keys: VerifyingKeys,
+    pub token_leeway: Duration,
+    pub s3: S3Config,
+    pub pipeline: PipelineConfig,
+    pub receive: ReceiveConfig,
+    pub jobs: JobConfig,
 }
 
 impl Config {
@@ -90,108 +88,60 @@ impl Config {
     }
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let env = Env(&lookup);
+        let env = Env::new(&lookup);
         let upload_keys = VerifyingKeys::parse_list(&env.required("FOLLOW_UPLOAD_PUBLIC_KEYS")?)
             .map_err(|e| invalid("FOLLOW_UPLOAD_PUBLIC_KEYS", e))?;
         if upload_keys.is_empty() {
             return Err(invalid("FOLLOW_UPLOAD_PUBLIC_KEYS", "no key"));
         }
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        let workers: usize = env.parsed("FOLLOW_PIPELINE_WORKERS", &cores.to_string())?;
-        let config = Self {
-            listen: env.parsed("FOLLOW_GATEWAY_LISTEN", "127.0.0.1:8081")?,
-            valkey_url: env.or("FOLLOW_VALKEY_URL", "redis://127.0.0.1:6379"),
+        let long_edge = env.number("FOLLOW_LONG_EDGE", 2048, 16..=16384)?;
+        Ok(Self {
+            server: ServerConfig::from_env(&env, "FOLLOW_GATEWAY_LISTEN", "127.0.0.1:8081")?,
+            valkey_url: valkey_url(&env),
             upload_keys,
-            s3: S3Config {
-                endpoint: env.or("FOLLOW_S3_ENDPOINT", "http://127.0.0.1:3900"),
-                region: env.or("FOLLOW_S3_REGION", "garage"),
-                bucket: env.or("FOLLOW_S3_BUCKET", "follow-images"),
-                access_key_id: env.required("FOLLOW_S3_ACCESS_KEY_ID")?,
-                secret_access_key: Secret(env.required("FOLLOW_S3_SECRET_ACCESS_KEY")?),
-            },
-            max_upload_bytes: env.parsed("FOLLOW_MAX_UPLOAD_BYTES", "52428800")?,
+            token_leeway: Duration::from_secs(env.number(
+                "FOLLOW_TOKEN_LEEWAY_SECS",
+                5,
+                0..=300,
+            )?),
+            s3: S3Config::from_env(&env)?,
             pipeline: PipelineConfig {
-                max_pixels: env.parsed("FOLLOW_MAX_PIXELS", "50000000")?,
-                long_edge: env.parsed("FOLLOW_LONG_EDGE", "2048")?,
-                preview_edge: env.parsed("FOLLOW_PREVIEW_EDGE", "320")?,
-                jpeg_quality: env.parsed("FOLLOW_JPEG_QUALITY", "85")?,
+                max_pixels: env.number("FOLLOW_MAX_PIXELS", 50_000_000, 1..=1_000_000_000)?,
+                long_edge,
+                preview_edge: env.number("FOLLOW_PREVIEW_EDGE", 320, 16..=long_edge)?,
+                jpeg_quality: env.number("FOLLOW_JPEG_QUALITY", 85, 1..=100)?,
             },
-            workers,
-            queue: env.parsed("FOLLOW_PIPELINE_QUEUE", &(4 * workers).to_string())?,
-            body_idle_timeout: Duration::from_secs(
-                env.parsed("FOLLOW_BODY_IDLE_TIMEOUT_SECS", "15")?,
-            ),
-            body_timeout: Duration::from_secs(env.parsed("FOLLOW_BODY_TIMEOUT_SECS", "300")?),
-            min_upload_rate: env.parsed("FOLLOW_MIN_UPLOAD_RATE", "16384")?,
-            outbox_capacity: env.parsed("FOLLOW_OUTBOX_CAPACITY", "10000")?,
-        };
-        config.validate()?;
-        Ok(config)
+            receive: ReceiveConfig {
+                max_upload_bytes: env.number("FOLLOW_MAX_UPLOAD_BYTES", 52_428_800, 1..=1 << 32)?,
+                max_receiving: env.number("FOLLOW_MAX_RECEIVING", 256, 1..=100_000)?,
+                spool_dir: env.get("FOLLOW_SPOOL_DIR").map_or_else(
+                    || std::env::temp_dir().join("follow-gateway-spool"),
+                    PathBuf::from,
+                ),
+                body_idle_timeout: env.secs("FOLLOW_BODY_IDLE_TIMEOUT_SECS", 15)?,
+                body_timeout: env.secs("FOLLOW_BODY_TIMEOUT_SECS", 300)?,
+                min_upload_rate: env.number("FOLLOW_MIN_UPLOAD_RATE", 16_384, 0..=1 << 30)?,
+            },
+            jobs: JobConfig {
+                workers: env.number("FOLLOW_PIPELINE_WORKERS", cores, 1..=256)?,
+                consumer_name: env.get("FOLLOW_CONSUMER_NAME").map_or_else(
+                    || format!("gateway-{}-{}", hostname(), std::process::id()),
+                    |name| name.trim().to_owned(),
+                ),
+                lease: env.secs("FOLLOW_JOB_LEASE_SECS", 60)?,
+                max_failures: env.number("FOLLOW_JOB_MAX_FAILURES", 3, 1..=100)?,
+                keep_originals: env.parsed("FOLLOW_KEEP_ORIGINALS", "false")?,
+            },
+        })
+        .and_then(Self::validate)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let p = &self.pipeline;
-        if p.max_pixels == 0 {
-            return Err(invalid("FOLLOW_MAX_PIXELS", "must be at least 1"));
+    fn validate(self) -> Result<Self, ConfigError> {
+        let name = &self.jobs.consumer_name;
+        if name.is_empty() || name.len() > 200 {
+            return Err(invalid("FOLLOW_CONSUMER_NAME", "must be 1-200 characters"));
         }
-        if !(16..=16384).contains(&p.long_edge) {
-            return Err(invalid("FOLLOW_LONG_EDGE", "must be 16-16384"));
-        }
-        if !(16..=p.long_edge).contains(&p.preview_edge) {
-            return Err(invalid(
-                "FOLLOW_PREVIEW_EDGE",
-                "must be 16 up to FOLLOW_LONG_EDGE",
-            ));
-        }
-        if !(1..=100).contains(&p.jpeg_quality) {
-            return Err(invalid("FOLLOW_JPEG_QUALITY", "must be 1-100"));
-        }
-        if self.workers == 0 || self.workers > 256 {
-            return Err(invalid("FOLLOW_PIPELINE_WORKERS", "must be 1-256"));
-        }
-        if self.max_upload_bytes == 0 {
-            return Err(invalid("FOLLOW_MAX_UPLOAD_BYTES", "must be at least 1"));
-        }
-        if self.body_idle_timeout.is_zero() || self.body_timeout.is_zero() {
-            return Err(invalid(
-                "FOLLOW_BODY_TIMEOUT_SECS",
-                "timeouts must be at least 1 s",
-            ));
-        }
-        if self.outbox_capacity == 0 {
-            return Err(invalid("FOLLOW_OUTBOX_CAPACITY", "must be at least 1"));
-        }
-        Ok(())
-    }
-}
-
-fn invalid(name: &'static str, reason: impl fmt::Display) -> ConfigError {
-    ConfigError {
-        name,
-        reason: reason.to_string(),
-    }
-}
-
-struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
-
-impl Env<'_> {
-    fn or(&self, name: &str, default: &str) -> String {
-        (self.0)(name).unwrap_or_else(|| default.to_owned())
-    }
-
-    fn required(&self, name: &'static str) -> Result<String, ConfigError> {
-        (self.0)(name)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| invalid(name, "is required"))
-    }
-
-    fn parsed<T: FromStr>(&self, name: &'static str, default: &str) -> Result<T, ConfigError>
-    where
-        T::Err: fmt::Display,
-    {
-        self.or(name, default)
-            .trim()
-            .parse()
-            .map_err(|e| invalid(name, e))
+        Ok(self)
     }
 }

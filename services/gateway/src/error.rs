@@ -1,5 +1,7 @@
-//! Why an upload is refused or an image fails, with its one HTTP mapping. Every refusal is a
-//! JSON body `{"error_code": "...", "message": "..."}` with a code of ARCHITECTURE.md.
+//! The gateway's errors, in layers: [`PipelineError`] (what is wrong with an image, from the pure
+//! pipeline) and [`UploadError`] (why an upload or a watch is refused), with one exhaustive
+//! mapping to HTTP (`{"error_code", "message"}` bodies) and one to `tonic::Status`. Internal
+//! details are logged where they happen, never sent.
 
 use axum::{
     Json,
@@ -7,11 +9,18 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use follow_bus::ErrorCode;
+use tonic::Status;
+
+pub use crate::pipeline::PipelineError;
+
+/// How long a refused client should wait before trying again (`Retry-After`).
+const RETRY_AFTER_SECS: &str = "2";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UploadError {
+    /// The request is malformed (two different tokens, say): 400.
     #[error("{0}")]
-    Malformed(String),
+    BadRequest(String),
     #[error("{0}")]
     InvalidToken(String),
     #[error("the upload token has expired")]
@@ -22,53 +31,80 @@ pub enum UploadError {
     TooLarge(u64),
     #[error("Content-Type must be {expected}, got {got:?}")]
     ContentTypeMismatch { expected: String, got: String },
-    #[error("{0}")]
-    InvalidImage(String),
-    #[error("{0}")]
-    ImageTooLarge(String),
-    #[error("the client sent the body too slowly")]
+    /// The bytes are not an acceptable image.
+    #[error(transparent)]
+    Image(#[from] PipelineError),
+    /// The body stopped coming or came too slowly; nothing was spent.
+    #[error("the body did not arrive in time; the token was not used, send it again")]
     TooSlow,
-    #[error("the gateway is busy; retry in a moment")]
+    /// The body could not be read (the client went away); nothing was spent.
+    #[error("the body was cut off; the token was not used, send it again")]
+    Incomplete,
+    #[error("the gateway is busy; retry in a moment with the same token")]
     Overloaded,
-    #[error("the event bus is unavailable; retry in a moment")]
+    #[error("the event bus is unavailable; retry in a moment with the same token")]
     BusUnavailable,
-    #[error("storing the image failed")]
-    Storage,
+    #[error("storage is unavailable; retry in a moment with the same token")]
+    StorageUnavailable,
     #[error("internal error")]
     Internal,
 }
 
+/// The `error_code` of an HTTP refusal: a pipeline code (ARCHITECTURE.md, "Error codes"), or
+/// one of the refusals that spend nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalCode {
+    Pipeline(ErrorCode),
+    /// Retry with the same token (503, or a transfer that did not complete).
+    Unavailable,
+}
+
+impl RefusalCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pipeline(code) => code.as_str(),
+            Self::Unavailable => "UNAVAILABLE",
+        }
+    }
+}
+
 impl UploadError {
     /// The contract's error code (in bodies, the status hash and the result stream).
-    pub fn code(&self) -> ErrorCode {
+    pub fn code(&self) -> RefusalCode {
+        use RefusalCode::{Pipeline, Unavailable};
         match self {
-            Self::Malformed(_) => ErrorCode::InvalidImage,
-            Self::InvalidToken(_) => ErrorCode::InvalidToken,
-            Self::TokenExpired => ErrorCode::TokenExpired,
-            Self::Duplicate => ErrorCode::DuplicateUpload,
-            Self::TooLarge(_) => ErrorCode::PayloadTooLarge,
-            Self::ContentTypeMismatch { .. } => ErrorCode::ContentTypeMismatch,
-            Self::InvalidImage(_) => ErrorCode::InvalidImage,
-            Self::ImageTooLarge(_) => ErrorCode::ImageTooLarge,
-            Self::TooSlow | Self::Overloaded | Self::BusUnavailable | Self::Internal => {
-                ErrorCode::Internal
-            }
-            Self::Storage => ErrorCode::StorageError,
+            Self::BadRequest(_) | Self::InvalidToken(_) => Pipeline(ErrorCode::InvalidToken),
+            Self::TokenExpired => Pipeline(ErrorCode::TokenExpired),
+            Self::Duplicate => Pipeline(ErrorCode::DuplicateUpload),
+            Self::TooLarge(_) => Pipeline(ErrorCode::PayloadTooLarge),
+            Self::ContentTypeMismatch { .. } => Pipeline(ErrorCode::ContentTypeMismatch),
+            Self::Image(e) => Pipeline(e.code()),
+            Self::Internal => Pipeline(ErrorCode::Internal),
+            Self::TooSlow
+            | Self::Incomplete
+            | Self::Overloaded
+            | Self::BusUnavailable
+            | Self::StorageUnavailable => Unavailable,
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Malformed(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::Incomplete => StatusCode::BAD_REQUEST,
             Self::InvalidToken(_) | Self::TokenExpired => StatusCode::UNAUTHORIZED,
             Self::Duplicate => StatusCode::CONFLICT,
-            Self::TooLarge(_) | Self::ImageTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ContentTypeMismatch { .. } | Self::InvalidImage(_) => {
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Image(PipelineError::ImageTooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ContentTypeMismatch { .. } | Self::Image(PipelineError::InvalidImage(_)) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             Self::TooSlow => StatusCode::REQUEST_TIMEOUT,
-            Self::Overloaded | Self::BusUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Storage | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Overloaded | Self::BusUnavailable | Self::StorageUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Image(PipelineError::Internal) | Self::Internal => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 }
@@ -76,25 +112,49 @@ impl UploadError {
 impl IntoResponse for UploadError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = Json(serde_json::json!({
-            "error_code": self.code().as_str(),
-            "message": self.to_string(),
-        }));
-        let mut response = (status, body).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        let mut response =
+            (status, error_body(self.code().as_str(), &self.to_string())).into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
         }
         // The body may be unread: the connection must not be reused for a next request.
         if matches!(
             self,
-            Self::TooLarge(_) | Self::ImageTooLarge(_) | Self::TooSlow
+            Self::TooLarge(_) | Self::Image(_) | Self::TooSlow | Self::Incomplete
         ) {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+/// The JSON body of every HTTP error of the gateway.
+pub fn error_body(code: &str, message: &str) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "error_code": code, "message": message }))
+}
+
+impl From<UploadError> for Status {
+    fn from(e: UploadError) -> Self {
+        let message = e.to_string();
+        match e {
+            UploadError::BadRequest(_)
+            | UploadError::ContentTypeMismatch { .. }
+            | UploadError::TooLarge(_)
+            | UploadError::Image(_)
+            | UploadError::TooSlow
+            | UploadError::Incomplete => Status::invalid_argument(message),
+            UploadError::InvalidToken(_) | UploadError::TokenExpired => {
+                Status::unauthenticated(message)
+            }
+            UploadError::Duplicate => Status::already_exists(message),
+            UploadError::Overloaded
+            | UploadError::BusUnavailable
+            | UploadError::StorageUnavailable => Status::unavailable(message),
+            UploadError::Internal => Status::internal(message),
+        }
     }
 }

@@ -1,75 +1,68 @@
-//! The plain-HTTP surface: `PUT /upload`, `GET /health`, `GET /metrics`.
+//! The plain-HTTP surface: `PUT /upload` (public: browsers upload here), `GET /health` and
+//! `GET /metrics` (operators), and the probe both health reports share.
 
 use std::sync::Arc;
 
 use axum::{
-    Json, Router,
+    Router,
     extract::State,
-    http::{StatusCode, header},
-    response::IntoResponse,
+    response::Response,
     routing::{get, put},
 };
-use follow_bus::HealthChecker;
-use serde_json::json;
+use follow_bus::{ConsumerStats, HealthChecker, keys};
+use follow_service::{
+    health::{self, Checks, Probe},
+    workers::Workers,
+};
 
 use crate::upload::{Gateway, put_upload};
 
-/// What `/health` and the gRPC health reporter ask.
+/// What `/health`, `grpc.health.v1` and `/metrics` ask.
 #[derive(Debug, Clone)]
-pub struct Probe {
+pub struct GatewayProbe {
     pub gateway: Arc<Gateway>,
     pub valkey: HealthChecker,
+    pub workers: Workers,
+    pub consumers: Arc<ConsumerStats>,
 }
 
-impl Probe {
-    /// `(valkey, storage)` reachable.
-    pub async fn check(&self) -> (bool, bool) {
+impl Probe for GatewayProbe {
+    async fn check(&self) -> Checks {
         let mut valkey = self.valkey.clone();
-        let (v, s) = tokio::join!(valkey.check(), self.gateway.storage.healthy());
-        (v.valkey, s)
+        let (valkey, storage) = tokio::join!(valkey.check(), self.gateway.bucket.healthy());
+        vec![
+            ("valkey", valkey.valkey),
+            ("storage", storage),
+            ("workers", self.workers.down().is_empty()),
+        ]
     }
 }
 
-pub fn router(gateway: Arc<Gateway>, probe: Probe) -> Router {
+/// `PUT /upload`.
+pub fn public(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/upload", put(put_upload))
         .with_state(gateway)
-        .merge(
-            Router::new()
-                .route("/health", get(health))
-                .route("/metrics", get(metrics))
-                .with_state(probe),
-        )
 }
 
-async fn health(State(probe): State<Probe>) -> impl IntoResponse {
-    let (valkey, storage) = probe.check().await;
-    let word = |ok: bool| if ok { "ok" } else { "down" };
-    let ok = valkey && storage;
-    (
-        if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        Json(json!({
-            "status": if ok { "ok" } else { "degraded" },
-            "valkey": word(valkey),
-            "storage": word(storage),
-        })),
+/// `GET /health`, `GET /metrics`.
+pub fn ops(probe: GatewayProbe) -> Router {
+    health::router(probe.clone()).merge(
+        Router::new()
+            .route("/metrics", get(metrics))
+            .with_state(probe),
     )
 }
 
-async fn metrics(State(probe): State<Probe>) -> impl IntoResponse {
+async fn metrics(State(probe): State<GatewayProbe>) -> Response {
+    let queue = match probe.valkey.clone().queue_info(keys::JOBS).await {
+        Ok(queue) => queue,
+        Err(e) => {
+            tracing::debug!(error = %e, "metrics: the job queue is unavailable");
+            None
+        }
+    };
     let metrics = &probe.gateway.metrics;
-    metrics
-        .outbox
-        .set(i64::try_from(probe.gateway.outbox.len()).unwrap_or(i64::MAX));
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.render(),
-    )
+    metrics.sample(queue, &probe.consumers);
+    follow_service::metrics::response(metrics.registry())
 }

@@ -1,10 +1,13 @@
-//! Prometheus metrics (`GET /metrics`) and the counters behind `GetPipelineStats`.
+//! Prometheus metrics of the gateway (`GET /metrics`) and the counters behind `GetPipelineStats`.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering::Relaxed},
+};
 
-use follow_bus::{ErrorCode, Stage};
+use follow_bus::{ConsumerStats, ErrorCode, QueueInfo, Stage};
+use follow_service::metrics::EncodeLabelSet;
 use prometheus_client::{
-    encoding::text::encode,
     metrics::{
         counter::Counter,
         family::Family,
@@ -14,19 +17,40 @@ use prometheus_client::{
     registry::Registry,
 };
 
-type Labels = Vec<(&'static str, String)>;
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    error_code: &'static str,
+}
 
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub uploads: Family<Labels, Counter>,
-    pub stage_seconds: Family<Labels, Histogram>,
-    pub in_flight: Gauge,
-    pub queued: Gauge,
-    pub outbox: Gauge,
-    pub processed: AtomicU64,
-    pub failed: AtomicU64,
-    failed_by_code: Family<Labels, Counter>,
+    uploads: Family<StatusLabel, Counter>,
+    stage_seconds: Family<StageLabel, Histogram>,
+    /// Uploads being received now.
+    pub receiving: Gauge,
+    /// Jobs being processed here now.
+    pub processing: Gauge,
+    processed: Counter,
+    failed: Family<CodeLabel, Counter>,
+    failed_total: AtomicU64,
+    jobs_waiting: Gauge,
+    jobs_in_progress: Gauge,
+    jobs_dead: Gauge,
+    oldest_job_seconds: Gauge<f64, AtomicU64>,
+    jobs_retried: Counter,
+    jobs_reclaimed: Counter,
+    jobs_dead_lettered: Counter,
 }
 
 impl Default for Metrics {
@@ -38,18 +62,24 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("follow_gateway");
-        let stage_seconds: Family<Labels, Histogram> =
-            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16)));
         let m = Self {
             registry: Registry::default(),
             uploads: Family::default(),
-            stage_seconds,
-            in_flight: Gauge::default(),
-            queued: Gauge::default(),
-            outbox: Gauge::default(),
-            processed: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            failed_by_code: Family::default(),
+            stage_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
+            receiving: Gauge::default(),
+            processing: Gauge::default(),
+            processed: Counter::default(),
+            failed: Family::default(),
+            failed_total: AtomicU64::new(0),
+            jobs_waiting: Gauge::default(),
+            jobs_in_progress: Gauge::default(),
+            jobs_dead: Gauge::default(),
+            oldest_job_seconds: Gauge::default(),
+            jobs_retried: Counter::default(),
+            jobs_reclaimed: Counter::default(),
+            jobs_dead_lettered: Counter::default(),
         };
         registry.register(
             "uploads",
@@ -62,45 +92,94 @@ impl Metrics {
             m.stage_seconds.clone(),
         );
         registry.register(
-            "pipeline_in_flight",
-            "images between an accepted upload and their result",
-            m.in_flight.clone(),
+            "receiving",
+            "uploads being received by this instance",
+            m.receiving.clone(),
         );
         registry.register(
-            "pipeline_queued",
-            "accepted images waiting for a pipeline worker",
-            m.queued.clone(),
+            "processing",
+            "jobs being processed by this instance",
+            m.processing.clone(),
         );
         registry.register(
-            "outbox_length",
-            "results waiting to be published to image:result",
-            m.outbox.clone(),
+            "images_processed",
+            "results of processed images handed off by this instance",
+            m.processed.clone(),
         );
         registry.register(
             "images_failed",
             "images failed, by error code",
-            m.failed_by_code.clone(),
+            m.failed.clone(),
+        );
+        registry.register(
+            "jobs_waiting",
+            "accepted uploads no gateway has taken yet (all gateways)",
+            m.jobs_waiting.clone(),
+        );
+        registry.register(
+            "jobs_in_progress",
+            "jobs taken and not handed off yet (all gateways)",
+            m.jobs_in_progress.clone(),
+        );
+        registry.register(
+            "jobs_dead",
+            "jobs in image:jobs:dead (all gateways)",
+            m.jobs_dead.clone(),
+        );
+        registry.register(
+            "oldest_job_seconds",
+            "age of the oldest job not handed off yet (all gateways)",
+            m.oldest_job_seconds.clone(),
+        );
+        registry.register(
+            "jobs_retried",
+            "job handlings retried by this instance (storage or Valkey unavailable, or a failure)",
+            m.jobs_retried.clone(),
+        );
+        registry.register(
+            "jobs_reclaimed",
+            "jobs this instance took over from a gateway that went away",
+            m.jobs_reclaimed.clone(),
+        );
+        registry.register(
+            "jobs_dead_lettered",
+            "jobs this instance moved to image:jobs:dead",
+            m.jobs_dead_lettered.clone(),
         );
         Self { registry, ..m }
     }
 
     pub fn upload(&self, status: u16) {
-        self.uploads
-            .get_or_create(&vec![("status", status.to_string())])
-            .inc();
+        self.uploads.get_or_create(&StatusLabel { status }).inc();
     }
 
     pub fn stage(&self, stage: Stage, seconds: f64) {
         self.stage_seconds
-            .get_or_create(&vec![("stage", stage.as_str().to_owned())])
+            .get_or_create(&StageLabel {
+                stage: stage.as_str(),
+            })
             .observe(seconds);
     }
 
+    pub fn processed(&self) {
+        self.processed.inc();
+    }
+
     pub fn failed(&self, code: ErrorCode) {
-        self.failed.fetch_add(1, Relaxed);
-        self.failed_by_code
-            .get_or_create(&vec![("error_code", code.as_str().to_owned())])
+        self.failed_total.fetch_add(1, Relaxed);
+        self.failed
+            .get_or_create(&CodeLabel {
+                error_code: code.as_str(),
+            })
             .inc();
+    }
+
+    pub fn processed_count(&self) -> u64 {
+        self.processed.get()
+    }
+
+    pub fn failed_count(&self) -> u64 {
+        self.failed_total.load(Relaxed)
     }
 
     /// `(code, count)` of every failure code seen.
@@ -109,17 +188,38 @@ impl Metrics {
             .iter()
             .filter_map(|code| {
                 let count = self
-                    .failed_by_code
-                    .get(&vec![("error_code", code.as_str().to_owned())])
-                    .map(|c| c.get())?;
+                    .failed
+                    .get(&CodeLabel {
+                        error_code: code.as_str(),
+                    })?
+                    .get();
                 Some((*code, count))
             })
             .collect()
     }
 
-    pub fn render(&self) -> String {
-        let mut text = String::new();
-        let _ = encode(&mut text, &self.registry);
-        text
+    /// Takes in the queue as of now and the workers' counters, for a scrape.
+    pub fn sample(&self, queue: Option<QueueInfo>, consumers: &Arc<ConsumerStats>) {
+        if let Some(q) = queue {
+            self.jobs_waiting
+                .set(i64::try_from(q.lag.unwrap_or(0)).unwrap_or(i64::MAX));
+            self.jobs_in_progress
+                .set(i64::try_from(q.pending).unwrap_or(i64::MAX));
+            self.jobs_dead
+                .set(i64::try_from(q.dead).unwrap_or(i64::MAX));
+            self.oldest_job_seconds
+                .set(q.oldest.map_or(0.0, |age| age.as_secs_f64()));
+        }
+        for (counter, value) in [
+            (&self.jobs_retried, &consumers.retried),
+            (&self.jobs_reclaimed, &consumers.reclaimed),
+            (&self.jobs_dead_lettered, &consumers.dead_lettered),
+        ] {
+            counter.inner().store(value.load(Relaxed), Relaxed);
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }

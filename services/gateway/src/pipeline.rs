@@ -20,7 +20,34 @@ use image::{
     metadata::Orientation,
 };
 
-use crate::{config::PipelineConfig, error::UploadError, sniff};
+use follow_bus::ErrorCode;
+
+use crate::{config::PipelineConfig, sniff};
+
+/// Why an image cannot be processed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PipelineError {
+    /// The bytes are not a decodable image of the declared type.
+    #[error("{0}")]
+    InvalidImage(String),
+    /// Pixel or dimension limits.
+    #[error("{0}")]
+    ImageTooLarge(String),
+    /// A failure of the pipeline itself (logged where it happened; never the client's fault).
+    #[error("internal error")]
+    Internal,
+}
+
+impl PipelineError {
+    /// The contract's error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidImage(_) => ErrorCode::InvalidImage,
+            Self::ImageTooLarge(_) => ErrorCode::ImageTooLarge,
+            Self::Internal => ErrorCode::Internal,
+        }
+    }
+}
 
 /// One encoded output.
 #[derive(Debug, Clone)]
@@ -46,7 +73,7 @@ pub fn run(
     format: ImageFormat,
     config: &PipelineConfig,
     mut stage: impl FnMut(Stage),
-) -> Result<Output, UploadError> {
+) -> Result<Output, PipelineError> {
     stage(Stage::Decoding);
     let Decoded {
         image,
@@ -84,16 +111,16 @@ pub fn decode(
     format: ImageFormat,
     max_pixels: u64,
     min_edge: u32,
-) -> Result<Decoded, UploadError> {
+) -> Result<Decoded, PipelineError> {
     let sniffed = sniff::sniff(&bytes[..bytes.len().min(sniff::MAGIC_LEN)])?;
     if sniffed != format {
-        return Err(UploadError::InvalidImage(
+        return Err(PipelineError::InvalidImage(
             "the bytes are not of the declared type".into(),
         ));
     }
     let sniff::Header::Dimensions { width, height } = sniff::check_header(bytes, max_pixels)?
     else {
-        return Err(UploadError::InvalidImage(
+        return Err(PipelineError::InvalidImage(
             "the image header is incomplete".into(),
         ));
     };
@@ -135,10 +162,10 @@ fn orientation_swaps(orientation: Orientation) -> bool {
     )
 }
 
-fn invalid(e: image::ImageError) -> UploadError {
+fn invalid(e: image::ImageError) -> PipelineError {
     match e {
-        image::ImageError::Limits(l) => UploadError::ImageTooLarge(l.to_string()),
-        other => UploadError::InvalidImage(format!("cannot decode the image: {other}")),
+        image::ImageError::Limits(l) => PipelineError::ImageTooLarge(l.to_string()),
+        other => PipelineError::InvalidImage(format!("cannot decode the image: {other}")),
     }
 }
 
@@ -147,7 +174,7 @@ fn decode_full(
     bytes: &[u8],
     format: ImageFormat,
     max_pixels: u64,
-) -> Result<(DynamicImage, Orientation), UploadError> {
+) -> Result<(DynamicImage, Orientation), PipelineError> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();
     let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
@@ -175,9 +202,10 @@ fn decode_jpeg_shrunk(
     bytes: &[u8],
     max_pixels: u64,
     min_edge: u32,
-) -> Result<(DynamicImage, Orientation), UploadError> {
-    let failed =
-        |e: jpeg_decoder::Error| UploadError::InvalidImage(format!("cannot decode the image: {e}"));
+) -> Result<(DynamicImage, Orientation), PipelineError> {
+    let failed = |e: jpeg_decoder::Error| {
+        PipelineError::InvalidImage(format!("cannot decode the image: {e}"))
+    };
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
     decoder
         .set_max_decoding_buffer_size(usize::try_from(max_alloc(max_pixels)).unwrap_or(usize::MAX));
@@ -194,7 +222,7 @@ fn decode_jpeg_shrunk(
         }
         _ => None,
     }
-    .ok_or_else(|| UploadError::InvalidImage("the JPEG decoded to an unexpected shape".into()))?;
+    .ok_or_else(|| PipelineError::InvalidImage("the JPEG decoded to an unexpected shape".into()))?;
     let orientation = decoder
         .exif_data()
         .and_then(Orientation::from_exif_chunk)
@@ -211,7 +239,7 @@ const BAND_ROWS: usize = 64;
 /// row always lands at or before the source rows still to be read, so nothing unread is
 /// overwritten. The buffer is then cut to the narrow image, and the vertical pass makes the
 /// result. Other pixel types take [`scaled`].
-pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, UploadError> {
+pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, PipelineError> {
     let Some((dw, dh)) = target_size(image.width(), image.height(), edge) else {
         return Ok(image);
     };
@@ -252,7 +280,7 @@ pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, UploadErro
     });
     let out = vertical.map_err(|e| {
         tracing::error!(error = %e, "banded resize failed");
-        UploadError::Internal
+        PipelineError::Internal
     })?;
     match color {
         image::ColorType::L8 => {
@@ -260,7 +288,7 @@ pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, UploadErro
         }
         _ => image::RgbImage::from_raw(dw, dh, out).map(DynamicImage::ImageRgb8),
     }
-    .ok_or(UploadError::Internal)
+    .ok_or(PipelineError::Internal)
 }
 
 /// The size of an image scaled to a long edge of `edge`, or `None` when it already fits.
@@ -307,11 +335,11 @@ pub fn scaled(image: &DynamicImage, edge: u32) -> Option<DynamicImage> {
 }
 
 /// JPEG for opaque pixels, PNG (lossless, alpha kept) otherwise.
-pub fn encode(image: &DynamicImage, quality: u8) -> Result<Encoded, UploadError> {
+pub fn encode(image: &DynamicImage, quality: u8) -> Result<Encoded, PipelineError> {
     let mut bytes = Vec::new();
     let failed = |e: image::ImageError| {
         tracing::error!(error = %e, "encoding failed");
-        UploadError::Internal
+        PipelineError::Internal
     };
     let content_type = if image.color().has_alpha() {
         image
@@ -510,7 +538,7 @@ mod tests {
         for (bytes, format) in cases {
             let result = run(&bytes, format, &PipelineConfig::default(), |_| {});
             assert!(
-                matches!(result, Err(UploadError::InvalidImage(_))),
+                matches!(result, Err(PipelineError::InvalidImage(_))),
                 "{format:?} {} bytes: {result:?}",
                 bytes.len()
             );

@@ -1,24 +1,25 @@
 //! `follow.gateway.v1.GatewayService`: an upload's status and its live stages (authorized by
-//! the upload's own token), and this instance's pipeline counters.
+//! the upload's own token), and the pipeline's counters.
 
-use std::{pin::Pin, sync::Arc, sync::atomic::Ordering::Relaxed};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
-use follow_bus::{Hub, HubEvent, ProgressTracker, Stage, StatusSnapshot};
+use follow_bus::{ConsumerStats, HealthChecker, Hub, HubEvent, Notice, Progress, keys};
 use follow_proto::{
     events::v1 as events,
     gateway::v1::{self as pb, gateway_service_server::GatewayService as GatewayServiceApi},
-    prost_types::Timestamp,
+    prost_types,
+    time::timestamp,
 };
+use follow_service::auth::bearer_of;
 use futures_util::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
+use follow_token::UploadClaims;
+
 use crate::{
     error::UploadError,
-    metrics::Metrics,
     upload::{Gateway, verify},
 };
 
@@ -26,54 +27,42 @@ use crate::{
 pub struct GatewayService {
     pub gateway: Arc<Gateway>,
     pub hub: Arc<Hub>,
+    pub queue: HealthChecker,
+    pub consumers: Arc<ConsumerStats>,
     pub cancel: CancellationToken,
 }
 
-fn status_of(e: UploadError) -> Status {
-    match e {
-        UploadError::InvalidToken(m) => Status::unauthenticated(m),
-        UploadError::TokenExpired => Status::unauthenticated("the upload token has expired"),
-        other => Status::internal(other.to_string()),
-    }
-}
-
 impl GatewayService {
-    /// The image the caller's upload token is for.
-    fn image_of(&self, metadata: &MetadataMap) -> Result<Uuid, Status> {
-        let token = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+    /// The claims of the caller's upload token.
+    fn claims_of(&self, metadata: &MetadataMap) -> Result<UploadClaims, Status> {
+        let token = bearer_of(metadata.as_ref())
+            .map_err(|e| Status::unauthenticated(e.to_string()))?
             .ok_or_else(|| {
                 Status::unauthenticated("expected `authorization: Bearer <upload token>`")
             })?;
-        Ok(verify(&self.gateway.verifier, token.trim())
-            .map_err(status_of)?
-            .image_id)
+        verify(&self.gateway.verifier, token).map_err(Status::from)
     }
 }
 
-fn upload_status(image_id: Uuid, s: &StatusSnapshot) -> pb::UploadStatus {
-    let (code, message) = s
-        .failure
-        .as_ref()
+fn upload_status(p: &Progress) -> pb::UploadStatus {
+    let (code, message) = p
+        .failure()
         .map_or((events::ErrorCode::Unspecified, String::new()), |f| {
             (events::ErrorCode::from(f.code), f.message.clone())
         });
     pb::UploadStatus {
-        image_id: image_id.to_string(),
-        stage: events::Stage::from(s.stage).into(),
-        seq: s.seq,
-        update_time: Some(Timestamp {
-            seconds: s.updated_at.unix_timestamp(),
-            nanos: i32::try_from(s.updated_at.nanosecond()).unwrap_or(0),
-        }),
+        image_id: p.image_id().to_string(),
+        stage: events::Stage::from(p.stage()).into(),
+        seq: p.seq(),
+        update_time: Some(timestamp(p.at())),
         error_code: code.into(),
         error_message: message,
     }
+}
+
+fn bus_unavailable(e: &follow_bus::BusError) -> Status {
+    tracing::warn!(error = %e, "the event bus is unavailable");
+    Status::from(UploadError::BusUnavailable)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchUploadResponse, Status>> + Send>>;
@@ -86,26 +75,23 @@ impl GatewayServiceApi for GatewayService {
         &self,
         request: Request<pb::GetUploadStatusRequest>,
     ) -> Result<Response<pb::GetUploadStatusResponse>, Status> {
-        let image_id = self.image_of(request.metadata())?;
+        let image_id = self.claims_of(request.metadata())?.image_id;
         let asked = &request.get_ref().image_id;
         if !asked.is_empty() && Uuid::try_parse(asked).ok() != Some(image_id) {
             return Err(Status::not_found("upload not found"));
         }
-        let snapshot = self
+        let progress = self
             .gateway
             .progress
             .clone()
             .current(image_id)
             .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "status unavailable");
-                Status::unavailable("the event bus is unavailable; retry later")
+            .map_err(|e| bus_unavailable(&e))?
+            .ok_or_else(|| {
+                Status::not_found("no status for this upload (not started, or expired)")
             })?;
-        let snapshot = snapshot.ok_or_else(|| {
-            Status::not_found("no status for this upload (not started, or expired)")
-        })?;
         Ok(Response::new(pb::GetUploadStatusResponse {
-            status: Some(upload_status(image_id, &snapshot)),
+            status: Some(upload_status(&progress)),
         }))
     }
 
@@ -113,12 +99,28 @@ impl GatewayServiceApi for GatewayService {
         &self,
         _request: Request<pb::GetPipelineStatsRequest>,
     ) -> Result<Response<pb::GetPipelineStatsResponse>, Status> {
-        let m: &Metrics = &self.gateway.metrics;
+        let queue = self
+            .queue
+            .clone()
+            .queue_info(keys::JOBS)
+            .await
+            .map_err(|e| bus_unavailable(&e))?
+            .unwrap_or(follow_bus::QueueInfo {
+                pending: 0,
+                lag: Some(0),
+                oldest: None,
+                dead: 0,
+                oldest_dead: None,
+            });
+        let m = &self.gateway.metrics;
+        let stat = |n: i64| u64::try_from(n).unwrap_or(0);
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let oldest = queue.oldest.unwrap_or(Duration::ZERO);
         Ok(Response::new(pb::GetPipelineStatsResponse {
-            in_flight: u64::try_from(m.in_flight.get()).unwrap_or(0),
-            queued: u64::try_from(m.queued.get()).unwrap_or(0),
-            processed: m.processed.load(Relaxed),
-            failed: m.failed.load(Relaxed),
+            in_flight: stat(m.receiving.get()) + stat(m.processing.get()),
+            queued: queue.lag.unwrap_or(0),
+            processed: m.processed_count(),
+            failed: m.failed_count(),
             failed_by_error_code: m
                 .failures()
                 .into_iter()
@@ -127,6 +129,14 @@ impl GatewayServiceApi for GatewayService {
                     count,
                 })
                 .collect(),
+            jobs_in_progress: queue.pending,
+            jobs_dead: queue.dead,
+            oldest_job_age: Some(prost_types::Duration {
+                seconds: i64::try_from(oldest.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(oldest.subsec_nanos()).unwrap_or(0),
+            }),
+            jobs_retried: count(&self.consumers.retried),
+            jobs_reclaimed: count(&self.consumers.reclaimed),
         }))
     }
 
@@ -134,120 +144,124 @@ impl GatewayServiceApi for GatewayService {
         &self,
         request: Request<pb::WatchUploadRequest>,
     ) -> Result<Response<Self::WatchUploadStream>, Status> {
-        let image_id = self.image_of(request.metadata())?;
+        let claims = self.claims_of(request.metadata())?;
+        let image_id = claims.image_id;
+        // The stream ends when the token that opened it does (with the clock leeway).
+        let remaining = claims
+            .expires_at()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        let expires = tokio::time::Instant::now() + remaining + self.gateway.config.token_leeway;
         // Subscribed before the first read: nothing falls between.
-        let subscription = self.hub.subscribe(&[image_id]).await.map_err(|e| {
-            tracing::warn!(error = %e, "cannot subscribe");
-            Status::unavailable("the event bus is unavailable; retry later")
-        })?;
-        let (tx, rx) = mpsc::channel(16);
+        let subscription = self
+            .hub
+            .subscribe(&[image_id])
+            .await
+            .map_err(|e| bus_unavailable(&e))?;
         let watch = UploadWatch {
             image_id,
             progress: self.gateway.progress.clone(),
+            subscription,
             last: 0,
+            finished: false,
+            started: false,
+            outbox: Vec::new(),
+            cancel: self.cancel.clone(),
+            expires,
         };
-        let cancel = self.cancel.clone();
-        self.gateway
-            .tasks
-            .spawn(watch.run(subscription, tx, cancel));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(futures_util::stream::unfold(
+            Some(watch),
+            |watch| async move {
+                let mut watch = watch?;
+                match watch.next().await {
+                    Some(Ok(response)) => Some((Ok(response), Some(watch))),
+                    Some(Err(status)) => Some((Err(status), None)),
+                    None => None,
+                }
+            },
+        ))))
     }
 }
 
+/// One `WatchUpload` stream: the stored stage, then every later one until done or failed. It is
+/// the response stream itself (no task, no queue): it works only when the client takes an event.
 struct UploadWatch {
     image_id: Uuid,
-    progress: ProgressTracker,
+    progress: follow_bus::ProgressTracker,
+    subscription: follow_bus::Subscription,
     /// The seq of the last stage sent: only higher ones go out.
     last: u64,
+    /// A final stage was queued: the stream ends after it.
+    finished: bool,
+    started: bool,
+    /// Stages made but not taken yet, latest last.
+    outbox: Vec<Progress>,
+    cancel: CancellationToken,
+    expires: tokio::time::Instant,
 }
 
-type Tx = mpsc::Sender<Result<pb::WatchUploadResponse, Status>>;
-
 impl UploadWatch {
-    async fn run(
-        mut self,
-        mut subscription: follow_bus::Subscription,
-        tx: Tx,
-        cancel: CancellationToken,
-    ) {
-        if !self.catch_up(&tx).await {
-            return;
-        }
-        while !Stage::ALL
-            .iter()
-            .any(|s| s.is_final() && s.seq() == self.last)
-        {
+    async fn next(&mut self) -> Option<Result<pb::WatchUploadResponse, Status>> {
+        loop {
+            if !self.outbox.is_empty() {
+                let p = self.outbox.remove(0);
+                return Some(Ok(pb::WatchUploadResponse {
+                    status: Some(upload_status(&p)),
+                }));
+            }
+            if !std::mem::replace(&mut self.started, true) {
+                self.catch_up().await;
+                continue;
+            }
+            if self.finished {
+                return None;
+            }
             let event = tokio::select! {
-                () = cancel.cancelled() => {
-                    let _ = tx.send(Err(Status::unavailable("the gateway is shutting down"))).await;
-                    return;
+                () = self.cancel.cancelled() => {
+                    return Some(Err(Status::unavailable("the gateway is shutting down; watch again")));
                 }
-                () = tx.closed() => return,
-                event = subscription.recv() => event,
+                () = tokio::time::sleep_until(self.expires) => {
+                    return Some(Err(Status::unauthenticated("the upload token has expired")));
+                }
+                event = self.subscription.recv() => event,
             };
-            let go_on = match event {
-                Some(HubEvent::Progress(batch)) => {
-                    let mut go_on = true;
-                    for p in batch.into_iter().filter(|p| !p.committed) {
-                        let snapshot = StatusSnapshot {
-                            stage: p.stage,
-                            seq: p.seq,
-                            updated_at: p.at,
-                            failure: p.failure,
-                        };
-                        go_on = self.send(&tx, &snapshot).await;
-                        if !go_on {
-                            break;
+            match event {
+                Some(HubEvent::Notices(notices)) => {
+                    for notice in notices {
+                        if let Notice::Progress(p) = notice {
+                            self.offer(p);
                         }
                     }
-                    go_on
                 }
-                Some(HubEvent::Resync) => self.catch_up(&tx).await,
+                Some(HubEvent::Resync) => self.catch_up().await,
                 Some(HubEvent::Lagged) => {
-                    let _ = tx
-                        .send(Err(Status::resource_exhausted(
-                            "this watch fell too far behind; watch again",
-                        )))
-                        .await;
-                    return;
+                    return Some(Err(Status::resource_exhausted(
+                        "this watch fell too far behind; watch again",
+                    )));
                 }
                 None => {
-                    let _ = tx
-                        .send(Err(Status::unavailable(
-                            "live updates stopped; watch again",
-                        )))
-                        .await;
-                    return;
+                    return Some(Err(Status::unavailable(
+                        "live updates stopped; watch again",
+                    )));
                 }
-            };
-            if !go_on {
-                return;
             }
         }
     }
 
-    /// Sends the stored stage if it is news; `false` when the client is gone.
-    async fn catch_up(&mut self, tx: &Tx) -> bool {
+    /// Queues the stored stage if it is news (Valkey unavailable: live updates will do).
+    async fn catch_up(&mut self) {
         match self.progress.current(self.image_id).await {
-            Ok(Some(snapshot)) => self.send(tx, &snapshot).await,
-            Ok(None) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, "status unavailable; waiting for live updates");
-                true
-            }
+            Ok(Some(p)) => self.offer(p),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "status unavailable; waiting for live updates"),
         }
     }
 
-    async fn send(&mut self, tx: &Tx, snapshot: &StatusSnapshot) -> bool {
-        if snapshot.seq <= self.last {
-            return true;
+    fn offer(&mut self, p: Progress) {
+        if p.seq() > self.last {
+            self.last = p.seq();
+            self.finished = p.stage().is_final();
+            self.outbox.push(p);
         }
-        self.last = snapshot.seq;
-        let status = upload_status(self.image_id, snapshot);
-        tx.send(Ok(pb::WatchUploadResponse {
-            status: Some(status),
-        }))
-        .await
-        .is_ok()
     }
 }

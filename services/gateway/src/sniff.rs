@@ -4,7 +4,7 @@
 
 use image::ImageFormat;
 
-use crate::error::UploadError;
+use crate::pipeline::PipelineError;
 
 /// Formats the gateway accepts, by their content type.
 pub fn format_of_content_type(content_type: &str) -> Option<ImageFormat> {
@@ -21,7 +21,7 @@ pub const MAGIC_LEN: usize = 12;
 
 /// The accepted format the magic bytes show, or `INVALID_IMAGE`. `prefix` must hold at least
 /// [`MAGIC_LEN`] bytes (or the whole body, if shorter).
-pub fn sniff(prefix: &[u8]) -> Result<ImageFormat, UploadError> {
+pub fn sniff(prefix: &[u8]) -> Result<ImageFormat, PipelineError> {
     match prefix {
         [0xFF, 0xD8, 0xFF, ..] => Ok(ImageFormat::Jpeg),
         [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, ..] => Ok(ImageFormat::Png),
@@ -40,7 +40,7 @@ pub fn sniff(prefix: &[u8]) -> Result<ImageFormat, UploadError> {
             b'P',
             ..,
         ] => Ok(ImageFormat::WebP),
-        _ => Err(UploadError::InvalidImage(
+        _ => Err(PipelineError::InvalidImage(
             "the bytes are not a JPEG, PNG or WebP image".into(),
         )),
     }
@@ -58,18 +58,31 @@ pub enum Header {
 }
 
 /// Reads the declared dimensions from the bytes received so far and refuses pixel floods.
-pub fn check_header(bytes: &[u8], max_pixels: u64) -> Result<Header, UploadError> {
-    let Ok(size) = imagesize::blob_size(bytes) else {
-        return Ok(Header::Incomplete);
-    };
+pub fn check_header(bytes: &[u8], max_pixels: u64) -> Result<Header, PipelineError> {
+    match imagesize::blob_size(bytes) {
+        Ok(size) => check_pixels(size, max_pixels),
+        Err(_) => Ok(Header::Incomplete),
+    }
+}
+
+/// [`check_header`] over a whole file, reading only as far as the header needs.
+pub fn check_header_of(file: &std::fs::File, max_pixels: u64) -> Result<Header, PipelineError> {
+    let reader = std::io::BufReader::with_capacity(16 * 1024, file);
+    match imagesize::reader_size(reader) {
+        Ok(size) => check_pixels(size, max_pixels),
+        Err(_) => Ok(Header::Incomplete),
+    }
+}
+
+fn check_pixels(size: imagesize::ImageSize, max_pixels: u64) -> Result<Header, PipelineError> {
     let (width, height) = (size.width as u64, size.height as u64);
     if width == 0 || height == 0 {
-        return Err(UploadError::InvalidImage(
+        return Err(PipelineError::InvalidImage(
             "the image declares no pixels".into(),
         ));
     }
     if width.saturating_mul(height) > max_pixels {
-        return Err(UploadError::ImageTooLarge(format!(
+        return Err(PipelineError::ImageTooLarge(format!(
             "{width}x{height} is more than {max_pixels} pixels"
         )));
     }
@@ -81,18 +94,44 @@ pub fn check_header(bytes: &[u8], max_pixels: u64) -> Result<Header, UploadError
 /// an `FF D9` must follow (inside entropy-coded data `FF` is always stuffed, so `FF D9` there is
 /// only ever EOI; trailers some cameras append after EOI are fine). PNG and WebP decoders refuse
 /// truncated data themselves.
-pub fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), UploadError> {
-    if format != ImageFormat::Jpeg {
-        return Ok(());
+pub fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), PipelineError> {
+    let mut end = JpegEnd::default();
+    end.feed(bytes);
+    end.check(format)
+}
+
+/// [`check_complete`] fed a body piece by piece as it arrives.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JpegEnd {
+    /// The last byte seen (a marker may straddle two pieces).
+    last: Option<u8>,
+    /// An `FF D9` came after the last `FF DA` (and there was one).
+    ended: bool,
+}
+
+impl JpegEnd {
+    pub fn feed(&mut self, piece: &[u8]) {
+        for &byte in piece {
+            if self.last == Some(0xFF) {
+                match byte {
+                    0xDA => self.ended = false,
+                    0xD9 => self.ended = true,
+                    _ => {}
+                }
+            }
+            self.last = Some(byte);
+        }
     }
-    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-    let ended = last_scan.is_some_and(|at| bytes[at..].windows(2).any(|w| w == [0xFF, 0xD9]));
-    if ended {
-        Ok(())
-    } else {
-        Err(UploadError::InvalidImage(
-            "the JPEG is truncated (no end of image)".into(),
-        ))
+
+    /// `Ok` unless the body is a JPEG that did not end.
+    pub fn check(&self, format: ImageFormat) -> Result<(), PipelineError> {
+        if format != ImageFormat::Jpeg || self.ended {
+            Ok(())
+        } else {
+            Err(PipelineError::InvalidImage(
+                "the JPEG is truncated (no end of image)".into(),
+            ))
+        }
     }
 }
 
@@ -198,6 +237,21 @@ mod tests {
     }
 
     #[test]
+    fn the_end_of_a_jpeg_is_found_across_pieces_and_a_later_scan_reopens_it() {
+        let body = b"\xFF\xD8\xFF\xDA scan \xFF\xD9";
+        for cut in 0..body.len() {
+            let mut end = JpegEnd::default();
+            end.feed(&body[..cut]);
+            end.feed(&body[cut..]);
+            assert!(end.check(ImageFormat::Jpeg).is_ok(), "cut at {cut}");
+        }
+        assert!(check_complete(b"\xFF\xD8\xFF\xD9\xFF\xDA more", ImageFormat::Jpeg).is_err());
+        assert!(check_complete(b"\xFF\xD8\xFF\xDA", ImageFormat::Jpeg).is_err());
+        assert!(check_complete(b"\xFF\xD8", ImageFormat::Jpeg).is_err());
+        assert!(check_complete(b"anything", ImageFormat::Png).is_ok());
+    }
+
+    #[test]
     fn a_tiny_png_declaring_a_pixel_flood_is_refused_from_its_header() {
         let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
         png.extend_from_slice(&60_000u32.to_be_bytes());
@@ -205,7 +259,7 @@ mod tests {
         png.extend_from_slice(&[8, 6, 0, 0, 0]);
         assert!(matches!(
             check_header(&png, 50_000_000),
-            Err(UploadError::ImageTooLarge(_))
+            Err(PipelineError::ImageTooLarge(_))
         ));
         assert_eq!(
             check_header(&png[..10], 50_000_000).unwrap(),

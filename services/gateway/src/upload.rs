@@ -1,200 +1,193 @@
-//! `PUT /upload`: verify the token, take the one-time guard, stream and check the body, answer
-//! 202, then run the pipeline in the background and publish the result.
+//! `PUT /upload`: verify the token, take the one-time guard, receive the body into a spool file
+//! while checking it, store it as the image's original in S3, queue the job, answer `202`.
 //!
-//! Order matters. Refusals *before* the guard (bad token, overloaded, Valkey down) leave the
-//! token usable and publish nothing. From the guard on the token is spent, so every refusal or
-//! failure also ends in a `failed` status and a `failed` result: the API always learns.
+//! The commit point is S3: a `202` is sent only once the original is stored, and from then on
+//! the photo is safe whatever happens to this process (ARCHITECTURE.md, "Durability").
+//!
+//! * Refusals before the guard (bad token, wrong `Content-Type`, declared size over the limit,
+//!   too busy, Valkey down) leave the token usable and publish nothing.
+//! * A transfer that fails before the body is complete (client gone, too slow), or storage that
+//!   cannot take the original, releases the guard: the same token works again.
+//! * A bad body (type, size, pixels, truncated) spends the token and ends in a `failed` result,
+//!   recorded in S3 first and then published: the API always learns.
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use axum::{
     Json,
     body::Body,
-    extract::{Query, State},
+    extract::{RawQuery, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use follow_bus::{
-    Failure, GuardOutcome, ImageResult, Processed, Progress, ProgressTracker, ResultOutcome, Stage,
+    Failure, GuardOutcome, ImageResult, Job, Producer, ProgressTracker, ResultOutcome, Stage,
     UploadGuard,
+};
+use follow_service::{
+    auth::bearer_of,
+    objects::{self, original_key, parse_storage_key, record_key},
+    s3::{Bucket, S3Error},
 };
 use follow_token::{TokenError, UploadClaims, Verifier};
 use futures_util::StreamExt;
 use image::ImageFormat;
-use serde_json::json;
 use sha2::{Digest, Sha256};
+use tempfile::NamedTempFile;
 use time::OffsetDateTime;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_util::task::TaskTracker;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::{
     config::Config,
-    error::UploadError,
+    error::{PipelineError, UploadError},
     metrics::Metrics,
-    outbox::Outbox,
-    pipeline,
-    sniff::{self, Header},
-    storage::{Storage, preview_key},
+    report::Reporter,
+    sniff::{self, Header, JpegEnd},
+    spool::Spool,
 };
 
 /// After this long a body must keep up `FOLLOW_MIN_UPLOAD_RATE` on average.
 const RATE_GRACE: Duration = Duration::from_secs(10);
+/// The start of a body kept in memory to find the image's dimensions as it arrives; a header
+/// that does not fit (a JPEG with large metadata first) is read from the spool file at the end.
+const HEADER_PREFIX: usize = 32 * 1024;
 
-/// Everything an upload and its pipeline need.
+/// Everything the upload handler needs.
 #[derive(Debug)]
 pub struct Gateway {
     pub verifier: Verifier<UploadClaims>,
     pub guard: UploadGuard,
     pub progress: ProgressTracker,
-    pub storage: Storage,
-    pub outbox: Arc<Outbox>,
-    /// Uploads being received or processed: bounds memory (each holds at most one body).
-    pub admission: Arc<Semaphore>,
-    /// Images being processed on the blocking pool at once.
-    pub workers: Arc<Semaphore>,
+    pub producer: Producer,
+    pub bucket: Bucket,
+    /// Uploads being received at once (`FOLLOW_MAX_RECEIVING`).
+    pub receiving: Arc<Semaphore>,
+    pub spool: Spool,
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    pub tasks: TaskTracker,
     /// This instance's name in the guard (who took an upload).
     pub holder: String,
 }
 
-#[derive(Debug, serde::Deserialize)]
-pub struct UploadQuery {
-    token: Option<String>,
-}
-
 pub async fn put_upload(
     State(gateway): State<Arc<Gateway>>,
-    Query(query): Query<UploadQuery>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let response = match gateway.accept(query.token, &headers, body).await {
-        Ok(image_id) => (
-            StatusCode::ACCEPTED,
-            Json(json!({"image_id": image_id, "status": "accepted"})),
-        )
-            .into_response(),
+    let response = match gateway.accept(query.as_deref(), &headers, body).await {
+        Ok(receipt) => (StatusCode::ACCEPTED, Json(receipt)).into_response(),
         Err(e) => e.into_response(),
     };
     gateway.metrics.upload(response.status().as_u16());
     response
 }
 
-/// The bearer token from `?token=` or `Authorization: Bearer`.
-pub fn token_of(query: Option<String>, headers: &HeaderMap) -> Result<String, UploadError> {
-    if let Some(token) = query.filter(|t| !t.is_empty()) {
-        return Ok(token);
+/// The upload token of a request: `?token=` or `Authorization: Bearer`, not two different ones.
+pub fn token_of<'a>(query: Option<&'a str>, headers: &'a HeaderMap) -> Result<String, UploadError> {
+    let mut from_query: Option<String> = None;
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if name != "token" {
+            continue;
+        }
+        match &from_query {
+            Some(seen) if *seen != value => {
+                return Err(UploadError::BadRequest(
+                    "two different `token` parameters".into(),
+                ));
+            }
+            _ => from_query = Some(value.into_owned()),
+        }
     }
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_owned())
-        .ok_or_else(|| {
-            UploadError::InvalidToken(
-                "no upload token (`?token=` or `Authorization: Bearer`)".into(),
-            )
-        })
+    let from_header = bearer_of(headers).map_err(|e| UploadError::BadRequest(e.to_string()))?;
+    match (from_query.filter(|t| !t.is_empty()), from_header) {
+        (Some(q), Some(h)) if q != h => Err(UploadError::BadRequest(
+            "`?token=` and `Authorization` carry different tokens".into(),
+        )),
+        (Some(token), _) => Ok(token),
+        (None, Some(token)) => Ok(token.to_owned()),
+        (None, None) => Err(UploadError::InvalidToken(
+            "no upload token (`?token=` or `Authorization: Bearer`)".into(),
+        )),
+    }
 }
 
+/// The claims of a valid upload token whose `storage_key` has the shape the architecture gives
+/// and names the token's own image.
 pub fn verify(verifier: &Verifier<UploadClaims>, token: &str) -> Result<UploadClaims, UploadError> {
-    verifier.verify(token).map_err(|e| match e {
+    let claims = verifier.verify(token).map_err(|e| match e {
         TokenError::Expired => UploadError::TokenExpired,
         other => UploadError::InvalidToken(other.to_string()),
-    })
+    })?;
+    match parse_storage_key(&claims.storage_key) {
+        Some((_, image)) if image == claims.image_id => Ok(claims),
+        _ => Err(UploadError::InvalidToken(
+            "the token's storage_key is not its image's".into(),
+        )),
+    }
 }
 
-/// A checked body, ready for the pipeline.
-struct Received {
-    bytes: Vec<u8>,
-    format: ImageFormat,
+/// What a `202` says: the photo is stored, with these bytes.
+#[derive(Debug, serde::Serialize)]
+pub struct Receipt {
+    image_id: Uuid,
     sha256: String,
+    bytes: u64,
+    status: &'static str,
+}
+
+/// A body received in full, checked as far as it can be before decoding, in its spool file.
+struct Received {
+    file: NamedTempFile,
+    sha256: String,
+    bytes: u64,
+}
+
+/// Why receiving a body stopped.
+enum Refused {
+    /// Nothing was spent: the guard is released, the token may be used again.
+    Transfer(UploadError),
+    /// The body itself is bad: the token is spent and the image fails.
+    Body(UploadError),
 }
 
 impl Gateway {
     async fn accept(
         self: &Arc<Self>,
-        token: Option<String>,
+        query: Option<&str>,
         headers: &HeaderMap,
         body: Body,
-    ) -> Result<Uuid, UploadError> {
-        let claims = verify(&self.verifier, &token_of(token, headers)?)?;
+    ) -> Result<Receipt, UploadError> {
+        let claims = verify(&self.verifier, &token_of(query, headers)?)?;
         let image_id = claims.image_id;
         let span = tracing::info_span!("upload", %image_id);
-        let _entered = span.enter();
-        let permit = Arc::clone(&self.admission)
-            .try_acquire_owned()
-            .map_err(|_| {
-                tracing::warn!("upload refused: at capacity");
-                UploadError::Overloaded
-            })?;
-        match self.guard.clone().acquire(image_id, &self.holder).await {
-            Ok(GuardOutcome::Acquired) => {}
-            Ok(GuardOutcome::Taken) => return Err(UploadError::Duplicate),
-            Err(e) => {
-                tracing::warn!(error = %e, "upload refused: the guard cannot be taken");
-                return Err(UploadError::BusUnavailable);
-            }
-        }
-        drop(_entered);
-        self.metrics.in_flight.inc();
-        let started = Instant::now();
-        let reporter = Reporter::start(self, image_id);
-        reporter.stage(Stage::WaitingUpload);
-        match self.receive(&claims, headers, body, &reporter).await {
-            Ok(body) => {
-                let gateway = Arc::clone(self);
-                self.tasks.spawn(async move {
-                    Box::pin(gateway.process(claims, body, reporter, permit, started)).await;
-                });
-                Ok(image_id)
-            }
-            Err(e) => {
-                self.fail(image_id, &e, reporter, started);
-                drop(permit);
-                Err(e)
-            }
-        }
+        tracing::Instrument::instrument(self.accept_verified(claims, headers, body), span).await
     }
 
-    /// Streams the body in with every check that can be made before decoding.
-    async fn receive(
-        &self,
-        claims: &UploadClaims,
+    async fn accept_verified(
+        self: &Arc<Self>,
+        claims: UploadClaims,
         headers: &HeaderMap,
         body: Body,
-        reporter: &Reporter,
-    ) -> Result<Received, UploadError> {
-        let expected = sniff::format_of_content_type(&claims.content_type).ok_or_else(|| {
+    ) -> Result<Receipt, UploadError> {
+        let image_id = claims.image_id;
+        let format = sniff::format_of_content_type(&claims.content_type).ok_or_else(|| {
             UploadError::InvalidToken("the token's content type is not accepted".into())
         })?;
-        let got = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase()
-            })
-            .unwrap_or_default();
+        let got = content_type(headers);
         if got != claims.content_type {
             return Err(UploadError::ContentTypeMismatch {
                 expected: claims.content_type.clone(),
                 got,
             });
         }
-        let limit = claims.max_file_size.min(self.config.max_upload_bytes);
+        let limit = claims
+            .max_file_size
+            .min(self.config.receive.max_upload_bytes);
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -202,246 +195,290 @@ impl Gateway {
         if declared.is_some_and(|n| n > limit) {
             return Err(UploadError::TooLarge(limit));
         }
-        let capacity = declared.unwrap_or(64 * 1024).min(limit);
-        let mut bytes = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
+        let _receiving = Arc::clone(&self.receiving)
+            .try_acquire_owned()
+            .map_err(|_| {
+                tracing::warn!("upload refused: receiving at capacity");
+                UploadError::Overloaded
+            })?;
+        self.take_guard(&claims).await?;
+        let started = Instant::now();
+        let outcome = self.store(&claims, format, limit, body).await;
+        match outcome {
+            Ok(receipt) => {
+                tracing::info!(
+                    bytes = receipt.bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "upload accepted"
+                );
+                Ok(receipt)
+            }
+            Err(Refused::Transfer(e)) => {
+                self.release_guard(image_id).await;
+                Err(e)
+            }
+            Err(Refused::Body(e)) => {
+                self.fail(&claims, &e, started).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The one-time guard, held until the token expires plus the longest a body may take and
+    /// the clock leeway: a slow upload started just before expiry still holds it.
+    async fn take_guard(&self, claims: &UploadClaims) -> Result<(), UploadError> {
+        let remaining = claims
+            .expires_at()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let ttl = remaining + self.config.receive.body_timeout + self.config.token_leeway;
+        match self
+            .guard
+            .clone()
+            .acquire(claims.image_id, &self.holder, ttl)
+            .await
+        {
+            Ok(GuardOutcome::Acquired) => Ok(()),
+            Ok(GuardOutcome::Taken) => Err(UploadError::Duplicate),
+            Err(e) => {
+                tracing::warn!(error = %e, "upload refused: the guard cannot be taken");
+                Err(UploadError::BusUnavailable)
+            }
+        }
+    }
+
+    async fn release_guard(&self, image_id: Uuid) {
+        if let Err(e) = self.guard.clone().release(image_id, &self.holder).await {
+            // It expires on its own; until then a retry gets 409.
+            tracing::warn!(error = %e, "could not release the upload guard");
+        }
+    }
+
+    /// From the guard to the `202`: the durable check, the body, the original, the job.
+    async fn store(
+        &self,
+        claims: &UploadClaims,
+        format: ImageFormat,
+        limit: u64,
+        body: Body,
+    ) -> Result<Receipt, Refused> {
+        let key = &claims.storage_key;
+        // After Valkey lost its data the guard is no proof: S3 is. An original or a result
+        // record means this token was used.
+        let (original, record) = (original_key(key), record_key(key));
+        let used = tokio::try_join!(self.bucket.exists(&original), self.bucket.exists(&record));
+        match used {
+            Ok((false, false)) => {}
+            Ok(_) => return Err(Refused::Body(UploadError::Duplicate)),
+            Err(e) => {
+                tracing::warn!(error = %e, "upload refused: storage unavailable");
+                return Err(Refused::Transfer(UploadError::StorageUnavailable));
+            }
+        }
+        let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
+        reporter.stage(Stage::WaitingUpload);
+        self.metrics.receiving.inc();
+        let received = self.receive(format, limit, body).await;
+        self.metrics.receiving.dec();
+        let received = match received {
+            Ok(received) => received,
+            Err(refused) => {
+                reporter.finish().await;
+                return Err(refused);
+            }
+        };
+        reporter.stage(Stage::Validating);
+        reporter.finish().await;
+        match self
+            .bucket
+            .put_new_file(
+                &original_key(key),
+                received.file.path(),
+                &claims.content_type,
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(S3Error::Exists) => return Err(Refused::Body(UploadError::Duplicate)),
+            Err(e) => {
+                tracing::warn!(error = %e, "upload refused: the original could not be stored");
+                return Err(Refused::Transfer(UploadError::StorageUnavailable));
+            }
+        }
+        let job = Job {
+            image_id: claims.image_id,
+            storage_key: key.clone(),
+            content_type: claims.content_type.clone(),
+            owner: claims.sub.clone(),
+            accepted_at: OffsetDateTime::now_utc(),
+        };
+        if let Err(e) = self.producer.clone().enqueue(&job, None).await {
+            // The original is durable: the API's reconciler queues its job once Valkey is back.
+            tracing::warn!(error = %e, "the job could not be queued; the reconciler will");
+        }
+        Ok(Receipt {
+            image_id: claims.image_id,
+            sha256: received.sha256,
+            bytes: received.bytes,
+            status: "accepted",
+        })
+    }
+
+    /// Streams the body into a spool file with every check that can be made before decoding:
+    /// caps, timeouts, magic bytes, declared dimensions, a JPEG's end.
+    async fn receive(
+        &self,
+        expected: ImageFormat,
+        limit: u64,
+        body: Body,
+    ) -> Result<Received, Refused> {
+        let config = &self.config.receive;
+        let internal = |e: std::io::Error| {
+            tracing::error!(error = %e, "spooling failed");
+            Refused::Transfer(UploadError::Internal)
+        };
+        let file = self.spool.file().map_err(internal)?;
+        let mut out = tokio::fs::File::from_std(file.reopen().map_err(internal)?);
         let mut hasher = Sha256::new();
+        let mut prefix = Vec::new();
+        let mut end = JpegEnd::default();
+        let mut bytes = 0u64;
+        let (mut sniffed, mut dimensions) = (false, false);
+        let max_pixels = self.config.pipeline.max_pixels;
         let mut stream = body.into_data_stream();
-        let (started, deadline) = (Instant::now(), Instant::now() + self.config.body_timeout);
-        let mut format = None;
-        let mut dimensions = false;
+        let (started, deadline) = (Instant::now(), Instant::now() + config.body_timeout);
         loop {
-            let wait = self
-                .config
+            let wait = config
                 .body_idle_timeout
                 .min(deadline.saturating_duration_since(Instant::now()));
             let chunk = match tokio::time::timeout(wait, stream.next()).await {
-                Err(_) => return Err(UploadError::TooSlow),
+                Err(_) => return Err(Refused::Transfer(UploadError::TooSlow)),
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    return Err(UploadError::Malformed(format!(
-                        "the body could not be read: {e}"
-                    )));
+                    tracing::info!(error = %e, bytes, "the body was cut off");
+                    return Err(Refused::Transfer(UploadError::Incomplete));
                 }
                 Ok(Some(Ok(chunk))) => chunk,
             };
-            if (bytes.len() + chunk.len()) as u64 > limit {
-                return Err(UploadError::TooLarge(limit));
+            bytes += chunk.len() as u64;
+            if bytes > limit {
+                return Err(Refused::Body(UploadError::TooLarge(limit)));
             }
             hasher.update(&chunk);
-            bytes.extend_from_slice(&chunk);
+            end.feed(&chunk);
+            tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
+                .await
+                .map_err(internal)?;
             let elapsed = started.elapsed();
             if elapsed > RATE_GRACE
-                && (bytes.len() as f64) < self.config.min_upload_rate as f64 * elapsed.as_secs_f64()
+                && (bytes as f64) < config.min_upload_rate as f64 * elapsed.as_secs_f64()
             {
-                return Err(UploadError::TooSlow);
+                return Err(Refused::Transfer(UploadError::TooSlow));
             }
-            if format.is_none() && bytes.len() >= sniff::MAGIC_LEN {
-                format = Some(self.check_format(&bytes, expected)?);
-            }
-            if format.is_some() && !dimensions {
-                dimensions = matches!(
-                    sniff::check_header(&bytes, self.config.pipeline.max_pixels)?,
-                    Header::Dimensions { .. }
-                );
+            if prefix.len() < HEADER_PREFIX {
+                let take = chunk.len().min(HEADER_PREFIX - prefix.len());
+                prefix.extend_from_slice(&chunk[..take]);
+                if prefix.len() >= sniff::MAGIC_LEN {
+                    if !sniffed {
+                        check_format(&prefix, expected).map_err(Refused::Body)?;
+                        sniffed = true;
+                    }
+                    if !dimensions {
+                        let header = sniff::check_header(&prefix, max_pixels)
+                            .map_err(|e| Refused::Body(e.into()))?;
+                        dimensions = matches!(header, Header::Dimensions { .. });
+                    }
+                }
             }
         }
-        reporter.stage(Stage::Validating);
-        let format = match format {
-            Some(f) => f,
-            None => self.check_format(&bytes, expected)?,
-        };
-        if !dimensions
-            && sniff::check_header(&bytes, self.config.pipeline.max_pixels)? == Header::Incomplete
-        {
-            return Err(UploadError::InvalidImage(
-                "the image header is truncated".into(),
-            ));
+        tokio::io::AsyncWriteExt::flush(&mut out)
+            .await
+            .map_err(internal)?;
+        drop(out);
+        if !sniffed {
+            check_format(&prefix, expected).map_err(Refused::Body)?;
         }
-        sniff::check_complete(&bytes, format)?;
+        if !dimensions {
+            let header = {
+                let file = file.reopen().map_err(internal)?;
+                tokio::task::spawn_blocking(move || sniff::check_header_of(&file, max_pixels))
+                    .await
+                    .map_err(|_| Refused::Transfer(UploadError::Internal))?
+            };
+            match header.map_err(|e| Refused::Body(e.into()))? {
+                Header::Dimensions { .. } => {}
+                Header::Incomplete => {
+                    return Err(Refused::Body(
+                        PipelineError::InvalidImage("the image header is truncated".into()).into(),
+                    ));
+                }
+            }
+        }
+        end.check(expected).map_err(|e| Refused::Body(e.into()))?;
         Ok(Received {
-            bytes,
-            format,
+            file,
             sha256: hex(&hasher.finalize()),
-        })
-    }
-
-    fn check_format(
-        &self,
-        prefix: &[u8],
-        expected: ImageFormat,
-    ) -> Result<ImageFormat, UploadError> {
-        let found = sniff::sniff(prefix)?;
-        if found != expected {
-            return Err(UploadError::InvalidImage(format!(
-                "the bytes are {found:?}, not the declared type"
-            )));
-        }
-        Ok(found)
-    }
-
-    async fn process(
-        self: Arc<Self>,
-        claims: UploadClaims,
-        body: Received,
-        reporter: Reporter,
-        permit: OwnedSemaphorePermit,
-        started: Instant,
-    ) {
-        let image_id = claims.image_id;
-        self.metrics.queued.inc();
-        let worker = Arc::clone(&self.workers).acquire_owned().await;
-        self.metrics.queued.dec();
-        let Ok(worker) = worker else {
-            return self.fail(image_id, &UploadError::Internal, reporter, started);
-        };
-        let config = self.config.pipeline;
-        let stages = reporter.sender();
-        let Received {
             bytes,
-            format,
-            sha256,
-        } = body;
-        let original_bytes = bytes.len();
-        let output = tokio::task::spawn_blocking(move || {
-            let _worker = worker;
-            pipeline::run(&bytes, format, &config, |stage| {
-                let _ = stages.send(stage);
-            })
         })
-        .await
-        .unwrap_or_else(|e| {
-            tracing::error!(%image_id, error = %e, "the pipeline panicked");
-            Err(UploadError::Internal)
-        });
-        let output = match output {
-            Ok(output) => output,
-            Err(e) => return self.fail(image_id, &e, reporter, started),
-        };
-        reporter.stage(Stage::UploadingToStorage);
-        let preview = preview_key(&claims.storage_key);
-        let byte_size = output.image.bytes.len() as u64;
-        let (image_type, preview_type) = (output.image.content_type, output.preview.content_type);
-        let stored = tokio::try_join!(
-            self.storage
-                .put(&claims.storage_key, output.image.bytes, image_type),
-            self.storage
-                .put(&preview, output.preview.bytes, preview_type),
-        );
-        if let Err(e) = stored {
-            tracing::error!(%image_id, error = %e, "storing the image failed");
-            return self.fail(image_id, &UploadError::Storage, reporter, started);
-        }
-        reporter.stage(Stage::Done);
-        reporter.finish().await;
-        self.outbox.push(ImageResult {
-            image_id,
-            outcome: ResultOutcome::Processed(Processed {
-                storage_key: claims.storage_key.clone(),
-                preview_key: preview,
-                sha256,
-                content_type: image_type.to_owned(),
-                width: output.width,
-                height: output.height,
-                processed_width: output.image.width,
-                processed_height: output.image.height,
-                byte_size,
-            }),
-            produced_at: OffsetDateTime::now_utc(),
-            processing_ms: started.elapsed().as_millis() as u64,
-        });
-        self.metrics.outbox.set(self.outbox.len() as i64);
-        self.metrics
-            .processed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.metrics.in_flight.dec();
-        tracing::info!(%image_id, original_bytes, byte_size, ms = started.elapsed().as_millis() as u64, "image processed");
-        drop(permit);
     }
 
-    /// Records a failure after the guard: status, result, metrics.
-    fn fail(&self, image_id: Uuid, error: &UploadError, reporter: Reporter, started: Instant) {
+    /// A bad body spent the token: its `failed` result is recorded in S3, then published, and
+    /// its status says why. Best effort beyond that: with S3 and Valkey both down the image is
+    /// left to expire.
+    async fn fail(&self, claims: &UploadClaims, error: &UploadError, started: Instant) {
         let failure = Failure {
-            code: error.code(),
+            code: match error.code() {
+                crate::error::RefusalCode::Pipeline(code) => code,
+                crate::error::RefusalCode::Unavailable => follow_bus::ErrorCode::Internal,
+            },
             message: error.to_string(),
         };
-        tracing::info!(%image_id, code = failure.code.as_str(), message = %failure.message, "image failed");
+        tracing::info!(code = %failure.code, message = %failure.message, "upload refused: bad body");
         self.metrics.failed(failure.code);
-        self.metrics.in_flight.dec();
+        let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
         reporter.failed(failure.clone());
-        self.outbox.push(ImageResult {
-            image_id,
+        let result = ImageResult {
+            image_id: claims.image_id,
             outcome: ResultOutcome::Failed(failure),
             produced_at: OffsetDateTime::now_utc(),
             processing_ms: started.elapsed().as_millis() as u64,
-        });
-        self.metrics.outbox.set(self.outbox.len() as i64);
+        };
+        if let Err(e) = objects::write_record(&self.bucket, &claims.storage_key, &result).await {
+            tracing::warn!(error = %e, "the failed result could not be recorded");
+        }
+        if let Err(e) = self.producer.clone().publish(&result).await {
+            tracing::warn!(error = %e, "the failed result could not be published; the reconciler will apply its record");
+        }
+        reporter.finish().await;
     }
 }
 
-/// Reports one image's stages in order, without ever holding the pipeline up: a background task
-/// writes them one after the other; a Valkey error is logged and the image goes on.
-#[derive(Debug)]
-struct Reporter {
-    tx: mpsc::UnboundedSender<Report>,
-    done: tokio::task::JoinHandle<()>,
+/// The request's media type, lower-case, parameters dropped.
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
 }
 
-enum Report {
-    Stage(Stage),
-    Failed(Failure),
+fn check_format(prefix: &[u8], expected: ImageFormat) -> Result<(), UploadError> {
+    let found = sniff::sniff(prefix)?;
+    if found != expected {
+        return Err(PipelineError::InvalidImage(format!(
+            "the bytes are {found:?}, not the declared type"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
-impl Reporter {
-    fn start(gateway: &Arc<Gateway>, image_id: Uuid) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
-        let mut progress = gateway.progress.clone();
-        let metrics = Arc::clone(&gateway.metrics);
-        let done = gateway.tasks.spawn(async move {
-            let mut last: Option<(Stage, Instant)> = None;
-            while let Some(report) = rx.recv().await {
-                let p = match report {
-                    Report::Stage(stage) => Progress::stage(image_id, stage),
-                    Report::Failed(failure) => Progress::failed(image_id, failure),
-                };
-                if let Some((stage, since)) = last.replace((p.stage, Instant::now())) {
-                    metrics.stage(stage, since.elapsed().as_secs_f64());
-                }
-                if let Err(e) = progress.record(&p).await {
-                    tracing::debug!(%image_id, stage = p.stage.as_str(), error = %e, "progress not recorded");
-                }
-            }
-        });
-        Self { tx, done }
-    }
-
-    fn stage(&self, stage: Stage) {
-        let _ = self.tx.send(Report::Stage(stage));
-    }
-
-    fn sender(&self) -> StageSender {
-        StageSender(self.tx.clone())
-    }
-
-    fn failed(self, failure: Failure) {
-        let _ = self.tx.send(Report::Failed(failure));
-    }
-
-    /// Waits until every report so far is written (or given up on).
-    async fn finish(self) {
-        drop(self.tx);
-        let _ = self.done.await;
-    }
-}
-
-/// The pipeline's side of a [`Reporter`] (usable from the blocking pool).
-struct StageSender(mpsc::UnboundedSender<Report>);
-
-impl StageSender {
-    fn send(&self, stage: Stage) -> Result<(), ()> {
-        self.0.send(Report::Stage(stage)).map_err(|_| ())
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

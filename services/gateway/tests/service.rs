@@ -107,8 +107,30 @@ async fn with_valkey_down_new_uploads_get_503_and_in_flight_results_arrive_after
     })
     .await;
 
-    // Valkey back (empty): the in-flight image's result is published from the outbox.
+    // The in-flight upload's original is in S3 although its job could not be queued. Valkey
+    // comes back empty: the job is queued again (as the API's reconciler does) and processed.
+    assert!(
+        gw.exists(&follow_service::objects::original_key(
+            &gw.storage_key(image_id)
+        ))
+        .await
+    );
     gw.valkey_server.restart().await.unwrap();
+    let job = follow_bus::Job {
+        image_id,
+        storage_key: gw.storage_key(image_id),
+        content_type: "image/jpeg".into(),
+        owner: "alice".into(),
+        accepted_at: time::OffsetDateTime::now_utc(),
+    };
+    eventually_async(WITHIN, "the job queued again", || async {
+        let mut producer = follow_bus::Producer::new(&gw.valkey).unwrap();
+        producer
+            .enqueue(&job, Some(std::time::Duration::from_secs(60)))
+            .await
+            .ok()
+    })
+    .await;
     let result = gw.result(image_id).await;
     assert!(
         matches!(result.outcome, ResultOutcome::Processed(_)),
@@ -237,6 +259,11 @@ async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
         .into_inner();
     assert_eq!((stats.processed, stats.failed, stats.in_flight), (1, 1, 0));
     assert_eq!(stats.failed_by_error_code.len(), 1);
+    assert_eq!(
+        (stats.queued, stats.jobs_in_progress, stats.jobs_dead),
+        (0, 0, 0)
+    );
+    assert_eq!(stats.oldest_job_age.unwrap_or_default().seconds, 0);
     let metrics = reqwest::get(format!("{}/metrics", gw.url()))
         .await
         .unwrap()
@@ -246,8 +273,14 @@ async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
     for name in [
         "follow_gateway_uploads_total",
         "follow_gateway_stage_seconds",
-        "follow_gateway_outbox_length",
         "follow_gateway_images_failed_total",
+        "follow_gateway_images_processed_total",
+        "follow_gateway_jobs_waiting",
+        "follow_gateway_jobs_in_progress",
+        "follow_gateway_jobs_dead",
+        "follow_gateway_oldest_job_seconds",
+        "follow_gateway_jobs_retried_total",
+        "follow_gateway_jobs_reclaimed_total",
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }

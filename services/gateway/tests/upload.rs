@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Gateway, Vars, WITHIN, jpeg, jpeg_with_exif_orientation_6, png_with_alpha, webp};
-use follow_bus::{ErrorCode, Progress, ResultOutcome, Stage, keys};
+use follow_bus::{ErrorCode, Notice, ResultOutcome, Stage, StreamMessage as _, keys};
+use follow_service::objects;
+use follow_testkit::eventually_async;
 use follow_token::{UploadClaims, UploadGrant};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -127,7 +129,7 @@ async fn bad_tokens_are_refused_with_401_and_nothing_is_published() {
     let grant = |image_id| UploadGrant {
         sub: "alice".into(),
         image_id,
-        storage_key: "k".into(),
+        storage_key: gw.storage_key(image_id),
         content_type: "image/jpeg".into(),
         max_file_size: 1000,
     };
@@ -158,7 +160,29 @@ async fn bad_tokens_are_refused_with_401_and_nothing_is_published() {
             Duration::from_secs(60),
         ))
         .unwrap();
+    // A valid signature over another image's objects, or a key of any other shape.
+    let elsewhere = |storage_key: String| {
+        gw.key
+            .sign(&UploadClaims::new(
+                UploadGrant {
+                    storage_key,
+                    ..grant(id)
+                },
+                now,
+                Duration::from_secs(60),
+            ))
+            .unwrap()
+    };
     for (token, code) in [
+        (
+            elsewhere(gw.storage_key(uuid::Uuid::new_v4())),
+            "INVALID_TOKEN",
+        ),
+        (
+            elsewhere(format!("{}/../x", gw.storage_key(id))),
+            "INVALID_TOKEN",
+        ),
+        (elsewhere("k".into()), "INVALID_TOKEN"),
         (expired, "TOKEN_EXPIRED"),
         (tampered, "INVALID_TOKEN"),
         (other_kid, "INVALID_TOKEN"),
@@ -199,70 +223,167 @@ async fn bad_tokens_are_refused_with_401_and_nothing_is_published() {
 }
 
 #[tokio::test]
-async fn refusals_after_the_guard_end_in_a_failed_result() {
+async fn header_refusals_spend_nothing_and_bad_bodies_end_in_a_failed_result() {
     let gw = Gateway::start_with(Vars::from([(
         "FOLLOW_MAX_UPLOAD_BYTES",
         "200000".to_owned(),
     )]))
     .await;
-    // Content type mismatch.
+    // Refusals from the headers alone spend nothing: the same token works once fixed.
     let (id, token) = gw.token("image/png", 1_000_000);
     let (status, answer) = gw.put(&token, "image/jpeg", jpeg(8, 8)).await;
     assert_eq!(
         (status, answer["error_code"].as_str()),
         (415, Some("CONTENT_TYPE_MISMATCH"))
     );
-    assert_eq!(
-        failure_code(&gw.result(id).await),
-        ErrorCode::ContentTypeMismatch
-    );
-    // Not an image at all.
-    let (id, token) = gw.token("image/jpeg", 1_000_000);
-    let (status, answer) = gw
-        .put(
-            &token,
-            "image/jpeg",
-            b"%PDF-1.7 definitely not a photo".to_vec(),
-        )
-        .await;
-    assert_eq!(
-        (status, answer["error_code"].as_str()),
-        (415, Some("INVALID_IMAGE"))
-    );
-    assert_eq!(failure_code(&gw.result(id).await), ErrorCode::InvalidImage);
-    // A truncated JPEG: accepted (its header is fine), then failed by the decoder.
-    let whole = jpeg(400, 300);
-    let (id, token) = gw.token("image/jpeg", 1_000_000);
-    let (status, _) = gw
-        .put(&token, "image/jpeg", whole[..whole.len() / 3].to_vec())
-        .await;
-    assert!(matches!(status, 202 | 415), "{status}");
-    assert_eq!(failure_code(&gw.result(id).await), ErrorCode::InvalidImage);
-    // A tiny PNG declaring 60000×60000: refused from its header.
-    let mut flood = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
-    flood.extend_from_slice(&60_000u32.to_be_bytes());
-    flood.extend_from_slice(&60_000u32.to_be_bytes());
-    flood.extend_from_slice(&[8, 6, 0, 0, 0, 0, 0, 0, 0]);
-    let (id, token) = gw.token("image/png", 1_000_000);
-    let (status, answer) = gw.put(&token, "image/png", flood).await;
-    assert_eq!(
-        (status, answer["error_code"].as_str()),
-        (413, Some("IMAGE_TOO_LARGE"))
-    );
-    assert_eq!(failure_code(&gw.result(id).await), ErrorCode::ImageTooLarge);
-    // Over the token's limit, and over the global cap: 413 before the body is read.
+    let (status, answer) = gw.put(&token, "image/png", png_with_alpha(8, 8)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(matches!(
+        gw.result(id).await.outcome,
+        ResultOutcome::Processed(_)
+    ));
     for limit in [1000, 10_000_000] {
-        let (id, token) = gw.token("image/jpeg", limit);
+        // Over the token's limit, and over the global cap: 413 before the body is read.
+        let (_, token) = gw.token("image/jpeg", limit);
         let (status, answer) = gw.put(&token, "image/jpeg", vec![0xFF; 300_000]).await;
         assert_eq!(
             (status, answer["error_code"].as_str()),
             (413, Some("PAYLOAD_TOO_LARGE"))
         );
+        let (status, _) = gw.put(&token, "image/jpeg", jpeg(8, 8)).await;
+        assert_eq!(status, 202, "not spent");
+    }
+    // Bad bodies spend the token: a failed result, recorded in S3 too.
+    let whole = jpeg(400, 300);
+    let mut flood = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+    flood.extend_from_slice(&60_000u32.to_be_bytes());
+    flood.extend_from_slice(&60_000u32.to_be_bytes());
+    flood.extend_from_slice(&[8, 6, 0, 0, 0, 0, 0, 0, 0]);
+    for (content_type, body, status, code) in [
+        (
+            "image/jpeg",
+            b"%PDF-1.7 definitely not a photo".to_vec(),
+            415,
+            ErrorCode::InvalidImage,
+        ),
+        (
+            "image/jpeg",
+            whole[..whole.len() / 3].to_vec(),
+            415,
+            ErrorCode::InvalidImage,
+        ),
+        ("image/png", flood, 413, ErrorCode::ImageTooLarge),
+    ] {
+        let (id, token) = gw.token(content_type, 1_000_000);
+        let (got, answer) = gw.put(&token, content_type, body.clone()).await;
         assert_eq!(
-            failure_code(&gw.result(id).await),
-            ErrorCode::PayloadTooLarge
+            (got, answer["error_code"].as_str()),
+            (status, Some(code.as_str()))
+        );
+        assert_eq!(failure_code(&gw.result(id).await), code);
+        assert!(gw.exists(&objects::record_key(&gw.storage_key(id))).await);
+        assert!(!gw.exists(&objects::original_key(&gw.storage_key(id))).await);
+        let (again, answer) = gw.put(&token, content_type, body).await;
+        assert_eq!(
+            (again, answer["error_code"].as_str()),
+            (409, Some("DUPLICATE_UPLOAD"))
         );
     }
+}
+
+#[tokio::test]
+async fn a_202_means_the_original_is_stored_and_its_job_queued() {
+    let gw = Gateway::start_with(Vars::from([
+        ("FOLLOW_KEEP_ORIGINALS", "true".to_owned()),
+        ("FOLLOW_PIPELINE_WORKERS", "1".to_owned()),
+    ]))
+    .await;
+    let body = jpeg(640, 480);
+    let (id, token) = gw.token("image/jpeg", 1_000_000);
+    let (status, receipt) = gw.put(&token, "image/jpeg", body.clone()).await;
+    assert_eq!(status, 202, "{receipt}");
+    let sha = Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    assert_eq!(receipt["image_id"], id.to_string());
+    assert_eq!(receipt["sha256"], sha);
+    assert_eq!(receipt["bytes"], body.len());
+    assert_eq!(receipt["status"], "accepted");
+    let key = gw.storage_key(id);
+    let (_, original) = gw.object(&objects::original_key(&key)).await;
+    assert_eq!(original, body, "stored before the 202, as received");
+    let result = gw.result(id).await;
+    assert_eq!(processed(&result).sha256, sha);
+    // The record says the same as the stream.
+    let (_, record) = gw.object(&objects::record_key(&key)).await;
+    assert_eq!(follow_bus::ImageResult::from_json(&record).unwrap(), result);
+}
+
+#[tokio::test]
+async fn after_valkey_loses_its_data_a_used_token_is_refused_and_the_objects_stay() {
+    let mut gw = Gateway::start().await;
+    let (id, token) = gw.token("image/jpeg", 1_000_000);
+    assert_eq!(gw.put(&token, "image/jpeg", jpeg(300, 200)).await.0, 202);
+    let result = gw.result(id).await;
+    let (_, stored) = gw.object(&processed(&result).storage_key).await;
+    gw.valkey_server.restart().await.unwrap();
+    let replay = || gw.put(&token, "image/jpeg", jpeg(500, 100));
+    let (status, answer) = eventually_async(WITHIN, "Valkey back", || async {
+        let (status, answer) = replay().await;
+        (status != 503).then_some((status, answer))
+    })
+    .await;
+    assert_eq!(
+        (status, answer["error_code"].as_str()),
+        (409, Some("DUPLICATE_UPLOAD"))
+    );
+    let (_, after) = gw.object(&processed(&result).storage_key).await;
+    assert_eq!(after, stored, "never overwritten by another upload");
+}
+
+#[tokio::test]
+async fn with_storage_refusing_an_upload_gets_503_and_the_same_token_works_after() {
+    let mut gw = Gateway::start().await;
+    let (id, token) = gw.token("image/jpeg", 1_000_000);
+    gw.garage.stop().await;
+    let (status, answer) = gw.put(&token, "image/jpeg", jpeg(64, 64)).await;
+    assert_eq!(
+        (status, answer["error_code"].as_str()),
+        (503, Some("UNAVAILABLE"))
+    );
+    gw.garage.restart().await.unwrap();
+    let (status, answer) = eventually_async(WITHIN, "storage back", || async {
+        let (status, answer) = gw.put(&token, "image/jpeg", jpeg(64, 64)).await;
+        (status != 503).then_some((status, answer))
+    })
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(matches!(
+        gw.result(id).await.outcome,
+        ResultOutcome::Processed(_)
+    ));
+}
+
+#[tokio::test]
+async fn storage_that_never_answers_times_out_into_a_503_and_nothing_is_spent() {
+    let gw = Gateway::start().await;
+    let (id, token) = gw.token("image/jpeg", 1_000_000);
+    gw.garage.pause();
+    let (status, answer) = tokio::time::timeout(WITHIN, gw.put(&token, "image/jpeg", jpeg(64, 64)))
+        .await
+        .expect("bounded by the S3 timeouts");
+    assert_eq!(
+        (status, answer["error_code"].as_str()),
+        (503, Some("UNAVAILABLE"))
+    );
+    gw.garage.resume();
+    let (status, answer) = gw.put(&token, "image/jpeg", jpeg(64, 64)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(matches!(
+        gw.result(id).await.outcome,
+        ResultOutcome::Processed(_)
+    ));
 }
 
 #[tokio::test]
@@ -319,7 +440,59 @@ async fn a_client_that_stalls_mid_body_is_timed_out() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert_eq!(failure_code(&gw.result(id).await), ErrorCode::Internal);
+    // Nothing was spent: no result, and the same token works.
+    let (status, answer) = gw.put(&token, "image/jpeg", jpeg(64, 64)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(matches!(
+        gw.result(id).await.outcome,
+        ResultOutcome::Processed(_)
+    ));
+}
+
+#[tokio::test]
+async fn a_client_gone_half_way_releases_the_token() {
+    let gw = Gateway::start().await;
+    let (id, token) = gw.token("image/jpeg", 1_000_000);
+    let body = jpeg(800, 600);
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "PUT /upload?token={token} HTTP/1.1\r\nhost: x\r\ncontent-type: image/jpeg\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..body.len() / 2]).await.unwrap();
+    let mut conn = gw.valkey_server.connection().await;
+    eventually_async(WITHIN, "the guard taken", || {
+        let mut conn = conn.clone();
+        async move {
+            redis::AsyncCommands::exists::<_, bool>(&mut conn, keys::upload_guard(id))
+                .await
+                .ok()
+                .filter(|e| *e)
+        }
+    })
+    .await;
+    drop(stream);
+    eventually_async(WITHIN, "the guard released", || {
+        let mut conn = conn.clone();
+        async move {
+            (!redis::AsyncCommands::exists::<_, bool>(&mut conn, keys::upload_guard(id))
+                .await
+                .ok()?)
+            .then_some(())
+        }
+    })
+    .await;
+    let (status, answer) = gw.put(&token, "image/jpeg", body).await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(matches!(
+        gw.result(id).await.outcome,
+        ResultOutcome::Processed(_)
+    ));
+    let results: u64 = redis::AsyncCommands::xlen(&mut conn, keys::RESULT_STREAM)
+        .await
+        .unwrap();
+    assert_eq!(results, 1, "the cut transfer published nothing");
 }
 
 #[tokio::test]
@@ -336,7 +509,9 @@ async fn stages_arrive_in_order_on_the_progress_channel() {
             .await
             .unwrap()
             .unwrap();
-        stages.push(Progress::decode(message.get_payload_bytes()).unwrap().stage);
+        if let Notice::Progress(p) = Notice::decode(message.get_payload_bytes()).unwrap() {
+            stages.push(p.stage());
+        }
     }
     assert_eq!(
         stages,
@@ -352,7 +527,7 @@ async fn stages_arrive_in_order_on_the_progress_channel() {
     );
     let mut tracker = follow_bus::ProgressTracker::new(&gw.valkey).unwrap();
     assert_eq!(
-        tracker.current(id).await.unwrap().unwrap().stage,
+        tracker.current(id).await.unwrap().unwrap().stage(),
         Stage::Done
     );
 }

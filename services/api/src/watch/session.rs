@@ -26,13 +26,16 @@ use uuid::Uuid;
 use crate::{
     auth::User,
     error::ApiError,
-    state::{Shared, error_code, live_stage, timestamp},
+    state::Shared,
     store::{self, ImageStatus, RouteStatus},
+    views,
 };
-use follow_bus::{HubEvent, Subscription};
+use follow_bus::{Committed, HubEvent, Notice, Subscription};
+use follow_proto::time::timestamp;
+use follow_service::objects;
 
-/// The level of an image whose committed outcome was sent.
-const FINAL: u8 = 10;
+/// The level of an image whose committed outcome was sent: above every stage's seq.
+const FINAL: u8 = Stage::LAST_SEQ as u8 + 1;
 const CURSOR_VERSION: u8 = 1;
 /// Images one stream may watch (a route has at most 100 waypoints too).
 pub const MAX_IMAGES: usize = 100;
@@ -150,21 +153,24 @@ impl Watch {
         }
     }
 
-    /// Queues what the hub said as events; `true` when the state must be read (see
-    /// [`Watch::catch_up`]).
-    fn apply(&mut self, event: Option<HubEvent>) -> Result<bool, Status> {
+    /// Queues what the hub said as events; says what must be read from the database.
+    async fn apply(&mut self, event: Option<HubEvent>) -> Result<Read, Status> {
         match event {
-            Some(HubEvent::Progress(batch)) => {
-                let mut committed = false;
-                for p in batch {
-                    committed |= p.committed;
-                    if !p.committed {
-                        self.progress(p.image_id, p.stage, p.seq);
+            Some(HubEvent::Notices(batch)) => {
+                let mut read = Read::Nothing;
+                for notice in batch {
+                    match notice {
+                        Notice::Progress(p) => self.progress(p.image_id(), p.stage(), p.seq()),
+                        Notice::Committed(c) => {
+                            if self.committed(*c).await {
+                                read = Read::Route;
+                            }
+                        }
                     }
                 }
-                Ok(committed)
+                Ok(read)
             }
-            Some(HubEvent::Resync) => Ok(true),
+            Some(HubEvent::Resync) => Ok(Read::All),
             Some(HubEvent::Lagged) => Err(Status::resource_exhausted(
                 "this watch fell too far behind; reconnect with your last cursor",
             )),
@@ -203,7 +209,7 @@ impl Watch {
             .filter(|i| i.status == ImageStatus::Pending)
             .map(|i| i.id)
             .collect();
-        let stages = shared.live_stages(&pending).await;
+        let live = shared.live_stages(&pending).await;
         for index in 0..self.images.len() {
             let Some(image) = images.iter().find(|i| i.id == self.images[index]) else {
                 continue;
@@ -214,40 +220,101 @@ impl Watch {
                     let event = self.final_event(image).await;
                     self.push(event);
                 }
-            } else if let Some(stage) = live_stage(&pending, stages.as_deref(), image.id) {
+            } else if let Some(stage) = live.of(image.id) {
                 self.progress(image.id, stage, stage.seq());
             }
         }
-        if let Some(route) = route
-            && matches!(route.status, RouteStatus::Ready | RouteStatus::Published)
+        if let Some(route) = route {
+            self.route_ready(&route).await;
+        }
+        Ok(())
+    }
+
+    /// Queues `route_ready` once, when the route is READY (or PUBLISHED).
+    async fn route_ready(&mut self, route: &store::RouteRecord) {
+        if matches!(route.status, RouteStatus::Ready | RouteStatus::Published)
             && !self.route_ready_sent
         {
             self.route_ready_sent = true;
-            let view = shared.route_view(&route).await;
+            let view = self.shared.route_view(route).await;
             self.push(api::watch_image_status_response::Event::RouteReady(
                 api::RouteReadyEvent { route: Some(view) },
             ));
         }
+    }
+
+    /// Reads the watched route and queues `route_ready` if it is.
+    async fn read_route(&mut self) -> Result<(), ApiError> {
+        let Some(id) = self.route else {
+            return Ok(());
+        };
+        let shared = Arc::clone(&self.shared);
+        let owner = self.owner.0.clone();
+        let route = shared
+            .watch_db(|mut conn| async move { Ok(store::route(&mut conn, &owner, id).await?) })
+            .await?;
+        if let Some(route) = route {
+            self.route_ready(&route).await;
+        }
         Ok(())
+    }
+
+    /// Queues the final event of a committed image from its announcement (no database read);
+    /// `true` when it made the watched route READY and that is still to be sent.
+    async fn committed(&mut self, c: Committed) -> bool {
+        let Some(index) = self.images.iter().position(|i| *i == c.image_id) else {
+            return false;
+        };
+        if self.levels[index] < FINAL {
+            self.levels[index] = FINAL;
+            let event = self.final_event_of(c.image).await;
+            self.push(event);
+        }
+        c.route_ready && self.route.is_some() && !self.route_ready_sent
     }
 
     async fn final_event(
         &self,
         image: &store::ImageRecord,
     ) -> api::watch_image_status_response::Event {
+        self.final_event_of(views::image(
+            image,
+            None,
+            self.shared.preview_url(image).await,
+        ))
+        .await
+    }
+
+    /// The final event of an image from its view (the preview URL presigned here when missing:
+    /// an announcement carries none).
+    async fn final_event_of(
+        &self,
+        mut view: api::Image,
+    ) -> api::watch_image_status_response::Event {
         use api::watch_image_status_response::Event;
-        if image.status == ImageStatus::Processed {
-            let view = self.shared.image_view(image, None).await;
+        if view.status() == api::ImageStatus::Processed {
+            if view.preview_url.is_empty()
+                && let (Ok(route), Ok(image)) =
+                    (Uuid::try_parse(&view.route_id), Uuid::try_parse(&view.id))
+            {
+                let key = objects::preview_key(&objects::storage_key(route, image));
+                view.preview_url = self
+                    .shared
+                    .bucket
+                    .presigned_get(&key, self.shared.limits.preview_url_ttl)
+                    .await
+                    .unwrap_or_default();
+            }
             Event::ImageProcessed(api::ImageProcessedEvent {
                 preview_url: view.preview_url.clone(),
                 image: Some(view),
             })
         } else {
             Event::ImageFailed(api::ImageFailedEvent {
-                image_id: image.id.to_string(),
-                route_id: image.route_id.to_string(),
-                error_code: error_code(image.error_code.as_deref()).into(),
-                error_message: image.error_message.clone().unwrap_or_default(),
+                image_id: view.id,
+                route_id: view.route_id,
+                error_code: view.error_code,
+                error_message: view.error_message,
             })
         }
     }
@@ -283,6 +350,15 @@ impl Watch {
             event: Some(event),
         });
     }
+}
+
+/// What a watch must read after a hub event.
+enum Read {
+    Nothing,
+    /// The route, to send `route_ready` (a committed image made it READY).
+    Route,
+    /// Everything: messages may have been missed.
+    All,
 }
 
 /// A watch being streamed.
@@ -327,14 +403,14 @@ impl Live {
                 }
                 event = watch.subscription.recv() => event,
             };
-            match watch.apply(event) {
-                Ok(false) => {}
-                Ok(true) => {
-                    if let Err(e) = watch.catch_up().await {
-                        return Some(Err(e.into()));
-                    }
-                }
+            let read = match watch.apply(event).await {
+                Ok(Read::Nothing) => Ok(()),
+                Ok(Read::Route) => watch.read_route().await,
+                Ok(Read::All) => watch.catch_up().await,
                 Err(status) => return Some(Err(status)),
+            };
+            if let Err(e) = read {
+                return Some(Err(e.into()));
             }
         }
     }

@@ -4,14 +4,17 @@
 pub mod stack;
 
 use follow_bus::{ErrorCode, Failure, ImageResult, Processed, ResultOutcome};
+use follow_service::objects;
 use follow_testkit::PostgresServer;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-pub fn processed_outcome() -> ResultOutcome {
+/// A `processed` outcome naming the objects of `image` of `route` (as the gateway does).
+pub fn processed_outcome(route: Uuid, image: Uuid) -> ResultOutcome {
+    let storage_key = objects::storage_key(route, image);
     ResultOutcome::Processed(Processed {
-        storage_key: "k".into(),
-        preview_key: "k.preview".into(),
+        preview_key: objects::preview_key(&storage_key),
+        storage_key,
         sha256: "cd".repeat(32),
         content_type: "image/jpeg".into(),
         width: 4000,
@@ -27,6 +30,16 @@ pub fn failed_outcome(code: ErrorCode) -> ResultOutcome {
         code,
         message: "bad".into(),
     })
+}
+
+/// The `processed` result of a pending image, naming its objects as the gateway would.
+pub async fn processed_for(pool: &PgPool, image: Uuid) -> ImageResult {
+    let route: Uuid = sqlx::query_scalar("SELECT route_id FROM image.images WHERE id = $1")
+        .bind(image)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    result(image, processed_outcome(route, image))
 }
 
 /// A gateway result for `image_id`, produced now.
@@ -97,7 +110,7 @@ pub async fn insert_route(
         .bind(image)
         .bind(route.id)
         .bind(waypoint)
-        .bind(format!("routes/{}/{image}.jpg", route.id))
+        .bind(objects::storage_key(route.id, image))
         .execute(&mut *tx)
         .await?;
     }
@@ -152,7 +165,7 @@ pub async fn reissue(pool: &PgPool, route_id: Uuid, waypoint_id: Uuid) -> Uuid {
     .bind(image)
     .bind(route_id)
     .bind(waypoint_id)
-    .bind(format!("routes/{route_id}/{image}.png"))
+    .bind(objects::storage_key(route_id, image))
     .execute(&mut *tx)
     .await
     .unwrap();
@@ -166,4 +179,17 @@ pub async fn reissue(pool: &PgPool, route_id: Uuid, waypoint_id: Uuid) -> Uuid {
     .unwrap();
     tx.commit().await.unwrap();
     image
+}
+
+/// What the reconciler does to an image nothing was uploaded for: its token expired long ago.
+pub async fn expire(pool: &PgPool, image: Uuid) {
+    sqlx::query("UPDATE image.images SET expires_at = now() - interval '1 day' WHERE id = $1")
+        .bind(image)
+        .execute(pool)
+        .await
+        .unwrap();
+    let expired = follow_api::store::expire(pool, image, std::time::Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert!(expired.is_some(), "expired");
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use follow_bus::{
     ConsumerConfig, Delivery, ErrorCode, Failure, Handler, ImageResult, Outcome, Processed,
-    ResultOutcome, Valkey, ValkeyConfig,
+    ResultOutcome, Valkey, ValkeyConfig, keys,
 };
 use follow_testkit::ValkeyServer;
 use tokio::sync::mpsc;
@@ -55,19 +55,19 @@ pub fn config(consumer: &str) -> ConsumerConfig {
         reclaim_interval: Duration::from_millis(50),
         backoff_min: Duration::from_millis(10),
         backoff_max: Duration::from_millis(100),
-        ..ConsumerConfig::new(consumer)
+        ..ConsumerConfig::new(keys::RESULTS, consumer)
     }
 }
 
 /// Sends every delivery it gets to a channel (tagged with its name), answering with `decide`.
 pub struct Recorder<F> {
     pub name: String,
-    pub tx: mpsc::UnboundedSender<(String, Delivery)>,
+    pub tx: mpsc::UnboundedSender<(String, Delivery<ImageResult>)>,
     pub decide: F,
 }
 
-impl<F: FnMut(&Delivery) -> Outcome + Send> Handler for Recorder<F> {
-    async fn handle(&mut self, batch: &[Delivery]) -> Vec<Outcome> {
+impl<F: FnMut(&Delivery<ImageResult>) -> Outcome + Send> Handler<ImageResult> for Recorder<F> {
+    async fn handle(&mut self, batch: &[Delivery<ImageResult>]) -> Vec<Outcome> {
         batch
             .iter()
             .map(|d| {
@@ -79,16 +79,16 @@ impl<F: FnMut(&Delivery) -> Outcome + Send> Handler for Recorder<F> {
 }
 
 /// What a [`Recorder`] saw: (its name, the delivery).
-pub type Seen = mpsc::UnboundedReceiver<(String, Delivery)>;
+pub type Seen = mpsc::UnboundedReceiver<(String, Delivery<ImageResult>)>;
 
-pub type AckAll = fn(&Delivery) -> Outcome;
+pub type AckAll = fn(&Delivery<ImageResult>) -> Outcome;
 
 /// A handler that acknowledges everything.
 pub fn recorder(name: &str) -> (Recorder<AckAll>, Seen) {
     recorder_with(name, |_| Outcome::Ack)
 }
 
-pub fn recorder_with<F: FnMut(&Delivery) -> Outcome + Send>(
+pub fn recorder_with<F: FnMut(&Delivery<ImageResult>) -> Outcome + Send>(
     name: &str,
     decide: F,
 ) -> (Recorder<F>, Seen) {
@@ -178,7 +178,10 @@ pub struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
-pub fn spawn<H: Handler + 'static>(consumer: follow_bus::Consumer, mut handler: H) -> Running {
+pub fn spawn<H: Handler<ImageResult> + 'static>(
+    consumer: follow_bus::Consumer<ImageResult>,
+    mut handler: H,
+) -> Running {
     let cancel = tokio_util::sync::CancellationToken::new();
     let task = {
         let cancel = cancel.clone();
@@ -227,10 +230,7 @@ pub async fn subscribe(
     image_id: Uuid,
 ) -> impl futures_util::Stream<Item = redis::Msg> + use<> {
     let mut pubsub = valkey.pubsub().await.unwrap();
-    pubsub
-        .subscribe(follow_bus::keys::progress(image_id))
-        .await
-        .unwrap();
+    pubsub.subscribe(keys::progress(image_id)).await.unwrap();
     pubsub.into_on_message()
 }
 

@@ -8,8 +8,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use follow_bus::{ImageResult, Valkey, ValkeyConfig, keys};
+use follow_bus::{ImageResult, StreamMessage as _, Valkey, ValkeyConfig, keys};
 use follow_image_gateway::{app::Application, config::Config};
+use follow_service::objects;
 use follow_testkit::{GarageServer, ValkeyServer, eventually_async};
 use follow_token::{SigningKey, UploadClaims, UploadGrant};
 use image::{
@@ -31,6 +32,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     pub key: SigningKey,
     pub s3: aws_sdk_s3::Client,
+    /// The route of every image of this gateway's tokens.
+    pub route: Uuid,
     cancel: CancellationToken,
     app: Option<JoinHandle<()>>,
 }
@@ -62,6 +65,15 @@ impl Gateway {
             ("FOLLOW_S3_BUCKET", garage.bucket().into()),
             ("FOLLOW_S3_ACCESS_KEY_ID", garage.access_key().into()),
             ("FOLLOW_S3_SECRET_ACCESS_KEY", garage.secret_key().into()),
+            (
+                "FOLLOW_SPOOL_DIR",
+                std::env::temp_dir()
+                    .join("follow-gateway-test-spool")
+                    .display()
+                    .to_string(),
+            ),
+            ("FOLLOW_S3_ATTEMPT_TIMEOUT_SECS", "2".into()),
+            ("FOLLOW_S3_OPERATION_TIMEOUT_SECS", "4".into()),
         ]);
         vars.extend(overrides);
         let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
@@ -73,21 +85,7 @@ impl Gateway {
             let cancel = cancel.clone();
             async move { application.run(cancel).await.unwrap() }
         });
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::Config::builder()
-                .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-                .endpoint_url(garage.endpoint())
-                .region(aws_sdk_s3::config::Region::new(garage.region().to_owned()))
-                .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                    garage.access_key(),
-                    garage.secret_key(),
-                    None,
-                    None,
-                    "test",
-                ))
-                .force_path_style(true)
-                .build(),
-        );
+        let s3 = garage.client();
         let valkey = Valkey::new(ValkeyConfig::new(valkey_server.url())).unwrap();
         Self {
             valkey_server,
@@ -96,6 +94,7 @@ impl Gateway {
             addr,
             key,
             s3,
+            route: Uuid::new_v4(),
             cancel,
             app: Some(app),
         }
@@ -119,7 +118,7 @@ impl Gateway {
             UploadGrant {
                 sub: "alice".into(),
                 image_id,
-                storage_key: format!("routes/r/images/{image_id}"),
+                storage_key: self.storage_key(image_id),
                 content_type: content_type.into(),
                 max_file_size,
             },
@@ -145,6 +144,22 @@ impl Gateway {
         let status = response.status().as_u16();
         let body = response.json().await.unwrap_or(serde_json::Value::Null);
         (status, body)
+    }
+
+    /// Whether `key` is in the bucket.
+    pub async fn exists(&self, key: &str) -> bool {
+        self.s3
+            .head_object()
+            .bucket(self.garage.bucket())
+            .key(key)
+            .send()
+            .await
+            .is_ok()
+    }
+
+    /// The storage key of an image of [`Gateway::token`] (every object of it is under it).
+    pub fn storage_key(&self, image_id: Uuid) -> String {
+        objects::storage_key(self.route, image_id)
     }
 
     pub async fn object(&self, key: &str) -> (String, Vec<u8>) {

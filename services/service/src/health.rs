@@ -1,0 +1,73 @@
+//! Health, told the same way by both services: `GET /health` (200 with `"ok"` per dependency,
+//! 503 with `"down"` entries) and `grpc.health.v1.Health`, kept in step by [`report`].
+
+use std::{future::Future, time::Duration};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+/// Each dependency (or duty) by name, and whether it is up.
+pub type Checks = Vec<(&'static str, bool)>;
+
+/// What a service checks for its health.
+pub trait Probe: Clone + Send + Sync + 'static {
+    fn check(&self) -> impl Future<Output = Checks> + Send;
+}
+
+/// `GET /health`.
+pub fn router<P: Probe>(probe: P) -> Router {
+    Router::new()
+        .route("/health", get(health::<P>))
+        .with_state(probe)
+}
+
+async fn health<P: Probe>(State(probe): State<P>) -> impl IntoResponse {
+    let checks = probe.check().await;
+    let ok = checks.iter().all(|(_, up)| *up);
+    let mut body = Map::new();
+    body.insert("status".into(), (if ok { "ok" } else { "degraded" }).into());
+    for (name, up) in checks {
+        body.insert(name.into(), (if up { "ok" } else { "down" }).into());
+    }
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(Value::Object(body)))
+}
+
+/// Keeps `grpc.health.v1` (the server as a whole, `""`, and each of `services`) in step with
+/// the probe, checked every `every`.
+pub async fn report<P: Probe>(
+    probe: P,
+    reporter: HealthReporter,
+    services: &'static [&'static str],
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let ok = probe.check().await.iter().all(|(_, up)| *up);
+        if last != Some(ok) {
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for service in std::iter::once("").chain(services.iter().copied()) {
+                reporter.set_service_status(service, status).await;
+            }
+            if last.is_some() {
+                tracing::info!(serving = ok, "health changed");
+            }
+            last = Some(ok);
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}

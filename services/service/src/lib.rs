@@ -1,0 +1,26 @@
+//! The shell both follow services share, written once: each service's `main.rs` and `app.rs`
+//! only wire their own parts into it.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | reading `FOLLOW_*` settings, secrets, the shared server and S3 settings |
+//! | [`s3`] | the bucket: the S3 client with the SDK's timeouts and bounded retries, typed errors |
+//! | [`objects`] | the S3 object keys of an image |
+//! | [`logging`] / [`runtime`] | logs, the runtime, the exit code, the shutdown token (signals) |
+//! | [`serve`] | gRPC + grpc-web + reflection + CORS + keepalive + shutdown grace on one port |
+//! | [`workers`] | named background tasks: supervised (restarted) or one-shot (down is reported) |
+//! | [`health`] | `/health` and `grpc.health.v1`, from one probe |
+//! | [`metrics`] | serving a Prometheus registry |
+//! | [`auth`] | the bearer-token parser |
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod health;
+pub mod logging;
+pub mod metrics;
+pub mod objects;
+pub mod runtime;
+pub mod s3;
+pub mod serve;
+pub mod workers;

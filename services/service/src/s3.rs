@@ -1,0 +1,221 @@
+//! The one S3 client set-up and the bucket operations follow uses: path-style addressing, static
+//! credentials from config, the SDK's own timeouts (connect, per attempt, per operation) and
+//! standard retries (bounded attempts with backoff). Nothing here waits forever on a storage
+//! server that stopped answering; every failure is a typed [`S3Error`].
+
+use std::{path::Path, time::Duration};
+
+use aws_sdk_s3::{
+    Client,
+    config::{
+        BehaviorVersion, Credentials, Region, RequestChecksumCalculation, http::HttpResponse,
+        retry::RetryConfig, timeout::TimeoutConfig,
+    },
+    error::{ProvideErrorMetadata, SdkError},
+    presigning::PresigningConfig,
+    primitives::ByteStream,
+};
+use secrecy::ExposeSecret as _;
+
+use crate::config::S3Config;
+
+/// Why a bucket operation did not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum S3Error {
+    /// A create-if-absent found the object there.
+    #[error("the object already exists")]
+    Exists,
+    #[error("no such object")]
+    NotFound,
+    /// The object is larger than the caller accepts.
+    #[error("the object is larger than {0} bytes")]
+    TooLarge(u64),
+    /// Storage did not answer, answered an error, or timed out: worth retrying later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The bucket of images.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    client: Client,
+    name: String,
+}
+
+impl Bucket {
+    pub fn new(config: &S3Config) -> Self {
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.attempt_timeout)
+            .operation_attempt_timeout(config.attempt_timeout)
+            .operation_timeout(config.operation_timeout)
+            .build();
+        let s3 = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(&config.endpoint)
+            .region(Region::new(config.region.clone()))
+            .credentials_provider(Credentials::new(
+                &config.access_key_id,
+                config.secret_access_key.expose_secret(),
+                None,
+                None,
+                "follow-config",
+            ))
+            .force_path_style(true)
+            // Checksums only where S3 requires them: a streamed body (a spooled original) would
+            // otherwise go as aws-chunked with a trailer, which not every S3 server takes.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .timeout_config(timeouts)
+            .retry_config(RetryConfig::standard().with_max_attempts(config.max_attempts))
+            .build();
+        Self {
+            client: Client::from_conf(s3),
+            name: config.bucket.clone(),
+        }
+    }
+
+    /// Stores `bytes` at `key`.
+    pub async fn put(&self, key: &str, bytes: Vec<u8>, content_type: &str) -> Result<(), S3Error> {
+        self.put_body(key, ByteStream::from(bytes), content_type, false)
+            .await
+    }
+
+    /// Stores the file at `path` at `key` unless an object is there already: `If-None-Match: *`
+    /// where the server supports conditional writes (MinIO, AWS); servers that ignore it
+    /// (Garage) need the caller to have checked first.
+    pub async fn put_new_file(
+        &self,
+        key: &str,
+        path: &Path,
+        content_type: &str,
+    ) -> Result<(), S3Error> {
+        let body = ByteStream::from_path(path)
+            .await
+            .map_err(|e| S3Error::Unavailable(format!("reading {}: {e}", path.display())))?;
+        self.put_body(key, body, content_type, true).await
+    }
+
+    async fn put_body(
+        &self,
+        key: &str,
+        body: ByteStream,
+        content_type: &str,
+        if_absent: bool,
+    ) -> Result<(), S3Error> {
+        let mut put = self
+            .client
+            .put_object()
+            .bucket(&self.name)
+            .key(key)
+            .content_type(content_type)
+            .body(body);
+        if if_absent {
+            put = put.if_none_match("*");
+        }
+        put.send().await.map(|_| ()).map_err(classify)
+    }
+
+    /// The object at `key`, refused past `max_bytes`.
+    pub async fn get(&self, key: &str, max_bytes: u64) -> Result<Vec<u8>, S3Error> {
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(classify)?;
+        let length = object.content_length().and_then(|n| u64::try_from(n).ok());
+        if length.is_some_and(|n| n > max_bytes) {
+            return Err(S3Error::TooLarge(max_bytes));
+        }
+        let bytes = object
+            .body
+            .collect()
+            .await
+            .map_err(|e| S3Error::Unavailable(format!("reading {key}: {e}")))?
+            .into_bytes();
+        if bytes.len() as u64 > max_bytes {
+            return Err(S3Error::TooLarge(max_bytes));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// Whether an object is at `key`.
+    pub async fn exists(&self, key: &str) -> Result<bool, S3Error> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(classify)
+        {
+            Ok(_) => Ok(true),
+            Err(S3Error::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `key` (nothing there is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
+        self.client
+            .delete_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    /// Whether the bucket answers (for `/health`).
+    pub async fn healthy(&self) -> bool {
+        self.client
+            .head_bucket()
+            .bucket(&self.name)
+            .send()
+            .await
+            .is_ok()
+    }
+
+    /// A URL that GETs `key` for `ttl`. Signing is local: no network.
+    pub async fn presigned_get(&self, key: &str, ttl: Duration) -> Option<String> {
+        let presigning = PresigningConfig::expires_in(ttl).ok()?;
+        match self
+            .client
+            .get_object()
+            .bucket(&self.name)
+            .key(key)
+            .presigned(presigning)
+            .await
+        {
+            Ok(request) => Some(request.uri().to_owned()),
+            Err(e) => {
+                tracing::error!(error = %describe(e), key, "presigning failed");
+                None
+            }
+        }
+    }
+}
+
+/// An SDK error as one line with its causes, for logs (never for clients).
+fn describe<E: std::error::Error>(error: E) -> String {
+    aws_sdk_s3::error::DisplayErrorContext(error).to_string()
+}
+
+fn classify<E>(error: SdkError<E, HttpResponse>) -> S3Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if let SdkError::ServiceError(service) = &error {
+        let status = service.raw().status().as_u16();
+        match (service.err().code(), Some(status)) {
+            (Some("PreconditionFailed"), _) | (_, Some(412)) => return S3Error::Exists,
+            (Some("NoSuchKey" | "NotFound"), _) | (_, Some(404)) => return S3Error::NotFound,
+            _ => {}
+        }
+    }
+    S3Error::Unavailable(describe(error))
+}
