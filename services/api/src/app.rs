@@ -6,8 +6,8 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use follow_bus::{
-    BusError, Consumer, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer,
-    ProgressTracker, Trimmer, UploadGuard, Valkey, ValkeyConfig, keys,
+    BusError, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer, ProgressTracker,
+    UploadGuard, Valkey, ValkeyConfig, keys,
 };
 use follow_proto::api::v1::{
     image_service_server::ImageServiceServer, route_service_server::RouteServiceServer,
@@ -15,6 +15,7 @@ use follow_proto::api::v1::{
 use follow_service::{
     config::ExposeSecret as _,
     health,
+    metrics::Registry,
     s3::Bucket,
     serve::{ServeError, Surface, serve},
     workers::Workers,
@@ -29,7 +30,7 @@ use crate::{
     auth::Authenticator,
     breaker::CircuitBreaker,
     config::Config,
-    http::{self, ApiProbe},
+    http::ApiProbe,
     images::ImageService,
     metrics::Metrics,
     reconciler::Reconciler,
@@ -109,7 +110,8 @@ impl Application {
             valkey,
         } = self;
         let workers = Workers::new(cancel.clone());
-        let metrics = Arc::new(Metrics::new());
+        let mut registry = Registry::with_prefix("follow_api");
+        let metrics = Arc::new(Metrics::register(&mut registry));
         let progress = ProgressTracker::new(&valkey)?;
         let bucket = Bucket::new(&config.s3);
         let hub = Arc::new(Hub::new(
@@ -117,10 +119,7 @@ impl Application {
             config.hub_channels,
             config.watch_max_lag,
         ));
-        {
-            let (hub, cancel) = (Arc::clone(&hub), cancel.clone());
-            workers.supervise("progress-hub", move || hub.worker(cancel.clone()));
-        }
+        workers.hub(&hub);
         let applier = ResultApplier::new(pool.clone())
             .with_announcer(progress.clone())
             .with_metrics(Arc::clone(&metrics));
@@ -130,39 +129,14 @@ impl Application {
             ..ConsumerConfig::new(keys::RESULTS, config.consumer_name.clone())
         };
         let consumer_stats = Arc::new(ConsumerStats::default());
-        {
-            let (valkey, applier, stats, cancel) = (
-                valkey.clone(),
-                applier.clone(),
-                Arc::clone(&consumer_stats),
-                cancel.clone(),
-            );
-            workers.supervise("result-consumer", move || {
-                // After a panic a fresh consumer picks up where the old one left: its pending
-                // entries are re-read first.
-                let consumer = Consumer::new(&valkey, consumer_config.clone());
-                let (mut applier, stats, cancel) =
-                    (applier.clone(), Arc::clone(&stats), cancel.clone());
-                async move {
-                    match consumer {
-                        Ok(consumer) => consumer.with_stats(stats).run(&mut applier, cancel).await,
-                        Err(e) => tracing::error!(error = %e, "cannot create the consumer"),
-                    }
-                }
-            });
-        }
-        {
-            let (valkey, cancel) = (valkey.clone(), cancel.clone());
-            workers.supervise("result-trimmer", move || {
-                let (trimmer, cancel) = (Trimmer::new(&valkey, keys::RESULTS), cancel.clone());
-                async move {
-                    match trimmer {
-                        Ok(t) => t.run(Duration::from_secs(30), cancel).await,
-                        Err(e) => tracing::error!(error = %e, "cannot create the trimmer"),
-                    }
-                }
-            });
-        }
+        workers.consume(
+            "result-consumer",
+            &valkey,
+            consumer_config,
+            Arc::clone(&consumer_stats),
+            applier.clone(),
+        );
+        workers.trim("result-trimmer", &valkey, keys::RESULTS);
         let queue = HealthChecker::new(&valkey, Some(keys::RESULTS))?;
         {
             let reconciler = Reconciler {
@@ -185,22 +159,12 @@ impl Application {
             valkey: queue,
             workers: workers.clone(),
             metrics: Arc::clone(&metrics),
+            registry: Arc::new(registry),
             consumer: consumer_stats,
             hub: hub.stats(),
         };
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        {
-            let (probe, cancel) = (probe.clone(), cancel.clone());
-            workers.supervise("health-reporter", move || {
-                health::report(
-                    probe.clone(),
-                    reporter.clone(),
-                    SERVICES,
-                    Duration::from_secs(2),
-                    cancel.clone(),
-                )
-            });
-        }
+        workers.report_health(probe.clone(), reporter, SERVICES);
 
         let shared = Arc::new(Shared {
             pool: pool.clone(),
@@ -234,7 +198,7 @@ impl Application {
             .add_service(health_service),
             names: SERVICES,
             public: axum::Router::new(),
-            ops: http::ops(probe),
+            ops: health::router(probe),
         };
         let served = serve(listener, surface, &config.server, cancel.clone()).await;
         // However serving ended, everything else stops with it.

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use follow_bus::Channels;
 use follow_service::config::{
-    ConfigError, Env, ExposeSecret as _, S3Config, SecretString, ServerConfig, hostname, invalid,
+    ConfigError, Env, ExposeSecret as _, FromEnv, S3Config, SecretString, ServerConfig, invalid,
     valkey_url,
 };
 use follow_token::{Kid, SigningKey, VerifyingKeys};
@@ -55,19 +55,10 @@ pub struct Config {
     pub expiry_grace: Duration,
 }
 
-impl Config {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    /// Reads every setting through `lookup` (the environment, or a map in tests).
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+impl FromEnv for Config {
+    fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env::new(&lookup);
-        let user_keys = VerifyingKeys::parse_list(&env.required("FOLLOW_USER_PUBLIC_KEYS")?)
-            .map_err(|e| invalid("FOLLOW_USER_PUBLIC_KEYS", e))?;
-        if user_keys.is_empty() {
-            return Err(invalid("FOLLOW_USER_PUBLIC_KEYS", "no key"));
-        }
+        let user_keys = env.verifying_keys("FOLLOW_USER_PUBLIC_KEYS")?;
         let upload_signing_key = parse_signing_key(
             "FOLLOW_UPLOAD_SIGNING_KEY",
             env.secret("FOLLOW_UPLOAD_SIGNING_KEY")?.expose_secret(),
@@ -79,13 +70,7 @@ impl Config {
         if !(gateway_url.starts_with("http://") || gateway_url.starts_with("https://")) {
             return Err(invalid("FOLLOW_GATEWAY_URL", "must be an http(s) URL"));
         }
-        let consumer_name = env.get("FOLLOW_CONSUMER_NAME").map_or_else(
-            || format!("api-{}-{}", hostname(), std::process::id()),
-            |name| name.trim().to_owned(),
-        );
-        if consumer_name.is_empty() || consumer_name.len() > 200 {
-            return Err(invalid("FOLLOW_CONSUMER_NAME", "must be 1-200 characters"));
-        }
+        let consumer_name = env.consumer_name("api")?;
         Ok(Self {
             server: ServerConfig::from_env(&env, "FOLLOW_API_LISTEN", "127.0.0.1:8080")?,
             database_url: env.secret("FOLLOW_DATABASE_URL")?,

@@ -1,12 +1,13 @@
-//! The plain-HTTP endpoints beside gRPC on the same port (operators only, no CORS):
-//! `GET /health` and `GET /metrics`, and the probe both health reports share.
+//! What `GET /health`, `GET /metrics` (beside gRPC on the same port, operators only, no CORS) and
+//! `grpc.health.v1` report of the API.
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{Router, extract::State, response::Response, routing::get};
-use follow_bus::{ConsumerStats, HealthChecker, HubStats, keys};
+use axum::response::Response;
+use follow_bus::{ConsumerStats, HealthChecker, HubStats};
 use follow_service::{
     health::{self, Checks, Probe},
+    metrics::Registry,
     workers::Workers,
 };
 use sqlx::PgPool;
@@ -20,13 +21,13 @@ pub struct ApiProbe {
     pub valkey: HealthChecker,
     pub workers: Workers,
     pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
     pub consumer: Arc<ConsumerStats>,
     pub hub: Arc<HubStats>,
 }
 
 impl Probe for ApiProbe {
     async fn check(&self) -> Checks {
-        let mut valkey = self.valkey.clone();
         let postgres = async {
             tokio::time::timeout(
                 Duration::from_secs(2),
@@ -35,32 +36,13 @@ impl Probe for ApiProbe {
             .await
             .is_ok_and(|r| r.is_ok())
         };
-        let (valkey, postgres) = tokio::join!(valkey.check(), postgres);
-        vec![
-            ("valkey", valkey.valkey),
-            ("postgres", postgres),
-            ("workers", self.workers.down().is_empty()),
-        ]
+        health::checks(&self.valkey, &self.workers, "postgres", postgres).await
     }
-}
 
-/// `GET /health`, `GET /metrics`.
-pub fn ops(probe: ApiProbe) -> Router {
-    health::router(probe.clone()).merge(
-        Router::new()
-            .route("/metrics", get(metrics))
-            .with_state(probe),
-    )
-}
-
-async fn metrics(State(probe): State<ApiProbe>) -> Response {
-    let queue = match probe.valkey.clone().queue_info(keys::RESULTS).await {
-        Ok(queue) => queue,
-        Err(e) => {
-            tracing::debug!(error = %e, "metrics: the result queue is unavailable");
-            None
-        }
-    };
-    probe.metrics.sample(&probe.consumer, &probe.hub, queue);
-    follow_service::metrics::response(probe.metrics.registry())
+    async fn metrics(&self) -> Response {
+        self.metrics
+            .sample(&self.hub, &self.valkey, &self.consumer)
+            .await;
+        follow_service::metrics::response(&self.registry)
+    }
 }

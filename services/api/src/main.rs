@@ -10,6 +10,7 @@
 //!   could not be applied (`image:result:dead`), for operators (`--json` for machines).
 #![forbid(unsafe_code)]
 
+use follow_service::config::FromEnv as _;
 use std::{
     io::Write as _,
     path::PathBuf,

@@ -2,18 +2,12 @@
 //! pipeline keep up (lag, pending, apply latency, dead letters), the reconciler, errors by code,
 //! and watchers.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::sync::atomic::Ordering;
 
-use follow_bus::{ConsumerStats, HubStats, QueueInfo};
-use follow_service::metrics::{EncodeLabelSet, EncodeLabelValue};
-use prometheus_client::{
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
-    registry::Registry,
+use follow_bus::{ConsumerStats, HealthChecker, HubStats, keys};
+use follow_service::metrics::{
+    Counter, EncodeLabelSet, EncodeLabelValue, Family, Gauge, Histogram, QueueMetrics, Registry,
+    exponential_buckets,
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,7 +82,6 @@ struct ReconciledLabels {
 
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
     rpc_errors: Family<RpcErrorLabels, Counter>,
     results: Family<OutcomeLabels, Counter>,
     reconciled: Family<ReconciledLabels, Counter>,
@@ -98,25 +91,12 @@ pub struct Metrics {
     pub watch_db_reads: Counter,
     watchers_lagged: Counter,
     hub_channels: Gauge,
-    consumer_pending: Gauge,
-    consumer_lag: Gauge,
-    dead_letters: Gauge,
-    oldest_dead_letter_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
-    handled: Counter,
-    dead_lettered: Counter,
-    retried: Counter,
-    reclaimed: Counter,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
+    results_queue: QueueMetrics,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("follow_api");
+    /// Every metric of the service, registered in `registry` (`follow_api_*`).
+    pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             rpc_errors: Family::default(),
             results: Family::default(),
@@ -126,15 +106,8 @@ impl Metrics {
             watch_db_reads: Counter::default(),
             watchers_lagged: Counter::default(),
             hub_channels: Gauge::default(),
-            consumer_pending: Gauge::default(),
-            consumer_lag: Gauge::default(),
-            dead_letters: Gauge::default(),
-            oldest_dead_letter_seconds: Gauge::default(),
-            handled: Counter::default(),
-            dead_lettered: Counter::default(),
-            retried: Counter::default(),
-            reclaimed: Counter::default(),
-            registry: Registry::default(),
+            // `image:result` as the API consumes it (dead: `follow-api dead list`).
+            results_queue: QueueMetrics::register(registry, "results", "results"),
         };
         registry.register(
             "rpc_errors",
@@ -176,47 +149,7 @@ impl Metrics {
             "image progress channels this instance subscribes to (images watched here)",
             m.hub_channels.clone(),
         );
-        registry.register(
-            "consumer_pending",
-            "entries delivered to api-workers and not acknowledged yet",
-            m.consumer_pending.clone(),
-        );
-        registry.register(
-            "consumer_lag",
-            "entries of image:result not yet delivered to api-workers",
-            m.consumer_lag.clone(),
-        );
-        registry.register(
-            "dead_letters",
-            "entries in image:result:dead (list them with `follow-api dead list`)",
-            m.dead_letters.clone(),
-        );
-        registry.register(
-            "oldest_dead_letter_seconds",
-            "age of the oldest entry in image:result:dead",
-            m.oldest_dead_letter_seconds.clone(),
-        );
-        registry.register(
-            "consumer_handled",
-            "entries this instance handed to the applier",
-            m.handled.clone(),
-        );
-        registry.register(
-            "consumer_dead_lettered",
-            "entries this instance moved to image:result:dead",
-            m.dead_lettered.clone(),
-        );
-        registry.register(
-            "consumer_retried",
-            "handlings retried after a transient error or a failure",
-            m.retried.clone(),
-        );
-        registry.register(
-            "consumer_reclaimed",
-            "entries taken over from idle consumers",
-            m.reclaimed.clone(),
-        );
-        Self { registry, ..m }
+        m
     }
 
     pub fn rpc_error(&self, method: &'static str, code: tonic::Code) {
@@ -244,34 +177,15 @@ impl Metrics {
             .inc();
     }
 
-    /// Takes in the consumer's and the hub's counters and the result queue as of now.
-    pub fn sample(&self, consumer: &Arc<ConsumerStats>, hub: &HubStats, queue: Option<QueueInfo>) {
+    /// Takes in the hub's and the consumer's counters and the result queue as of now.
+    pub async fn sample(&self, hub: &HubStats, valkey: &HealthChecker, consumer: &ConsumerStats) {
         self.watchers_lagged
             .inner()
             .store(hub.lagged.load(Ordering::Relaxed), Ordering::Relaxed);
         self.hub_channels
             .set(i64::try_from(hub.channels.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
-        for (counter, value) in [
-            (&self.handled, &consumer.handled),
-            (&self.dead_lettered, &consumer.dead_lettered),
-            (&self.retried, &consumer.retried),
-            (&self.reclaimed, &consumer.reclaimed),
-        ] {
-            counter
-                .inner()
-                .store(value.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
-        if let Some(q) = queue {
-            let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            self.consumer_pending.set(gauge(q.pending));
-            self.consumer_lag.set(gauge(q.lag.unwrap_or(0)));
-            self.dead_letters.set(gauge(q.dead));
-            self.oldest_dead_letter_seconds
-                .set(q.oldest_dead.map_or(0.0, |age| age.as_secs_f64()));
-        }
-    }
-
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+        self.results_queue
+            .sample(valkey, keys::RESULTS, consumer)
+            .await;
     }
 }

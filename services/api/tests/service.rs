@@ -120,10 +120,12 @@ async fn health_follows_valkey_over_http_and_grpc_and_metrics_are_exposed() {
     let (code, metrics) = stack.get("/metrics").await;
     assert_eq!(code, 200);
     for name in [
-        "follow_api_consumer_lag",
-        "follow_api_consumer_pending",
+        "follow_api_results_waiting",
+        "follow_api_results_in_progress",
         "follow_api_result_apply_seconds",
-        "follow_api_consumer_dead_lettered",
+        "follow_api_results_dead_lettered",
+        "follow_api_results_dead",
+        "follow_api_results_oldest_dead_seconds",
         "follow_api_watchers_active",
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
@@ -227,7 +229,7 @@ async fn while_postgres_is_down_results_wait_and_are_applied_after_it_returns() 
         let (_, metrics) = stack.get("/metrics").await;
         metrics
             .lines()
-            .find(|l| l.starts_with("follow_api_consumer_retried_total "))
+            .find(|l| l.starts_with("follow_api_results_retried_total "))
             .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .filter(|n| *n > 0)
     })

@@ -6,13 +6,13 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use follow_bus::{
-    BusError, Consumer, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer,
-    ProgressTracker, Trimmer, UploadGuard, Valkey, ValkeyConfig, keys,
+    BusError, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer, ProgressTracker,
+    UploadGuard, Valkey, ValkeyConfig, keys,
 };
 use follow_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
 use follow_service::{
     config::ExposeSecret as _,
-    health,
+    metrics::Registry,
     s3::Bucket,
     serve::{ServeError, Surface, serve},
     workers::Workers,
@@ -62,20 +62,20 @@ impl Application {
         })
     }
 
+    /// Where it serves (the listener's address: the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.config.server.listen)
+        match self.listener.local_addr() {
+            Ok(addr) => addr,
+            Err(_) => self.config.server.listen,
+        }
     }
 
+    /// Serves until `cancel`, then stops gracefully (see the module doc).
     pub async fn run(self, cancel: CancellationToken) -> Result<(), StartError> {
-        let Self {
-            listener,
-            config,
-            valkey,
-        } = self;
+        let (listener, valkey, config) = (self.listener, self.valkey, self.config);
         let workers = Workers::new(cancel.clone());
-        let metrics = Arc::new(Metrics::new());
+        let mut registry = Registry::with_prefix("follow_gateway");
+        let metrics = Arc::new(Metrics::register(&mut registry));
         let bucket = Bucket::new(&config.s3);
         let progress = ProgressTracker::new(&valkey)?;
         let gateway = Arc::new(Gateway {
@@ -109,68 +109,26 @@ impl Application {
                 max_failures: config.jobs.max_failures,
                 ..ConsumerConfig::new(keys::JOBS, format!("{}-{n}", config.jobs.consumer_name))
             };
-            let (valkey, handler, consumers, cancel) = (
-                valkey.clone(),
-                handler.clone(),
-                Arc::clone(&consumers),
-                cancel.clone(),
-            );
-            workers.supervise("job-worker", move || {
-                let consumer = Consumer::new(&valkey, consumer.clone());
-                let (mut handler, consumers, cancel) =
-                    (handler.clone(), Arc::clone(&consumers), cancel.clone());
-                async move {
-                    match consumer {
-                        Ok(consumer) => {
-                            Box::pin(consumer.with_stats(consumers).run(&mut handler, cancel))
-                                .await;
-                        }
-                        Err(e) => tracing::error!(error = %e, "cannot create a job consumer"),
-                    }
-                }
-            });
+            let stats = Arc::clone(&consumers);
+            workers.consume("job-worker", &valkey, consumer, stats, handler.clone());
         }
-        {
-            let (valkey, cancel) = (valkey.clone(), cancel.clone());
-            workers.supervise("job-trimmer", move || {
-                let (trimmer, cancel) = (Trimmer::new(&valkey, keys::JOBS), cancel.clone());
-                async move {
-                    match trimmer {
-                        Ok(t) => t.run(Duration::from_secs(30), cancel).await,
-                        Err(e) => tracing::error!(error = %e, "cannot create the job trimmer"),
-                    }
-                }
-            });
-        }
+        workers.trim("job-trimmer", &valkey, keys::JOBS);
         let hub = Arc::new(Hub::new(
             valkey.clone(),
             Default::default(),
             Hub::DEFAULT_MAX_LAG,
         ));
-        {
-            let (hub, cancel) = (Arc::clone(&hub), cancel.clone());
-            workers.supervise("progress-hub", move || hub.worker(cancel.clone()));
-        }
+        workers.hub(&hub);
         let queue = HealthChecker::new(&valkey, None)?;
         let probe = GatewayProbe {
             gateway: Arc::clone(&gateway),
             valkey: queue.clone(),
             workers: workers.clone(),
             consumers: Arc::clone(&consumers),
+            registry: Arc::new(registry),
         };
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        {
-            let (probe, cancel) = (probe.clone(), cancel.clone());
-            workers.supervise("health-reporter", move || {
-                health::report(
-                    probe.clone(),
-                    reporter.clone(),
-                    SERVICES,
-                    Duration::from_secs(2),
-                    cancel.clone(),
-                )
-            });
-        }
+        workers.report_health(probe.clone(), reporter, SERVICES);
         let service = GatewayService {
             gateway: Arc::clone(&gateway),
             hub,
@@ -182,7 +140,7 @@ impl Application {
             grpc: Routes::new(GatewayServiceServer::new(service)).add_service(health_service),
             names: SERVICES,
             public: http::public(Arc::clone(&gateway)),
-            ops: http::ops(probe),
+            ops: follow_service::health::router(probe),
         };
         let served = serve(listener, surface, &config.server, cancel.clone()).await;
         // However serving ended, everything else stops with it.

@@ -25,7 +25,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use follow_service::config::{
-    ConfigError, Env, S3Config, SecretString, ServerConfig, hostname, invalid, valkey_url,
+    ConfigError, Env, FromEnv, S3Config, SecretString, ServerConfig, valkey_url,
 };
 use follow_token::VerifyingKeys;
 
@@ -82,19 +82,11 @@ pub struct Config {
     pub jobs: JobConfig,
 }
 
-impl Config {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let env = Env::new(&lookup);
-        let upload_keys = VerifyingKeys::parse_list(&env.required("FOLLOW_UPLOAD_PUBLIC_KEYS")?)
-            .map_err(|e| invalid("FOLLOW_UPLOAD_PUBLIC_KEYS", e))?;
-        if upload_keys.is_empty() {
-            return Err(invalid("FOLLOW_UPLOAD_PUBLIC_KEYS", "no key"));
-        }
+impl FromEnv for Config {
+    fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let env = Env::new(&lookup);
+        let upload_keys = env.verifying_keys("FOLLOW_UPLOAD_PUBLIC_KEYS")?;
         let long_edge = env.number("FOLLOW_LONG_EDGE", 2048, 16..=16384)?;
         Ok(Self {
             server: ServerConfig::from_env(&env, "FOLLOW_GATEWAY_LISTEN", "127.0.0.1:8081")?,
@@ -125,23 +117,11 @@ impl Config {
             },
             jobs: JobConfig {
                 workers: env.number("FOLLOW_PIPELINE_WORKERS", cores, 1..=256)?,
-                consumer_name: env.get("FOLLOW_CONSUMER_NAME").map_or_else(
-                    || format!("gateway-{}-{}", hostname(), std::process::id()),
-                    |name| name.trim().to_owned(),
-                ),
+                consumer_name: env.consumer_name("gateway")?,
                 lease: env.secs("FOLLOW_JOB_LEASE_SECS", 60)?,
                 max_failures: env.number("FOLLOW_JOB_MAX_FAILURES", 3, 1..=100)?,
                 keep_originals: env.parsed("FOLLOW_KEEP_ORIGINALS", "false")?,
             },
         })
-        .and_then(Self::validate)
-    }
-
-    fn validate(self) -> Result<Self, ConfigError> {
-        let name = &self.jobs.consumer_name;
-        if name.is_empty() || name.len() > 200 {
-            return Err(invalid("FOLLOW_CONSUMER_NAME", "must be 1-200 characters"));
-        }
-        Ok(self)
     }
 }

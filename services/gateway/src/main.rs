@@ -2,6 +2,7 @@
 //! `follow_image_gateway::config`). SIGINT / SIGTERM stop it gracefully.
 #![forbid(unsafe_code)]
 
+use follow_service::config::FromEnv as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;

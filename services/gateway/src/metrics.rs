@@ -1,20 +1,10 @@
 //! Prometheus metrics of the gateway (`GET /metrics`) and the counters behind `GetPipelineStats`.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering::Relaxed},
-};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use follow_bus::{ConsumerStats, ErrorCode, QueueInfo, Stage};
-use follow_service::metrics::EncodeLabelSet;
-use prometheus_client::{
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
-    registry::Registry,
+use follow_bus::{ConsumerStats, ErrorCode, HealthChecker, Stage, keys};
+use follow_service::metrics::{
+    Counter, EncodeLabelSet, Family, Gauge, Histogram, QueueMetrics, Registry, exponential_buckets,
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,14 +17,15 @@ struct StageLabel {
     stage: &'static str,
 }
 
+/// An image's failure, by its contract code (`INVALID_IMAGE`, …).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
     error_code: &'static str,
 }
 
+/// The gateway's metrics; `processed` and `failed` also answer `GetPipelineStats`.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
     uploads: Family<StatusLabel, Counter>,
     stage_seconds: Family<StageLabel, Histogram>,
     /// Uploads being received now.
@@ -44,26 +35,13 @@ pub struct Metrics {
     processed: Counter,
     failed: Family<CodeLabel, Counter>,
     failed_total: AtomicU64,
-    jobs_waiting: Gauge,
-    jobs_in_progress: Gauge,
-    jobs_dead: Gauge,
-    oldest_job_seconds: Gauge<f64, AtomicU64>,
-    jobs_retried: Counter,
-    jobs_reclaimed: Counter,
-    jobs_dead_lettered: Counter,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
+    jobs: QueueMetrics,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("follow_gateway");
+    /// Every metric of the service, registered in `registry` (`follow_gateway_*`).
+    pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
-            registry: Registry::default(),
             uploads: Family::default(),
             stage_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -73,13 +51,8 @@ impl Metrics {
             processed: Counter::default(),
             failed: Family::default(),
             failed_total: AtomicU64::new(0),
-            jobs_waiting: Gauge::default(),
-            jobs_in_progress: Gauge::default(),
-            jobs_dead: Gauge::default(),
-            oldest_job_seconds: Gauge::default(),
-            jobs_retried: Counter::default(),
-            jobs_reclaimed: Counter::default(),
-            jobs_dead_lettered: Counter::default(),
+            // `image:jobs`, as every gateway shares it, and this instance's workers.
+            jobs: QueueMetrics::register(registry, "jobs", "jobs"),
         };
         registry.register(
             "uploads",
@@ -111,42 +84,7 @@ impl Metrics {
             "images failed, by error code",
             m.failed.clone(),
         );
-        registry.register(
-            "jobs_waiting",
-            "accepted uploads no gateway has taken yet (all gateways)",
-            m.jobs_waiting.clone(),
-        );
-        registry.register(
-            "jobs_in_progress",
-            "jobs taken and not handed off yet (all gateways)",
-            m.jobs_in_progress.clone(),
-        );
-        registry.register(
-            "jobs_dead",
-            "jobs in image:jobs:dead (all gateways)",
-            m.jobs_dead.clone(),
-        );
-        registry.register(
-            "oldest_job_seconds",
-            "age of the oldest job not handed off yet (all gateways)",
-            m.oldest_job_seconds.clone(),
-        );
-        registry.register(
-            "jobs_retried",
-            "job handlings retried by this instance (storage or Valkey unavailable, or a failure)",
-            m.jobs_retried.clone(),
-        );
-        registry.register(
-            "jobs_reclaimed",
-            "jobs this instance took over from a gateway that went away",
-            m.jobs_reclaimed.clone(),
-        );
-        registry.register(
-            "jobs_dead_lettered",
-            "jobs this instance moved to image:jobs:dead",
-            m.jobs_dead_lettered.clone(),
-        );
-        Self { registry, ..m }
+        m
     }
 
     pub fn upload(&self, status: u16) {
@@ -198,28 +136,8 @@ impl Metrics {
             .collect()
     }
 
-    /// Takes in the queue as of now and the workers' counters, for a scrape.
-    pub fn sample(&self, queue: Option<QueueInfo>, consumers: &Arc<ConsumerStats>) {
-        if let Some(q) = queue {
-            self.jobs_waiting
-                .set(i64::try_from(q.lag.unwrap_or(0)).unwrap_or(i64::MAX));
-            self.jobs_in_progress
-                .set(i64::try_from(q.pending).unwrap_or(i64::MAX));
-            self.jobs_dead
-                .set(i64::try_from(q.dead).unwrap_or(i64::MAX));
-            self.oldest_job_seconds
-                .set(q.oldest.map_or(0.0, |age| age.as_secs_f64()));
-        }
-        for (counter, value) in [
-            (&self.jobs_retried, &consumers.retried),
-            (&self.jobs_reclaimed, &consumers.reclaimed),
-            (&self.jobs_dead_lettered, &consumers.dead_lettered),
-        ] {
-            counter.inner().store(value.load(Relaxed), Relaxed);
-        }
-    }
-
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// Takes in the job queue as of now and the workers' counters, for a scrape.
+    pub async fn sample(&self, valkey: &HealthChecker, consumers: &ConsumerStats) {
+        self.jobs.sample(valkey, keys::JOBS, consumers).await;
     }
 }

@@ -1,7 +1,7 @@
 //! `follow.gateway.v1.GatewayService`: an upload's status and its live stages (authorized by
 //! the upload's own token), and the pipeline's counters.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use follow_bus::{ConsumerStats, HealthChecker, Hub, HubEvent, Notice, Progress, keys};
 use follow_proto::{
@@ -10,8 +10,10 @@ use follow_proto::{
     prost_types,
     time::timestamp,
 };
-use follow_service::auth::bearer_of;
-use futures_util::Stream;
+use follow_service::{
+    auth::bearer_of,
+    stream::{ResponseStream, Source, respond},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
@@ -65,7 +67,7 @@ fn bus_unavailable(e: &follow_bus::BusError) -> Status {
     Status::from(UploadError::BusUnavailable)
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchUploadResponse, Status>> + Send>>;
+type WatchStream = ResponseStream<pb::WatchUploadResponse>;
 
 #[tonic::async_trait]
 impl GatewayServiceApi for GatewayService {
@@ -169,17 +171,7 @@ impl GatewayServiceApi for GatewayService {
             cancel: self.cancel.clone(),
             expires,
         };
-        Ok(Response::new(Box::pin(futures_util::stream::unfold(
-            Some(watch),
-            |watch| async move {
-                let mut watch = watch?;
-                match watch.next().await {
-                    Some(Ok(response)) => Some((Ok(response), Some(watch))),
-                    Some(Err(status)) => Some((Err(status), None)),
-                    None => None,
-                }
-            },
-        ))))
+        Ok(Response::new(respond(watch)))
     }
 }
 
@@ -200,7 +192,9 @@ struct UploadWatch {
     expires: tokio::time::Instant,
 }
 
-impl UploadWatch {
+impl Source for UploadWatch {
+    type Item = pb::WatchUploadResponse;
+
     async fn next(&mut self) -> Option<Result<pb::WatchUploadResponse, Status>> {
         loop {
             if !self.outbox.is_empty() {
@@ -247,7 +241,9 @@ impl UploadWatch {
             }
         }
     }
+}
 
+impl UploadWatch {
     /// Queues the stored stage if it is news (Valkey unavailable: live updates will do).
     async fn catch_up(&mut self) {
         match self.progress.current(self.image_id).await {

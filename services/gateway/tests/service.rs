@@ -278,7 +278,7 @@ async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
         "follow_gateway_jobs_waiting",
         "follow_gateway_jobs_in_progress",
         "follow_gateway_jobs_dead",
-        "follow_gateway_oldest_job_seconds",
+        "follow_gateway_jobs_oldest_seconds",
         "follow_gateway_jobs_retried_total",
         "follow_gateway_jobs_reclaimed_total",
     ] {

@@ -22,6 +22,7 @@
 
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
+use follow_token::VerifyingKeys;
 pub use secrecy::{ExposeSecret, SecretString};
 
 /// Why the configuration was refused; names the variable, never a secret's value.
@@ -37,6 +38,17 @@ pub fn invalid(name: &'static str, reason: impl fmt::Display) -> ConfigError {
     ConfigError {
         name,
         reason: reason.to_string(),
+    }
+}
+
+/// A service's configuration, read once at start-up.
+pub trait FromEnv: Sized {
+    /// Reads every setting through `lookup` (the environment, or a map in tests).
+    fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError>;
+
+    /// Reads every setting from the process environment.
+    fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
     }
 }
 
@@ -108,6 +120,29 @@ impl<'a> Env<'a> {
     pub fn secs(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
         self.number(name, default, 1..=u64::from(u32::MAX))
             .map(Duration::from_secs)
+    }
+
+    /// `kid=KEY,…` public keys (at least one).
+    pub fn verifying_keys(&self, name: &'static str) -> Result<VerifyingKeys, ConfigError> {
+        let keys =
+            VerifyingKeys::parse_list(&self.required(name)?).map_err(|e| invalid(name, e))?;
+        if keys.is_empty() {
+            return Err(invalid(name, "no key"));
+        }
+        Ok(keys)
+    }
+
+    /// `FOLLOW_CONSUMER_NAME`: this instance's name in its consumer group, by default
+    /// `{role}-{hostname}-{pid}` (unique per process).
+    pub fn consumer_name(&self, role: &str) -> Result<String, ConfigError> {
+        let name = self.get("FOLLOW_CONSUMER_NAME").map_or_else(
+            || format!("{role}-{}-{}", hostname(), std::process::id()),
+            |name| name.trim().to_owned(),
+        );
+        if name.is_empty() || name.len() > 200 {
+            return Err(invalid("FOLLOW_CONSUMER_NAME", "must be 1-200 characters"));
+        }
+        Ok(name)
     }
 
     /// A comma-separated list, blanks dropped.
@@ -200,7 +235,7 @@ pub fn valkey_url(env: &Env<'_>) -> SecretString {
 }
 
 /// This host's name (for default consumer names).
-pub fn hostname() -> String {
+fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "host".into())

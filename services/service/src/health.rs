@@ -3,24 +3,58 @@
 
 use std::{future::Future, time::Duration};
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use follow_bus::HealthChecker;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
+use crate::workers::Workers;
+
 /// Each dependency (or duty) by name, and whether it is up.
 pub type Checks = Vec<(&'static str, bool)>;
 
-/// What a service checks for its health.
+/// What a service checks for its health, and its metrics as of now.
 pub trait Probe: Clone + Send + Sync + 'static {
     fn check(&self) -> impl Future<Output = Checks> + Send;
+
+    /// The Prometheus text exposition.
+    fn metrics(&self) -> impl Future<Output = Response> + Send;
 }
 
-/// `GET /health`.
+/// The checks every service makes — Valkey answers, every worker is alive — with the service's
+/// own dependency (`name`, checked by `own`) between them, all at once.
+pub async fn checks(
+    valkey: &HealthChecker,
+    workers: &Workers,
+    name: &'static str,
+    own: impl Future<Output = bool>,
+) -> Checks {
+    let mut valkey = valkey.clone();
+    let (valkey, own) = tokio::join!(valkey.check(), own);
+    vec![
+        ("valkey", valkey.valkey),
+        (name, own),
+        ("workers", workers.down().is_empty()),
+    ]
+}
+
+/// `GET /health` and `GET /metrics`: for operators (no CORS).
 pub fn router<P: Probe>(probe: P) -> Router {
     Router::new()
         .route("/health", get(health::<P>))
+        .route("/metrics", get(metrics::<P>))
         .with_state(probe)
+}
+
+async fn metrics<P: Probe>(State(probe): State<P>) -> Response {
+    probe.metrics().await
 }
 
 async fn health<P: Probe>(State(probe): State<P>) -> impl IntoResponse {

@@ -9,8 +9,9 @@
 //! | [`logging`] / [`runtime`] | logs, the runtime, the exit code, the shutdown token (signals) |
 //! | [`serve`] | gRPC + grpc-web + reflection + CORS + keepalive + shutdown grace on one port |
 //! | [`workers`] | named background tasks: supervised (restarted) or one-shot (down is reported) |
-//! | [`health`] | `/health` and `grpc.health.v1`, from one probe |
-//! | [`metrics`] | serving a Prometheus registry |
+//! | [`health`] | `/health`, `/metrics` and `grpc.health.v1`, from one probe |
+//! | [`stream`] | server-streaming responses pulled from a source (no task, no queue) |
+//! | [`metrics`] | serving a Prometheus registry; the metrics of a work queue |
 //! | [`auth`] | the bearer-token parser |
 #![forbid(unsafe_code)]
 
@@ -23,4 +24,5 @@ pub mod objects;
 pub mod runtime;
 pub mod s3;
 pub mod serve;
+pub mod stream;
 pub mod workers;

@@ -1,11 +1,22 @@
-//! Prometheus text for `GET /metrics`: each service owns its registry and typed label sets
-//! (`#[derive(EncodeLabelSet)]`); this renders and serves it.
+//! Prometheus metrics: the metric types the services use (from `prometheus-client`), typed label
+//! sets (`#[derive(EncodeLabelSet)]`), the metrics of a work queue, and the `/metrics` text.
 
 use axum::{
     http::header,
     response::{IntoResponse, Response},
 };
-use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use follow_bus::{ConsumerStats, HealthChecker, QueueInfo, keys::Queue};
+pub use prometheus_client::{
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
 
 pub use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 
@@ -22,4 +33,118 @@ pub fn response(registry: &Registry) -> Response {
         text,
     )
         .into_response()
+}
+
+/// The metrics of a work queue and of this process's consumers of it, under the service's
+/// registry: backlog (waiting, in progress, oldest), dead letters, and what the consumers did.
+#[derive(Debug)]
+pub struct QueueMetrics {
+    waiting: Gauge,
+    in_progress: Gauge,
+    oldest_seconds: Gauge<f64, AtomicU64>,
+    dead: Gauge,
+    oldest_dead_seconds: Gauge<f64, AtomicU64>,
+    handled: Counter,
+    retried: Counter,
+    reclaimed: Counter,
+    dead_lettered: Counter,
+}
+
+impl QueueMetrics {
+    /// Registers the queue's metrics as `{prefix}_*` in `registry`; `what` names an entry in
+    /// the help texts (`results`, `jobs`).
+    pub fn register(registry: &mut Registry, prefix: &str, what: &str) -> Self {
+        let m = Self {
+            waiting: Gauge::default(),
+            in_progress: Gauge::default(),
+            oldest_seconds: Gauge::default(),
+            dead: Gauge::default(),
+            oldest_dead_seconds: Gauge::default(),
+            handled: Counter::default(),
+            retried: Counter::default(),
+            reclaimed: Counter::default(),
+            dead_lettered: Counter::default(),
+        };
+        let name = |metric: &str| format!("{prefix}_{metric}");
+        registry.register(
+            name("waiting"),
+            format!("{what} not taken by a consumer yet (all instances)"),
+            m.waiting.clone(),
+        );
+        registry.register(
+            name("in_progress"),
+            format!("{what} taken and not acknowledged yet (all instances)"),
+            m.in_progress.clone(),
+        );
+        registry.register(
+            name("oldest_seconds"),
+            format!("age of the oldest of the {what} not acknowledged yet"),
+            m.oldest_seconds.clone(),
+        );
+        registry.register(
+            name("dead"),
+            format!("{what} in the dead stream (all instances)"),
+            m.dead.clone(),
+        );
+        registry.register(
+            name("oldest_dead_seconds"),
+            format!("age of the oldest of the {what} in the dead stream"),
+            m.oldest_dead_seconds.clone(),
+        );
+        registry.register(
+            name("handled"),
+            format!("{what} handed to this instance's handler (each retry counts)"),
+            m.handled.clone(),
+        );
+        registry.register(
+            name("retried"),
+            format!("{what} handlings retried here (a dependency unavailable, or a failure)"),
+            m.retried.clone(),
+        );
+        registry.register(
+            name("reclaimed"),
+            format!("{what} this instance took over from consumers that went away"),
+            m.reclaimed.clone(),
+        );
+        registry.register(
+            name("dead_lettered"),
+            format!("{what} this instance moved to the dead stream"),
+            m.dead_lettered.clone(),
+        );
+        m
+    }
+
+    /// Asks Valkey for `queue`'s backlog (through `checker`) and takes it in with the consumers'
+    /// counters; without Valkey the backlog keeps its last values.
+    pub async fn sample(&self, checker: &HealthChecker, queue: Queue, consumers: &ConsumerStats) {
+        let info = match checker.clone().queue_info(queue).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(stream = queue.stream, error = %e, "metrics: the queue is unavailable");
+                None
+            }
+        };
+        self.take(info, consumers);
+    }
+
+    fn take(&self, queue: Option<QueueInfo>, consumers: &ConsumerStats) {
+        if let Some(q) = queue {
+            let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.waiting.set(gauge(q.lag.unwrap_or(0)));
+            self.in_progress.set(gauge(q.pending));
+            self.oldest_seconds
+                .set(q.oldest.map_or(0.0, |age| age.as_secs_f64()));
+            self.dead.set(gauge(q.dead));
+            self.oldest_dead_seconds
+                .set(q.oldest_dead.map_or(0.0, |age| age.as_secs_f64()));
+        }
+        for (counter, value) in [
+            (&self.handled, &consumers.handled),
+            (&self.retried, &consumers.retried),
+            (&self.reclaimed, &consumers.reclaimed),
+            (&self.dead_lettered, &consumers.dead_lettered),
+        ] {
+            counter.inner().store(value.load(Relaxed), Relaxed);
+        }
+    }
 }

@@ -13,8 +13,14 @@ use std::{
     time::Duration,
 };
 
-use follow_bus::Backoff;
+use follow_bus::{
+    Backoff, Consumer, ConsumerConfig, ConsumerStats, Handler, Hub, StreamMessage, Trimmer, Valkey,
+    keys::Queue,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic_health::server::HealthReporter;
+
+use crate::health::Probe;
 use tracing::Instrument as _;
 
 #[derive(Debug, Clone)]
@@ -95,6 +101,74 @@ impl Workers {
             }
             .instrument(span),
         );
+    }
+
+    /// A consumer of `config.queue` feeding `handler`, made afresh on every (re)start: after a
+    /// panic the new one re-reads what the old one left pending.
+    pub fn consume<M, H>(
+        &self,
+        name: &'static str,
+        valkey: &Valkey,
+        config: ConsumerConfig,
+        stats: Arc<ConsumerStats>,
+        handler: H,
+    ) where
+        M: StreamMessage + Clone + Send + Sync + 'static,
+        H: Handler<M> + Clone + 'static,
+    {
+        let (valkey, cancel) = (valkey.clone(), self.cancel.clone());
+        self.supervise(name, move || {
+            let consumer = Consumer::<M>::new(&valkey, config.clone());
+            let (mut handler, stats, cancel) =
+                (handler.clone(), Arc::clone(&stats), cancel.clone());
+            async move {
+                match consumer {
+                    Ok(consumer) => {
+                        Box::pin(consumer.with_stats(stats).run(&mut handler, cancel)).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot create the consumer"),
+                }
+            }
+        });
+    }
+
+    /// Trims `queue`'s stream below what its group has not acknowledged, every 30 s.
+    pub fn trim(&self, name: &'static str, valkey: &Valkey, queue: Queue) {
+        let (valkey, cancel) = (valkey.clone(), self.cancel.clone());
+        self.supervise(name, move || {
+            let (trimmer, cancel) = (Trimmer::new(&valkey, queue), cancel.clone());
+            async move {
+                match trimmer {
+                    Ok(t) => t.run(Duration::from_secs(30), cancel).await,
+                    Err(e) => tracing::error!(error = %e, "cannot create the trimmer"),
+                }
+            }
+        });
+    }
+
+    /// The progress hub's worker (a new one resubscribes and resyncs every watcher).
+    pub fn hub(&self, hub: &Arc<Hub>) {
+        let (hub, cancel) = (Arc::clone(hub), self.cancel.clone());
+        self.supervise("progress-hub", move || hub.worker(cancel.clone()));
+    }
+
+    /// Keeps `grpc.health.v1` in step with `probe`, checked every 2 s.
+    pub fn report_health<P: Probe>(
+        &self,
+        probe: P,
+        reporter: HealthReporter,
+        services: &'static [&'static str],
+    ) {
+        let cancel = self.cancel.clone();
+        self.supervise("health-reporter", move || {
+            crate::health::report(
+                probe.clone(),
+                reporter.clone(),
+                services,
+                Duration::from_secs(2),
+                cancel.clone(),
+            )
+        });
     }
 
     /// Workers that ended and were not restarted.

@@ -11,12 +11,11 @@
 //! a client that reads slowly wait in the hub, one per image (the latest); a client that leaves
 //! drops the stream, and with it the watch.
 
-use std::{collections::VecDeque, pin::Pin, sync::Arc};
+use std::{collections::VecDeque, sync::Arc};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use follow_bus::Stage;
 use follow_proto::api::v1 as api;
-use futures_util::Stream;
 use sqlx::{Postgres, pool::PoolConnection};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -41,8 +40,7 @@ const CURSOR_VERSION: u8 = 1;
 pub const MAX_IMAGES: usize = 100;
 
 /// What a `WatchImageStatus` call returns.
-pub type WatchStream =
-    Pin<Box<dyn Stream<Item = Result<api::WatchImageStatusResponse, Status>> + Send>>;
+pub type WatchStream = follow_service::stream::ResponseStream<api::WatchImageStatusResponse>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -130,17 +128,7 @@ impl Watch {
             cancel,
             started: false,
         };
-        Box::pin(futures_util::stream::unfold(
-            Some(live),
-            |live| async move {
-                let mut live = live?;
-                match live.next().await {
-                    Some(Ok(response)) => Some((Ok(response), Some(live))),
-                    Some(Err(status)) => Some((Err(status), None)),
-                    None => None,
-                }
-            },
-        ))
+        follow_service::stream::respond(live)
     }
 
     /// Every image final (for a route: READY sent, or nothing left pending that could make it
@@ -369,7 +357,9 @@ struct Live {
     started: bool,
 }
 
-impl Live {
+impl follow_service::stream::Source for Live {
+    type Item = api::WatchImageStatusResponse;
+
     /// The next response; `None` when the watch is complete.
     async fn next(&mut self) -> Option<Result<api::WatchImageStatusResponse, Status>> {
         let watch = &mut self.watch;

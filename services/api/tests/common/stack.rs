@@ -1,6 +1,7 @@
 //! A running `follow-api` on a free loopback port, against its own real PostgreSQL and Valkey
 //! (and Garage when a test needs real S3), with fresh keys, and clients for it.
 
+use follow_service::config::FromEnv as _;
 use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
 
 use follow_api::{app::Application, config::Config};

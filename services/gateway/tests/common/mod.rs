@@ -2,6 +2,7 @@
 //! keys, token minting, test images and S3 / stream inspection.
 #![allow(dead_code, unreachable_pub)]
 
+use follow_service::config::FromEnv as _;
 use std::{
     collections::HashMap,
     net::SocketAddr,

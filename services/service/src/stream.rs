@@ -1,0 +1,34 @@
+//! Server-streaming responses made from a source that produces one message at a time: the
+//! stream *is* the source (no task, no queue), so it works only when the client takes a message
+//! (HTTP/2 flow control is the backpressure), and an error ends it.
+
+use std::{future::Future, pin::Pin};
+
+use futures_util::Stream;
+use tonic::Status;
+
+/// A response stream of `T`.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Produces a stream's messages.
+pub trait Source: Send + 'static {
+    type Item: Send + 'static;
+
+    /// The next message, an error that ends the stream, or `None` for its end.
+    fn next(&mut self) -> impl Future<Output = Option<Result<Self::Item, Status>>> + Send;
+}
+
+/// `source` as a response stream.
+pub fn respond<S: Source>(source: S) -> ResponseStream<S::Item> {
+    Box::pin(futures_util::stream::unfold(
+        Some(source),
+        |source| async move {
+            let mut source = source?;
+            match source.next().await {
+                Some(Ok(message)) => Some((Ok(message), Some(source))),
+                Some(Err(status)) => Some((Err(status), None)),
+                None => None,
+            }
+        },
+    ))
+}
