@@ -43,6 +43,12 @@ pub async fn upload(
     Ok((status, response.json().await.unwrap_or_default()))
 }
 
+/// Uploads `body` to `url` and expects it accepted.
+pub async fn upload_accepted(url: &str, content_type: &str, body: Vec<u8>) {
+    let (status, answer) = upload(url, content_type, body).await.unwrap();
+    assert_eq!(status, 202, "{answer}");
+}
+
 /// A photo-like JPEG: smooth gradients, so it compresses like one.
 pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
     let image = ImageBuffer::from_fn(width, height, |x, y| {

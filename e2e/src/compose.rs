@@ -54,6 +54,7 @@ impl Project {
             Service::Api => "api",
             Service::Gateway => "gateway",
             Service::Valkey => "valkey",
+            Service::Storage => "minio",
         }
     }
 

@@ -19,6 +19,7 @@ mod compose;
 pub mod local;
 pub mod relay;
 mod spawn;
+pub mod user;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -34,6 +35,8 @@ pub enum Service {
     Api,
     Gateway,
     Valkey,
+    /// The S3 server.
+    Storage,
 }
 
 /// The stack one test runs against.
@@ -119,10 +122,46 @@ impl Platform {
         let url = match service {
             Service::Api => &self.api_url,
             Service::Gateway => &self.gateway_url,
-            Service::Valkey => return Ok(()),
+            Service::Valkey | Service::Storage => return Ok(()),
         };
         self.wait_healthy(url).await;
         Ok(())
+    }
+
+    /// Freezes `service` (`SIGSTOP`): its connections stay open and nothing answers (spawn
+    /// mode).
+    pub fn pause(&self, service: Service) -> anyhow::Result<()> {
+        match &self.backend {
+            Backend::Spawn(stack) => stack.signal(service, true),
+            _ => bail!("only spawn mode freezes services"),
+        }
+    }
+
+    /// Lets a paused `service` go on (`SIGCONT`).
+    pub fn resume(&self, service: Service) -> anyhow::Result<()> {
+        match &self.backend {
+            Backend::Spawn(stack) => stack.signal(service, false),
+            _ => bail!("only spawn mode freezes services"),
+        }
+    }
+
+    /// Starts another `follow-image-gateway` on the same stack (spawn mode), with the usual
+    /// settings plus `env`, and returns its URL.
+    pub async fn add_gateway(&mut self, env: &[(&str, &str)]) -> anyhow::Result<String> {
+        let url = match &mut self.backend {
+            Backend::Spawn(stack) => stack.add_gateway(env).await?,
+            _ => bail!("only spawn mode starts more gateways"),
+        };
+        self.wait_healthy(&url).await;
+        Ok(url)
+    }
+
+    /// The bucket the platform stores images in (spawn mode): a client and the bucket's name.
+    pub fn bucket(&self) -> Option<(aws_sdk_s3::Client, String)> {
+        match &self.backend {
+            Backend::Spawn(stack) => Some(stack.bucket()),
+            _ => None,
+        }
     }
 
     /// Starts another `follow-api` instance on the same stack (spawn mode), with the usual

@@ -13,12 +13,14 @@ use crate::{Backend, Platform, Service, binary};
 pub(crate) struct Stack {
     valkey: ValkeyServer,
     _postgres: PostgresServer,
-    _garage: GarageServer,
+    garage: GarageServer,
     api: ServiceProcess,
     gateway: ServiceProcess,
-    /// The API's settings, for more instances of it.
+    /// The services' settings, for more instances of them.
     api_env: Vec<(String, String)>,
+    gateway_env: Vec<(String, String)>,
     more_apis: Vec<ServiceProcess>,
+    more_gateways: Vec<ServiceProcess>,
 }
 
 /// A `kid=KEY` private key and its `kid=PUB` public half.
@@ -48,6 +50,17 @@ async fn start_api(env: Vec<(String, String)>) -> anyhow::Result<ServiceProcess>
         &["serve"],
         env,
         "FOLLOW_API_LISTEN",
+    )
+    .await?)
+}
+
+async fn start_gateway(env: Vec<(String, String)>) -> anyhow::Result<ServiceProcess> {
+    Ok(ServiceProcess::start(
+        "follow-image-gateway",
+        &binary("follow-image-gateway")?,
+        &[],
+        env,
+        "FOLLOW_GATEWAY_LISTEN",
     )
     .await?)
 }
@@ -84,20 +97,22 @@ impl Stack {
             env
         };
         // The API signs upload URLs for the gateway's address, so the gateway starts first.
-        let gateway = ServiceProcess::start(
-            "follow-image-gateway",
-            &binary("follow-image-gateway")?,
-            &[],
-            common(&[("FOLLOW_UPLOAD_PUBLIC_KEYS", upload_public)]),
-            "FOLLOW_GATEWAY_LISTEN",
-        )
-        .await?;
+        // Quick leases and reconciling, so takeovers and recoveries happen within a test.
+        let gateway_env = common(&[
+            ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload_public),
+            ("FOLLOW_CONSUMER_NAME", "gateway-e2e".to_owned()),
+            ("FOLLOW_JOB_LEASE_SECS", "4".to_owned()),
+            ("FOLLOW_S3_ATTEMPT_TIMEOUT_SECS", "2".to_owned()),
+            ("FOLLOW_S3_OPERATION_TIMEOUT_SECS", "5".to_owned()),
+        ]);
+        let gateway = start_gateway(gateway_env.clone()).await?;
         let api_env = common(&[
             ("FOLLOW_DATABASE_URL", postgres.url()),
             ("FOLLOW_USER_PUBLIC_KEYS", user_public),
             ("FOLLOW_UPLOAD_SIGNING_KEY", upload_private),
             ("FOLLOW_GATEWAY_URL", gateway.url()),
             ("FOLLOW_CONSUMER_NAME", "api-e2e".to_owned()),
+            ("FOLLOW_RECONCILE_INTERVAL_SECS", "2".to_owned()),
         ]);
         let api = start_api(api_env.clone()).await?;
         Ok(Platform {
@@ -109,11 +124,13 @@ impl Stack {
             backend: Backend::Spawn(Box::new(Self {
                 valkey,
                 _postgres: postgres,
-                _garage: garage,
+                garage,
                 api,
                 gateway,
                 api_env,
+                gateway_env,
                 more_apis: Vec::new(),
+                more_gateways: Vec::new(),
             })),
         })
     }
@@ -132,11 +149,43 @@ impl Stack {
         Ok(url)
     }
 
+    /// Starts one more `follow-image-gateway` (its own consumer name, and `more` settings) and
+    /// returns its URL.
+    pub(crate) async fn add_gateway(&mut self, more: &[(&str, &str)]) -> anyhow::Result<String> {
+        let mut env = self.gateway_env.clone();
+        let name = format!("gateway-e2e-{}", self.more_gateways.len() + 2);
+        env.retain(|(k, _)| k != "FOLLOW_CONSUMER_NAME" && !more.iter().any(|(m, _)| k == m));
+        env.push(("FOLLOW_CONSUMER_NAME".to_owned(), name));
+        env.extend(more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let gateway = start_gateway(env).await?;
+        let url = gateway.url();
+        self.more_gateways.push(gateway);
+        Ok(url)
+    }
+
+    pub(crate) fn bucket(&self) -> (aws_sdk_s3::Client, String) {
+        (self.garage.client(), self.garage.bucket().to_owned())
+    }
+
+    pub(crate) fn signal(&self, service: Service, stop: bool) -> anyhow::Result<()> {
+        match (service, stop) {
+            (Service::Api, true) => self.api.pause(),
+            (Service::Api, false) => self.api.resume(),
+            (Service::Gateway, true) => self.gateway.pause(),
+            (Service::Gateway, false) => self.gateway.resume(),
+            (Service::Valkey, true) => self.valkey.pause(),
+            (Service::Valkey, false) => self.valkey.resume(),
+            (Service::Storage, true) => self.garage.pause(),
+            (Service::Storage, false) => self.garage.resume(),
+        }
+        Ok(())
+    }
+
     fn process(&mut self, service: Service) -> Option<&mut ServiceProcess> {
         match service {
             Service::Api => Some(&mut self.api),
             Service::Gateway => Some(&mut self.gateway),
-            Service::Valkey => None,
+            Service::Valkey | Service::Storage => None,
         }
     }
 
@@ -150,7 +199,8 @@ impl Stack {
             }
             // Valkey without persistence: stopping it loses its data, as a crash of an
             // in-memory deployment would.
-            None => self.valkey.stop().await,
+            None if service == Service::Valkey => self.valkey.stop().await,
+            None => self.garage.stop().await,
         }
         Ok(())
     }
@@ -158,7 +208,8 @@ impl Stack {
     pub(crate) async fn kill(&mut self, service: Service) -> anyhow::Result<()> {
         match self.process(service) {
             Some(process) => process.kill().await,
-            None => self.valkey.stop().await,
+            None if service == Service::Valkey => self.valkey.stop().await,
+            None => self.garage.stop().await,
         }
         Ok(())
     }
@@ -175,7 +226,8 @@ impl Stack {
                 }
                 process.restart().await?;
             }
-            None => self.valkey.restart().await?,
+            None if service == Service::Valkey => self.valkey.restart().await?,
+            None => self.garage.restart().await?,
         }
         Ok(())
     }
@@ -196,7 +248,7 @@ impl Stack {
         match service {
             Service::Api => self.api.log(),
             Service::Gateway => self.gateway.log(),
-            Service::Valkey => String::new(),
+            Service::Valkey | Service::Storage => String::new(),
         }
     }
 }

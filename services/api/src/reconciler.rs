@@ -169,7 +169,7 @@ impl Reconciler {
             };
             self.producer
                 .clone()
-                .enqueue(&job, Some(REQUEUED_GUARD))
+                .enqueue(&job, REQUEUED_GUARD)
                 .await
                 .map_err(|e| e.to_string())?;
             tracing::info!(image_id = %image.id, "an original without a job: queued again");

@@ -6,12 +6,16 @@ use uuid::Uuid;
 use crate::{BusError, Valkey, keys};
 
 /// The one-time upload guard `image:upload:{image_id}` (`SET NX EX`): the first upload of a token
-/// takes it, every later one finds it taken. A transfer that fails before anything is spent
-/// releases it, so the same token works again.
+/// takes it, every later one finds it taken. While the body arrives it is a short lease its
+/// gateway renews; a transfer that fails before anything is spent releases it, so the same token
+/// works again (and a gateway that dies lets go of it when the lease runs out). Accepted
+/// ([`crate::Producer::enqueue`]) or spent ([`UploadGuard::spend`]), it lives until the token
+/// expires.
 #[derive(Clone, Debug)]
 pub struct UploadGuard {
     conn: ConnectionManager,
     release: Script,
+    renew: Script,
 }
 
 /// Where an upload is, as its guard tells.
@@ -19,10 +23,13 @@ pub struct UploadGuard {
 pub enum GuardState {
     /// Nobody took it (or it expired, or Valkey lost it).
     Free,
-    /// A gateway took it: the body is arriving or being stored.
+    /// A gateway took it: the body is arriving or being stored (a lease it renews while bytes
+    /// come, so a gateway that died lets go of it on its own).
     Receiving,
     /// The upload was accepted and its job queued.
     Queued,
+    /// A bad body spent the token.
+    Spent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +42,8 @@ pub enum GuardOutcome {
 
 /// The guard's value once the upload's job is queued (see [`crate::Producer::enqueue`]).
 pub(crate) const QUEUED: &str = "queued";
+/// The guard's value once a bad body spent the token.
+const SPENT: &str = "spent";
 
 /// Deletes the guard only if this holder still holds it.
 const RELEASE: &str = r"
@@ -44,11 +53,20 @@ end
 return 0
 ";
 
+/// Extends the guard only if this holder still holds it.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
 impl UploadGuard {
     pub fn new(valkey: &Valkey) -> Result<Self, BusError> {
         Ok(Self {
             conn: valkey.connection()?,
             release: Script::new(RELEASE),
+            renew: Script::new(RENEW),
         })
     }
 
@@ -74,6 +92,35 @@ impl UploadGuard {
         })
     }
 
+    /// Renews `holder`'s lease for `ttl` while its body arrives; `false` when it lost the guard.
+    pub async fn renew(
+        &mut self,
+        image_id: Uuid,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, BusError> {
+        let renewed: i64 = self
+            .renew
+            .key(keys::upload_guard(image_id))
+            .arg(holder)
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Marks the token spent by a bad body, until `ttl` (its expiry).
+    pub async fn spend(&mut self, image_id: Uuid, ttl: Duration) -> Result<(), BusError> {
+        let _: () = redis::cmd("SET")
+            .arg(keys::upload_guard(image_id))
+            .arg(SPENT)
+            .arg("EX")
+            .arg(ttl.as_secs().max(1))
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
     /// Gives the guard back (the upload spent nothing); `false` when `holder` did not hold it.
     pub async fn release(&mut self, image_id: Uuid, holder: &str) -> Result<bool, BusError> {
         let deleted: i64 = self
@@ -94,6 +141,7 @@ impl UploadGuard {
         Ok(match value.as_deref() {
             None => GuardState::Free,
             Some(QUEUED) => GuardState::Queued,
+            Some(SPENT) => GuardState::Spent,
             Some(_) => GuardState::Receiving,
         })
     }

@@ -24,22 +24,15 @@ impl Producer {
         self.add(keys::RESULTS.stream, result).await
     }
 
-    /// Queues `job` and marks its upload guard [`QUEUED`] in the same `MULTI`, so the mark
-    /// means the job is in `image:jobs` (or was taken from it): the reconciler does not queue
-    /// it again. The gateway keeps the guard it holds (`guard_ttl` `None`: the guard keeps its
-    /// expiry, and is not created if it is gone); the reconciler, whose job may follow a loss of
-    /// Valkey's data, makes it (`Some(ttl)`).
-    pub async fn enqueue(
-        &mut self,
-        job: &Job,
-        guard_ttl: Option<Duration>,
-    ) -> Result<EntryId, BusError> {
+    /// Queues `job` and marks its upload guard [`QUEUED`] for `guard_ttl` in the same `MULTI`,
+    /// so the mark means the job is in `image:jobs` (or was taken from it): the reconciler does
+    /// not queue it again. (The gateway's receiving lease becomes the token's lifetime here.)
+    pub async fn enqueue(&mut self, job: &Job, guard_ttl: Duration) -> Result<EntryId, BusError> {
         let mut set = redis::cmd("SET");
-        set.arg(keys::upload_guard(job.image_id)).arg(QUEUED);
-        match guard_ttl {
-            None => set.arg("XX").arg("KEEPTTL"),
-            Some(ttl) => set.arg("EX").arg(ttl.as_secs().max(1)),
-        };
+        set.arg(keys::upload_guard(job.image_id))
+            .arg(QUEUED)
+            .arg("EX")
+            .arg(guard_ttl.as_secs().max(1));
         let (id, _): (String, redis::Value) = redis::pipe()
             .atomic()
             .cmd("XADD")

@@ -27,6 +27,9 @@ pub enum UploadError {
     TokenExpired,
     #[error("this upload token was already used")]
     Duplicate,
+    /// Another upload of this token is arriving; if it fails, the token is free again.
+    #[error("an upload with this token is in progress; if it fails, retry after {} s", .0.as_secs())]
+    InProgress(std::time::Duration),
     #[error("the body is larger than the {0} bytes allowed")]
     TooLarge(u64),
     #[error("Content-Type must be {expected}, got {got:?}")]
@@ -75,7 +78,7 @@ impl UploadError {
         match self {
             Self::BadRequest(_) | Self::InvalidToken(_) => Pipeline(ErrorCode::InvalidToken),
             Self::TokenExpired => Pipeline(ErrorCode::TokenExpired),
-            Self::Duplicate => Pipeline(ErrorCode::DuplicateUpload),
+            Self::Duplicate | Self::InProgress(_) => Pipeline(ErrorCode::DuplicateUpload),
             Self::TooLarge(_) => Pipeline(ErrorCode::PayloadTooLarge),
             Self::ContentTypeMismatch { .. } => Pipeline(ErrorCode::ContentTypeMismatch),
             Self::Image(e) => Pipeline(e.code()),
@@ -92,7 +95,7 @@ impl UploadError {
         match self {
             Self::BadRequest(_) | Self::Incomplete => StatusCode::BAD_REQUEST,
             Self::InvalidToken(_) | Self::TokenExpired => StatusCode::UNAUTHORIZED,
-            Self::Duplicate => StatusCode::CONFLICT,
+            Self::Duplicate | Self::InProgress(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Image(PipelineError::ImageTooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ContentTypeMismatch { .. } | Self::Image(PipelineError::InvalidImage(_)) => {
@@ -150,7 +153,7 @@ impl From<UploadError> for Status {
             UploadError::InvalidToken(_) | UploadError::TokenExpired => {
                 Status::unauthenticated(message)
             }
-            UploadError::Duplicate => Status::already_exists(message),
+            UploadError::Duplicate | UploadError::InProgress(_) => Status::already_exists(message),
             UploadError::Overloaded
             | UploadError::BusUnavailable
             | UploadError::StorageUnavailable => Status::unavailable(message),

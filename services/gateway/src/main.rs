@@ -10,6 +10,8 @@ use follow_image_gateway::{app::Application, config::Config};
 use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
+    // Reads FAILPOINTS when built with the `failpoints` feature; nothing otherwise.
+    let _failpoints = fail::FailScenario::setup();
     follow_service::runtime::main("follow-image-gateway", || async {
         let config = Config::from_env()?;
         tracing::info!(?config, "starting");

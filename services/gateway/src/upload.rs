@@ -24,8 +24,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use follow_bus::{
-    Failure, GuardOutcome, ImageResult, Job, Producer, ProgressTracker, ResultOutcome, Stage,
-    UploadGuard,
+    Failure, GuardOutcome, GuardState, ImageResult, Job, Producer, ProgressTracker, ResultOutcome,
+    Stage, UploadGuard,
 };
 use follow_service::{
     auth::bearer_of,
@@ -49,6 +49,9 @@ use crate::{
     sniff::{self, Header, JpegEnd},
     spool::Spool,
 };
+
+/// Beyond the body idle timeout, how long a receiving guard outlives its last renewal.
+const RENEW_SLACK: Duration = Duration::from_secs(5);
 
 /// After this long a body must keep up `FOLLOW_MIN_UPLOAD_RATE` on average.
 const RATE_GRACE: Duration = Duration::from_secs(10);
@@ -224,27 +227,40 @@ impl Gateway {
         }
     }
 
-    /// The one-time guard, held until the token expires plus the longest a body may take and
-    /// the clock leeway: a slow upload started just before expiry still holds it.
+    /// The one-time guard: a short lease while the body arrives (renewed as bytes come), so a
+    /// gateway that dies mid-body lets go of it on its own.
     async fn take_guard(&self, claims: &UploadClaims) -> Result<(), UploadError> {
-        let remaining = claims
-            .expires_at()
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        let ttl = remaining + self.config.receive.body_timeout + self.config.token_leeway;
-        match self
-            .guard
-            .clone()
-            .acquire(claims.image_id, &self.holder, ttl)
+        let mut guard = self.guard.clone();
+        match guard
+            .acquire(claims.image_id, &self.holder, self.lease())
             .await
         {
             Ok(GuardOutcome::Acquired) => Ok(()),
-            Ok(GuardOutcome::Taken) => Err(UploadError::Duplicate),
+            Ok(GuardOutcome::Taken) => match guard.state(claims.image_id).await {
+                // Another upload of this token is arriving (or its gateway died): it may fail.
+                Ok(GuardState::Receiving) => Err(UploadError::InProgress(self.lease())),
+                _ => Err(UploadError::Duplicate),
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "upload refused: the guard cannot be taken");
                 Err(UploadError::BusUnavailable)
             }
         }
+    }
+
+    /// How long the guard of a body being received lives without news from its gateway.
+    fn lease(&self) -> Duration {
+        self.config.receive.body_idle_timeout + RENEW_SLACK
+    }
+
+    /// How long a used token's guard lives: until the token expires, plus the longest a body
+    /// may take and the clock leeway (a slow upload started just before expiry is covered).
+    fn spent_for(&self, claims: &UploadClaims) -> Duration {
+        let remaining = claims
+            .expires_at()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        remaining + self.config.receive.body_timeout + self.config.token_leeway
     }
 
     async fn release_guard(&self, image_id: Uuid) {
@@ -278,7 +294,7 @@ impl Gateway {
         let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
         reporter.stage(Stage::WaitingUpload);
         self.metrics.receiving.inc();
-        let received = self.receive(format, limit, body).await;
+        let received = self.receive(claims.image_id, format, limit, body).await;
         self.metrics.receiving.dec();
         let received = match received {
             Ok(received) => received,
@@ -312,7 +328,13 @@ impl Gateway {
             owner: claims.sub.clone(),
             accepted_at: OffsetDateTime::now_utc(),
         };
-        if let Err(e) = self.producer.clone().enqueue(&job, None).await {
+        fail::fail_point!("gateway-before-enqueue");
+        if let Err(e) = self
+            .producer
+            .clone()
+            .enqueue(&job, self.spent_for(claims))
+            .await
+        {
             // The original is durable: the API's reconciler queues its job once Valkey is back.
             tracing::warn!(error = %e, "the job could not be queued; the reconciler will");
         }
@@ -328,6 +350,7 @@ impl Gateway {
     /// caps, timeouts, magic bytes, declared dimensions, a JPEG's end.
     async fn receive(
         &self,
+        image_id: Uuid,
         expected: ImageFormat,
         limit: u64,
         body: Body,
@@ -347,6 +370,7 @@ impl Gateway {
         let max_pixels = self.config.pipeline.max_pixels;
         let mut stream = body.into_data_stream();
         let (started, deadline) = (Instant::now(), Instant::now() + config.body_timeout);
+        let mut renewed = Instant::now();
         loop {
             let wait = config
                 .body_idle_timeout
@@ -369,6 +393,21 @@ impl Gateway {
             tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
                 .await
                 .map_err(internal)?;
+            fail::fail_point!("gateway-receiving");
+            if renewed.elapsed() > self.lease() / 3 {
+                renewed = Instant::now();
+                match self
+                    .guard
+                    .clone()
+                    .renew(image_id, &self.holder, self.lease())
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => return Err(Refused::Transfer(UploadError::Duplicate)),
+                    // Valkey away: the lease is long enough to outlast a short outage.
+                    Err(e) => tracing::warn!(error = %e, "the upload guard could not be renewed"),
+                }
+            }
             let elapsed = started.elapsed();
             if elapsed > RATE_GRACE
                 && (bytes as f64) < config.min_upload_rate as f64 * elapsed.as_secs_f64()
@@ -443,6 +482,14 @@ impl Gateway {
             produced_at: OffsetDateTime::now_utc(),
             processing_ms: started.elapsed().as_millis() as u64,
         };
+        if let Err(e) = self
+            .guard
+            .clone()
+            .spend(claims.image_id, self.spent_for(claims))
+            .await
+        {
+            tracing::warn!(error = %e, "the spent token could not be marked");
+        }
         if let Err(e) = objects::write_record(&self.bucket, &claims.storage_key, &result).await {
             tracing::warn!(error = %e, "the failed result could not be recorded");
         }

@@ -87,6 +87,7 @@ impl JobHandler {
             Ok(Record::Missing) => {}
             Err(e) => return self.unavailable(&e.to_string()),
         }
+        fail::fail_point!("gateway-job-start");
         let started = Instant::now();
         let reporter = Reporter::start(&self.progress, &self.metrics, job.image_id);
         let ended = Box::pin(self.run(job, &reporter, started)).await;
@@ -178,6 +179,7 @@ impl JobHandler {
                 return Ended::Result(failed(job, failure, started));
             }
         };
+        fail::fail_point!("gateway-mid-pipeline");
         reporter.stage(Stage::UploadingToStorage);
         let preview = preview_key(&job.storage_key);
         let byte_size = output.image.bytes.len() as u64;
@@ -231,6 +233,7 @@ impl JobHandler {
     async fn finish(&self, job: &Job, result: &ImageResult) -> Result<(), S3Error> {
         objects::write_record(&self.bucket, &job.storage_key, result).await?;
         self.drop_original(job).await;
+        fail::fail_point!("gateway-before-handoff");
         Ok(())
     }
 

@@ -126,7 +126,7 @@ async fn with_valkey_down_new_uploads_get_503_and_in_flight_results_arrive_after
     eventually_async(WITHIN, "the job queued again", || async {
         let mut producer = follow_bus::Producer::new(&gw.valkey).unwrap();
         producer
-            .enqueue(&job, Some(std::time::Duration::from_secs(60)))
+            .enqueue(&job, std::time::Duration::from_secs(60))
             .await
             .ok()
     })
