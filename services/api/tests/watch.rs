@@ -410,3 +410,40 @@ async fn idle_watches_get_heartbeats_and_unused_tokens_expire_the_image() {
     );
     assert_eq!(second.cursor, first.cursor, "a heartbeat changes nothing");
 }
+
+/// The database reads a route watch makes over its whole life, from opening to `route_ready`.
+async fn reads_of_a_route_watch(images: usize) -> f64 {
+    let stack = Stack::start_with(Vars::new(), true).await;
+    let created = create(&stack, "alice", images).await;
+    let route_id = created.route.unwrap().id;
+    let mut stream = stack
+        .images()
+        .await
+        .watch_image_status(stack.as_user("alice", watch_route(&route_id, "")))
+        .await
+        .unwrap()
+        .into_inner();
+    for target in &created.upload_targets {
+        process(&stack, &target.image_id, b"preview").await;
+    }
+    while let Some(message) = next(&mut stream).await {
+        if matches!(message.event, Some(Event::RouteReady(_))) {
+            assert!(next(&mut stream).await.is_none(), "ends at route_ready");
+            break;
+        }
+    }
+    let (_, metrics) = stack.get("/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("follow_api_watch_db_reads_total "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_route_watch_reads_the_database_a_fixed_number_of_times_however_many_images() {
+    // Opening (authorize, then the state) and route_ready: each image's commit arrives whole.
+    let (one, twelve) = tokio::join!(reads_of_a_route_watch(1), reads_of_a_route_watch(12));
+    assert_eq!((one, twelve), (3.0, 3.0));
+}
