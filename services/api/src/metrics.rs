@@ -36,6 +36,7 @@ pub enum ResultLabel {
     Failed,
     Ignored,
     Refused,
+    Errored,
 }
 
 impl ResultLabel {
@@ -45,6 +46,7 @@ impl ResultLabel {
             Self::Failed => "failed",
             Self::Ignored => "ignored",
             Self::Refused => "refused",
+            Self::Errored => "errored",
         }
     }
 }

@@ -14,10 +14,12 @@
 //!   last waypoint is confirmed.
 //!
 //! A `processed` result must name the image's own objects (`storage_key` the row's, `preview_key`
-//! derived from it); one that does not is refused as poison and never presigned. A result the
-//! database refuses (a constraint or value error) is applied again alone, in a savepoint, so it
-//! is dead-lettered by itself and the rest commits. A database outage fails the whole batch,
-//! which the consumer retries: never dead-lettered.
+//! derived from it); one that does not is refused as poison and never presigned. When a batch
+//! fails for any reason but a passing one, its results are applied again one by one, each in a
+//! savepoint: one the database refuses (a constraint or value error) is dead-lettered by itself,
+//! one that fails otherwise is counted as a failure (dead-lettered after a few), and the rest
+//! commits. A database outage fails the whole batch, which the consumer retries: never
+//! dead-lettered.
 //!
 //! After the commit (and before the acknowledgement) each change is announced on its image's
 //! progress channel as a [`Committed`] notice carrying the image as committed and whether its
@@ -60,6 +62,11 @@ pub enum Applied {
         image_id: Uuid,
         reason: String,
     },
+    /// Applying it failed for a reason that may not last (counted: after a few, dead-lettered).
+    Errored {
+        image_id: Uuid,
+        reason: String,
+    },
 }
 
 impl Applied {
@@ -69,6 +76,7 @@ impl Applied {
             Self::Failed { .. } => ResultLabel::Failed,
             Self::Ignored { .. } => ResultLabel::Ignored,
             Self::Refused { .. } => ResultLabel::Refused,
+            Self::Errored { .. } => ResultLabel::Errored,
         }
     }
 }
@@ -107,8 +115,8 @@ impl ResultApplier {
     pub async fn apply(&self, batch: &[(&str, &ImageResult)]) -> Result<Vec<Applied>, sqlx::Error> {
         let started = Instant::now();
         let applied = match self.apply_once(batch).await {
-            Err(e) if is_permanent(&e) => {
-                tracing::warn!(error = %e, "a result of the batch is refused; applying one by one");
+            Err(e) if !is_transient(&e) => {
+                tracing::warn!(error = %e, "the batch failed; applying its results one by one");
                 self.apply_each(batch).await
             }
             other => other,
@@ -149,14 +157,19 @@ impl ResultApplier {
                     savepoint.commit().await?;
                     applied.extend(outcome);
                 }
-                Err(e) if is_permanent(&e) => {
+                Err(e) if is_transient(&e) => return Err(e),
+                Err(e) => {
                     savepoint.rollback().await?;
-                    applied.push(Applied::Refused {
-                        image_id: one.1.image_id,
-                        reason: format!("refused by the database: {e}"),
+                    let (image_id, reason) = (one.1.image_id, e.to_string());
+                    applied.push(if is_permanent(&e) {
+                        Applied::Refused {
+                            image_id,
+                            reason: format!("refused by the database: {reason}"),
+                        }
+                    } else {
+                        Applied::Errored { image_id, reason }
                     });
                 }
-                Err(e) => return Err(e),
             }
         }
         tx.commit().await?;
@@ -172,7 +185,9 @@ impl ResultApplier {
             let (image, route_ready) = match a {
                 Applied::Processed { image, route_ready } => (image, *route_ready),
                 Applied::Failed { image } => (image, false),
-                Applied::Ignored { .. } | Applied::Refused { .. } => return None,
+                Applied::Ignored { .. } | Applied::Refused { .. } | Applied::Errored { .. } => {
+                    return None;
+                }
             };
             let mut tracker = tracker.clone();
             let committed = Committed {
@@ -205,6 +220,10 @@ impl Handler<ImageResult> for ResultApplier {
                         tracing::error!(%image_id, %reason, "result refused");
                         Outcome::dead_letter(reason)
                     }
+                    Applied::Errored { image_id, reason } => {
+                        tracing::error!(%image_id, %reason, "applying a result failed");
+                        Outcome::Fail(format!("applying failed: {reason}"))
+                    }
                     Applied::Ignored { image_id } => {
                         tracing::info!(%image_id, "result for an unknown or final image ignored");
                         Outcome::Ack
@@ -219,13 +238,10 @@ impl Handler<ImageResult> for ResultApplier {
                     }
                 })
                 .collect(),
-            Err(e) if is_transient(&e) => {
-                tracing::warn!(error = %e, batch = batch.len(), "the database is unavailable; will retry");
-                vec![Outcome::Retry; batch.len()]
-            }
             Err(e) => {
-                tracing::error!(error = %e, batch = batch.len(), "applying results failed");
-                vec![Outcome::Fail(format!("applying failed: {e}")); batch.len()]
+                // Only a transient error reaches here (others are judged result by result).
+                tracing::warn!(error = %e, batch = batch.len(), "applying results failed; will retry");
+                vec![Outcome::Retry; batch.len()]
             }
         }
     }

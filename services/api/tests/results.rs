@@ -45,6 +45,7 @@ enum Said {
     Failed(Uuid),
     Ignored(Uuid),
     Refused(Uuid),
+    Errored(Uuid),
 }
 
 fn said(a: &Applied) -> Said {
@@ -53,6 +54,7 @@ fn said(a: &Applied) -> Said {
         Applied::Failed { image } => Said::Failed(image.id),
         Applied::Ignored { image_id } => Said::Ignored(*image_id),
         Applied::Refused { image_id, .. } => Said::Refused(*image_id),
+        Applied::Errored { image_id, .. } => Said::Errored(*image_id),
     }
 }
 
@@ -481,4 +483,39 @@ async fn appliers_racing_on_the_same_routes_make_every_route_ready_exactly_once(
             .unwrap();
     assert_eq!(pending, 0, "every route READY, none stuck");
     assert_eq!(ready, routes.len(), "each reported ready exactly once");
+}
+
+#[tokio::test]
+async fn a_result_the_database_fails_on_counts_as_a_failure_alone_and_the_rest_commits() {
+    let (_pg, pool) = migrated().await;
+    let route = insert_route(&pool, "alice", "r", &[(0.5, 0.5), (0.6, 0.6)])
+        .await
+        .unwrap();
+    let [(_, good), (_, stuck)] = route.waypoints[..] else {
+        unreachable!()
+    };
+    // Something in the database (an operator's trigger, say) makes one image's update fail.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION image.refuse() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'under maintenance'; END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON image.images FOR EACH ROW
+           WHEN (OLD.id = '{stuck}') EXECUTE FUNCTION image.refuse();"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut applier = ResultApplier::new(pool.clone());
+    let outcomes = applier
+        .handle(&[
+            delivery(1, stuck, processed_outcome(route.id, stuck)),
+            delivery(2, good, processed_outcome(route.id, good)),
+        ])
+        .await;
+    assert!(
+        matches!(&outcomes[0], Outcome::Fail(reason) if reason.contains("under maintenance")),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], Outcome::Ack);
+    assert_eq!(image_status(&pool, good).await, "PROCESSED");
+    assert_eq!(image_status(&pool, stuck).await, "PENDING");
 }
