@@ -217,7 +217,7 @@ async fn results_waiting_while_the_api_was_away_past_expiry_are_all_applied() {
     .await;
     publish(
         &platform,
-        &storage_keys(&platform, &[late_id.clone()]).await,
+        &storage_keys(&platform, std::slice::from_ref(&late_id)).await,
     )
     .await;
     eventually_async(WAIT, "the late photo applied", || async {
@@ -343,7 +343,11 @@ async fn operators_inspect_fix_and_replay_a_dead_letter_and_it_applies_once() {
     .execute(&db)
     .await
     .unwrap();
-    publish(&platform, &storage_keys(&platform, &[image.clone()]).await).await;
+    publish(
+        &platform,
+        &storage_keys(&platform, std::slice::from_ref(&image)).await,
+    )
+    .await;
     eventually_async(WAIT, "dead-lettered after two failures", || async {
         (dead_letters(&platform).await == 1).then_some(())
     })
@@ -387,7 +391,11 @@ async fn operators_inspect_fix_and_replay_a_dead_letter_and_it_applies_once() {
         .unwrap()
     };
     let before = updated().await;
-    publish(&platform, &storage_keys(&platform, &[image.clone()]).await).await;
+    publish(
+        &platform,
+        &storage_keys(&platform, std::slice::from_ref(&image)).await,
+    )
+    .await;
     let name = "follow_api_results_applied_total{outcome=\"ignored\"}";
     eventually_async(WAIT, "the duplicate ignored", || async {
         (platform.metric(&platform.api_url, name).await.unwrap() >= 1.0).then_some(())
@@ -396,7 +404,7 @@ async fn operators_inspect_fix_and_replay_a_dead_letter_and_it_applies_once() {
     assert_eq!(updated().await, before);
 
     // `drop` removes what operators give up on.
-    let forged = storage_keys(&platform, &[image.clone()]).await;
+    let forged = storage_keys(&platform, std::slice::from_ref(&image)).await;
     publish(
         &platform,
         &[(forged[0].0.clone(), "routes/x/images/y".into())],
