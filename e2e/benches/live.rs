@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use follow_e2e::{Platform, client::bearer};
+use follow_e2e::{Platform, client::bearer, rss_bytes};
 use follow_proto::{
     api::v1::{
         self as api, ImageIds, WaypointInput, image_service_client::ImageServiceClient,
@@ -42,16 +42,6 @@ const STAGES: [(Stage, &str); 6] = [
     (Stage::UploadingToStorage, "uploading_to_storage"),
 ];
 const SLOTS: usize = 10;
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
 
 /// What one stream saw.
 #[derive(Default)]

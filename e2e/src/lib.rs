@@ -197,6 +197,14 @@ impl Platform {
         }
     }
 
+    /// The gateway's process id (spawn mode), for memory figures.
+    pub fn gateway_pid(&self) -> Option<u32> {
+        match &self.backend {
+            Backend::Spawn(stack) => stack.gateway_pid(),
+            _ => None,
+        }
+    }
+
     /// The last lines a service wrote (spawn mode), for failure messages.
     pub fn log(&self, service: Service) -> String {
         match &self.backend {
@@ -278,6 +286,17 @@ impl Platform {
         })
         .await;
     }
+}
+
+/// The resident memory of process `pid`, in bytes (0 when it cannot be read).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
 }
 
 async fn channel(url: &str) -> anyhow::Result<Channel> {

@@ -104,6 +104,9 @@ impl Stack {
             ("FOLLOW_JOB_LEASE_SECS", "4".to_owned()),
             ("FOLLOW_S3_ATTEMPT_TIMEOUT_SECS", "2".to_owned()),
             ("FOLLOW_S3_OPERATION_TIMEOUT_SECS", "5".to_owned()),
+            // The load tests are one user sending hundreds at once; the per-user limits have
+            // their own tests (the services' test suites, at their defaults).
+            ("FOLLOW_MAX_UPLOADS_PER_USER", "64".to_owned()),
         ]);
         let gateway = start_gateway(gateway_env.clone()).await?;
         let api_env = common(&[
@@ -113,6 +116,9 @@ impl Stack {
             ("FOLLOW_GATEWAY_URL", gateway.url()),
             ("FOLLOW_CONSUMER_NAME", "api-e2e".to_owned()),
             ("FOLLOW_RECONCILE_INTERVAL_SECS", "2".to_owned()),
+            ("FOLLOW_UPLOAD_TOKENS_PER_MINUTE", "1000000".to_owned()),
+            ("FOLLOW_UPLOAD_TOKEN_BURST", "1000000".to_owned()),
+            ("FOLLOW_MAX_WATCHES_PER_USER", "10000".to_owned()),
         ]);
         let api = start_api(api_env.clone()).await?;
         Ok(Platform {
@@ -238,6 +244,10 @@ impl Stack {
             .chain(&self.more_apis)
             .filter_map(ServiceProcess::pid)
             .collect()
+    }
+
+    pub(crate) fn gateway_pid(&self) -> Option<u32> {
+        self.gateway.pid()
     }
 
     pub(crate) fn is_running(&mut self, service: Service) -> bool {

@@ -41,7 +41,20 @@ impl User {
         platform: &Platform,
         markers: &[(f64, f64)],
     ) -> CreateRouteWithWaypointsResponse {
-        let created = self.try_create_route(platform, markers).await.unwrap();
+        self.create_route_sized(platform, markers, 5_000_000).await
+    }
+
+    /// [`User::create_route`] for photos of up to `file_size` bytes.
+    pub async fn create_route_sized(
+        &mut self,
+        platform: &Platform,
+        markers: &[(f64, f64)],
+        file_size: u64,
+    ) -> CreateRouteWithWaypointsResponse {
+        let created = self
+            .try_create_route_sized(platform, markers, file_size)
+            .await
+            .unwrap();
         self.images
             .extend(created.upload_targets.iter().map(|t| t.image_id.clone()));
         created
@@ -54,13 +67,23 @@ impl User {
         platform: &Platform,
         markers: &[(f64, f64)],
     ) -> Result<CreateRouteWithWaypointsResponse, Status> {
+        self.try_create_route_sized(platform, markers, 5_000_000)
+            .await
+    }
+
+    async fn try_create_route_sized(
+        &self,
+        platform: &Platform,
+        markers: &[(f64, f64)],
+        file_size: u64,
+    ) -> Result<CreateRouteWithWaypointsResponse, Status> {
         let waypoints = markers
             .iter()
             .map(|&(marker_x, marker_y)| WaypointInput {
                 marker_x,
                 marker_y,
                 content_type: "image/jpeg".into(),
-                file_size: 5_000_000,
+                file_size,
             })
             .collect();
         let request = api::CreateRouteWithWaypointsRequest {

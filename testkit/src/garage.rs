@@ -1,10 +1,9 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use tempfile::TempDir;
 use tokio::process::Command;
 
 use crate::{
-    TestkitError,
+    Home, TestkitError,
     process::{Guarded, run, spawn_ready, with_free_ports},
     which,
 };
@@ -19,7 +18,7 @@ pub(crate) const REGION: &str = "garage";
 #[derive(Debug)]
 pub struct GarageServer {
     binary: PathBuf,
-    dir: TempDir,
+    dir: Home,
     s3_port: u16,
     access_key: String,
     secret_key: String,
@@ -29,21 +28,38 @@ pub struct GarageServer {
 impl GarageServer {
     pub async fn start() -> Result<Self, TestkitError> {
         let binary = find_binary()?;
-        with_free_ports("garage", |[s3, rpc, admin]| {
+        with_free_ports("garage", |ports| {
             let binary = binary.clone();
-            async move {
-                let dir = tempfile::Builder::new()
-                    .prefix("follow-garage-")
-                    .tempdir()?;
-                let d = dir.path().display();
-                std::fs::write(
-                    dir.path().join("garage.toml"),
-                    format!(
-                        r#"metadata_dir = "{d}/meta"
+            async move { Self::start_in(binary, Home::temp("follow-garage-")?, ports).await }
+        })
+        .await
+    }
+
+    /// A server whose data, layout, key and bucket live in `dir` (made on the first start;
+    /// metadata and data synced) on ports `[s3, rpc, admin]`.
+    pub async fn start_kept(dir: &Path, ports: [u16; 3]) -> Result<Self, TestkitError> {
+        Self::start_in(find_binary()?, Home::kept(dir)?, ports).await
+    }
+
+    async fn start_in(
+        binary: PathBuf,
+        dir: Home,
+        [s3, rpc, admin]: [u16; 3],
+    ) -> Result<Self, TestkitError> {
+        let config = dir.path().join("garage.toml");
+        let credentials = dir.path().join("credentials");
+        let fresh = !credentials.exists();
+        if fresh {
+            let d = dir.path().display();
+            let sync = dir.is_kept();
+            write_private(
+                &config,
+                &format!(
+                    r#"metadata_dir = "{d}/meta"
 data_dir = "{d}/data"
 db_engine = "sqlite"
-metadata_fsync = false
-data_fsync = false
+metadata_fsync = {sync}
+data_fsync = {sync}
 replication_factor = 1
 rpc_bind_addr = "127.0.0.1:{rpc}"
 rpc_public_addr = "127.0.0.1:{rpc}"
@@ -57,24 +73,35 @@ root_domain = ".s3.localhost"
 [admin]
 api_bind_addr = "127.0.0.1:{admin}"
 "#,
-                        secret = random_hex(32),
-                    ),
-                )?;
-                let mut server = Self {
-                    binary,
-                    dir,
-                    s3_port: s3,
-                    // Garage's key id format: GK + 24 hex digits; secret: 64 hex digits.
-                    access_key: format!("GK{}", random_hex(12)),
-                    secret_key: random_hex(32),
-                    child: Guarded::default(),
-                };
-                server.spawn().await?;
-                server.provision().await?;
-                Ok(server)
-            }
-        })
-        .await
+                    secret = random_hex(32),
+                ),
+            )?;
+        }
+        // Garage's key id format: GK + 24 hex digits; secret: 64 hex digits.
+        let (access_key, secret_key) = match std::fs::read_to_string(&credentials) {
+            Ok(text) => match text.split_once('\n') {
+                Some((id, secret)) => (id.to_owned(), secret.trim().to_owned()),
+                None => (format!("GK{}", random_hex(12)), random_hex(32)),
+            },
+            Err(_) => (format!("GK{}", random_hex(12)), random_hex(32)),
+        };
+        let mut server = Self {
+            binary,
+            dir,
+            s3_port: s3,
+            access_key,
+            secret_key,
+            child: Guarded::default(),
+        };
+        server.spawn().await?;
+        if fresh {
+            server.provision().await?;
+            write_private(
+                &credentials,
+                &format!("{}\n{}\n", server.access_key, server.secret_key),
+            )?;
+        }
+        Ok(server)
     }
 
     /// `http://127.0.0.1:PORT`: the S3 endpoint (path-style).
@@ -96,6 +123,33 @@ api_bind_addr = "127.0.0.1:{admin}"
 
     pub fn secret_key(&self) -> &str {
         &self.secret_key
+    }
+
+    /// Makes bucket `name` (unless it exists) and lets this server's key read and write it.
+    pub async fn ensure_bucket(&self, name: &str) -> Result<(), TestkitError> {
+        if run(
+            "garage bucket info",
+            self.cli().args(["bucket", "info", name]),
+        )
+        .await
+        .is_err()
+        {
+            run(
+                "garage bucket create",
+                self.cli().args(["bucket", "create", name]),
+            )
+            .await?;
+        }
+        run(
+            "garage bucket allow",
+            self.cli()
+                .args([
+                    "bucket", "allow", "--read", "--write", "--owner", name, "--key",
+                ])
+                .arg(&self.access_key),
+        )
+        .await?;
+        Ok(())
     }
 
     /// An S3 client of this server (path-style, its key), for a test to inspect the bucket.
@@ -184,6 +238,18 @@ api_bind_addr = "127.0.0.1:{admin}"
         .await?;
         Ok(())
     }
+}
+
+/// Writes a file only its owner may read (it holds secrets).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
 }
 
 fn random_hex(bytes: usize) -> String {

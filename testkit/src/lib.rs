@@ -51,6 +51,39 @@ pub fn setting(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Where a server keeps its files: a temporary directory of one test (removed with it), or a
+/// directory that outlives the process (`./dev up`'s data).
+#[derive(Debug)]
+pub(crate) enum Home {
+    Temp(tempfile::TempDir),
+    Kept(std::path::PathBuf),
+}
+
+impl Home {
+    pub(crate) fn temp(prefix: &str) -> std::io::Result<Self> {
+        Ok(Self::Temp(
+            tempfile::Builder::new().prefix(prefix).tempdir()?,
+        ))
+    }
+
+    pub(crate) fn kept(dir: &std::path::Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self::Kept(dir.to_owned()))
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        match self {
+            Self::Temp(dir) => dir.path(),
+            Self::Kept(dir) => dir,
+        }
+    }
+
+    /// Whether the server's data must survive (durable settings).
+    pub(crate) fn is_kept(&self) -> bool {
+        matches!(self, Self::Kept(_))
+    }
+}
+
 /// Why a test server could not be provided.
 #[derive(Debug, thiserror::Error)]
 pub enum TestkitError {

@@ -1,10 +1,9 @@
 use std::path::{Path, PathBuf};
 
-use tempfile::TempDir;
 use tokio::process::Command;
 
 use crate::{
-    TestkitError,
+    Home, TestkitError,
     process::{Guarded, run, spawn_ready, with_free_ports},
 };
 
@@ -20,7 +19,7 @@ pub(crate) const DATABASE: &str = "follow";
 #[derive(Debug)]
 pub struct PostgresServer {
     bin: PathBuf,
-    dir: TempDir,
+    dir: Home,
     port: u16,
     child: Guarded,
 }
@@ -31,35 +30,54 @@ impl PostgresServer {
         let run_as = RunAs::detect()?;
         with_free_ports("postgres", |[port]| {
             let (bin, run_as) = (bin.clone(), run_as.clone());
-            async move {
-                let dir = tempfile::Builder::new().prefix("follow-pg-").tempdir()?;
-                run_as.own(dir.path())?;
-                let mut initdb = run_as.command(bin.join("initdb"));
-                initdb.arg("-D").arg(dir.path().join("data")).args([
-                    "-U",
-                    "follow",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--no-sync",
-                ]);
-                run("initdb", &mut initdb).await?;
-                let mut server = Self {
-                    bin,
-                    dir,
-                    port,
-                    child: Guarded::default(),
-                };
-                server.spawn(&run_as).await?;
-                let mut createdb = Command::new(server.bin.join("createdb"));
-                createdb
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "follow"])
-                    .arg(DATABASE);
-                run("createdb", &mut createdb).await?;
-                Ok(server)
-            }
+            async move { Self::start_in(bin, Home::temp("follow-pg-")?, port, &run_as).await }
         })
         .await
+    }
+
+    /// A server whose cluster lives in `dir` (made on the first start, durable settings) on
+    /// `port`, with the database [`DATABASE`].
+    pub async fn start_kept(dir: &Path, port: u16) -> Result<Self, TestkitError> {
+        Self::start_in(find_bindir()?, Home::kept(dir)?, port, &RunAs::detect()?).await
+    }
+
+    async fn start_in(
+        bin: PathBuf,
+        dir: Home,
+        port: u16,
+        run_as: &RunAs,
+    ) -> Result<Self, TestkitError> {
+        run_as.own(dir.path())?;
+        let fresh = !dir.path().join("data/PG_VERSION").exists();
+        if fresh {
+            let mut initdb = run_as.command(bin.join("initdb"));
+            initdb.arg("-D").arg(dir.path().join("data")).args([
+                "-U",
+                "follow",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ]);
+            if !dir.is_kept() {
+                initdb.arg("--no-sync");
+            }
+            run("initdb", &mut initdb).await?;
+        }
+        let mut server = Self {
+            bin,
+            dir,
+            port,
+            child: Guarded::default(),
+        };
+        server.spawn(run_as).await?;
+        let mut createdb = Command::new(server.bin.join("createdb"));
+        createdb
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "follow"])
+            .arg(DATABASE);
+        if fresh {
+            run("createdb", &mut createdb).await?;
+        }
+        Ok(server)
     }
 
     pub fn port(&self) -> u16 {
@@ -120,8 +138,13 @@ impl PostgresServer {
                 "-c",
                 "unix_socket_directories=",
             ])
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=100"]);
+            .args(["-c", "max_connections=100"]);
+        if !self.dir.is_kept() {
+            // A test's throwaway cluster: durability off, for speed.
+            command
+                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+                .args(["-c", "full_page_writes=off"]);
+        }
         let pid_file = data.join("postmaster.pid");
         let child = spawn_ready(
             "postgres",

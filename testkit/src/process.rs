@@ -139,6 +139,18 @@ impl Guarded {
         }
     }
 
+    /// Asks the process to stop (`SIGTERM`) and waits for it (a minute at most, then kills it).
+    pub(crate) async fn terminate(&mut self) {
+        self.signal(rustix::process::Signal::TERM);
+        if let Some(mut child) = self.0.take()
+            && tokio::time::timeout(Duration::from_secs(60), child.wait())
+                .await
+                .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+
     /// Kills the process (`SIGKILL`, like a crash) and reaps it.
     pub(crate) async fn kill(&mut self) {
         if let Some(mut child) = self.0.take() {

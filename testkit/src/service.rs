@@ -8,11 +8,10 @@ use std::{
 };
 
 use rustix::process::{Pid, Signal, kill_process};
-use tempfile::TempDir;
 use tokio::{net::TcpStream, process::Command};
 
 use crate::{
-    TestkitError,
+    Home, TestkitError,
     process::{Guarded, spawn_ready, with_free_ports},
 };
 
@@ -26,7 +25,7 @@ pub struct ServiceProcess {
     env: Vec<(String, String)>,
     listen_var: &'static str,
     port: u16,
-    dir: TempDir,
+    dir: Home,
     child: Guarded,
 }
 
@@ -56,9 +55,7 @@ impl ServiceProcess {
                     env,
                     listen_var,
                     port,
-                    dir: tempfile::Builder::new()
-                        .prefix("follow-service-")
-                        .tempdir()?,
+                    dir: Home::temp("follow-service-")?,
                     child: Guarded::default(),
                 };
                 service.spawn().await?;
@@ -66,6 +63,29 @@ impl ServiceProcess {
             }
         })
         .await
+    }
+
+    /// [`ServiceProcess::start`] on a given `port`, its log in `log_dir`.
+    pub async fn start_kept(
+        what: &'static str,
+        program: &Path,
+        env: Vec<(String, String)>,
+        listen_var: &'static str,
+        port: u16,
+        log_dir: &Path,
+    ) -> Result<Self, TestkitError> {
+        let mut service = Self {
+            what,
+            program: program.to_path_buf(),
+            args: Vec::new(),
+            env,
+            listen_var,
+            port,
+            dir: Home::kept(log_dir)?,
+            child: Guarded::default(),
+        };
+        service.spawn().await?;
+        Ok(service)
     }
 
     pub fn port(&self) -> u16 {

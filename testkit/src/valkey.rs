@@ -1,10 +1,9 @@
 use std::path::PathBuf;
 
-use tempfile::TempDir;
 use tokio::process::Command;
 
 use crate::{
-    TestkitError,
+    Home, TestkitError,
     process::{Guarded, spawn_ready, with_free_ports},
     which,
 };
@@ -13,7 +12,7 @@ use crate::{
 #[derive(Debug)]
 pub struct ValkeyServer {
     binary: PathBuf,
-    dir: TempDir,
+    dir: Home,
     port: u16,
     child: Guarded,
 }
@@ -26,9 +25,7 @@ impl ValkeyServer {
             async move {
                 let mut server = Self {
                     binary,
-                    dir: tempfile::Builder::new()
-                        .prefix("follow-valkey-")
-                        .tempdir()?,
+                    dir: Home::temp("follow-valkey-")?,
                     port,
                     child: Guarded::default(),
                 };
@@ -37,6 +34,23 @@ impl ValkeyServer {
             }
         })
         .await
+    }
+
+    /// A server whose data lives in `dir` (append-only file, never evicting) on `port`.
+    pub async fn start_kept(dir: &std::path::Path, port: u16) -> Result<Self, TestkitError> {
+        let mut server = Self {
+            binary: find_binary()?,
+            dir: Home::kept(dir)?,
+            port,
+            child: Guarded::default(),
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// Stops the server so that it saves what it has (`SIGTERM`), waiting for it.
+    pub async fn shut_down(&mut self) {
+        self.child.terminate().await;
     }
 
     pub fn port(&self) -> u16 {
@@ -82,9 +96,13 @@ impl ValkeyServer {
         let mut command = Command::new(&self.binary);
         command
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .arg("--dir")
-            .arg(self.dir.path());
+            .args(["--save", "", "--protected-mode", "no"]);
+        if self.dir.is_kept() {
+            command.args(["--appendonly", "yes", "--maxmemory-policy", "noeviction"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+        }
+        command.arg("--dir").arg(self.dir.path());
         let port = self.port;
         let log = self.dir.path().join("valkey.log");
         // The pid check makes sure we reached our own server, not another test's that won the

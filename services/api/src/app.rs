@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use follow_bus::{
     BusError, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer, ProgressTracker,
-    UploadGuard, Valkey, ValkeyConfig, keys,
+    RateLimiter, UploadGuard, Valkey, ValkeyConfig, keys,
 };
 use follow_proto::api::v1::{
     image_service_server::ImageServiceServer, route_service_server::RouteServiceServer,
@@ -15,6 +15,7 @@ use follow_proto::api::v1::{
 use follow_service::{
     config::ExposeSecret as _,
     health,
+    limits::Tally,
     metrics::Registry,
     s3::Bucket,
     serve::{ServeError, Surface, serve},
@@ -23,11 +24,11 @@ use follow_service::{
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
-use tonic::service::Routes;
+use tonic::service::{Routes, interceptor::InterceptedService};
 
 use crate::{
     MIGRATOR,
-    auth::Authenticator,
+    auth::{Authenticator, interceptor},
     breaker::CircuitBreaker,
     config::Config,
     http::ApiProbe,
@@ -54,6 +55,11 @@ pub enum StartError {
 
 /// The gRPC services' names, as reflection and `grpc.health.v1` report them.
 const SERVICES: &[&str] = &["follow.api.v1.RouteService", "follow.api.v1.ImageService"];
+/// The largest `RouteService` request read: a 100-waypoint `CreateRouteWithWaypoints` with
+/// the longest name and request id is about 5 KiB.
+const MAX_ROUTE_REQUEST_BYTES: usize = 32 * 1024;
+/// The largest `ImageService` request read: a watch of 100 image ids is about 4 KiB.
+const MAX_IMAGE_REQUEST_BYTES: usize = 16 * 1024;
 
 pub struct Application {
     listener: TcpListener,
@@ -168,7 +174,6 @@ impl Application {
 
         let shared = Arc::new(Shared {
             pool: pool.clone(),
-            auth: Authenticator::new(config.user_keys.clone()),
             progress,
             breaker: CircuitBreaker::new(3, Duration::from_secs(2)),
             bucket,
@@ -186,16 +191,26 @@ impl Application {
             metrics,
             // Half the pool: a stampede of watches never takes every connection from the RPCs.
             watch_db_permits: Semaphore::new((config.database_max_connections / 2).max(1) as usize),
+            token_rate: RateLimiter::new(
+                &valkey,
+                "upload-tokens",
+                config.upload_tokens_per_minute,
+                config.upload_token_burst,
+            )?,
+            watches: Tally::new(config.max_watches_per_user),
             cancel: cancel.clone(),
         });
+        // Every call is authenticated from its headers before its message is read, and no
+        // message larger than its method needs is read at all.
+        let auth = interceptor(Arc::new(Authenticator::new(config.user_keys.clone())));
+        let routes = RouteServiceServer::new(RouteService::new(Arc::clone(&shared)))
+            .max_decoding_message_size(MAX_ROUTE_REQUEST_BYTES);
+        let images = ImageServiceServer::new(ImageService::new(Arc::clone(&shared)))
+            .max_decoding_message_size(MAX_IMAGE_REQUEST_BYTES);
         let surface = Surface {
-            grpc: Routes::new(RouteServiceServer::new(RouteService::new(Arc::clone(
-                &shared,
-            ))))
-            .add_service(ImageServiceServer::new(ImageService::new(Arc::clone(
-                &shared,
-            ))))
-            .add_service(health_service),
+            grpc: Routes::new(InterceptedService::new(routes, auth.clone()))
+                .add_service(InterceptedService::new(images, auth))
+                .add_service(health_service),
             names: SERVICES,
             public: axum::Router::new(),
             ops: health::router(probe),

@@ -11,7 +11,10 @@
 //! | `FOLLOW_USER_PUBLIC_KEYS` | — (required) | `kid=KEY,…` public keys that sign user tokens |
 //! | `FOLLOW_UPLOAD_SIGNING_KEY` | — (required, secret) | `kid=KEY`: private key for upload tokens |
 //! | `FOLLOW_GATEWAY_URL` | `http://127.0.0.1:8081` | base of the upload URLs handed out |
-//! | `FOLLOW_UPLOAD_TOKEN_TTL_SECS` | `900` | lifetime of an upload token |
+//! | `FOLLOW_UPLOAD_TOKEN_TTL_SECS` | `900` | lifetime of an upload token (at most 24 h: the gateway refuses longer) |
+//! | `FOLLOW_UPLOAD_TOKENS_PER_MINUTE` | `300` | upload tokens one user may be issued per minute on average, across every API instance (`CreateRouteWithWaypoints` costs one per waypoint, `ReissueUpload` one); beyond: `RESOURCE_EXHAUSTED` with `RetryInfo` |
+//! | `FOLLOW_UPLOAD_TOKEN_BURST` | `200` | how many of them at once (at least 100: one whole route) |
+//! | `FOLLOW_MAX_WATCHES_PER_USER` | `32` | `WatchImageStatus` streams one user may have open at once on this instance; beyond: `RESOURCE_EXHAUSTED` |
 //! | `FOLLOW_MAX_FILE_SIZE` | `26214400` (25 MiB) | the largest upload a client may declare |
 //! | `FOLLOW_PREVIEW_URL_TTL_SECS` | `900` | lifetime of presigned preview URLs (at most 7 days) |
 //! | `FOLLOW_WATCH_HEARTBEAT_SECS` | `15` | heartbeat on idle watch streams |
@@ -30,7 +33,9 @@ use follow_service::config::{
     ConfigError, Env, ExposeSecret as _, FromEnv, S3Config, SecretString, ServerConfig, invalid,
     valkey_url,
 };
-use follow_token::{Kid, SigningKey, VerifyingKeys};
+use follow_token::{Claims as _, Kid, SigningKey, UploadClaims, VerifyingKeys};
+
+use crate::routes::MAX_WAYPOINTS;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -42,6 +47,9 @@ pub struct Config {
     pub upload_signing_key: SigningKey,
     pub gateway_url: String,
     pub upload_token_ttl: Duration,
+    pub upload_tokens_per_minute: u32,
+    pub upload_token_burst: u32,
+    pub max_watches_per_user: usize,
     pub max_file_size: u64,
     pub s3: S3Config,
     pub preview_url_ttl: Duration,
@@ -83,7 +91,22 @@ impl FromEnv for Config {
             user_keys,
             upload_signing_key,
             gateway_url,
-            upload_token_ttl: env.secs("FOLLOW_UPLOAD_TOKEN_TTL_SECS", 900)?,
+            upload_token_ttl: Duration::from_secs(env.number(
+                "FOLLOW_UPLOAD_TOKEN_TTL_SECS",
+                900,
+                1..=UploadClaims::MAX_LIFETIME.as_secs(),
+            )?),
+            upload_tokens_per_minute: env.number(
+                "FOLLOW_UPLOAD_TOKENS_PER_MINUTE",
+                300,
+                1..=1_000_000,
+            )?,
+            upload_token_burst: env.number(
+                "FOLLOW_UPLOAD_TOKEN_BURST",
+                200,
+                MAX_WAYPOINTS as u32..=1_000_000,
+            )?,
+            max_watches_per_user: env.number("FOLLOW_MAX_WATCHES_PER_USER", 32, 1..=100_000)?,
             max_file_size: env.number("FOLLOW_MAX_FILE_SIZE", 26_214_400, 1..=1 << 32)?,
             s3: S3Config::from_env(&env)?,
             preview_url_ttl: Duration::from_secs(env.number(

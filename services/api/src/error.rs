@@ -37,6 +37,12 @@ pub enum ApiError {
         message: String,
         subjects: Vec<(String, String)>,
     },
+    /// The caller was issued as many upload tokens as it may for now (across every instance).
+    #[error("too many upload tokens issued to you; retry in {} s", .0.as_secs().max(1))]
+    RateLimited(std::time::Duration),
+    /// The caller has as many streams open as it may.
+    #[error("{0}")]
+    TooManyStreams(String),
     /// Valkey cannot be written (or the circuit breaker is open): nothing was changed.
     #[error("the event bus is unavailable")]
     BusUnavailable(#[source] Option<follow_bus::BusError>),
@@ -62,6 +68,7 @@ impl ApiError {
             Self::NotFound(_) => Code::NotFound,
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
+            Self::RateLimited(_) | Self::TooManyStreams(_) => Code::ResourceExhausted,
             Self::BusUnavailable(_) => Code::Unavailable,
             Self::Database(e) if is_transient(e) => Code::Unavailable,
             Self::Bus(e) if e.is_unavailable() => Code::Unavailable,
@@ -85,6 +92,7 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         let code = e.code();
+        let said = e.to_string();
         match e {
             ApiError::Unauthenticated(reason) => Status::unauthenticated(reason),
             ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
@@ -107,6 +115,19 @@ impl From<ApiError> for Status {
                 }
                 Status::with_error_details(code, message, details)
             }
+            ApiError::RateLimited(wait) => {
+                let mut status = Status::with_error_details(
+                    code,
+                    said,
+                    ErrorDetails::with_retry_info(Some(wait)),
+                );
+                // Also as a header, for clients that read no details (grpc-web, curl).
+                if let Ok(secs) = wait.as_secs().max(1).to_string().parse() {
+                    status.metadata_mut().insert("retry-after", secs);
+                }
+                status
+            }
+            ApiError::TooManyStreams(_) => Status::resource_exhausted(said),
             ApiError::BusUnavailable(source) => {
                 if let Some(source) = source {
                     tracing::warn!(error = %source, "event bus unavailable");

@@ -9,6 +9,7 @@ use follow_proto::api::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
+    auth::{caller, expiry},
     error::ApiError,
     state::{Shared, parse_id},
     store::{self, ImageStatus},
@@ -34,7 +35,7 @@ impl ImageService {
         &self,
         request: Request<api::GetImageStatusRequest>,
     ) -> Result<api::GetImageStatusResponse, ApiError> {
-        let user = self.shared.auth.user(request.metadata())?;
+        let user = caller(&request)?;
         let id = parse_id("image_id", &request.get_ref().image_id)?;
         let mut conn = self.shared.pool.acquire().await?;
         let image = store::images(&mut conn, &user.0, &[id])
@@ -55,7 +56,14 @@ impl ImageService {
         &self,
         request: Request<api::WatchImageStatusRequest>,
     ) -> Result<WatchStream, ApiError> {
-        let user = self.shared.auth.user(request.metadata())?;
+        let user = caller(&request)?;
+        // The stream ends when the token that opened it does.
+        let until = expiry(&request).map_or_else(tokio::time::Instant::now, |at| {
+            tokio::time::Instant::now()
+                + at.duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default()
+        });
+        let slot = self.shared.watch_slot(&user)?;
         let request = request.into_inner();
         let target = match request.target {
             None => return Err(ApiError::invalid("target", "set `images` or `route_id`")),
@@ -83,7 +91,7 @@ impl ImageService {
             &request.resume_cursor,
         )
         .await?;
-        Ok(watch.into_stream(self.shared.cancel.clone()))
+        Ok(watch.into_stream(self.shared.cancel.clone(), until, slot))
     }
 }
 

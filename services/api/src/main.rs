@@ -26,7 +26,7 @@ use follow_api::{
     config::{Config, parse_signing_key},
 };
 use follow_bus::{DeadEntry, DeadLetters, EntryId, Valkey, ValkeyConfig, keys};
-use follow_token::{Kid, SigningKey, UserClaims};
+use follow_token::{Claims as _, Kid, SigningKey, UserClaims};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -57,7 +57,8 @@ enum Command {
     Token {
         #[arg(long)]
         sub: String,
-        #[arg(long, default_value_t = 86_400)]
+        /// Lifetime, at most 7 days (604800 s): the API refuses longer-lived user tokens.
+        #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=UserClaims::MAX_LIFETIME.as_secs()))]
         ttl_secs: u64,
         /// `kid=KEY`; defaults to FOLLOW_USER_SIGNING_KEY.
         #[arg(long, env = "FOLLOW_USER_SIGNING_KEY", hide_env_values = true)]

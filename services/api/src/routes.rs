@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
-    auth::User,
+    auth::{User, caller},
     error::{ApiError, FieldViolation},
     state::{Shared, parse_id},
     store::{self, ImageRecord, ImageStatus, NewImage, NewWaypoint, PageKey, RouteStatus},
@@ -19,7 +19,9 @@ use crate::{
 use follow_bus::CONTENT_TYPES;
 use follow_proto::time::timestamp;
 use follow_service::objects::storage_key;
-const MAX_WAYPOINTS: usize = 100;
+
+/// The most waypoints a route has.
+pub const MAX_WAYPOINTS: usize = 100;
 const DEFAULT_PAGE: u32 = 20;
 const MAX_PAGE: u32 = 100;
 
@@ -31,10 +33,6 @@ pub struct RouteService {
 impl RouteService {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
-    }
-
-    fn user<T>(&self, request: &Request<T>) -> Result<User, ApiError> {
-        self.shared.auth.user(request.metadata())
     }
 
     /// Maps an RPC's error to its status, counting it by method and code.
@@ -55,6 +53,9 @@ impl RouteService {
         request: api::CreateRouteWithWaypointsRequest,
     ) -> Result<api::CreateRouteWithWaypointsResponse, ApiError> {
         validate_create(&request, self.shared.limits.max_file_size)?;
+        self.shared
+            .charge_tokens(user, request.waypoints.len())
+            .await?;
         let mut tx = self.shared.pool.begin().await?;
         if let Some(id) = store::route_by_request(&mut tx, &user.0, &request.request_id).await? {
             drop(tx);
@@ -284,6 +285,7 @@ impl RouteService {
         if !violations.is_empty() {
             return Err(ApiError::InvalidArgument(violations));
         }
+        self.shared.charge_tokens(user, 1).await?;
         let mut tx = self.shared.pool.begin().await?;
         let current = store::waypoint_for_update(&mut tx, &user.0, waypoint_id)
             .await?
@@ -333,16 +335,19 @@ fn validate_create(
     max_file_size: u64,
 ) -> Result<(), ApiError> {
     let mut v = Vec::new();
-    if request.request_id.is_empty() || request.request_id.len() > 128 {
+    if request.request_id.is_empty()
+        || request.request_id.len() > 128
+        || has_control(&request.request_id)
+    {
         v.push(FieldViolation::new(
             "request_id",
-            "must be 1-128 bytes (a UUID is best)",
+            "must be 1-128 bytes without control characters (a UUID is best)",
         ));
     }
-    if request.name.chars().count() > 200 {
+    if request.name.chars().count() > 200 || has_control(&request.name) {
         v.push(FieldViolation::new(
             "name",
-            "must be at most 200 characters",
+            "must be at most 200 characters, without control characters",
         ));
     }
     if request.waypoints.is_empty() || request.waypoints.len() > MAX_WAYPOINTS {
@@ -377,6 +382,12 @@ fn validate_create(
     } else {
         Err(ApiError::InvalidArgument(v))
     }
+}
+
+/// NUL and the other control characters have no place in a name or an id (and PostgreSQL
+/// refuses NUL in text).
+fn has_control(text: &str) -> bool {
+    text.chars().any(char::is_control)
 }
 
 fn check_content_type(v: &mut Vec<FieldViolation>, field: &str, content_type: &str) {
@@ -428,7 +439,7 @@ impl RouteServiceApi for RouteService {
         request: Request<api::CreateRouteWithWaypointsRequest>,
     ) -> Result<Response<api::CreateRouteWithWaypointsResponse>, Status> {
         let result = async {
-            let user = self.user(&request)?;
+            let user = caller(&request)?;
             self.create(&user, request.into_inner()).await
         };
         self.finish("CreateRouteWithWaypoints", result.await)
@@ -440,7 +451,7 @@ impl RouteServiceApi for RouteService {
         request: Request<api::GetRouteRequest>,
     ) -> Result<Response<api::GetRouteResponse>, Status> {
         let result = async {
-            let user = self.user(&request)?;
+            let user = caller(&request)?;
             self.get(&user, request.into_inner()).await
         };
         self.finish("GetRoute", result.await)
@@ -452,7 +463,7 @@ impl RouteServiceApi for RouteService {
         request: Request<api::ListRoutesRequest>,
     ) -> Result<Response<api::ListRoutesResponse>, Status> {
         let result = async {
-            let user = self.user(&request)?;
+            let user = caller(&request)?;
             self.list(&user, request.into_inner()).await
         };
         self.finish("ListRoutes", result.await)
@@ -464,7 +475,7 @@ impl RouteServiceApi for RouteService {
         request: Request<api::PublishRouteRequest>,
     ) -> Result<Response<api::PublishRouteResponse>, Status> {
         let result = async {
-            let user = self.user(&request)?;
+            let user = caller(&request)?;
             self.publish(&user, request.into_inner()).await
         };
         self.finish("PublishRoute", result.await)
@@ -476,7 +487,7 @@ impl RouteServiceApi for RouteService {
         request: Request<api::ReissueUploadRequest>,
     ) -> Result<Response<api::ReissueUploadResponse>, Status> {
         let result = async {
-            let user = self.user(&request)?;
+            let user = caller(&request)?;
             self.reissue(&user, request.into_inner()).await
         };
         self.finish("ReissueUpload", result.await)

@@ -3,9 +3,12 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use follow_bus::{BusError, Hub, Progress, ProgressTracker, Stage};
+use follow_bus::{BusError, Hub, Progress, ProgressTracker, RateLimiter, Stage};
 use follow_proto::api::v1 as api;
-use follow_service::s3::Bucket;
+use follow_service::{
+    limits::{Slot, Tally},
+    s3::Bucket,
+};
 use follow_token::SigningKey;
 use sqlx::{PgPool, Postgres, pool::PoolConnection};
 use tokio::sync::Semaphore;
@@ -13,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    auth::Authenticator,
+    auth::User,
     breaker::CircuitBreaker,
     error::ApiError,
     metrics::Metrics,
@@ -50,7 +53,6 @@ impl Limits {
 #[derive(Debug)]
 pub struct Shared {
     pub pool: PgPool,
-    pub auth: Authenticator,
     pub progress: ProgressTracker,
     /// In front of every Valkey call an RPC depends on.
     pub breaker: CircuitBreaker,
@@ -61,6 +63,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Database work of watch streams takes a permit first: see [`Shared::watch_db`].
     pub watch_db_permits: Semaphore,
+    /// Upload tokens issued per user, across instances (`FOLLOW_UPLOAD_TOKENS_PER_MINUTE`).
+    pub token_rate: RateLimiter,
+    /// Watch streams open per user on this instance (`FOLLOW_MAX_WATCHES_PER_USER`).
+    pub watches: Tally,
     pub cancel: CancellationToken,
 }
 
@@ -88,6 +94,43 @@ impl Shared {
             work(conn).await
         })
         .await
+    }
+
+    /// Charges `user` for `cost` upload tokens about to be issued: `RESOURCE_EXHAUSTED` (with
+    /// how long to wait) once the user's rate is spent. Through the circuit breaker: the tokens'
+    /// `queued` stages need Valkey anyway.
+    pub async fn charge_tokens(&self, user: &User, cost: usize) -> Result<(), ApiError> {
+        let Some(probe) = self.breaker.try_call() else {
+            return Err(ApiError::BusUnavailable(None));
+        };
+        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+        let result = self.token_rate.check(&user.0, cost).await;
+        probe.record(
+            result
+                .as_ref()
+                .map_or_else(|e| !e.is_unavailable(), |_| true),
+        );
+        match result.map_err(|e| ApiError::BusUnavailable(Some(e)))? {
+            None => Ok(()),
+            Some(wait) => {
+                tracing::info!(
+                    cost,
+                    ?wait,
+                    "upload tokens refused: the user's rate is spent"
+                );
+                Err(ApiError::RateLimited(wait))
+            }
+        }
+    }
+
+    /// One of `user`'s watch slots, or `RESOURCE_EXHAUSTED` when all are open.
+    pub fn watch_slot(&self, user: &User) -> Result<Slot, ApiError> {
+        self.watches.take(&user.0).ok_or_else(|| {
+            ApiError::TooManyStreams(format!(
+                "you have {} watches open already; close one first",
+                self.watches.max()
+            ))
+        })
     }
 
     /// Records `reports` in the status hashes through the circuit breaker: fails fast with

@@ -311,13 +311,18 @@ async fn watches_are_refused_to_strangers_and_for_bad_requests() {
         watch_images(&["nope"]),
         watch_images(&vec![image.as_str(); 101]),
         watch_route(&route_id, "garbage-cursor"),
-        watch_route(&route_id, &"A".repeat(50_000)),
+        watch_route(&route_id, &"A".repeat(5_000)),
     ] {
         assert_eq!(
             refused(stack.as_user("alice", bad)).await,
             Code::InvalidArgument
         );
     }
+    // A message larger than any the method takes is not even read.
+    assert_eq!(
+        refused(stack.as_user("alice", watch_route(&route_id, &"A".repeat(50_000)))).await,
+        Code::OutOfRange
+    );
     // A watch of a pending image stays open with heartbeats; GetImageStatus shows the stage.
     let mut stream = images
         .watch_image_status(stack.as_user("alice", watch_images(&[&image])))

@@ -44,6 +44,11 @@ pub const PROGRESS_PATTERN: &str = "image:progress:*";
 /// How long the status hash lives after its last write.
 pub const STATUS_TTL: Duration = Duration::from_secs(3600);
 
+/// `ratelimit:{action}:{subject}`: a rate limit's state (String, expires when idle).
+pub fn rate_limit(action: &str, subject: &str) -> String {
+    format!("ratelimit:{action}:{subject}")
+}
+
 /// `image:upload:{image_id}`: the one-time upload guard (String, `SET NX EX`).
 pub fn upload_guard(image_id: impl Display) -> String {
     format!("image:upload:{image_id}")

@@ -17,6 +17,7 @@
 //! | [`UploadGuard`] | `SET NX EX`: one upload per token |
 //! | [`HealthChecker`] | `PING`, does the consumer group exist, a queue's backlog ([`QueueInfo`]) |
 //! | [`Backoff`] | the one retry delay |
+//! | [`RateLimiter`] | a rate limit shared by every instance (GCRA, one round trip) |
 //! | [`Hub`] | one pub/sub connection fanning `image:progress:{id}` out to many watchers |
 //!
 //! Dead-lettered entries keep every original field and gain `dead_reason`, `dead_original_id`,
@@ -37,6 +38,7 @@ pub mod keys;
 mod model;
 mod producer;
 mod progress;
+mod rate;
 mod reclaimer;
 mod stream;
 mod trimmer;
@@ -55,6 +57,7 @@ pub use model::{
 };
 pub use producer::Producer;
 pub use progress::{ProgressTracker, Recorded};
+pub use rate::RateLimiter;
 pub(crate) use reclaimer::Reclaimer;
 pub use stream::{Entry, EntryId};
 pub use trimmer::Trimmer;

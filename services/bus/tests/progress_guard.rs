@@ -267,3 +267,45 @@ fn progress(payload: &[u8]) -> Progress {
         Notice::Committed(_) => panic!("a stage, not a commit"),
     }
 }
+
+#[tokio::test]
+async fn the_rate_limit_is_shared_by_every_instance_allows_its_burst_and_says_how_long_to_wait() {
+    let (server, valkey) = valkey().await;
+    // Two instances of one limit (as two API instances would hold): 60 per minute, bursts of 10.
+    let a = follow_bus::RateLimiter::new(&valkey, "test", 60, 10).unwrap();
+    let b = follow_bus::RateLimiter::new(&valkey, "test", 60, 10).unwrap();
+    assert_eq!(a.check("alice", 6).await.unwrap(), None);
+    assert_eq!(
+        b.check("alice", 4).await.unwrap(),
+        None,
+        "the burst is 10 in all"
+    );
+    let wait = a.check("alice", 1).await.unwrap().expect("over the burst");
+    assert!(
+        wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_secs(1),
+        "one unit comes back within a second at 60/min: {wait:?}"
+    );
+    let wait = b
+        .check("alice", 10)
+        .await
+        .unwrap()
+        .expect("a refused call is not counted");
+    assert!(wait <= std::time::Duration::from_secs(10), "{wait:?}");
+    assert_eq!(
+        a.check("bob", 10).await.unwrap(),
+        None,
+        "subjects are apart"
+    );
+    assert!(
+        a.check("carol", 11).await.unwrap().is_some(),
+        "more than a burst never passes"
+    );
+    // The state expires once the subject is idle.
+    let mut conn = server.connection().await;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(keys::rate_limit("test", "alice"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 10_001, "{ttl}");
+}

@@ -12,6 +12,7 @@ use follow_bus::{
 use follow_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
 use follow_service::{
     config::ExposeSecret as _,
+    limits::Tally,
     metrics::Registry,
     s3::Bucket,
     serve::{ServeError, Surface, serve},
@@ -44,6 +45,8 @@ pub enum StartError {
 
 /// The gRPC services of the gateway, as reflection and health name them.
 const SERVICES: &[&str] = &["follow.gateway.v1.GatewayService"];
+/// The largest request message the gateway's gRPC methods read (theirs are an image id).
+const MAX_REQUEST_BYTES: usize = 4 * 1024;
 
 #[derive(Debug)]
 pub struct Application {
@@ -86,6 +89,7 @@ impl Application {
             producer: Producer::new(&valkey)?,
             bucket: bucket.clone(),
             receiving: Arc::new(Semaphore::new(config.receive.max_receiving)),
+            uploads_per_user: Tally::new(config.receive.max_uploads_per_user),
             spool: Spool::open(&config.receive.spool_dir)?,
             metrics: Arc::clone(&metrics),
             holder: config.jobs.consumer_name.clone(),
@@ -134,10 +138,16 @@ impl Application {
             hub,
             queue,
             consumers,
+            watches: Tally::new(config.max_watches_per_upload),
+            ops_token: config.ops_token.clone(),
             cancel: cancel.clone(),
         };
         let surface = Surface {
-            grpc: Routes::new(GatewayServiceServer::new(service)).add_service(health_service),
+            // Its requests are an image id at most: nothing larger is read before the token is.
+            grpc: Routes::new(
+                GatewayServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(health_service),
             names: SERVICES,
             public: http::public(Arc::clone(&gateway)),
             ops: follow_service::health::router(probe),

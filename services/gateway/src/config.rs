@@ -12,6 +12,9 @@
 //! | `FOLLOW_LONG_EDGE` / `FOLLOW_PREVIEW_EDGE` | `2048` / `320` | long edge of the stored image / preview (never upscaled) |
 //! | `FOLLOW_JPEG_QUALITY` | `85` | quality of JPEG output (opaque images) |
 //! | `FOLLOW_MAX_RECEIVING` | `256` | uploads received at once (each spooled to disk, a few KiB of memory); beyond: 503 |
+//! | `FOLLOW_MAX_UPLOADS_PER_USER` | `8` | uploads one user (`sub`) may have arriving at once on this instance; beyond: 429 `RATE_LIMITED` (at most `FOLLOW_MAX_RECEIVING`) |
+//! | `FOLLOW_MAX_WATCHES_PER_UPLOAD` | `4` | `WatchUpload` streams one upload token may have open at once on this instance; beyond: `RESOURCE_EXHAUSTED` |
+//! | `FOLLOW_OPS_TOKEN` | — (secret, optional) | the bearer token `GetPipelineStats` asks for; unset, it answers `PERMISSION_DENIED` |
 //! | `FOLLOW_SPOOL_DIR` | `$TMPDIR/follow-gateway-spool` | where bodies are spooled while they arrive (one sub-directory per process, removed when it ends) |
 //! | `FOLLOW_BODY_IDLE_TIMEOUT_SECS` | `15` | longest wait for the next bytes of a body |
 //! | `FOLLOW_BODY_TIMEOUT_SECS` | `300` | longest time for a whole body |
@@ -54,6 +57,7 @@ impl Default for PipelineConfig {
 pub struct ReceiveConfig {
     pub max_upload_bytes: u64,
     pub max_receiving: usize,
+    pub max_uploads_per_user: usize,
     pub spool_dir: PathBuf,
     pub body_idle_timeout: Duration,
     pub body_timeout: Duration,
@@ -80,6 +84,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub receive: ReceiveConfig,
     pub jobs: JobConfig,
+    pub max_watches_per_upload: usize,
+    pub ops_token: Option<SecretString>,
 }
 
 impl FromEnv for Config {
@@ -88,6 +94,7 @@ impl FromEnv for Config {
         let env = Env::new(&lookup);
         let upload_keys = env.verifying_keys("FOLLOW_UPLOAD_PUBLIC_KEYS")?;
         let long_edge = env.number("FOLLOW_LONG_EDGE", 2048, 16..=16384)?;
+        let max_receiving = env.number("FOLLOW_MAX_RECEIVING", 256, 1..=100_000)?;
         Ok(Self {
             server: ServerConfig::from_env(&env, "FOLLOW_GATEWAY_LISTEN", "127.0.0.1:8081")?,
             valkey_url: valkey_url(&env),
@@ -106,7 +113,12 @@ impl FromEnv for Config {
             },
             receive: ReceiveConfig {
                 max_upload_bytes: env.number("FOLLOW_MAX_UPLOAD_BYTES", 52_428_800, 1..=1 << 32)?,
-                max_receiving: env.number("FOLLOW_MAX_RECEIVING", 256, 1..=100_000)?,
+                max_receiving,
+                max_uploads_per_user: env.number(
+                    "FOLLOW_MAX_UPLOADS_PER_USER",
+                    8.min(max_receiving),
+                    1..=max_receiving,
+                )?,
                 spool_dir: env.get("FOLLOW_SPOOL_DIR").map_or_else(
                     || std::env::temp_dir().join("follow-gateway-spool"),
                     PathBuf::from,
@@ -122,6 +134,11 @@ impl FromEnv for Config {
                 max_failures: env.number("FOLLOW_JOB_MAX_FAILURES", 3, 1..=100)?,
                 keep_originals: env.parsed("FOLLOW_KEEP_ORIGINALS", "false")?,
             },
+            max_watches_per_upload: env.number("FOLLOW_MAX_WATCHES_PER_UPLOAD", 4, 1..=1000)?,
+            ops_token: env
+                .get("FOLLOW_OPS_TOKEN")
+                .filter(|t| !t.is_empty())
+                .map(SecretString::from),
         })
     }
 }

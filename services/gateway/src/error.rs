@@ -4,11 +4,11 @@
 //! details are logged where they happen, never sent.
 
 use axum::{
-    Json,
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use follow_bus::ErrorCode;
+use follow_service::serve::error_body;
 use tonic::Status;
 
 pub use crate::pipeline::PipelineError;
@@ -45,6 +45,9 @@ pub enum UploadError {
     Incomplete,
     #[error("the gateway is busy; retry in a moment with the same token")]
     Overloaded,
+    /// The caller (`sub`) has as many uploads arriving as it may.
+    #[error("you have {0} uploads arriving already; retry when one is done, with the same token")]
+    RateLimited(usize),
     #[error("the event bus is unavailable; retry in a moment with the same token")]
     BusUnavailable,
     #[error("storage is unavailable; retry in a moment with the same token")]
@@ -60,6 +63,8 @@ pub enum RefusalCode {
     Pipeline(ErrorCode),
     /// Retry with the same token (503, or a transfer that did not complete).
     Unavailable,
+    /// Retry with the same token once one of the caller's other uploads is done (429).
+    RateLimited,
 }
 
 impl RefusalCode {
@@ -67,6 +72,7 @@ impl RefusalCode {
         match self {
             Self::Pipeline(code) => code.as_str(),
             Self::Unavailable => "UNAVAILABLE",
+            Self::RateLimited => "RATE_LIMITED",
         }
     }
 }
@@ -74,7 +80,7 @@ impl RefusalCode {
 impl UploadError {
     /// The contract's error code (in bodies, the status hash and the result stream).
     pub fn code(&self) -> RefusalCode {
-        use RefusalCode::{Pipeline, Unavailable};
+        use RefusalCode::{Pipeline, RateLimited, Unavailable};
         match self {
             Self::BadRequest(_) | Self::InvalidToken(_) => Pipeline(ErrorCode::InvalidToken),
             Self::TokenExpired => Pipeline(ErrorCode::TokenExpired),
@@ -83,6 +89,7 @@ impl UploadError {
             Self::ContentTypeMismatch { .. } => Pipeline(ErrorCode::ContentTypeMismatch),
             Self::Image(e) => Pipeline(e.code()),
             Self::Internal => Pipeline(ErrorCode::Internal),
+            Self::RateLimited(_) => RateLimited,
             Self::TooSlow
             | Self::Incomplete
             | Self::Overloaded
@@ -102,6 +109,7 @@ impl UploadError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             Self::TooSlow => StatusCode::REQUEST_TIMEOUT,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded | Self::BusUnavailable | Self::StorageUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -135,11 +143,6 @@ impl IntoResponse for UploadError {
     }
 }
 
-/// The JSON body of every HTTP error of the gateway.
-pub fn error_body(code: &str, message: &str) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "error_code": code, "message": message }))
-}
-
 impl From<UploadError> for Status {
     fn from(e: UploadError) -> Self {
         let message = e.to_string();
@@ -154,6 +157,7 @@ impl From<UploadError> for Status {
                 Status::unauthenticated(message)
             }
             UploadError::Duplicate | UploadError::InProgress(_) => Status::already_exists(message),
+            UploadError::RateLimited(_) => Status::resource_exhausted(message),
             UploadError::Overloaded
             | UploadError::BusUnavailable
             | UploadError::StorageUnavailable => Status::unavailable(message),

@@ -12,8 +12,11 @@ use follow_proto::{
 };
 use follow_service::{
     auth::bearer_of,
-    stream::{ResponseStream, Source, respond},
+    config::{ExposeSecret as _, SecretString},
+    limits::Tally,
+    stream::{ResponseStream, Source, respond_until},
 };
+use subtle::ConstantTimeEq as _;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
@@ -31,6 +34,10 @@ pub struct GatewayService {
     pub hub: Arc<Hub>,
     pub queue: HealthChecker,
     pub consumers: Arc<ConsumerStats>,
+    /// `WatchUpload` streams open per upload (`FOLLOW_MAX_WATCHES_PER_UPLOAD`).
+    pub watches: Tally,
+    /// What `GetPipelineStats` asks for (`FOLLOW_OPS_TOKEN`); `None`: nobody may.
+    pub ops_token: Option<SecretString>,
     pub cancel: CancellationToken,
 }
 
@@ -43,6 +50,29 @@ impl GatewayService {
                 Status::unauthenticated("expected `authorization: Bearer <upload token>`")
             })?;
         verify(&self.gateway.verifier, token).map_err(Status::from)
+    }
+
+    /// The caller presented the operators' token.
+    fn check_ops(&self, metadata: &MetadataMap) -> Result<(), Status> {
+        let Some(expected) = &self.ops_token else {
+            return Err(Status::permission_denied(
+                "pipeline stats are for operators: set FOLLOW_OPS_TOKEN and present it",
+            ));
+        };
+        let token = bearer_of(metadata.as_ref())
+            .map_err(|e| Status::unauthenticated(e.to_string()))?
+            .unwrap_or_default();
+        let same: bool = token
+            .as_bytes()
+            .ct_eq(expected.expose_secret().as_bytes())
+            .into();
+        if same {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "expected `authorization: Bearer <FOLLOW_OPS_TOKEN>`",
+            ))
+        }
     }
 }
 
@@ -99,8 +129,9 @@ impl GatewayServiceApi for GatewayService {
 
     async fn get_pipeline_stats(
         &self,
-        _request: Request<pb::GetPipelineStatsRequest>,
+        request: Request<pb::GetPipelineStatsRequest>,
     ) -> Result<Response<pb::GetPipelineStatsResponse>, Status> {
+        self.check_ops(request.metadata())?;
         let queue = self
             .queue
             .clone()
@@ -154,6 +185,12 @@ impl GatewayServiceApi for GatewayService {
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
         let expires = tokio::time::Instant::now() + remaining + self.gateway.config.token_leeway;
+        let slot = self.watches.take(&image_id.to_string()).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "this upload has {} watches open already; close one first",
+                self.watches.max()
+            ))
+        })?;
         // Subscribed before the first read: nothing falls between.
         let subscription = self
             .hub
@@ -169,9 +206,8 @@ impl GatewayServiceApi for GatewayService {
             started: false,
             outbox: Vec::new(),
             cancel: self.cancel.clone(),
-            expires,
         };
-        Ok(Response::new(respond(watch)))
+        Ok(Response::new(respond_until(watch, expires, slot)))
     }
 }
 
@@ -189,7 +225,6 @@ struct UploadWatch {
     /// Stages made but not taken yet, latest last.
     outbox: Vec<Progress>,
     cancel: CancellationToken,
-    expires: tokio::time::Instant,
 }
 
 impl Source for UploadWatch {
@@ -213,9 +248,6 @@ impl Source for UploadWatch {
             let event = tokio::select! {
                 () = self.cancel.cancelled() => {
                     return Some(Err(Status::unavailable("the gateway is shutting down; watch again")));
-                }
-                () = tokio::time::sleep_until(self.expires) => {
-                    return Some(Err(Status::unauthenticated("the upload token has expired")));
                 }
                 event = self.subscription.recv() => event,
             };

@@ -29,6 +29,7 @@ use follow_bus::{
 };
 use follow_service::{
     auth::bearer_of,
+    limits::Tally,
     objects::{self, original_key, parse_storage_key, record_key},
     s3::{Bucket, S3Error},
 };
@@ -69,6 +70,9 @@ pub struct Gateway {
     pub bucket: Bucket,
     /// Uploads being received at once (`FOLLOW_MAX_RECEIVING`).
     pub receiving: Arc<Semaphore>,
+    /// Uploads being received at once per user (`FOLLOW_MAX_UPLOADS_PER_USER`): no one user
+    /// holds more than its share of [`Gateway::receiving`].
+    pub uploads_per_user: Tally,
     pub spool: Spool,
     pub config: Config,
     pub metrics: Arc<Metrics>,
@@ -198,6 +202,10 @@ impl Gateway {
         if declared.is_some_and(|n| n > limit) {
             return Err(UploadError::TooLarge(limit));
         }
+        let _mine = self.uploads_per_user.take(&claims.sub).ok_or_else(|| {
+            tracing::warn!("upload refused: the user's share of receiving is in use");
+            UploadError::RateLimited(self.uploads_per_user.max())
+        })?;
         let _receiving = Arc::clone(&self.receiving)
             .try_acquire_owned()
             .map_err(|_| {
@@ -468,7 +476,9 @@ impl Gateway {
         let failure = Failure {
             code: match error.code() {
                 crate::error::RefusalCode::Pipeline(code) => code,
-                crate::error::RefusalCode::Unavailable => follow_bus::ErrorCode::Internal,
+                crate::error::RefusalCode::Unavailable | crate::error::RefusalCode::RateLimited => {
+                    follow_bus::ErrorCode::Internal
+                }
             },
             message: error.to_string(),
         };

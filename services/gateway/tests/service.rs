@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Gateway, WITHIN, jpeg};
+use common::{Gateway, OPS_TOKEN, WITHIN, jpeg};
 use follow_bus::ResultOutcome;
 use follow_proto::{
     events::v1::Stage,
@@ -252,11 +252,24 @@ async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
         Code::NotFound
     );
 
-    let stats = client
-        .get_pipeline_stats(follow_proto::gateway::v1::GetPipelineStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    // Pipeline stats are for operators: the ops token, not an upload token, not nothing.
+    let stats_as = |token: Option<&str>| {
+        let mut request = Request::new(follow_proto::gateway::v1::GetPipelineStatsRequest {});
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let mut client = client.clone();
+        async move { client.get_pipeline_stats(request).await }
+    };
+    for token in [None, Some(bad.as_str()), Some("ops-token-of-the-test")] {
+        assert_eq!(
+            stats_as(token).await.unwrap_err().code(),
+            Code::Unauthenticated
+        );
+    }
+    let stats = stats_as(Some(OPS_TOKEN)).await.unwrap().into_inner();
     assert_eq!((stats.processed, stats.failed, stats.in_flight), (1, 1, 0));
     assert_eq!(stats.failed_by_error_code.len(), 1);
     assert_eq!(

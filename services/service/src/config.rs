@@ -10,6 +10,7 @@
 //! | `FOLLOW_VALKEY_URL` | `redis://127.0.0.1:6379` | Valkey (`redis://[user:password@]host:port`) |
 //! | `FOLLOW_KEEPALIVE_SECS` | `20` | HTTP/2 PING interval and TCP keepalive idle time: how a vanished client is noticed |
 //! | `FOLLOW_KEEPALIVE_TIMEOUT_SECS` | `10` | a connection whose PING (or keepalive probes) is not answered in this time is closed; so is one whose sent data stays unacknowledged for keepalive + timeout (`TCP_USER_TIMEOUT`) |
+//! | `FOLLOW_MAX_STREAMS_PER_CONNECTION` | `100` | HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: calls one connection may have open at once (clients queue the rest) |
 //! | `FOLLOW_SHUTDOWN_GRACE_SECS` | `10` | after SIGTERM/SIGINT, how long open connections may take to finish before they are cut |
 //! | `FOLLOW_CORS_ORIGINS` | `*` | comma-separated origins browsers may call the public surface from (grpc-web, uploads); never `/health` or `/metrics` |
 //! | `FOLLOW_S3_ENDPOINT` / `_REGION` / `_BUCKET` | `http://127.0.0.1:3900` / `garage` / `follow-images` | S3 (path-style) |
@@ -162,6 +163,8 @@ pub struct ServerConfig {
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_streams_per_connection: u32,
     /// Origins allowed by CORS on the public surface; `*` allows any.
     pub cors_origins: Vec<String>,
 }
@@ -178,6 +181,11 @@ impl ServerConfig {
             keepalive_interval: env.secs("FOLLOW_KEEPALIVE_SECS", 20)?,
             keepalive_timeout: env.secs("FOLLOW_KEEPALIVE_TIMEOUT_SECS", 10)?,
             shutdown_grace: env.secs("FOLLOW_SHUTDOWN_GRACE_SECS", 10)?,
+            max_streams_per_connection: env.number(
+                "FOLLOW_MAX_STREAMS_PER_CONNECTION",
+                100,
+                1..=10_000,
+            )?,
             cors_origins: env.list("FOLLOW_CORS_ORIGINS", "*"),
         })
     }

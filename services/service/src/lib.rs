@@ -13,11 +13,13 @@
 //! | [`stream`] | server-streaming responses pulled from a source (no task, no queue) |
 //! | [`metrics`] | serving a Prometheus registry; the metrics of a work queue |
 //! | [`auth`] | the bearer-token parser |
+//! | [`limits`] | per-subject concurrency caps |
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod config;
 pub mod health;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod objects;

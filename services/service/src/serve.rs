@@ -1,13 +1,15 @@
 //! Serving a service's one port: its gRPC services with `grpc.health.v1` and reflection,
 //! grpc-web for browsers, CORS (from config) on the public surface only, plain HTTP beside
-//! them, HTTP/2 and TCP keepalive with `TCP_NODELAY` on every connection, and a graceful
-//! shutdown that cuts what is still open after the grace.
+//! them, HTTP/2 and TCP keepalive with `TCP_NODELAY` on every connection, a cap on the calls one
+//! connection may have open, JSON `{error_code, message}` for every request no route takes, and a
+//! graceful shutdown that cuts what is still open after the grace.
 
 use std::time::Duration;
 
 use axum::{
-    Router,
-    http::{HeaderName, Method},
+    Json, Router,
+    http::{HeaderMap, HeaderName, Method, StatusCode, header},
+    response::{IntoResponse, Response},
 };
 use follow_proto::FILE_DESCRIPTOR_SET;
 use tokio::net::TcpListener;
@@ -68,15 +70,19 @@ pub async fn serve(
         .prepare()
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
+    // (A method fallback replaces a route's own, layers included: it is set before CORS.)
     let app = grpc
         .merge(surface.public)
+        .method_not_allowed_fallback(wrong_method)
         .layer(cors(&config.cors_origins))
-        .merge(surface.ops);
+        .merge(surface.ops.method_not_allowed_fallback(wrong_method))
+        .fallback(no_route);
     tracing::info!(addr = ?listener.local_addr().ok(), "serving");
     let served = Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
         .add_routes(Routes::from(app))
         .serve_with_incoming_shutdown(
             connections(
@@ -96,6 +102,37 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// The JSON body of every plain-HTTP error: `{"error_code": …, "message": …}`.
+pub fn error_body(code: &str, message: &str) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "error_code": code, "message": message }))
+}
+
+/// An error response with a JSON [`error_body`].
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, error_body(code, message)).into_response()
+}
+
+/// A request no route takes: `UNIMPLEMENTED` for a gRPC call to a service this server does not
+/// have, a JSON 404 for anything else.
+async fn no_route(headers: HeaderMap) -> Response {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented("no such service").into_http::<axum::body::Body>();
+    }
+    error_response(StatusCode::NOT_FOUND, "NOT_FOUND", "no such path")
+}
+
+async fn wrong_method() -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "this path does not take that method",
+    )
 }
 
 /// Accepted connections, each set up so that a peer that vanished is noticed: TCP keepalive

@@ -1,6 +1,7 @@
 //! Server-streaming responses made from a source that produces one message at a time: the
 //! stream *is* the source (no task, no queue), so it works only when the client takes a message
-//! (HTTP/2 flow control is the backpressure), and an error ends it.
+//! (HTTP/2 flow control is the backpressure), and an error ends it. A stream opened with a
+//! token ends when the token does ([`respond_until`]).
 
 use std::{future::Future, pin::Pin};
 
@@ -31,4 +32,37 @@ pub fn respond<S: Source>(source: S) -> ResponseStream<S::Item> {
             }
         },
     ))
+}
+
+/// `source` as a response stream that ends `UNAUTHENTICATED` at `until` (when the token that
+/// opened it expires), holding `held` (a [`crate::limits::Slot`], say) while it lives.
+pub fn respond_until<S: Source, H: Send + 'static>(
+    source: S,
+    until: tokio::time::Instant,
+    held: H,
+) -> ResponseStream<S::Item> {
+    respond(Until {
+        source,
+        until,
+        _held: held,
+    })
+}
+
+struct Until<S, H> {
+    source: S,
+    until: tokio::time::Instant,
+    _held: H,
+}
+
+impl<S: Source, H: Send + 'static> Source for Until<S, H> {
+    type Item = S::Item;
+
+    async fn next(&mut self) -> Option<Result<S::Item, Status>> {
+        tokio::select! {
+            next = self.source.next() => next,
+            () = tokio::time::sleep_until(self.until) => Some(Err(Status::unauthenticated(
+                "the token that opened this stream has expired; open it again with a fresh one",
+            ))),
+        }
+    }
 }

@@ -15,11 +15,31 @@ pub const USER_AUDIENCE: &str = "follow-api";
 /// A kind of token: its claims, who it is for, and checks beyond the JWT registered claims.
 pub trait Claims: Serialize + DeserializeOwned {
     const AUDIENCE: &'static str;
+    /// The header's `typ`: one value per kind, so one kind can never pass for another.
+    const TYPE: &'static str;
+    /// The longest a token of this kind may live (`exp` − `iat`).
+    const MAX_LIFETIME: Duration;
+
+    /// `iat` and `exp`, in seconds since the epoch.
+    fn lifetime(&self) -> (u64, u64);
 
     /// Checks that relate claims to each other, run after the signature and `exp`/`aud`/`iss`.
     fn check(&self) -> Result<(), TokenError> {
         Ok(())
     }
+}
+
+/// The longest `sub` may be (a route's owner is at most this long).
+pub const MAX_SUB_LEN: usize = 256;
+
+/// A `sub` follow accepts: 1–256 bytes, no control characters.
+fn check_sub(sub: &str) -> Result<(), TokenError> {
+    if sub.is_empty() || sub.len() > MAX_SUB_LEN || sub.chars().any(char::is_control) {
+        return Err(TokenError::InvalidClaims(format!(
+            "sub must be 1-{MAX_SUB_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
 }
 
 /// What the API grants with an upload token.
@@ -73,14 +93,22 @@ impl UploadClaims {
 
 impl Claims for UploadClaims {
     const AUDIENCE: &'static str = UPLOAD_AUDIENCE;
+    /// `JWT`, as ARCHITECTURE.md gives the upload token's header (user tokens carry their own).
+    const TYPE: &'static str = "JWT";
+    const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+    fn lifetime(&self) -> (u64, u64) {
+        (self.iat, self.exp)
+    }
 
     fn check(&self) -> Result<(), TokenError> {
         if self.jti != self.image_id {
             return Err(TokenError::InvalidClaims("jti must equal image_id".into()));
         }
-        if self.sub.is_empty() || self.storage_key.is_empty() || self.content_type.is_empty() {
+        check_sub(&self.sub)?;
+        if self.storage_key.is_empty() || self.content_type.is_empty() {
             return Err(TokenError::InvalidClaims(
-                "sub, storage_key and content_type must not be empty".into(),
+                "storage_key and content_type must not be empty".into(),
             ));
         }
         Ok(())
@@ -112,12 +140,15 @@ impl UserClaims {
 
 impl Claims for UserClaims {
     const AUDIENCE: &'static str = USER_AUDIENCE;
+    const TYPE: &'static str = "follow-user+jwt";
+    const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    fn lifetime(&self) -> (u64, u64) {
+        (self.iat, self.exp)
+    }
 
     fn check(&self) -> Result<(), TokenError> {
-        if self.sub.is_empty() {
-            return Err(TokenError::InvalidClaims("sub must not be empty".into()));
-        }
-        Ok(())
+        check_sub(&self.sub)
     }
 }
 

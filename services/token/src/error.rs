@@ -19,6 +19,8 @@ pub enum TokenError {
     Expired,
     #[error("token is not meant for this service")]
     WrongAudience,
+    #[error("token is of another kind")]
+    WrongType,
     #[error("token was not issued by follow-api")]
     WrongIssuer,
     #[error("token lacks the claim `{0}`")]

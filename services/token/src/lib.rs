@@ -13,7 +13,8 @@ mod keys;
 mod verify;
 
 pub use claims::{
-    Claims, ISSUER, UPLOAD_AUDIENCE, USER_AUDIENCE, UploadClaims, UploadGrant, UserClaims,
+    Claims, ISSUER, MAX_SUB_LEN, UPLOAD_AUDIENCE, USER_AUDIENCE, UploadClaims, UploadGrant,
+    UserClaims,
 };
 pub use error::TokenError;
 pub use keys::{Kid, SigningKey, VerifyingKey, VerifyingKeys};

@@ -10,9 +10,18 @@ use crate::{Claims, ISSUER, SigningKey, TokenError, VerifyingKeys};
 const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 impl SigningKey {
-    /// Signs `claims` as an EdDSA JWT with this key's `kid` in the header.
+    /// Signs `claims` as an EdDSA JWT with this key's `kid` and the kind's `typ` in the header.
+    /// A lifetime over the kind's maximum is refused here too: verifiers would refuse it.
     pub fn sign<C: Claims>(&self, claims: &C) -> Result<String, TokenError> {
+        let (iat, exp) = claims.lifetime();
+        if exp.saturating_sub(iat) > C::MAX_LIFETIME.as_secs() {
+            return Err(TokenError::InvalidClaims(format!(
+                "a lifetime over {} s",
+                C::MAX_LIFETIME.as_secs()
+            )));
+        }
         let mut header = Header::new(Algorithm::EdDSA);
+        header.typ = Some(C::TYPE.to_owned());
         header.kid = Some(self.kid().to_string());
         jsonwebtoken::encode(&header, claims, self.encoding_key()).map_err(|_| TokenError::Signing)
     }
@@ -45,11 +54,15 @@ impl<C> fmt::Debug for Verifier<C> {
     }
 }
 
-/// What is read of the header before any cryptography, to refuse foreign algorithms early.
+/// What is read of the header before any cryptography, to refuse foreign algorithms, kinds and
+/// extensions early.
 #[derive(Deserialize)]
 struct RawHeader {
     alg: String,
     kid: Option<String>,
+    typ: Option<String>,
+    /// Extensions the verifier must understand (RFC 7515 §4.1.11): follow understands none.
+    crit: Option<serde_json::Value>,
 }
 
 impl<C: Claims> Verifier<C> {
@@ -59,6 +72,7 @@ impl<C: Claims> Verifier<C> {
         validation.set_audience(&[C::AUDIENCE]);
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = 5;
         Self {
             keys,
@@ -81,6 +95,14 @@ impl<C: Claims> Verifier<C> {
         if header.alg != "EdDSA" {
             return Err(TokenError::UnsupportedAlgorithm);
         }
+        if header.typ.as_deref() != Some(C::TYPE) {
+            return Err(TokenError::WrongType);
+        }
+        if header.crit.is_some() {
+            return Err(TokenError::InvalidClaims(
+                "critical header extensions are not supported".into(),
+            ));
+        }
         let kid = header.kid.ok_or(TokenError::MissingKid)?;
         let key = self.keys.get(&kid).ok_or(TokenError::UnknownKid)?;
         // Registered claims (signature, exp, aud, iss, presence) are judged before the claims are
@@ -89,6 +111,19 @@ impl<C: Claims> Verifier<C> {
             .map_err(map_error)?;
         let claims: C = serde_json::from_value(data.claims)
             .map_err(|e| TokenError::InvalidClaims(e.to_string()))?;
+        let (iat, exp) = claims.lifetime();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if iat > now.saturating_add(self.validation.leeway) {
+            return Err(TokenError::InvalidClaims("issued in the future".into()));
+        }
+        if exp.saturating_sub(iat) > C::MAX_LIFETIME.as_secs() {
+            return Err(TokenError::InvalidClaims(format!(
+                "lives longer than {} s",
+                C::MAX_LIFETIME.as_secs()
+            )));
+        }
         claims.check()?;
         Ok(claims)
     }

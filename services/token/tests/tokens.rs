@@ -9,8 +9,8 @@ use base64::{
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
 };
 use follow_token::{
-    Kid, SigningKey, TokenError, UploadClaims, UploadGrant, UserClaims, Verifier, VerifyingKey,
-    VerifyingKeys,
+    Claims as _, Kid, SigningKey, TokenError, UploadClaims, UploadGrant, UserClaims, Verifier,
+    VerifyingKey, VerifyingKeys,
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -53,8 +53,104 @@ fn forge(key: &SigningKey, header: Value, payload: Value) -> String {
     format!("{signing_input}.{signature}")
 }
 
+/// An upload token's header.
 fn header(kid: &str) -> Value {
-    json!({"alg": "EdDSA", "typ": "JWT", "kid": kid})
+    json!({"alg": "EdDSA", "typ": UploadClaims::TYPE, "kid": kid})
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn refuses_another_kinds_typ_unknown_crit_nbf_ahead_iat_ahead_and_endless_lifetimes() {
+    let key = SigningKey::generate(kid("k1"));
+    let claims = serde_json::to_value(upload_claims()).unwrap();
+    let with = |changes: Value| {
+        let mut c = claims.clone();
+        for (k, v) in changes.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let t = now();
+    let cases = [
+        (
+            json!({"alg": "EdDSA", "typ": UserClaims::TYPE, "kid": "k1"}),
+            claims.clone(),
+            "the user kind's typ",
+        ),
+        (
+            json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "k1"}),
+            claims.clone(),
+            "another typ",
+        ),
+        (
+            json!({"alg": "EdDSA", "kid": "k1"}),
+            claims.clone(),
+            "no typ",
+        ),
+        (
+            json!({"alg": "EdDSA", "typ": UploadClaims::TYPE, "kid": "k1", "crit": ["exp2"], "exp2": 1}),
+            claims.clone(),
+            "an unknown critical extension",
+        ),
+        (
+            header("k1"),
+            with(json!({"nbf": t + 3600})),
+            "nbf an hour ahead",
+        ),
+        (
+            header("k1"),
+            with(json!({"iat": t + 10 * 365 * 86_400})),
+            "iat ten years ahead",
+        ),
+        (
+            header("k1"),
+            with(json!({"exp": u64::MAX})),
+            "exp = 2^64 - 1",
+        ),
+        (
+            header("k1"),
+            with(json!({"iat": t, "exp": t + 2 * 86_400})),
+            "two days",
+        ),
+        (
+            header("k1"),
+            with(json!({"sub": "x".repeat(300)})),
+            "a 300-byte sub",
+        ),
+        (
+            header("k1"),
+            with(json!({"sub": "a\u{0}b"})),
+            "a NUL in sub",
+        ),
+    ];
+    for (head, payload, case) in cases {
+        assert!(
+            verifier(&[&key])
+                .verify(&forge(&key, head, payload))
+                .is_err(),
+            "accepted {case}"
+        );
+    }
+    // What is issued is within bounds, and a lifetime over the kind's maximum is not signed.
+    assert!(
+        verifier(&[&key])
+            .verify(&forge(&key, header("k1"), claims.clone()))
+            .is_ok()
+    );
+    let endless = UploadClaims::new(grant(), SystemTime::now(), Duration::from_secs(2 * 86_400));
+    assert!(key.sign(&endless).is_err());
+    let nbf_past = with(json!({"nbf": t - 10}));
+    assert!(
+        verifier(&[&key])
+            .verify(&forge(&key, header("k1"), nbf_past))
+            .is_ok()
+    );
 }
 
 #[test]
@@ -89,10 +185,12 @@ fn user_token_round_trips_and_is_not_an_upload_token() {
         .verify(&token)
         .unwrap();
     assert_eq!(user.sub, "bob");
-    // A user token presented to the gateway is for another audience.
+    // Neither kind passes for the other: a user token at the gateway, an upload token at the API.
+    assert_eq!(verifier(&[&key]).verify(&token), Err(TokenError::WrongType));
+    let upload = key.sign(&upload_claims()).unwrap();
     assert_eq!(
-        verifier(&[&key]).verify(&token),
-        Err(TokenError::WrongAudience)
+        Verifier::<UserClaims>::new(VerifyingKeys::new([key.verifying_key()])).verify(&upload),
+        Err(TokenError::WrongType)
     );
 }
 
@@ -337,6 +435,7 @@ fn refuses_garbage_without_panicking() {
                 err,
                 TokenError::Malformed
                     | TokenError::MissingKid
+                    | TokenError::WrongType
                     | TokenError::BadSignature
                     | TokenError::InvalidClaims(_)
                     | TokenError::MissingClaim(_)

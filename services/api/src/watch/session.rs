@@ -31,7 +31,7 @@ use crate::{
 };
 use follow_bus::{Committed, HubEvent, Notice, Subscription};
 use follow_proto::time::timestamp;
-use follow_service::objects;
+use follow_service::{limits::Slot, objects};
 
 /// The level of an image whose committed outcome was sent: above every stage's seq.
 const FINAL: u8 = Stage::LAST_SEQ as u8 + 1;
@@ -117,9 +117,14 @@ impl Watch {
 
     /// The watch as a response stream: the state first, then every change, a heartbeat after
     /// each quiet `heartbeat`; it ends when the watch is complete, and with an error status
-    /// (reconnect with the last cursor) when the service shuts down or the client fell too far
-    /// behind.
-    pub fn into_stream(self, cancel: CancellationToken) -> WatchStream {
+    /// (reconnect with the last cursor) when the service shuts down, the client fell too far
+    /// behind or its token expired (at `until`). It holds `slot` (one of the user's watches).
+    pub fn into_stream(
+        self,
+        cancel: CancellationToken,
+        until: tokio::time::Instant,
+        slot: Slot,
+    ) -> WatchStream {
         let heartbeat = self.shared.limits.heartbeat;
         self.shared.metrics.watchers.inc();
         let live = Live {
@@ -128,7 +133,7 @@ impl Watch {
             cancel,
             started: false,
         };
-        follow_service::stream::respond(live)
+        follow_service::stream::respond_until(live, until, slot)
     }
 
     /// Every image final (for a route: READY sent, or nothing left pending that could make it

@@ -26,6 +26,9 @@ pub const WITHIN: Duration = Duration::from_secs(30);
 
 pub type Vars = HashMap<&'static str, String>;
 
+/// The operators' token (`FOLLOW_OPS_TOKEN`) of test gateways.
+pub const OPS_TOKEN: &str = "ops-token-of-the-tests";
+
 pub struct Gateway {
     pub valkey_server: ValkeyServer,
     pub garage: GarageServer,
@@ -75,6 +78,7 @@ impl Gateway {
             ),
             ("FOLLOW_S3_ATTEMPT_TIMEOUT_SECS", "2".into()),
             ("FOLLOW_S3_OPERATION_TIMEOUT_SECS", "4".into()),
+            ("FOLLOW_OPS_TOKEN", OPS_TOKEN.into()),
         ]);
         vars.extend(overrides);
         let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();

@@ -1,0 +1,247 @@
+//! `follow-dev`: the local platform `./dev up` runs, started with the test kit's own starters —
+//! kept data under `$FOLLOW_HOME` (default `.follow/`) and fixed loopback ports — instead of a
+//! second copy of them in bash: Valkey (append-only), PostgreSQL (durable), Garage (S3: layout,
+//! key and bucket made once), then `follow-api` and `follow-image-gateway` (keys made once with
+//! `follow-api keygen`). When both answer `/health` it writes `$FOLLOW_HOME/run/stack.env` (the
+//! addresses and the S3 credentials, for `./dev` and `./dev demo`) and runs until SIGINT or
+//! SIGTERM, then stops everything, services first.
+//!
+//! | variable | default |
+//! |---|---|
+//! | `FOLLOW_HOME` | `.follow` |
+//! | `FOLLOW_BIN_DIR` | `target/debug` (where `follow-api` and `follow-image-gateway` are) |
+//! | `FOLLOW_VALKEY_PORT`, `FOLLOW_PG_PORT`, `FOLLOW_S3_PORT`, `FOLLOW_GARAGE_RPC_PORT`, `FOLLOW_GARAGE_ADMIN_PORT` | 16379, 15432, 3900, 3901, 3903 |
+//! | `FOLLOW_API_PORT`, `FOLLOW_GATEWAY_PORT` | 8080, 8081 |
+//! | `FOLLOW_S3_BUCKET` | `follow-images` (`./dev up`'s own bucket, made by this) |
+#![forbid(unsafe_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use follow_testkit::{
+    GarageServer, PostgresServer, ServiceProcess, ValkeyServer, eventually_async,
+};
+
+fn port(name: &str, default: u16) -> u16 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("follow-dev: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(up()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("follow-dev: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Error = Box<dyn std::error::Error>;
+
+async fn up() -> Result<(), Error> {
+    let home = PathBuf::from(std::env::var("FOLLOW_HOME").unwrap_or_else(|_| ".follow".into()));
+    let bin =
+        PathBuf::from(std::env::var("FOLLOW_BIN_DIR").unwrap_or_else(|_| "target/debug".into()));
+    let logs = home.join("logs");
+    let run = home.join("run");
+    std::fs::create_dir_all(&logs)?;
+    std::fs::create_dir_all(&run)?;
+    let _ = std::fs::remove_file(run.join("stack.env"));
+    let (valkey_port, pg_port) = (
+        port("FOLLOW_VALKEY_PORT", 16379),
+        port("FOLLOW_PG_PORT", 15432),
+    );
+    let s3_ports = [
+        port("FOLLOW_S3_PORT", 3900),
+        port("FOLLOW_GARAGE_RPC_PORT", 3901),
+        port("FOLLOW_GARAGE_ADMIN_PORT", 3903),
+    ];
+    let bucket = std::env::var("FOLLOW_S3_BUCKET").unwrap_or_else(|_| "follow-images".into());
+
+    eprintln!(
+        "==> Valkey on 127.0.0.1:{valkey_port}, PostgreSQL on :{pg_port}, Garage (S3) on :{}",
+        s3_ports[0]
+    );
+    let dirs = (
+        home.join("valkey"),
+        home.join("postgres"),
+        home.join("garage"),
+    );
+    let (valkey, postgres, garage) = tokio::join!(
+        ValkeyServer::start_kept(&dirs.0, valkey_port),
+        PostgresServer::start_kept(&dirs.1, pg_port),
+        GarageServer::start_kept(&dirs.2, s3_ports),
+    );
+    let (mut valkey, mut postgres, mut garage) = (valkey?, postgres?, garage?);
+    garage.ensure_bucket(&bucket).await?;
+
+    let upload = keys(&bin, &home.join("keys"), "upload")?;
+    let user = keys(&bin, &home.join("keys"), "user")?;
+    let common = |extra: &[(&str, String)]| -> Vec<(String, String)> {
+        [
+            ("FOLLOW_VALKEY_URL", valkey.url()),
+            ("FOLLOW_S3_ENDPOINT", garage.endpoint()),
+            ("FOLLOW_S3_REGION", garage.region().to_owned()),
+            ("FOLLOW_S3_BUCKET", bucket.clone()),
+            ("FOLLOW_S3_ACCESS_KEY_ID", garage.access_key().to_owned()),
+            (
+                "FOLLOW_S3_SECRET_ACCESS_KEY",
+                garage.secret_key().to_owned(),
+            ),
+            (
+                "FOLLOW_LOG_FORMAT",
+                std::env::var("FOLLOW_LOG_FORMAT").unwrap_or_else(|_| "json".into()),
+            ),
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    };
+    let gateway_port = port("FOLLOW_GATEWAY_PORT", 8081);
+    let api_port = port("FOLLOW_API_PORT", 8080);
+    eprintln!("==> follow-image-gateway on 127.0.0.1:{gateway_port}, follow-api on :{api_port}");
+    let mut gateway = ServiceProcess::start_kept(
+        "follow-image-gateway",
+        &bin.join("follow-image-gateway"),
+        common(&[
+            ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload.1.clone()),
+            ("FOLLOW_CONSUMER_NAME", "gateway-local".into()),
+        ]),
+        "FOLLOW_GATEWAY_LISTEN",
+        gateway_port,
+        &logs,
+    )
+    .await?;
+    let mut api = ServiceProcess::start_kept(
+        "follow-api",
+        &bin.join("follow-api"),
+        common(&[
+            ("FOLLOW_DATABASE_URL", postgres.url()),
+            ("FOLLOW_USER_PUBLIC_KEYS", user.1.clone()),
+            ("FOLLOW_UPLOAD_SIGNING_KEY", upload.0.clone()),
+            ("FOLLOW_GATEWAY_URL", gateway.url()),
+            ("FOLLOW_CONSUMER_NAME", "api-local".into()),
+        ]),
+        "FOLLOW_API_LISTEN",
+        api_port,
+        &logs,
+    )
+    .await?;
+    for url in [api.url(), gateway.url()] {
+        eventually_async(
+            Duration::from_secs(60),
+            &format!("{url}/health"),
+            || async {
+                let ok = answers_health(&url).await;
+                ok.then_some(())
+            },
+        )
+        .await;
+    }
+    std::fs::write(
+        run.join("stack.env"),
+        format!(
+            "API={}\nGATEWAY={}\nVALKEY={}\nDATABASE={}\nS3={}\nS3_BUCKET={bucket}\n\
+             AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+            api.url(),
+            gateway.url(),
+            valkey.url(),
+            postgres.url(),
+            garage.endpoint(),
+            garage.access_key(),
+            garage.secret_key(),
+        ),
+    )?;
+    eprintln!(
+        "==> up (data in {}, logs in {})",
+        home.display(),
+        logs.display()
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("==> stopping");
+    let _ = std::fs::remove_file(run.join("stack.env"));
+    api.terminate(Duration::from_secs(30)).await;
+    gateway.terminate(Duration::from_secs(30)).await;
+    valkey.shut_down().await;
+    postgres.stop().await;
+    garage.stop().await;
+    eprintln!("==> stopped; data kept in {}", home.display());
+    Ok(())
+}
+
+/// `GET {url}/health` says 200 (a plain HTTP/1.1 exchange: no client library needed).
+async fn answers_health(url: &str) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Some(authority) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let Ok(mut stream) = tokio::net::TcpStream::connect(authority).await else {
+        return false;
+    };
+    let request = format!("GET /health HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.is_ok() && head.ends_with(b"200")
+}
+
+/// The `kid=private` / `kid=public` pair `name` in `dir`, made once with `follow-api keygen`.
+fn keys(bin: &Path, dir: &Path, name: &str) -> Result<(String, String), Error> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let (private, public) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pub")),
+    );
+    if !private.exists() {
+        let out = std::process::Command::new(bin.join("follow-api"))
+            .args(["keygen", "--kid", &format!("{name}-1")])
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "follow-api keygen: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        let text = String::from_utf8(out.stdout)?;
+        let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+        let (Some(key), Some(public_key)) = (lines.next(), lines.next()) else {
+            return Err("unexpected keygen output".into());
+        };
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&private)?,
+            format!("{key}\n").as_bytes(),
+        )?;
+        std::fs::write(&public, format!("{public_key}\n"))?;
+    }
+    Ok((
+        std::fs::read_to_string(&private)?.trim().to_owned(),
+        std::fs::read_to_string(&public)?.trim().to_owned(),
+    ))
+}
