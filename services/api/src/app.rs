@@ -202,7 +202,10 @@ impl Application {
         });
         // Every call is authenticated from its headers before its message is read, and no
         // message larger than its method needs is read at all.
-        let auth = interceptor(Arc::new(Authenticator::new(config.user_keys.clone())));
+        let auth = interceptor(Arc::new(Authenticator::new(
+            config.user_keys.clone(),
+            config.token_leeway,
+        )));
         let routes = RouteServiceServer::new(RouteService::new(Arc::clone(&shared)))
             .max_decoding_message_size(MAX_ROUTE_REQUEST_BYTES);
         let images = ImageServiceServer::new(ImageService::new(Arc::clone(&shared)))

@@ -23,18 +23,18 @@ pub struct User(pub String);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expiry(pub SystemTime);
 
-/// Clock skew tolerated on a user token's times.
-const LEEWAY_SECS: u64 = 30;
-
 #[derive(Debug)]
 pub struct Authenticator {
     verifier: Verifier<UserClaims>,
+    /// Clock skew tolerated on a user token's times.
+    leeway: Duration,
 }
 
 impl Authenticator {
-    pub fn new(keys: VerifyingKeys) -> Self {
+    pub fn new(keys: VerifyingKeys, leeway: Duration) -> Self {
         Self {
-            verifier: Verifier::new(keys).with_leeway(LEEWAY_SECS),
+            verifier: Verifier::new(keys).with_leeway(leeway.as_secs()),
+            leeway,
         }
     }
 
@@ -46,7 +46,7 @@ impl Authenticator {
             .verifier
             .verify(token)
             .map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
-        let expiry = UNIX_EPOCH + Duration::from_secs(claims.exp.saturating_add(LEEWAY_SECS));
+        let expiry = UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway;
         Ok((User(claims.sub), Expiry(expiry)))
     }
 }

@@ -31,7 +31,7 @@ use std::time::Duration;
 use follow_bus::Channels;
 use follow_service::config::{
     ConfigError, Env, ExposeSecret as _, FromEnv, S3Config, SecretString, ServerConfig, invalid,
-    valkey_url,
+    token_leeway, valkey_url,
 };
 use follow_token::{Claims as _, Kid, SigningKey, UploadClaims, VerifyingKeys};
 
@@ -44,6 +44,7 @@ pub struct Config {
     pub database_max_connections: u32,
     pub valkey_url: SecretString,
     pub user_keys: VerifyingKeys,
+    pub token_leeway: Duration,
     pub upload_signing_key: SigningKey,
     pub gateway_url: String,
     pub upload_token_ttl: Duration,
@@ -89,6 +90,7 @@ impl FromEnv for Config {
             )?,
             valkey_url: valkey_url(&env),
             user_keys,
+            token_leeway: token_leeway(&env)?,
             upload_signing_key,
             gateway_url,
             upload_token_ttl: Duration::from_secs(env.number(

@@ -6,7 +6,6 @@
 //! |---|---|---|
 //! | `FOLLOW_GATEWAY_LISTEN` | `127.0.0.1:8081` | uploads, gRPC, grpc-web, `/health`, `/metrics` |
 //! | `FOLLOW_UPLOAD_PUBLIC_KEYS` | — (required) | `kid=KEY,…` keys that verify upload tokens |
-//! | `FOLLOW_TOKEN_LEEWAY_SECS` | `5` | clock skew tolerated on a token's `exp` (and kept on the upload guard) |
 //! | `FOLLOW_MAX_UPLOAD_BYTES` | `52428800` (50 MiB) | global cap on a body, whatever the token allows |
 //! | `FOLLOW_MAX_PIXELS` | `50000000` | larger images are refused from their header (`IMAGE_TOO_LARGE`) |
 //! | `FOLLOW_LONG_EDGE` / `FOLLOW_PREVIEW_EDGE` | `2048` / `320` | long edge of the stored image / preview (never upscaled) |
@@ -28,7 +27,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use follow_service::config::{
-    ConfigError, Env, FromEnv, S3Config, SecretString, ServerConfig, valkey_url,
+    ConfigError, Env, FromEnv, S3Config, SecretString, ServerConfig, token_leeway, valkey_url,
 };
 use follow_token::VerifyingKeys;
 
@@ -99,11 +98,7 @@ impl FromEnv for Config {
             server: ServerConfig::from_env(&env, "FOLLOW_GATEWAY_LISTEN", "127.0.0.1:8081")?,
             valkey_url: valkey_url(&env),
             upload_keys,
-            token_leeway: Duration::from_secs(env.number(
-                "FOLLOW_TOKEN_LEEWAY_SECS",
-                5,
-                0..=300,
-            )?),
+            token_leeway: token_leeway(&env)?,
             s3: S3Config::from_env(&env)?,
             pipeline: PipelineConfig {
                 max_pixels: env.number("FOLLOW_MAX_PIXELS", 50_000_000, 1..=1_000_000_000)?,

@@ -8,6 +8,7 @@
 //! | variable | default | meaning |
 //! |---|---|---|
 //! | `FOLLOW_VALKEY_URL` | `redis://127.0.0.1:6379` | Valkey (`redis://[user:password@]host:port`) |
+//! | `FOLLOW_TOKEN_LEEWAY_SECS` | `5` | clock skew tolerated on a token's `exp`, `nbf` and `iat` (a stream opened with a token ends this long after its `exp`) |
 //! | `FOLLOW_KEEPALIVE_SECS` | `20` | HTTP/2 PING interval and TCP keepalive idle time: how a vanished client is noticed |
 //! | `FOLLOW_KEEPALIVE_TIMEOUT_SECS` | `10` | a connection whose PING (or keepalive probes) is not answered in this time is closed; so is one whose sent data stays unacknowledged for keepalive + timeout (`TCP_USER_TIMEOUT`) |
 //! | `FOLLOW_MAX_STREAMS_PER_CONNECTION` | `100` | HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: calls one connection may have open at once (clients queue the rest) |
@@ -234,6 +235,12 @@ impl S3Config {
         }
         Ok(config)
     }
+}
+
+/// `FOLLOW_TOKEN_LEEWAY_SECS`: the clock skew tolerated on a token's times.
+pub fn token_leeway(env: &Env<'_>) -> Result<Duration, ConfigError> {
+    env.number("FOLLOW_TOKEN_LEEWAY_SECS", 5, 0..=300)
+        .map(Duration::from_secs)
 }
 
 /// `FOLLOW_VALKEY_URL`.

@@ -118,17 +118,33 @@ impl Gateway {
 
     /// An upload token for a new image.
     pub fn token(&self, content_type: &str, max_file_size: u64) -> (Uuid, String) {
+        self.token_of(
+            "alice",
+            content_type,
+            max_file_size,
+            Duration::from_secs(600),
+        )
+    }
+
+    /// An upload token of `sub`'s for a new image, valid for `ttl`.
+    pub fn token_of(
+        &self,
+        sub: &str,
+        content_type: &str,
+        max_file_size: u64,
+        ttl: Duration,
+    ) -> (Uuid, String) {
         let image_id = Uuid::new_v4();
         let claims = UploadClaims::new(
             UploadGrant {
-                sub: "alice".into(),
+                sub: sub.into(),
                 image_id,
                 storage_key: self.storage_key(image_id),
                 content_type: content_type.into(),
                 max_file_size,
             },
             SystemTime::now(),
-            Duration::from_secs(600),
+            ttl,
         );
         (image_id, self.key.sign(&claims).unwrap())
     }
