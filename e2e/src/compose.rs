@@ -21,6 +21,8 @@ impl Project {
         let (user, upload) = tokio::try_join!(keygen("user-e2e"), keygen("upload-e2e"))?;
         let port = || -> anyhow::Result<String> { Ok(follow_testkit::free_port()?.to_string()) };
         let (api, gateway, valkey, postgres, s3) = (port()?, port()?, port()?, port()?, port()?);
+        let secret = || uuid::Uuid::new_v4().simple().to_string();
+        let (valkey_admin, pg_password) = (secret(), secret());
         let project = Self {
             name: format!("follow-e2e-{}", uuid::Uuid::new_v4().simple()),
             file,
@@ -33,6 +35,10 @@ impl Project {
                 ("FOLLOW_USER_PUBLIC_KEYS", user.1),
                 ("FOLLOW_UPLOAD_SIGNING_KEY", upload.0),
                 ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload.1),
+                ("FOLLOW_VALKEY_ADMIN_PASSWORD", valkey_admin.clone()),
+                ("FOLLOW_VALKEY_API_PASSWORD", secret()),
+                ("FOLLOW_VALKEY_GATEWAY_PASSWORD", secret()),
+                ("FOLLOW_PG_PASSWORD", pg_password.clone()),
             ],
         };
         project
@@ -42,8 +48,8 @@ impl Project {
         Ok(Platform {
             api_url: format!("http://127.0.0.1:{api}"),
             gateway_url: format!("http://127.0.0.1:{gateway}"),
-            valkey_url: format!("redis://127.0.0.1:{valkey}"),
-            database_url: format!("postgres://follow:follow@127.0.0.1:{postgres}/follow"),
+            valkey_url: format!("redis://default:{valkey_admin}@127.0.0.1:{valkey}"),
+            database_url: format!("postgres://follow:{pg_password}@127.0.0.1:{postgres}/follow"),
             user_signing_key: user.0,
             backend: Backend::Compose(project),
         })

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use follow_testkit::ValkeyUser as User;
 use follow_testkit::{GarageServer, PostgresServer, ServiceProcess, ValkeyServer};
 
 use crate::{Backend, Platform, Service, binary};
@@ -76,9 +77,9 @@ impl Stack {
         );
         let (valkey, postgres, garage) = (valkey?, postgres?, garage?);
         let ((user_private, user_public), (upload_private, upload_public)) = (user?, upload?);
-        let common = |extra: &[(&str, String)]| {
+        let common = |user: User, extra: &[(&str, String)]| {
             let mut env: Vec<(String, String)> = [
-                ("FOLLOW_VALKEY_URL", valkey.url()),
+                ("FOLLOW_VALKEY_URL", valkey.url_as(user)),
                 ("FOLLOW_S3_ENDPOINT", garage.endpoint()),
                 ("FOLLOW_S3_REGION", garage.region().to_owned()),
                 ("FOLLOW_S3_BUCKET", garage.bucket().to_owned()),
@@ -98,28 +99,34 @@ impl Stack {
         };
         // The API signs upload URLs for the gateway's address, so the gateway starts first.
         // Quick leases and reconciling, so takeovers and recoveries happen within a test.
-        let gateway_env = common(&[
-            ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload_public),
-            ("FOLLOW_CONSUMER_NAME", "gateway-e2e".to_owned()),
-            ("FOLLOW_JOB_LEASE_SECS", "4".to_owned()),
-            ("FOLLOW_S3_ATTEMPT_TIMEOUT_SECS", "2".to_owned()),
-            ("FOLLOW_S3_OPERATION_TIMEOUT_SECS", "5".to_owned()),
-            // The load tests are one user sending hundreds at once; the per-user limits have
-            // their own tests (the services' test suites, at their defaults).
-            ("FOLLOW_MAX_UPLOADS_PER_USER", "64".to_owned()),
-        ]);
+        let gateway_env = common(
+            User::Gateway,
+            &[
+                ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload_public),
+                ("FOLLOW_CONSUMER_NAME", "gateway-e2e".to_owned()),
+                ("FOLLOW_JOB_LEASE_SECS", "4".to_owned()),
+                ("FOLLOW_S3_ATTEMPT_TIMEOUT_SECS", "2".to_owned()),
+                ("FOLLOW_S3_OPERATION_TIMEOUT_SECS", "5".to_owned()),
+                // The load tests are one user sending hundreds at once; the per-user limits have
+                // their own tests (the services' test suites, at their defaults).
+                ("FOLLOW_MAX_UPLOADS_PER_USER", "64".to_owned()),
+            ],
+        );
         let gateway = start_gateway(gateway_env.clone()).await?;
-        let api_env = common(&[
-            ("FOLLOW_DATABASE_URL", postgres.url()),
-            ("FOLLOW_USER_PUBLIC_KEYS", user_public),
-            ("FOLLOW_UPLOAD_SIGNING_KEY", upload_private),
-            ("FOLLOW_GATEWAY_URL", gateway.url()),
-            ("FOLLOW_CONSUMER_NAME", "api-e2e".to_owned()),
-            ("FOLLOW_RECONCILE_INTERVAL_SECS", "2".to_owned()),
-            ("FOLLOW_UPLOAD_TOKENS_PER_MINUTE", "1000000".to_owned()),
-            ("FOLLOW_UPLOAD_TOKEN_BURST", "1000000".to_owned()),
-            ("FOLLOW_MAX_WATCHES_PER_USER", "10000".to_owned()),
-        ]);
+        let api_env = common(
+            User::Api,
+            &[
+                ("FOLLOW_DATABASE_URL", postgres.url()),
+                ("FOLLOW_USER_PUBLIC_KEYS", user_public),
+                ("FOLLOW_UPLOAD_SIGNING_KEY", upload_private),
+                ("FOLLOW_GATEWAY_URL", gateway.url()),
+                ("FOLLOW_CONSUMER_NAME", "api-e2e".to_owned()),
+                ("FOLLOW_RECONCILE_INTERVAL_SECS", "2".to_owned()),
+                ("FOLLOW_UPLOAD_TOKENS_PER_MINUTE", "1000000".to_owned()),
+                ("FOLLOW_UPLOAD_TOKEN_BURST", "1000000".to_owned()),
+                ("FOLLOW_MAX_WATCHES_PER_USER", "10000".to_owned()),
+            ],
+        );
         let api = start_api(api_env.clone()).await?;
         Ok(Platform {
             api_url: api.url(),

@@ -1079,3 +1079,32 @@ async fn the_web_page_in_chromium_shows_every_photo_processed() {
     }
     user.clean_up(&platform).await;
 }
+
+/// The dev token the page is served with (config.json of `./dev up`) is only ever sent to its own
+/// loopback API: not to an API named by `?api=`, nor to one typed into the page.
+#[tokio::test]
+async fn the_web_pages_dev_token_never_goes_to_another_origin() {
+    let photo = repo().join("demo/photo.jpg");
+    let summary = node("web/test/token-binding.mjs", [photo.as_os_str()]).await;
+    assert_eq!(summary["queryApi"]["token"], "", "{summary}");
+    assert!(
+        summary["queryApi"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("sent only to"),
+        "{summary}"
+    );
+    assert!(
+        summary["queryApi"]["bRequests"].as_u64().unwrap() > 0,
+        "the page called the other API, without the token: {summary}"
+    );
+    assert!(
+        summary["editedApi"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("only sent to"),
+        "{summary}"
+    );
+    assert_eq!(summary["bSawToken"], false, "{summary}");
+    assert_eq!(summary["aSawToken"], true, "the control: {summary}");
+}

@@ -10,9 +10,9 @@ use crate::{
 /// The database every [`PostgresServer`] has, owned by its superuser `follow`.
 pub(crate) const DATABASE: &str = "follow";
 
-/// A PostgreSQL server of one test: a fresh cluster (superuser `follow`, trust auth, TCP on
-/// loopback only, durability off for speed) with an empty database [`DATABASE`]. Killed when
-/// dropped.
+/// A PostgreSQL server of one test: a fresh cluster (superuser `follow` with a random password,
+/// SCRAM-SHA-256 authentication only, TCP on loopback only, durability off for speed) with an
+/// empty database [`DATABASE`]. Killed when dropped.
 ///
 /// PostgreSQL refuses to run as root; as root the cluster is made and run as the `postgres`
 /// user (through `setpriv`, which `./dev` relies on too).
@@ -21,8 +21,12 @@ pub struct PostgresServer {
     bin: PathBuf,
     dir: Home,
     port: u16,
+    password: String,
     child: Guarded,
 }
+
+/// The superuser's password, kept in the cluster's directory (mode 0600).
+const PASSWORD_FILE: &str = "password";
 
 impl PostgresServer {
     pub async fn start() -> Result<Self, TestkitError> {
@@ -35,8 +39,8 @@ impl PostgresServer {
         .await
     }
 
-    /// A server whose cluster lives in `dir` (made on the first start, durable settings) on
-    /// `port`, with the database [`DATABASE`].
+    /// A server whose cluster lives in `dir` (made on the first start, durable settings, its
+    /// password kept next to it) on `port`, with the database [`DATABASE`].
     pub async fn start_kept(dir: &Path, port: u16) -> Result<Self, TestkitError> {
         Self::start_in(find_bindir()?, Home::kept(dir)?, port, &RunAs::detect()?).await
     }
@@ -47,32 +51,58 @@ impl PostgresServer {
         port: u16,
         run_as: &RunAs,
     ) -> Result<Self, TestkitError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
         run_as.own(dir.path())?;
         let fresh = !dir.path().join("data/PG_VERSION").exists();
+        let password_file = dir.path().join(PASSWORD_FILE);
         if fresh {
+            let password = uuid::Uuid::new_v4().simple().to_string();
+            let _ = std::fs::remove_file(&password_file);
+            std::io::Write::write_all(
+                &mut std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&password_file)?,
+                password.as_bytes(),
+            )?;
+            run_as.own(&password_file)?;
             let mut initdb = run_as.command(bin.join("initdb"));
-            initdb.arg("-D").arg(dir.path().join("data")).args([
-                "-U",
-                "follow",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-            ]);
+            initdb
+                .arg("-D")
+                .arg(dir.path().join("data"))
+                .args(["-U", "follow", "--auth=scram-sha-256", "-E", "UTF8"])
+                .arg(format!("--pwfile={}", password_file.display()));
             if !dir.is_kept() {
                 initdb.arg("--no-sync");
             }
             run("initdb", &mut initdb).await?;
         }
+        let password = match std::fs::read_to_string(&password_file) {
+            Ok(password) => password.trim().to_owned(),
+            Err(e) => {
+                return Err(TestkitError::NotReady {
+                    what: "postgres",
+                    detail: format!(
+                        "{}: {e} (a cluster made before passwords: remove {} to start afresh)",
+                        password_file.display(),
+                        dir.path().display()
+                    ),
+                });
+            }
+        };
         let mut server = Self {
             bin,
             dir,
             port,
+            password,
             child: Guarded::default(),
         };
         server.spawn(run_as).await?;
         let mut createdb = Command::new(server.bin.join("createdb"));
         createdb
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "follow"])
+            .env("PGPASSWORD", &server.password)
             .arg(DATABASE);
         if fresh {
             run("createdb", &mut createdb).await?;
@@ -84,14 +114,17 @@ impl PostgresServer {
         self.port
     }
 
-    /// `postgres://follow@127.0.0.1:PORT/follow`
+    /// `postgres://follow:PASSWORD@127.0.0.1:PORT/follow`
     pub fn url(&self) -> String {
         self.url_of(DATABASE)
     }
 
     /// The URL of another database on this server.
     pub fn url_of(&self, database: &str) -> String {
-        format!("postgres://follow@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://follow:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
     }
 
     /// Stops the server cleanly (a "fast" shutdown: clients are disconnected, committed data is

@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use follow_bus::acl::{self, User};
 use tokio::process::Command;
 
 use crate::{
@@ -9,11 +10,16 @@ use crate::{
 };
 
 /// A `valkey-server` of one test, empty, without persistence. Killed when dropped.
+///
+/// Started with the platform's ACL users ([`follow_bus::acl`]), each with a fresh random
+/// password: [`ValkeyServer::url_as`] is how a service connects, [`ValkeyServer::url`] is the
+/// operator (`default`) a test inspects with.
 #[derive(Debug)]
 pub struct ValkeyServer {
     binary: PathBuf,
     dir: Home,
     port: u16,
+    passwords: [String; 3],
     child: Guarded,
 }
 
@@ -27,6 +33,7 @@ impl ValkeyServer {
                     binary,
                     dir: Home::temp("follow-valkey-")?,
                     port,
+                    passwords: passwords(),
                     child: Guarded::default(),
                 };
                 server.spawn().await?;
@@ -42,6 +49,7 @@ impl ValkeyServer {
             binary: find_binary()?,
             dir: Home::kept(dir)?,
             port,
+            passwords: passwords(),
             child: Guarded::default(),
         };
         server.spawn().await?;
@@ -57,9 +65,24 @@ impl ValkeyServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT`
+    /// `redis://default:PASSWORD@127.0.0.1:PORT`: the operator, allowed everything.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.url_as(User::Admin)
+    }
+
+    /// `redis://USER:PASSWORD@127.0.0.1:PORT`: connecting as `user`, under its ACL rules.
+    pub fn url_as(&self, user: User) -> String {
+        format!(
+            "redis://{}:{}@127.0.0.1:{}",
+            user.name(),
+            self.password(user),
+            self.port
+        )
+    }
+
+    fn password(&self, user: User) -> &str {
+        let index = User::ALL.iter().position(|u| *u == user).unwrap_or(0);
+        &self.passwords[index]
     }
 
     /// A plain connection for a test to inspect or poke at the server.
@@ -93,9 +116,13 @@ impl ValkeyServer {
     }
 
     async fn spawn(&mut self) -> Result<(), TestkitError> {
+        let users = self.dir.path().join("users.acl");
+        std::fs::write(&users, acl::acl_file(|user| self.password(user).to_owned()))?;
         let mut command = Command::new(&self.binary);
         command
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--aclfile")
+            .arg(&users)
             .args(["--save", "", "--protected-mode", "no"]);
         if self.dir.is_kept() {
             command.args(["--appendonly", "yes", "--maxmemory-policy", "noeviction"]);
@@ -103,12 +130,13 @@ impl ValkeyServer {
             command.args(["--appendonly", "no"]);
         }
         command.arg("--dir").arg(self.dir.path());
-        let port = self.port;
+        let url = self.url();
         let log = self.dir.path().join("valkey.log");
         // The pid check makes sure we reached our own server, not another test's that won the
         // race for this port.
-        let child = spawn_ready("valkey-server", command, &log, |pid| async move {
-            pid.is_some() && server_pid(port).await == pid
+        let child = spawn_ready("valkey-server", command, &log, |pid| {
+            let url = url.clone();
+            async move { pid.is_some() && server_pid(&url).await == pid }
         })
         .await?;
         self.child = Guarded::new(child);
@@ -116,9 +144,14 @@ impl ValkeyServer {
     }
 }
 
-/// The `process_id` of the server answering on `port`, if one does.
-async fn server_pid(port: u16) -> Option<u32> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+/// A fresh random password for each user, in [`User::ALL`]'s order.
+fn passwords() -> [String; 3] {
+    User::ALL.map(|_| uuid::Uuid::new_v4().simple().to_string())
+}
+
+/// The `process_id` of the server answering at `url`, if one does.
+async fn server_pid(url: &str) -> Option<u32> {
+    let client = redis::Client::open(url).ok()?;
     let mut conn = client.get_multiplexed_async_connection().await.ok()?;
     let info: String = redis::cmd("INFO")
         .arg("server")

@@ -1,7 +1,8 @@
 // The follow demo page: one route with a waypoint per chosen photo, uploads with progress bars,
 // every stage of every image live (WatchImageStatus over grpc-web), previews when processed.
 // Settings come from `?api=…&token=…`, else from `config.json` beside the page (`./dev up` writes
-// it), else the defaults of `./dev up`.
+// it), else the defaults of `./dev up`. The dev token of `config.json` is bound to its own API on
+// loopback: it is never sent anywhere else, whatever `?api=` or the API field say.
 import { ConnectError, Stage, followClients } from "../../sdk/typescript/src/index.js";
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
@@ -10,6 +11,24 @@ const tokenInput = $<HTMLInputElement>("token");
 const files = $<HTMLInputElement>("files");
 const start = $<HTMLButtonElement>("start");
 const rows = $<HTMLTableSectionElement>("images");
+
+const LOOPBACK = new Set(["127.0.0.1", "localhost", "[::1]"]);
+
+function originOf(url: string): string | undefined {
+  try {
+    return new URL(url).origin;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The dev token `./dev up` served, and the one API it may go to (a loopback address). */
+let devToken: { token: string; api: string } | undefined;
+
+/** Whether `token` may be sent to `api`: any token the user gave, the dev token only to its API. */
+function maySend(api: string, token: string): boolean {
+  return devToken?.token !== token || originOf(api) === originOf(devToken.api);
+}
 
 async function settings(): Promise<{ api: string; token: string }> {
   const query = new URLSearchParams(location.search);
@@ -20,10 +39,18 @@ async function settings(): Promise<{ api: string; token: string }> {
   } catch {
     // No config.json: the page was opened from somewhere else; the fields decide.
   }
-  return {
-    api: query.get("api") ?? saved.api ?? "http://127.0.0.1:8080",
-    token: query.get("token") ?? saved.token ?? "",
-  };
+  const note = $("token-note");
+  if (saved.token && saved.api && LOOPBACK.has(new URL(saved.api).hostname)) {
+    devToken = { token: saved.token, api: saved.api };
+    note.textContent = `The dev token of ./dev up (user "dev") is sent only to ${saved.api}, on this machine.`;
+  }
+  const api = query.get("api") ?? saved.api ?? "http://127.0.0.1:8080";
+  let token = query.get("token") ?? devToken?.token ?? "";
+  if (!maySend(api, token)) {
+    token = "";
+    note.textContent += ` Paste a token for ${api}.`;
+  }
+  return { api, token };
 }
 
 function showError(error: unknown) {
@@ -53,6 +80,9 @@ async function run() {
   $("error").textContent = "";
   const chosen = Array.from(files.files ?? []);
   if (chosen.length === 0) return showError("choose at least one photo");
+  if (!maySend(apiInput.value, tokenInput.value)) {
+    return showError(`the dev token is only sent to ${devToken?.api}: paste a token for ${apiInput.value}`);
+  }
   const follow = followClients(apiInput.value, () => tokenInput.value);
   const { route, uploadTargets } = await follow.routes.createRouteWithWaypoints({
     requestId: crypto.randomUUID(),

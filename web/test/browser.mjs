@@ -5,40 +5,20 @@
 //   node test/browser.mjs API_URL TOKEN PHOTO...
 //
 // Prints a JSON summary; exits non-zero (with a screenshot in $TMPDIR) when the page does not
-// get there within the deadline. Chromium: Debian's, /usr/bin/chromium (or $CHROMIUM).
-import { createServer } from "node:http";
-import { readFile } from "node:fs/promises";
-import { extname, join } from "node:path";
+// get there within the deadline.
+import { join } from "node:path";
 import { tmpdir } from "node:os";
-import { chromium } from "playwright-core";
+import { launchChromium, serveDist } from "./harness.mjs";
 
 const [api, token, ...photos] = process.argv.slice(2);
 if (!api || !token || photos.length === 0) {
   console.error("usage: node test/browser.mjs API_URL TOKEN PHOTO...");
   process.exit(2);
 }
-const dist = new URL("../dist/", import.meta.url).pathname;
-const types = { ".html": "text/html", ".js": "text/javascript", ".map": "application/json" };
-const server = createServer(async (request, response) => {
-  const path = new URL(request.url, "http://x").pathname.replace(/^\/$/, "/index.html");
-  try {
-    const body = await readFile(join(dist, path.replace(/\.\.+/g, "")));
-    response.writeHead(200, { "content-type": types[extname(path)] ?? "application/octet-stream" });
-    response.end(body);
-  } catch {
-    response.writeHead(404).end();
-  }
-});
-await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
-const page_url = `http://127.0.0.1:${server.address().port}/?api=${encodeURIComponent(api)}&token=${encodeURIComponent(token)}`;
+const { server, url } = await serveDist();
+const page_url = `${url}/?api=${encodeURIComponent(api)}&token=${encodeURIComponent(token)}`;
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launchChromium();
 let failed = false;
 try {
   const page = await browser.newPage();

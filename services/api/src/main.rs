@@ -7,7 +7,10 @@
 //! * `follow-api token --sub NAME` — a user token signed with `FOLLOW_USER_SIGNING_KEY`, for
 //!   development and tests;
 //! * `follow-api dead list | show ID | replay ID… | replay --all | drop ID…` — the results that
-//!   could not be applied (`image:result:dead`), for operators (`--json` for machines).
+//!   could not be applied (`image:result:dead`), for operators (`--json` for machines);
+//! * `follow-api valkey-acl [--out FILE]` — Valkey's ACL file (`--aclfile`): the operator
+//!   (`default`) and one user per service, passwords from `FOLLOW_VALKEY_ADMIN_PASSWORD`,
+//!   `FOLLOW_VALKEY_API_PASSWORD` and `FOLLOW_VALKEY_GATEWAY_PASSWORD` (stored hashed).
 #![forbid(unsafe_code)]
 
 use follow_service::config::FromEnv as _;
@@ -72,6 +75,13 @@ enum Command {
         #[command(subcommand)]
         action: DeadAction,
     },
+    /// Write Valkey's ACL file: the operator and one user per service, each allowed only what
+    /// it needs (passwords from FOLLOW_VALKEY_{ADMIN,API,GATEWAY}_PASSWORD, stored hashed).
+    ValkeyAcl {
+        /// Write here (mode 0644: it holds only hashes) instead of printing.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -119,6 +129,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dead { json, action } => dead(action, json).await,
+        Command::ValkeyAcl { out } => valkey_acl(out),
+    }
+}
+
+fn valkey_acl(out: Option<PathBuf>) -> anyhow::Result<()> {
+    use follow_bus::acl::{User, acl_file};
+    let mut passwords = Vec::new();
+    for user in User::ALL {
+        let name = match user {
+            User::Admin => "FOLLOW_VALKEY_ADMIN_PASSWORD",
+            User::Api => "FOLLOW_VALKEY_API_PASSWORD",
+            User::Gateway => "FOLLOW_VALKEY_GATEWAY_PASSWORD",
+        };
+        let password = std::env::var(name).with_context(|| format!("{name} is required"))?;
+        if password.len() < 16 || password.chars().any(|c| c.is_whitespace()) {
+            bail!("{name}: at least 16 characters, no whitespace");
+        }
+        passwords.push((user, password));
+    }
+    let file = acl_file(|user| {
+        passwords
+            .iter()
+            .find(|(u, _)| *u == user)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default()
+    });
+    match out {
+        Some(path) => std::fs::write(&path, file).with_context(|| path.display().to_string()),
+        None => Ok(std::io::stdout().write_all(file.as_bytes())?),
     }
 }
 

@@ -19,11 +19,13 @@
 //! | [`Backoff`] | the one retry delay |
 //! | [`RateLimiter`] | a rate limit shared by every instance (GCRA, one round trip) |
 //! | [`Hub`] | one pub/sub connection fanning `image:progress:{id}` out to many watchers |
+//! | [`acl`] | the Valkey users: each service may touch only its own keys and commands |
 //!
 //! Dead-lettered entries keep every original field and gain `dead_reason`, `dead_original_id`,
 //! `dead_consumer`, `dead_deliveries`, `dead_failures` and `dead_at`.
 #![forbid(unsafe_code)]
 
+pub mod acl;
 mod backoff;
 pub mod codec;
 mod connection;

@@ -2,9 +2,11 @@
 //! kept data under `$FOLLOW_HOME` (default `.follow/`) and fixed loopback ports — instead of a
 //! second copy of them in bash: Valkey (append-only), PostgreSQL (durable), Garage (S3: layout,
 //! key and bucket made once), then `follow-api` and `follow-image-gateway` (keys made once with
-//! `follow-api keygen`). When both answer `/health` it writes `$FOLLOW_HOME/run/stack.env` (the
-//! addresses and the S3 credentials, for `./dev` and `./dev demo`) and runs until SIGINT or
-//! SIGTERM, then stops everything, services first.
+//! `follow-api keygen`). Valkey has the platform's ACL users with passwords made afresh at each
+//! start, PostgreSQL a SCRAM password made with its cluster. When both services answer `/health`
+//! it writes `$FOLLOW_HOME/run/stack.env` (mode 0600: the addresses with the operators'
+//! credentials of Valkey, PostgreSQL and S3, for `./dev` and the `local` end-to-end mode) and
+//! runs until SIGINT or SIGTERM, then stops everything, services first.
 //!
 //! | variable | default |
 //! |---|---|
@@ -21,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use follow_testkit::ValkeyUser as User;
 use follow_testkit::{
     GarageServer, PostgresServer, ServiceProcess, ValkeyServer, eventually_async,
 };
@@ -90,9 +93,9 @@ async fn up() -> Result<(), Error> {
 
     let upload = keys(&bin, &home.join("keys"), "upload")?;
     let user = keys(&bin, &home.join("keys"), "user")?;
-    let common = |extra: &[(&str, String)]| -> Vec<(String, String)> {
+    let common = |user: User, extra: &[(&str, String)]| -> Vec<(String, String)> {
         [
-            ("FOLLOW_VALKEY_URL", valkey.url()),
+            ("FOLLOW_VALKEY_URL", valkey.url_as(user)),
             ("FOLLOW_S3_ENDPOINT", garage.endpoint()),
             ("FOLLOW_S3_REGION", garage.region().to_owned()),
             ("FOLLOW_S3_BUCKET", bucket.clone()),
@@ -117,10 +120,13 @@ async fn up() -> Result<(), Error> {
     let mut gateway = ServiceProcess::start_kept(
         "follow-image-gateway",
         &bin.join("follow-image-gateway"),
-        common(&[
-            ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload.1.clone()),
-            ("FOLLOW_CONSUMER_NAME", "gateway-local".into()),
-        ]),
+        common(
+            User::Gateway,
+            &[
+                ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload.1.clone()),
+                ("FOLLOW_CONSUMER_NAME", "gateway-local".into()),
+            ],
+        ),
         "FOLLOW_GATEWAY_LISTEN",
         gateway_port,
         &logs,
@@ -129,13 +135,16 @@ async fn up() -> Result<(), Error> {
     let mut api = ServiceProcess::start_kept(
         "follow-api",
         &bin.join("follow-api"),
-        common(&[
-            ("FOLLOW_DATABASE_URL", postgres.url()),
-            ("FOLLOW_USER_PUBLIC_KEYS", user.1.clone()),
-            ("FOLLOW_UPLOAD_SIGNING_KEY", upload.0.clone()),
-            ("FOLLOW_GATEWAY_URL", gateway.url()),
-            ("FOLLOW_CONSUMER_NAME", "api-local".into()),
-        ]),
+        common(
+            User::Api,
+            &[
+                ("FOLLOW_DATABASE_URL", postgres.url()),
+                ("FOLLOW_USER_PUBLIC_KEYS", user.1.clone()),
+                ("FOLLOW_UPLOAD_SIGNING_KEY", upload.0.clone()),
+                ("FOLLOW_GATEWAY_URL", gateway.url()),
+                ("FOLLOW_CONSUMER_NAME", "api-local".into()),
+            ],
+        ),
         "FOLLOW_API_LISTEN",
         api_port,
         &logs,
@@ -152,9 +161,9 @@ async fn up() -> Result<(), Error> {
         )
         .await;
     }
-    std::fs::write(
-        run.join("stack.env"),
-        format!(
+    write_private(
+        &run.join("stack.env"),
+        &format!(
             "API={}\nGATEWAY={}\nVALKEY={}\nDATABASE={}\nS3={}\nS3_BUCKET={bucket}\n\
              AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
             api.url(),
@@ -207,7 +216,7 @@ async fn answers_health(url: &str) -> bool {
 
 /// The `kid=private` / `kid=public` pair `name` in `dir`, made once with `follow-api keygen`.
 fn keys(bin: &Path, dir: &Path, name: &str) -> Result<(String, String), Error> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let (private, public) = (
@@ -230,18 +239,25 @@ fn keys(bin: &Path, dir: &Path, name: &str) -> Result<(String, String), Error> {
         let (Some(key), Some(public_key)) = (lines.next(), lines.next()) else {
             return Err("unexpected keygen output".into());
         };
-        std::io::Write::write_all(
-            &mut std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&private)?,
-            format!("{key}\n").as_bytes(),
-        )?;
+        write_private(&private, &format!("{key}\n"))?;
         std::fs::write(&public, format!("{public_key}\n"))?;
     }
     Ok((
         std::fs::read_to_string(&private)?.trim().to_owned(),
         std::fs::read_to_string(&public)?.trim().to_owned(),
     ))
+}
+
+/// Writes `text` to `path` (replacing it), readable by its owner only.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::remove_file(path);
+    std::io::Write::write_all(
+        &mut std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?,
+        text.as_bytes(),
+    )
 }

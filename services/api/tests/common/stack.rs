@@ -5,7 +5,7 @@ use follow_service::config::FromEnv as _;
 use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
 
 use follow_api::{app::Application, config::Config};
-use follow_bus::{Producer, ProgressTracker, Valkey, ValkeyConfig};
+use follow_bus::{Producer, ProgressTracker, Valkey, ValkeyConfig, acl::User};
 use follow_proto::{
     api::v1::{image_service_client::ImageServiceClient, route_service_client::RouteServiceClient},
     tonic::{
@@ -62,7 +62,7 @@ impl Stack {
         let upload = SigningKey::generate("upload-1".parse().unwrap());
         let mut vars: Vars = HashMap::from([
             ("FOLLOW_DATABASE_URL", pg.url()),
-            ("FOLLOW_VALKEY_URL", valkey_server.url()),
+            ("FOLLOW_VALKEY_URL", valkey_server.url_as(User::Api)),
             (
                 "FOLLOW_USER_PUBLIC_KEYS",
                 format!("user-1={}", user_key.verifying_key().to_base64()),

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use follow_bus::{ImageResult, StreamMessage as _, Valkey, ValkeyConfig, keys};
+use follow_bus::{ImageResult, StreamMessage as _, Valkey, ValkeyConfig, acl::User, keys};
 use follow_image_gateway::{app::Application, config::Config};
 use follow_service::objects;
 use follow_testkit::{GarageServer, ValkeyServer, eventually_async};
@@ -59,7 +59,7 @@ impl Gateway {
         let (valkey_server, garage) = (valkey_server.unwrap(), garage.unwrap());
         let key = SigningKey::generate("upload-1".parse().unwrap());
         let mut vars: Vars = HashMap::from([
-            ("FOLLOW_VALKEY_URL", valkey_server.url()),
+            ("FOLLOW_VALKEY_URL", valkey_server.url_as(User::Gateway)),
             (
                 "FOLLOW_UPLOAD_PUBLIC_KEYS",
                 format!("upload-1={}", key.verifying_key().to_base64()),

@@ -1,0 +1,183 @@
+//! The Valkey users of `follow_bus::acl` on a real server: each service reaches only its own
+//! keys and commands, and nobody gets in without a password.
+#![allow(clippy::unwrap_used)]
+
+use follow_bus::{acl::User, keys};
+use follow_testkit::ValkeyServer;
+use redis::aio::MultiplexedConnection;
+
+async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await
+}
+
+/// Runs `args`; the error code if Valkey refused it.
+async fn refusal(conn: &mut MultiplexedConnection, args: &[&str]) -> Option<String> {
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    match cmd.query_async::<redis::Value>(conn).await {
+        Ok(_) => None,
+        Err(e) => Some(e.code().unwrap_or("?").to_owned()),
+    }
+}
+
+fn noperm() -> Option<String> {
+    Some("NOPERM".to_owned())
+}
+
+#[tokio::test]
+async fn the_gateway_cannot_read_results_flush_or_reconfigure() {
+    let server = ValkeyServer::start().await.unwrap();
+    let mut admin = server.connection().await;
+    for queue in [keys::RESULTS, keys::JOBS] {
+        refusal(
+            &mut admin,
+            &[
+                "XGROUP",
+                "CREATE",
+                queue.stream,
+                queue.group,
+                "0",
+                "MKSTREAM",
+            ],
+        )
+        .await;
+    }
+    let mut gateway = connect(&server.url_as(User::Gateway)).await.unwrap();
+    // What it needs: add results, read its own jobs.
+    assert_eq!(
+        refusal(&mut gateway, &["XADD", keys::RESULTS.stream, "*", "f", "v"]).await,
+        None
+    );
+    let read_jobs = [
+        "XREADGROUP",
+        "GROUP",
+        keys::JOBS.group,
+        "g-1",
+        "COUNT",
+        "1",
+        "STREAMS",
+        keys::JOBS.stream,
+        ">",
+    ];
+    assert_eq!(refusal(&mut gateway, &read_jobs).await, None);
+    // What it must not do.
+    let read_results = [
+        "XREADGROUP",
+        "GROUP",
+        keys::RESULTS.group,
+        "g-1",
+        "COUNT",
+        "1",
+        "STREAMS",
+        keys::RESULTS.stream,
+        ">",
+    ];
+    for forbidden in [
+        &read_results[..],
+        &["XRANGE", keys::RESULTS.stream, "-", "+"],
+        &["XRANGE", keys::RESULTS.dead, "-", "+"],
+        &["GET", &keys::rate_limit("upload-tokens", "alice")],
+        &["FLUSHALL"],
+        &["FLUSHDB"],
+        &["KEYS", "*"],
+        &["CONFIG", "SET", "appendonly", "no"],
+        &["CLIENT", "KILL", "ID", "1"],
+        &["ACL", "LIST"],
+        &["SET", "elsewhere", "1"],
+    ] {
+        assert_eq!(
+            refusal(&mut gateway, forbidden).await,
+            noperm(),
+            "{forbidden:?}"
+        );
+    }
+    // Nor through a script (refused inside it: an `ERR` naming the ACL).
+    let script = ["EVAL", "return redis.call('FLUSHALL')", "0"];
+    assert!(refusal(&mut gateway, &script).await.is_some());
+    let len: usize = redis::cmd("XLEN")
+        .arg(keys::RESULTS.stream)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(len, 1, "the result the gateway added is still there");
+}
+
+#[tokio::test]
+async fn the_api_cannot_take_jobs_or_flush() {
+    let server = ValkeyServer::start().await.unwrap();
+    let mut admin = server.connection().await;
+    refusal(
+        &mut admin,
+        &[
+            "XGROUP",
+            "CREATE",
+            keys::JOBS.stream,
+            keys::JOBS.group,
+            "0",
+            "MKSTREAM",
+        ],
+    )
+    .await;
+    let mut api = connect(&server.url_as(User::Api)).await.unwrap();
+    assert_eq!(
+        refusal(&mut api, &["XADD", keys::JOBS.stream, "*", "f", "v"]).await,
+        None,
+        "the reconciler queues jobs"
+    );
+    let take_jobs = [
+        "XREADGROUP",
+        "GROUP",
+        keys::JOBS.group,
+        "a-1",
+        "COUNT",
+        "1",
+        "STREAMS",
+        keys::JOBS.stream,
+        ">",
+    ];
+    for forbidden in [
+        &take_jobs[..],
+        &["XRANGE", keys::JOBS.dead, "-", "+"],
+        &["FLUSHALL"],
+        &["SHUTDOWN"],
+        &["SET", "elsewhere", "1"],
+    ] {
+        assert_eq!(
+            refusal(&mut api, forbidden).await,
+            noperm(),
+            "{forbidden:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn nobody_gets_in_without_the_password() {
+    let server = ValkeyServer::start().await.unwrap();
+    let anonymous = format!("redis://127.0.0.1:{}", server.port());
+    match connect(&anonymous).await {
+        Err(e) => assert_eq!(e.code(), Some("NOAUTH"), "{e}"),
+        Ok(mut conn) => {
+            assert_eq!(
+                refusal(&mut conn, &["GET", "x"]).await,
+                Some("NOAUTH".into())
+            );
+        }
+    }
+    for user in User::ALL {
+        let wrong = format!(
+            "redis://{}:not-the-password@127.0.0.1:{}",
+            user.name(),
+            server.port()
+        );
+        let refused = connect(&wrong).await.err().unwrap();
+        assert_eq!(
+            refused.kind(),
+            redis::ErrorKind::AuthenticationFailed,
+            "{refused}"
+        );
+    }
+}

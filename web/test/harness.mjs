@@ -1,0 +1,40 @@
+// What the browser tests share: dist/ served on a free loopback port (with extra files, such as
+// a config.json), and Debian's Chromium (/usr/bin/chromium, or $CHROMIUM) through Playwright.
+import { createServer } from "node:http";
+import { readFile } from "node:fs/promises";
+import { extname, join } from "node:path";
+import { chromium } from "playwright-core";
+
+const dist = new URL("../dist/", import.meta.url).pathname;
+const types = { ".html": "text/html", ".js": "text/javascript", ".map": "application/json", ".json": "application/json" };
+
+/** Serves dist/ plus `extra` ({"/config.json": "..."}); resolves to the server and its URL. */
+export async function serveDist(extra = {}) {
+  const server = createServer(async (request, response) => {
+    const path = new URL(request.url, "http://x").pathname.replace(/^\/$/, "/index.html");
+    try {
+      const body = extra[path] ?? (await readFile(join(dist, path.replace(/\.\.+/g, ""))));
+      response.writeHead(200, { "content-type": types[extname(path)] ?? "application/octet-stream" });
+      response.end(body);
+    } catch {
+      response.writeHead(404).end();
+    }
+  });
+  return { server, url: await listen(server) };
+}
+
+/** Listens on a free loopback port; resolves to `http://127.0.0.1:PORT`. */
+export async function listen(server) {
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return `http://127.0.0.1:${server.address().port}`;
+}
+
+export function launchChromium() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: [
+      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+  });
+}
