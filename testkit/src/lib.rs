@@ -1,6 +1,7 @@
 //! Throwaway real servers for follow's tests: each test starts its own, on a free loopback port
 //! in its own temporary directory, and the server dies with the handle (no process outlives a
-//! test, even a failing one). No mocks: this is the real `valkey-server`.
+//! test, even a failing one). No mocks: this is the real `valkey-server`, with the platform's ACL
+//! users ([`ValkeyUser`]), and a PostgreSQL that wants SCRAM passwords, as in production.
 //!
 //! | server | handle | binary from (`./dev test` sets the variables) |
 //! |---|---|---|
