@@ -140,7 +140,8 @@ async fn accept_latency(platform: &Platform, repeats: usize) {
 }
 
 async fn memory_per_upload(platform: &mut Platform, slow: usize) {
-    // Slow clients are not cut for their rate here: they must stay in flight while measured.
+    // Slow clients are not cut for their rate here, nor one user's share: they must all stay in
+    // flight while measured.
     platform.stop(follow_e2e::Service::Gateway).await.unwrap();
     platform
         .start_service(
@@ -149,6 +150,7 @@ async fn memory_per_upload(platform: &mut Platform, slow: usize) {
                 ("FOLLOW_MIN_UPLOAD_RATE", Some("1")),
                 ("FOLLOW_BODY_IDLE_TIMEOUT_SECS", Some("120")),
                 ("FOLLOW_MAX_RECEIVING", Some("1000")),
+                ("FOLLOW_MAX_UPLOADS_PER_USER", Some("1000")),
             ],
         )
         .await

@@ -22,6 +22,8 @@ pub struct PostgresServer {
     dir: Home,
     port: u16,
     password: String,
+    /// `fsync` and friends on (kept clusters, benchmarks) or off (tests, for speed).
+    durable: bool,
     child: Guarded,
 }
 
@@ -30,11 +32,24 @@ const PASSWORD_FILE: &str = "password";
 
 impl PostgresServer {
     pub async fn start() -> Result<Self, TestkitError> {
+        Self::start_temp(false).await
+    }
+
+    /// A throwaway server with production durability (`fsync`, `synchronous_commit` and
+    /// `full_page_writes` on), for benchmarks whose figures must be durable ones.
+    pub async fn start_durable() -> Result<Self, TestkitError> {
+        Self::start_temp(true).await
+    }
+
+    async fn start_temp(durable: bool) -> Result<Self, TestkitError> {
         let bin = find_bindir()?;
         let run_as = RunAs::detect()?;
         with_free_ports("postgres", |[port]| {
             let (bin, run_as) = (bin.clone(), run_as.clone());
-            async move { Self::start_in(bin, Home::temp("follow-pg-")?, port, &run_as).await }
+            async move {
+                let dir = Home::temp("follow-pg-")?;
+                Self::start_in(bin, dir, port, durable, &run_as).await
+            }
         })
         .await
     }
@@ -42,13 +57,15 @@ impl PostgresServer {
     /// A server whose cluster lives in `dir` (made on the first start, durable settings, its
     /// password kept next to it) on `port`, with the database [`DATABASE`].
     pub async fn start_kept(dir: &Path, port: u16) -> Result<Self, TestkitError> {
-        Self::start_in(find_bindir()?, Home::kept(dir)?, port, &RunAs::detect()?).await
+        let (bin, dir) = (find_bindir()?, Home::kept(dir)?);
+        Self::start_in(bin, dir, port, true, &RunAs::detect()?).await
     }
 
     async fn start_in(
         bin: PathBuf,
         dir: Home,
         port: u16,
+        durable: bool,
         run_as: &RunAs,
     ) -> Result<Self, TestkitError> {
         use std::os::unix::fs::OpenOptionsExt as _;
@@ -73,7 +90,7 @@ impl PostgresServer {
                 .arg(dir.path().join("data"))
                 .args(["-U", "follow", "--auth=scram-sha-256", "-E", "UTF8"])
                 .arg(format!("--pwfile={}", password_file.display()));
-            if !dir.is_kept() {
+            if !durable {
                 initdb.arg("--no-sync");
             }
             run("initdb", &mut initdb).await?;
@@ -96,6 +113,7 @@ impl PostgresServer {
             dir,
             port,
             password,
+            durable,
             child: Guarded::default(),
         };
         server.spawn(run_as).await?;
@@ -172,7 +190,7 @@ impl PostgresServer {
                 "unix_socket_directories=",
             ])
             .args(["-c", "max_connections=100"]);
-        if !self.dir.is_kept() {
+        if !self.durable {
             // A test's throwaway cluster: durability off, for speed.
             command
                 .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])

@@ -1,59 +1,78 @@
-//! `./dev bench api`: how fast one API process applies results from a pre-filled
-//! `image:result`, with batching on and off, beside the raw pipelined XADD rate on the same
-//! Valkey and a plain one-row-commit rate on the same PostgreSQL, printed as ratios.
+//! `./dev bench api`: how fast one API process applies results, on a PostgreSQL that really
+//! syncs (checked with `SHOW`, printed), with the production applier (announcements on
+//! `image:progress:{id}` and metrics) connected as the API's Valkey user.
 //!
-//! PostgreSQL runs durable here (`fsync`, `synchronous_commit` on), as in production; the
-//! figures are taken in one run on one machine, so the ratios are what to compare.
+//! The work looks like production: routes of 1–10 waypoints, one result in 10 a failure, one in
+//! 20 delivered twice. Two measures:
+//! - **drain**: a pre-filled `image:result` applied as fast as possible, batched (64) and one
+//!   result per transaction, beside a plain one-row-commit rate and the raw pipelined `XADD` rate
+//!   on the same servers (printed as ratios);
+//! - **steady state**: a producer at a fixed rate (`FOLLOW_BENCH_RATE`, 2,000/s, for
+//!   `FOLLOW_BENCH_STEADY_SECS`, 10 s); latency from a result's `XADD` to its commit
+//!   announcement arriving at a subscriber, p50 / p99 / max.
+//!
+//! Figures are taken in one run on one machine; compare the ratios.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-use std::time::{Duration, Instant};
-
-use follow_api::{MIGRATOR, results::ResultApplier};
-use follow_bus::{
-    Consumer, ConsumerConfig, HealthChecker, ImageResult, Processed, ResultOutcome,
-    StreamMessage as _, Valkey, ValkeyConfig, keys,
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
-use follow_testkit::{PostgresServer, ValkeyServer};
+
+use follow_api::{MIGRATOR, metrics::Metrics, results::ResultApplier};
+use follow_bus::{
+    Consumer, ConsumerConfig, ErrorCode, Failure, HealthChecker, ImageResult, Processed,
+    ProgressTracker, ResultOutcome, StreamMessage as _, Valkey, ValkeyConfig, acl::User, keys,
+};
+use follow_testkit::{PostgresServer, ValkeyServer, setting};
+use futures_util::StreamExt as _;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const RESULTS: usize = 20_000;
 const TARGET_PER_SEC: f64 = 5_000.0;
 
 #[tokio::main]
 async fn main() {
-    let results = std::env::var("FOLLOW_BENCH_RESULTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(RESULTS);
-    let (pg, valkey_server) = tokio::join!(PostgresServer::start(), ValkeyServer::start());
+    let results = setting("FOLLOW_BENCH_RESULTS", 20_000);
+    let rate_per_sec = setting("FOLLOW_BENCH_RATE", 2_000);
+    let steady_secs = setting("FOLLOW_BENCH_STEADY_SECS", 10);
+    let (pg, valkey_server) = tokio::join!(PostgresServer::start_durable(), ValkeyServer::start());
     let (pg, valkey_server) = (pg.unwrap(), valkey_server.unwrap());
     let pool = PgPool::connect(&pg.url()).await.unwrap();
-    for setting in [
-        "ALTER SYSTEM SET fsync = on",
-        "ALTER SYSTEM SET synchronous_commit = on",
-        "ALTER SYSTEM SET full_page_writes = on",
-        "SELECT pg_reload_conf()",
-    ] {
-        sqlx::query(setting).execute(&pool).await.unwrap();
+    let mut durability = Vec::new();
+    for name in ["fsync", "synchronous_commit", "full_page_writes"] {
+        let value: String = sqlx::query_scalar("SELECT current_setting($1)")
+            .bind(name)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(value, "on", "{name} must be on for a durable figure");
+        durability.push(format!("{name}={value}"));
     }
-    pool.close().await;
-    let pool = PgPool::connect(&pg.url()).await.unwrap();
     MIGRATOR.run(&pool).await.unwrap();
-    let valkey = Valkey::new(ValkeyConfig::new(valkey_server.url())).unwrap();
+    let valkey = Valkey::new(ValkeyConfig::new(valkey_server.url_as(User::Api))).unwrap();
 
+    println!("follow-api result applying, one API consumer");
     println!(
-        "follow-api result applying: {results} results per run, 2 cores shared, durable PostgreSQL"
+        "conditions: PostgreSQL {} (as the server says), {} cores shared by PostgreSQL, Valkey and the bench; \
+         production applier (announcements + metrics); routes of 1-10 waypoints, 1 in 10 results \
+         failed, 1 in 20 delivered twice",
+        durability.join(" "),
+        std::thread::available_parallelism().map_or(0, usize::from)
     );
+    println!("drain: {results} images' results pre-filled (with the duplicates), then applied");
     let commits = one_row_commits(&pool, 2_000).await;
     println!("  plain one-row commits (PostgreSQL)      {commits:>10.0} /s");
-    let xadd = fill(&valkey_server, &pool, results).await;
+    let entries = prepare(&pool, results).await;
+    let xadd = add_all(&valkey_server, &entries).await;
     println!("  raw pipelined XADD (Valkey)             {xadd:>10.0} /s");
-    let batched = apply(&valkey, &pool, 64).await;
+    let batched = drain(&valkey, &pool, 64, entries.len()).await;
     println!("  applied, batches of up to 64            {batched:>10.0} /s");
-    fill(&valkey_server, &pool, results).await;
-    let single = apply(&valkey, &pool, 1).await;
+    let entries = prepare(&pool, results).await;
+    add_all(&valkey_server, &entries).await;
+    let single = drain(&valkey, &pool, 1, entries.len()).await;
     println!("  applied, one result per transaction     {single:>10.0} /s");
     println!("ratios:");
     println!(
@@ -75,6 +94,19 @@ async fn main() {
         } else {
             "NOT met"
         }
+    );
+    let latencies = steady(&valkey_server, &valkey, &pool, rate_per_sec, steady_secs).await;
+    println!(
+        "steady state: {rate_per_sec} results/s for {steady_secs} s, batches of up to 64; \
+         sent (XADD) -> commit announcement received ({} results):",
+        latencies.len()
+    );
+    let ms = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+    println!(
+        "  p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+        ms(0.5),
+        ms(0.99),
+        ms(1.0)
     );
 }
 
@@ -101,16 +133,20 @@ async fn one_row_commits(pool: &PgPool, n: usize) -> f64 {
     rate(n, started.elapsed())
 }
 
-/// Inserts `n` pending images (in routes of 100 waypoints) and XADDs one processed result for
-/// each, pipelined; returns the XADD rate.
-async fn fill(server: &ValkeyServer, pool: &PgPool, n: usize) -> f64 {
-    let mut ids = Vec::with_capacity(n);
-    for chunk in 0..n.div_ceil(100) {
-        let count = (n - chunk * 100).min(100);
+/// Inserts `n` pending images in routes of 1–10 waypoints; returns the results to send for them,
+/// in order: one in 10 a failure, one in 20 twice.
+async fn prepare(pool: &PgPool, n: usize) -> Vec<ImageResult> {
+    let mut sent = Vec::with_capacity(n + n / 20);
+    let mut made = 0;
+    let mut tx = pool.begin().await.unwrap();
+    for route_number in 0.. {
+        if made == n {
+            break;
+        }
+        let count = (route_number % 10 + 1).min(n - made);
         let route = Uuid::now_v7();
         let waypoints: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
         let images: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
-        let mut tx = pool.begin().await.unwrap();
         sqlx::query("INSERT INTO route.routes (id, owner, name, request_id) VALUES ($1, 'bench', '', $1::text)")
             .bind(route)
             .execute(&mut *tx)
@@ -137,30 +173,55 @@ async fn fill(server: &ValkeyServer, pool: &PgPool, n: usize) -> f64 {
         .execute(&mut *tx)
         .await
         .unwrap();
-        tx.commit().await.unwrap();
-        ids.extend(images);
+        for id in images {
+            let result = result(id, made);
+            if made % 20 == 19 {
+                sent.push(result.clone());
+            }
+            sent.push(result);
+            made += 1;
+        }
+        if route_number % 500 == 499 {
+            tx.commit().await.unwrap();
+            tx = pool.begin().await.unwrap();
+        }
     }
+    tx.commit().await.unwrap();
+    sent
+}
+
+/// XADDs `results`, pipelined; returns the rate.
+async fn add_all(server: &ValkeyServer, results: &[ImageResult]) -> f64 {
     let mut conn = server.connection().await;
     let started = Instant::now();
-    for chunk in ids.chunks(256) {
+    for chunk in results.chunks(256) {
         let mut pipe = redis::pipe();
-        for id in chunk {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg(keys::RESULT_STREAM).arg("*");
-            for (name, value) in result(*id).to_fields() {
-                cmd.arg(name).arg(value);
-            }
-            pipe.add_command(cmd).ignore();
+        for result in chunk {
+            pipe.add_command(xadd(result)).ignore();
         }
         pipe.query_async::<()>(&mut conn).await.unwrap();
     }
-    rate(n, started.elapsed())
+    rate(results.len(), started.elapsed())
 }
 
-fn result(image_id: Uuid) -> ImageResult {
-    ImageResult {
-        image_id,
-        outcome: ResultOutcome::Processed(Processed {
+fn xadd(result: &ImageResult) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(keys::RESULT_STREAM).arg("*");
+    for (name, value) in result.to_fields() {
+        cmd.arg(name).arg(value);
+    }
+    cmd
+}
+
+/// The `index`-th result: processed, or (one in 10) failed.
+fn result(image_id: Uuid, index: usize) -> ImageResult {
+    let outcome = if index % 10 == 9 {
+        ResultOutcome::Failed(Failure {
+            code: ErrorCode::InvalidImage,
+            message: "not an image".into(),
+        })
+    } else {
+        ResultOutcome::Processed(Processed {
             storage_key: image_id.to_string(),
             preview_key: format!("{image_id}.preview"),
             sha256: "ab".repeat(32),
@@ -170,49 +231,131 @@ fn result(image_id: Uuid) -> ImageResult {
             processed_width: 2048,
             processed_height: 1536,
             byte_size: 500_000,
-        }),
+        })
+    };
+    ImageResult {
+        image_id,
+        outcome,
         produced_at: time::OffsetDateTime::now_utc(),
         processing_ms: 300,
     }
 }
 
-/// Runs one consumer with the applier (batch size `batch`) until the group has nothing left.
-async fn apply(valkey: &Valkey, pool: &PgPool, batch: usize) -> f64 {
-    let mut health = HealthChecker::new(valkey, Some(keys::RESULTS)).unwrap();
+/// The production applier: announcements through the API's Valkey user, metrics registered.
+fn applier(valkey: &Valkey, pool: &PgPool) -> ResultApplier {
+    let mut registry = prometheus_client::registry::Registry::default();
+    ResultApplier::new(pool.clone())
+        .with_announcer(ProgressTracker::new(valkey).unwrap())
+        .with_metrics(Arc::new(Metrics::register(&mut registry)))
+}
+
+/// Runs one consumer with the applier (batch size `batch`) until `stop`; returns its task.
+fn consume(
+    valkey: &Valkey,
+    pool: &PgPool,
+    batch: usize,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let config = ConsumerConfig {
         batch_size: batch,
         block: Duration::from_millis(100),
         ..ConsumerConfig::new(keys::RESULTS, format!("bench-{batch}"))
     };
     let mut consumer = Consumer::new(valkey, config).unwrap();
-    consumer.ensure_group().await.unwrap();
-    let backlog = health
-        .queue_info(keys::RESULTS)
-        .await
-        .unwrap()
-        .and_then(|g| g.lag)
-        .unwrap();
-    let cancel = CancellationToken::new();
-    let applier = ResultApplier::new(pool.clone());
-    let started = Instant::now();
-    let running = tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            let mut applier = applier;
-            consumer.run(&mut applier, cancel).await;
-        }
-    });
+    let mut applier = applier(valkey, pool);
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        consumer.ensure_group().await.unwrap();
+        consumer.run(&mut applier, stop).await;
+    })
+}
+
+/// Waits until the group has taken and acknowledged everything on the stream.
+async fn drained(health: &mut HealthChecker) {
     loop {
-        let info = health.queue_info(keys::RESULTS).await.unwrap().unwrap();
-        if info.pending == 0 && info.lag == Some(0) {
-            break;
+        let info = health.queue_info(keys::RESULTS).await.unwrap();
+        if info.is_some_and(|i| i.pending == 0 && i.lag == Some(0)) {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Applies the `entries` the stream holds beyond what was applied before, with one consumer;
+/// returns the rate.
+async fn drain(valkey: &Valkey, pool: &PgPool, batch: usize, entries: usize) -> f64 {
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let running = consume(valkey, pool, batch, &stop);
+    drained(&mut HealthChecker::new(valkey, Some(keys::RESULTS)).unwrap()).await;
     let elapsed = started.elapsed();
-    cancel.cancel();
+    stop.cancel();
     running.await.unwrap();
-    rate(usize::try_from(backlog).unwrap(), elapsed)
+    rate(entries, elapsed)
+}
+
+/// Sends results at `per_sec` for `secs` while one consumer applies them; returns the sorted
+/// latencies from `produced_at` to the commit announcement's arrival.
+async fn steady(
+    server: &ValkeyServer,
+    valkey: &Valkey,
+    pool: &PgPool,
+    per_sec: usize,
+    secs: usize,
+) -> Vec<Duration> {
+    let results = prepare(pool, per_sec * secs).await;
+    let mut pubsub = redis::Client::open(server.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub.psubscribe(keys::PROGRESS_PATTERN).await.unwrap();
+    let arrivals = tokio::spawn(async move {
+        let mut first = HashMap::new();
+        let mut messages = pubsub.on_message();
+        while let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+        {
+            if let Some(id) = keys::progress_image(message.get_channel_name()) {
+                first.entry(id).or_insert_with(SystemTime::now);
+            }
+        }
+        first
+    });
+    let stop = CancellationToken::new();
+    let running = consume(valkey, pool, 64, &stop);
+    let mut conn = server.connection().await;
+    let mut produced = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let per_tick = per_sec.div_ceil(100);
+    for chunk in results.chunks(per_tick) {
+        tick.tick().await;
+        let mut pipe = redis::pipe();
+        for result in chunk {
+            let mut result = result.clone();
+            result.produced_at = time::OffsetDateTime::now_utc();
+            produced
+                .entry(result.image_id)
+                .or_insert_with(SystemTime::now);
+            pipe.add_command(xadd(&result)).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.unwrap();
+    }
+    drained(&mut HealthChecker::new(valkey, Some(keys::RESULTS)).unwrap()).await;
+    stop.cancel();
+    running.await.unwrap();
+    let arrived = arrivals.await.unwrap();
+    let mut latencies: Vec<Duration> = produced
+        .iter()
+        .filter_map(|(id, at)| arrived.get(id)?.duration_since(*at).ok())
+        .collect();
+    assert_eq!(
+        latencies.len(),
+        produced.len(),
+        "every commit was announced"
+    );
+    latencies.sort();
+    latencies
 }
 
 fn rate(n: usize, elapsed: Duration) -> f64 {

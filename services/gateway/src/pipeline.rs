@@ -1,5 +1,6 @@
-//! The CPU part of the pipeline: decode (with limits) → apply the EXIF orientation → resize to
-//! the long edge (never upscaling) and make a preview → encode. Metadata never survives: the
+//! The CPU part of the pipeline: decode (with limits) → resize to the long edge (never
+//! upscaling; Lanczos3) → apply the EXIF orientation to the resized image (never to the
+//! full-size one: a phone portrait costs no second full-size buffer) → make a preview → encode. Metadata never survives: the
 //! output is encoded from pixels alone (no EXIF/GPS, XMP, IPTC, comments; ICC dropped, sRGB
 //! assumed). Opaque images become JPEG; images with alpha keep it as PNG.
 //!
@@ -77,13 +78,16 @@ pub fn run(
     stage(Stage::Decoding);
     let Decoded {
         image,
+        orientation,
         width,
         height,
     } = decode(bytes, format, config.max_pixels, config.long_edge)?;
     stage(Stage::Processing);
     // The full-size decode is consumed by the main image's resize: peak memory is the decoded
-    // image plus a band of rows, never a second full-size buffer.
-    let main = shrunk(image, config.long_edge)?;
+    // image plus a band of rows, never a second full-size buffer. The long edge does not depend
+    // on the orientation, so turning the resized image gives the same result, cheaper.
+    let mut main = shrunk(image, config.long_edge)?;
+    main.apply_orientation(orientation);
     let preview = scaled(&main, config.preview_edge);
     let preview = preview.as_ref().unwrap_or(&main);
     stage(Stage::Encoding);
@@ -95,16 +99,18 @@ pub fn run(
     })
 }
 
-/// A decoded image, maybe already shrunk, and the size of the original after orientation.
+/// A decoded image, maybe already shrunk, as stored (its EXIF `orientation` not applied yet),
+/// and the size of the original after orientation.
 #[derive(Debug)]
 pub struct Decoded {
     pub image: DynamicImage,
+    pub orientation: Orientation,
     pub width: u32,
     pub height: u32,
 }
 
 /// Decodes with limits on dimensions and allocation (a lying header cannot make it allocate
-/// more than the pixels allowed), then applies the EXIF orientation. The result may be smaller
+/// more than the pixels allowed) and reads the EXIF orientation. The result may be smaller
 /// than the original, but never with a long edge below `min_edge` unless the original's is.
 pub fn decode(
     bytes: &[u8],
@@ -128,7 +134,7 @@ pub fn decode(
     let shrinkable = format == ImageFormat::Jpeg
         && width.max(height) >= 2 * u64::from(min_edge)
         && sniff::jpeg_frame(bytes).is_some_and(|frame| frame.is_common());
-    let (mut image, orientation) = if shrinkable {
+    let (image, orientation) = if shrinkable {
         decode_jpeg_shrunk(bytes, max_pixels, min_edge)?
     } else {
         decode_full(bytes, format, max_pixels)?
@@ -144,9 +150,9 @@ pub fn decode(
     } else {
         (width, height)
     };
-    image.apply_orientation(orientation);
     Ok(Decoded {
         image,
+        orientation,
         width,
         height,
     })
@@ -233,6 +239,10 @@ fn decode_jpeg_shrunk(
 /// Rows per band of [`shrunk`]'s horizontal pass.
 const BAND_ROWS: usize = 64;
 
+/// The resampling of both outputs: Lanczos3, as libvips' `thumbnail` (a box filter only where
+/// a JPEG is shrunk on load, in its IDCT).
+const RESAMPLING: ResizeAlg = ResizeAlg::Convolution(ResizeFilter::Lanczos3);
+
 /// `image` scaled down to a long edge of `edge` (unchanged when it fits), in the memory it
 /// already has. For 8-bit RGB and grey — every JPEG — the separable resize runs its horizontal
 /// pass band by band and writes each narrowed band back into the image's own buffer: a narrowed
@@ -255,7 +265,7 @@ pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, PipelineEr
     let (src_row, dst_row) = (sw as usize * bytes, dw as usize * bytes);
     let mut band = vec![0; dst_row * BAND_ROWS];
     let mut resizer = Resizer::new();
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(ResizeFilter::Bilinear));
+    let options = ResizeOptions::new().resize_alg(RESAMPLING);
     let resized = (0..sh as usize).step_by(BAND_ROWS).try_for_each(|top| {
         let rows = BAND_ROWS.min(sh as usize - top);
         let src = ImageRef::new(
@@ -324,12 +334,12 @@ pub fn scaled(image: &DynamicImage, edge: u32) -> Option<DynamicImage> {
         }
     };
     let mut target = DynamicImage::new(dw, dh, source.color());
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(ResizeFilter::Bilinear));
+    let options = ResizeOptions::new().resize_alg(RESAMPLING);
     match Resizer::new().resize(source, &mut target, &options) {
         Ok(()) => Some(target),
         Err(e) => {
             tracing::warn!(error = %e, "fast resize failed; using the slow path");
-            Some(source.resize(edge, edge, FilterType::Triangle))
+            Some(source.resize(edge, edge, FilterType::Lanczos3))
         }
     }
 }
@@ -433,12 +443,13 @@ mod tests {
 
     #[test]
     fn the_banded_in_place_resize_matches_the_plain_one() {
+        // Every row and column different, without hard edges: Lanczos3 overshoots at those, and
+        // where its 8-bit intermediate is clipped depends on which pass goes first, a choice
+        // `fast_image_resize` makes by size.
+        let wave = |t: f32| (127.5 + 120.0 * t.sin()) as u8;
         let source = DynamicImage::ImageRgb8(ImageBuffer::from_fn(1000, 301, |x, y| {
-            Rgb([
-                (x * 7 % 256) as u8,
-                (y * 13 % 256) as u8,
-                ((x ^ y) % 256) as u8,
-            ])
+            let (x, y) = (x as f32, y as f32);
+            Rgb([wave(x / 23.0), wave(y / 17.0), wave((x + 2.0 * y) / 31.0)])
         }));
         let plain = scaled(&source, 256).unwrap().to_rgb8();
         let banded = shrunk(source.clone(), 256).unwrap().to_rgb8();

@@ -258,7 +258,11 @@ pub fn webp(width: u32, height: u32) -> Vec<u8> {
 
 /// A JPEG whose EXIF says orientation 6 (rotate 90° clockwise to view) and carries GPS.
 pub fn jpeg_with_exif_orientation_6(width: u32, height: u32) -> Vec<u8> {
-    let plain = jpeg(width, height);
+    with_exif_orientation_6(&jpeg(width, height))
+}
+
+/// `plain` (a JPEG) with an EXIF block saying orientation 6 and carrying GPS.
+pub fn with_exif_orientation_6(plain: &[u8]) -> Vec<u8> {
     // TIFF, little endian: IFD0 with Orientation = 6 and a GPS IFD pointer; GPS IFD with
     // GPSLatitudeRef = "N".
     let mut tiff: Vec<u8> = b"II*\0".to_vec();
