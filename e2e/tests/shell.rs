@@ -292,7 +292,7 @@ async fn health_and_metrics_answer_alike_and_only_grpc_is_open_to_browsers() {
     ] {
         let (status, health) = platform.health(url).await.unwrap();
         assert_eq!(status, 200, "{health}");
-        for key in ["status", "valkey", "workers", own] {
+        for key in ["status", "valkey", "progress_hub", "workers", own] {
             assert_eq!(health[key], "ok", "{url}: {health}");
         }
         let metrics = client

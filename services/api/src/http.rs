@@ -36,7 +36,7 @@ impl Probe for ApiProbe {
             .await
             .is_ok_and(|r| r.is_ok())
         };
-        health::checks(&self.valkey, &self.workers, "postgres", postgres).await
+        health::checks(&self.valkey, &self.hub, &self.workers, "postgres", postgres).await
     }
 
     async fn metrics(&self) -> Response {

@@ -452,3 +452,72 @@ async fn a_route_watch_reads_the_database_a_fixed_number_of_times_however_many_i
     let (one, twelve) = tokio::join!(reads_of_a_route_watch(1), reads_of_a_route_watch(12));
     assert_eq!((one, twelve), (3.0, 3.0));
 }
+
+/// `GET /health` until its body says `part` is `want` (or the deadline).
+async fn health_says(stack: &Stack, part: &str, want: &str) {
+    follow_testkit::eventually_async(WITHIN, &format!("{part} {want} in /health"), || async {
+        let (status, body) = stack.get("/health").await;
+        let ok = body.contains(&format!("\"{part}\":\"{want}\""));
+        (ok && (status == 200) == (want == "ok")).then_some(())
+    })
+    .await;
+}
+
+/// The progress hub losing Valkey's pub/sub while Valkey itself answers (here: the API's Valkey
+/// user loses its channels, and Valkey drops the subscription): `/health` says so, new watches
+/// are refused, and when the channels are back the hub reconnects by itself and an open watch
+/// gets what is published next.
+#[tokio::test]
+async fn a_hub_that_loses_pub_sub_shows_in_health_and_recovers_by_itself() {
+    let stack = Stack::start().await;
+    let route = create(&stack, "alice", 1).await;
+    let image_id = route.upload_targets[0].image_id.clone();
+    let mut images = stack.images().await;
+    let mut open = images
+        .watch_image_status(stack.as_user("alice", watch_images(&[&image_id])))
+        .await
+        .unwrap()
+        .into_inner();
+    event(&mut open).await; // the state: the watch is live
+    health_says(&stack, "progress_hub", "ok").await;
+
+    let mut admin = stack.valkey_server.connection().await;
+    let api_user = follow_bus::acl::User::Api.name();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(api_user)
+        .arg("resetchannels")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    health_says(&stack, "progress_hub", "down").await;
+    let refused = images
+        .watch_image_status(stack.as_user("alice", watch_images(&[&image_id])))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(api_user)
+        .arg(format!("&{}", follow_bus::keys::PROGRESS_PATTERN))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    health_says(&stack, "progress_hub", "ok").await;
+    let id: Uuid = image_id.parse().unwrap();
+    stack
+        .tracker()
+        .record(&Progress::reached(id, Stage::Validating))
+        .await
+        .unwrap();
+    loop {
+        let (_, event) = event(&mut open).await;
+        if let Event::ImageProgress(p) = &event
+            && p.stage() == events::Stage::Validating
+        {
+            break;
+        }
+    }
+}

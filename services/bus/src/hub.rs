@@ -21,7 +21,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -56,7 +56,7 @@ struct Shared {
     commands: tokio::sync::Mutex<mpsc::UnboundedReceiver<Command>>,
     watchers: Mutex<HashMap<Uuid, Vec<Arc<Mailbox>>>>,
     /// A worker has run before: the next one starts by telling every watcher to resync.
-    started: std::sync::atomic::AtomicBool,
+    started: AtomicBool,
 }
 
 /// How the hub subscribes in Valkey.
@@ -94,6 +94,9 @@ pub struct HubStats {
     pub channels: AtomicU64,
     /// Watchers dropped as [`HubEvent::Lagged`].
     pub lagged: AtomicU64,
+    /// The worker holds a working pub/sub connection (for health: without one, watches are
+    /// refused while Valkey itself may answer).
+    pub connected: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -249,7 +252,7 @@ impl Hub {
                 stats: Arc::default(),
                 commands: tokio::sync::Mutex::new(receiver),
                 watchers: Mutex::default(),
-                started: std::sync::atomic::AtomicBool::new(false),
+                started: AtomicBool::new(false),
             }),
         }
     }
@@ -367,6 +370,7 @@ impl Worker {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "progress hub: cannot subscribe; retrying");
+                        self.shared.stats.connected.store(false, Ordering::Relaxed);
                         if self.wait(backoff.delay(), commands, cancel).await {
                             return;
                         }
@@ -375,6 +379,7 @@ impl Worker {
                 },
             };
             backoff.reset();
+            self.shared.stats.connected.store(true, Ordering::Relaxed);
             if !first {
                 tracing::info!("progress hub: (re)connected; watchers resync");
                 self.resync_all();
@@ -387,6 +392,7 @@ impl Worker {
                         Some(message) => self.dispatch(message.get_channel_name(), message.get_payload_bytes()),
                         None => {
                             tracing::warn!("progress hub: connection lost");
+                            self.shared.stats.connected.store(false, Ordering::Relaxed);
                             break;
                         }
                     },
@@ -394,6 +400,7 @@ impl Worker {
                         Some(command) => {
                             if let Err(e) = self.apply(command, &mut sink).await {
                                 tracing::warn!(error = %e, "progress hub: subscription change failed");
+                                self.shared.stats.connected.store(false, Ordering::Relaxed);
                                 break;
                             }
                         }

@@ -127,6 +127,7 @@ impl Application {
         let probe = GatewayProbe {
             gateway: Arc::clone(&gateway),
             valkey: queue.clone(),
+            hub: hub.stats(),
             workers: workers.clone(),
             consumers: Arc::clone(&consumers),
             registry: Arc::new(registry),

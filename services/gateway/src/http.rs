@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::{Router, response::Response, routing::put};
-use follow_bus::{ConsumerStats, HealthChecker};
+use follow_bus::{ConsumerStats, HealthChecker, HubStats};
 use follow_service::{
     health::{self, Checks, Probe},
     metrics::Registry,
@@ -18,6 +18,7 @@ use crate::upload::{Gateway, put_upload};
 pub struct GatewayProbe {
     pub gateway: Arc<Gateway>,
     pub valkey: HealthChecker,
+    pub hub: Arc<HubStats>,
     pub workers: Workers,
     pub consumers: Arc<ConsumerStats>,
     pub registry: Arc<Registry>,
@@ -26,7 +27,7 @@ pub struct GatewayProbe {
 impl Probe for GatewayProbe {
     async fn check(&self) -> Checks {
         let storage = self.gateway.bucket.healthy();
-        health::checks(&self.valkey, &self.workers, "storage", storage).await
+        health::checks(&self.valkey, &self.hub, &self.workers, "storage", storage).await
     }
 
     async fn metrics(&self) -> Response {

@@ -1,7 +1,7 @@
 //! Health, told the same way by both services: `GET /health` (200 with `"ok"` per dependency,
 //! 503 with `"down"` entries) and `grpc.health.v1.Health`, kept in step by [`report`].
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::atomic::Ordering, time::Duration};
 
 use axum::{
     Json, Router,
@@ -10,7 +10,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use follow_bus::HealthChecker;
+use follow_bus::{HealthChecker, HubStats};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -28,10 +28,12 @@ pub trait Probe: Clone + Send + Sync + 'static {
     fn metrics(&self) -> impl Future<Output = Response> + Send;
 }
 
-/// The checks every service makes — Valkey answers, every worker is alive — with the service's
-/// own dependency (`name`, checked by `own`) between them, all at once.
+/// The checks every service makes — Valkey answers, the progress hub holds its pub/sub
+/// connection (else watches are refused), every worker is alive — with the service's own
+/// dependency (`name`, checked by `own`) between them, all at once.
 pub async fn checks(
     valkey: &HealthChecker,
+    hub: &HubStats,
     workers: &Workers,
     name: &'static str,
     own: impl Future<Output = bool>,
@@ -40,6 +42,7 @@ pub async fn checks(
     let (valkey, own) = tokio::join!(valkey.check(), own);
     vec![
         ("valkey", valkey.valkey),
+        ("progress_hub", hub.connected.load(Ordering::Relaxed)),
         (name, own),
         ("workers", workers.down().is_empty()),
     ]
