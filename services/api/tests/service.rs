@@ -82,12 +82,20 @@ async fn drained(valkey: &redis::aio::MultiplexedConnection) {
 #[tokio::test]
 async fn health_follows_valkey_over_http_and_grpc_and_metrics_are_exposed() {
     let mut stack = Stack::start().await;
-    let (code, body) = stack.get("/health").await;
-    assert_eq!(code, 200, "{body}");
+    // Ready once the progress hub has its pub/sub connection, a moment after start.
+    let body = eventually_async(WITHIN, "healthy", || async {
+        let (code, body) = stack.get("/health").await;
+        (code == 200).then_some(body)
+    })
+    .await;
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
-        (health["valkey"].as_str(), health["postgres"].as_str()),
-        (Some("ok"), Some("ok"))
+        (
+            health["valkey"].as_str(),
+            health["progress_hub"].as_str(),
+            health["postgres"].as_str()
+        ),
+        (Some("ok"), Some("ok"), Some("ok"))
     );
     eventually_async(WITHIN, "grpc serving", || async {
         (grpc_health(&stack).await == ServingStatus::Serving).then_some(())

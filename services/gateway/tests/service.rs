@@ -42,14 +42,19 @@ async fn grpc_health(gw: &Gateway) -> ServingStatus {
 #[tokio::test]
 async fn with_valkey_down_new_uploads_get_503_and_in_flight_results_arrive_after_it_returns() {
     let mut gw = Gateway::start().await;
-    let (status, health) = get(&gw, "/health").await;
+    // Ready once the progress hub has its pub/sub connection, a moment after start.
+    let health = eventually_async(WITHIN, "healthy", || async {
+        let (status, health) = get(&gw, "/health").await;
+        (status == 200).then_some(health)
+    })
+    .await;
     assert_eq!(
         (
-            status,
             health["valkey"].as_str(),
+            health["progress_hub"].as_str(),
             health["storage"].as_str()
         ),
-        (200, Some("ok"), Some("ok"))
+        (Some("ok"), Some("ok"), Some("ok"))
     );
     eventually_async(WITHIN, "grpc serving", || async {
         (grpc_health(&gw).await == ServingStatus::Serving).then_some(())
