@@ -150,7 +150,7 @@ pub struct Receipt {
 /// A body received in full, checked as far as it can be before decoding, in its spool file.
 struct Received {
     file: NamedTempFile,
-    sha256: String,
+    sha256: [u8; 32],
     bytes: u64,
 }
 
@@ -319,6 +319,7 @@ impl Gateway {
                 &original_key(key),
                 received.file.path(),
                 &claims.content_type,
+                &received.sha256,
             )
             .await
         {
@@ -348,7 +349,7 @@ impl Gateway {
         }
         Ok(Receipt {
             image_id: claims.image_id,
-            sha256: received.sha256,
+            sha256: hex(&received.sha256),
             bytes: received.bytes,
             status: "accepted",
         })
@@ -464,7 +465,7 @@ impl Gateway {
         end.check(expected).map_err(|e| Refused::Body(e.into()))?;
         Ok(Received {
             file,
-            sha256: hex(&hasher.finalize()),
+            sha256: hasher.finalize().into(),
             bytes,
         })
     }
