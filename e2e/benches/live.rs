@@ -20,11 +20,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use follow_e2e::{Platform, client::bearer, rss_bytes};
+use follow_e2e::{
+    Platform,
+    client::{bearer, watch_images},
+    rss_bytes,
+};
 use follow_proto::{
     api::v1::{
-        self as api, ImageIds, WaypointInput, image_service_client::ImageServiceClient,
-        watch_image_status_request::Target, watch_image_status_response::Event,
+        self as api, WaypointInput, image_service_client::ImageServiceClient,
+        watch_image_status_response::Event,
     },
     events::v1::{ImageProgress, ProgressNotice, Stage, progress_notice},
     prost::Message,
@@ -146,15 +150,7 @@ async fn main() {
                 count[instance] += 1;
                 let image = (s * 7919 + instance) % images;
                 let id = ids[image].clone();
-                let request = bearer(
-                    api::WatchImageStatusRequest {
-                        target: Some(Target::Images(ImageIds {
-                            image_ids: vec![id],
-                        })),
-                        resume_cursor: String::new(),
-                    },
-                    &token,
-                );
+                let request = bearer(watch_images(&[&id]), &token);
                 let (url, list) = &channels[instance];
                 let native = list[s % list.len()].clone();
                 let url = url.clone();

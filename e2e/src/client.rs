@@ -27,6 +27,17 @@ pub fn bearer<T>(message: T, token: &str) -> Request<T> {
     request
 }
 
+/// A watch of these images from their current state (no resume cursor).
+pub fn watch_images(ids: &[&str]) -> follow_proto::api::v1::WatchImageStatusRequest {
+    use follow_proto::api::v1::{ImageIds, watch_image_status_request::Target};
+    follow_proto::api::v1::WatchImageStatusRequest {
+        target: Some(Target::Images(ImageIds {
+            image_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+        })),
+        resume_cursor: String::new(),
+    }
+}
+
 /// `PUT` of `body` to an upload URL: the status and the JSON answer.
 pub async fn upload(
     url: &str,

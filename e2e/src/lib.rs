@@ -288,6 +288,15 @@ impl Platform {
     }
 }
 
+/// A fault schedule's clock: ticks every `period`, the first one `period` from now. Faults are
+/// injected on a schedule (kill every second, a body paced slower than its token), not slept
+/// towards; missed ticks are skipped, never bunched.
+pub fn every(period: Duration) -> tokio::time::Interval {
+    let mut clock = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    clock
+}
+
 /// The resident memory of process `pid`, in bytes (0 when it cannot be read).
 pub fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

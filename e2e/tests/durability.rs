@@ -10,6 +10,7 @@ use std::time::Duration;
 use follow_e2e::{
     Platform, Service,
     client::{jpeg, upload, upload_accepted},
+    every,
     user::{User, WAIT},
 };
 use follow_proto::api::v1 as api;
@@ -270,12 +271,16 @@ async fn two_gateways_one_killed_every_few_seconds_process_200_uploads_once() {
             .await;
         }
     });
-    while !uploads.is_finished() {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        platform.kill(Service::Gateway).await.unwrap();
-        platform.start_service(Service::Gateway, &[]).await.unwrap();
+    let (mut uploads, mut kills) = (uploads, every(Duration::from_secs(2)));
+    loop {
+        tokio::select! {
+            done = &mut uploads => break done.unwrap(),
+            _ = kills.tick() => {
+                platform.kill(Service::Gateway).await.unwrap();
+                platform.start_service(Service::Gateway, &[]).await.unwrap();
+            }
+        }
     }
-    uploads.await.unwrap();
     for target in &targets {
         processed_once(&platform, &target.image_id).await;
     }
@@ -302,19 +307,7 @@ async fn valkey_restarted_empty_loses_no_accepted_photo_and_no_used_token_comes_
     let done = created.upload_targets[0].clone();
     upload_accepted(&done.upload_url, "image/jpeg", jpeg(640, 480)).await;
     let before = processed_once(&platform, &done.image_id).await;
-    let (s3, bucket) = platform.bucket().unwrap();
-    let stored = s3
-        .get_object()
-        .bucket(&bucket)
-        .key(&before.storage_key)
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+    let stored = stored_bytes(&platform, &before.storage_key).await;
     // Uploads in flight while Valkey loses everything.
     let rest = created.upload_targets[1..].to_vec();
     let uploads = tokio::spawn(async move {
@@ -350,18 +343,7 @@ async fn valkey_restarted_empty_loses_no_accepted_photo_and_no_used_token_comes_
         (status, answer["error_code"].as_str()),
         (409, Some("DUPLICATE_UPLOAD"))
     );
-    let after = s3
-        .get_object()
-        .bucket(&bucket)
-        .key(&before.storage_key)
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+    let after = stored_bytes(&platform, &before.storage_key).await;
     assert_eq!(after, stored, "never overwritten");
     assert_eq!(row(&platform, &done.image_id).await, before);
     user.clean_up(&platform).await;
@@ -426,4 +408,17 @@ async fn storage_refusing_or_silent_spends_no_token_and_strands_no_image() {
     upload_accepted(&silent.upload_url, "image/jpeg", jpeg(640, 480)).await;
     processed_once(&platform, &silent.image_id).await;
     user.clean_up(&platform).await;
+}
+
+/// The object at `key`, as the stack's S3 holds it.
+async fn stored_bytes(platform: &Platform, key: &str) -> Vec<u8> {
+    let (s3, bucket) = platform.bucket().unwrap();
+    let object = s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    object.body.collect().await.unwrap().to_vec()
 }

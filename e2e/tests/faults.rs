@@ -8,6 +8,7 @@ use std::time::Duration;
 use follow_e2e::{
     Platform, Service, binary,
     client::{bearer, jpeg},
+    every,
     user::{User, WAIT},
 };
 use follow_proto::{api::v1 as api, tonic::Code};
@@ -241,10 +242,11 @@ async fn results_waiting_while_the_api_was_away_past_expiry_are_all_applied() {
         .chunks(body.len() / 8 + 1)
         .map(<[u8]>::to_vec)
         .collect();
-    let paced = futures_util::stream::unfold(chunks.into_iter(), |mut rest| async move {
-        let chunk = rest.next()?;
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        Some((Ok::<_, std::io::Error>(chunk), rest))
+    let clock = every(Duration::from_millis(700));
+    let paced = futures_util::stream::unfold((chunks.into_iter(), clock), |mut state| async move {
+        let chunk = state.0.next()?;
+        state.1.tick().await;
+        Some((Ok::<_, std::io::Error>(chunk), state))
     });
     let response = reqwest::Client::new()
         .put(&target.upload_url)
@@ -278,8 +280,9 @@ async fn a_consumer_killed_every_second_dead_letters_nothing_but_true_poison() {
     publish(&platform, &images).await;
     let processed =
         "SELECT count(*) FROM image.images WHERE id::text = ANY($1) AND status = 'PROCESSED'";
+    let mut kills = every(Duration::from_secs(1));
     while count(&platform, processed, &ids).await < 5000 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        kills.tick().await;
         platform.kill(Service::Api).await.unwrap();
         platform.start_service(Service::Api, &[]).await.unwrap();
     }
@@ -431,7 +434,9 @@ async fn a_breaker_probe_cancelled_while_valkey_hangs_never_keeps_creation_shut(
     }
     let user = User::new(&platform).await;
     platform.pause(Service::Valkey).unwrap();
-    // Calls whose client gives up before Valkey's timeout: the probe among them is cancelled.
+    // Calls whose client gives up before Valkey's timeout, spaced so that the breaker's
+    // cool-down ends between them: the probe among them is cancelled.
+    let mut calls = every(Duration::from_millis(1100));
     for _ in 0..6 {
         let mut request = bearer(
             api::CreateRouteWithWaypointsRequest {
@@ -461,7 +466,7 @@ async fn a_breaker_probe_cancelled_while_valkey_hangs_never_keeps_creation_shut(
             ),
             "{status:?}"
         );
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        calls.tick().await;
     }
     platform.resume(Service::Valkey).unwrap();
     // Within the breaker's cool-down (2 s) and a probe, creation works again.

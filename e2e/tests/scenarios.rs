@@ -4,14 +4,14 @@
 
 use follow_e2e::{
     Platform, Service,
-    client::{bearer, jpeg, png_with_alpha, upload, upload_accepted},
+    client::{bearer, jpeg, png_with_alpha, upload, upload_accepted, watch_images},
     relay::Relay,
     user::{User, WAIT},
 };
 use follow_proto::{
     api::v1::{
-        self as api, ImageIds, image_service_client::ImageServiceClient,
-        watch_image_status_request::Target, watch_image_status_response::Event,
+        self as api, image_service_client::ImageServiceClient, watch_image_status_request::Target,
+        watch_image_status_response::Event,
     },
     events::v1::{ErrorCode, ImageProgress, ProgressNotice, Stage, progress_notice},
     prost::Message,
@@ -139,15 +139,6 @@ async fn next_event(stream: &mut Streaming<api::WatchImageStatusResponse>) -> Op
             Event::Heartbeat(_) => continue,
             event => return Some(event),
         }
-    }
-}
-
-fn watch_images(ids: &[&str]) -> api::WatchImageStatusRequest {
-    api::WatchImageStatusRequest {
-        target: Some(Target::Images(ImageIds {
-            image_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
-        })),
-        resume_cursor: String::new(),
     }
 }
 

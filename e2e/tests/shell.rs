@@ -6,12 +6,14 @@
 
 use std::time::Duration;
 
-use follow_e2e::{Platform, Service, binary, client::bearer, relay::Relay, user::User};
+use follow_e2e::{
+    Platform, Service, binary,
+    client::{bearer, watch_images},
+    relay::Relay,
+    user::User,
+};
 use follow_proto::{
-    api::v1::{
-        ImageIds, WatchImageStatusRequest, image_service_client::ImageServiceClient,
-        watch_image_status_request::Target,
-    },
+    api::v1::image_service_client::ImageServiceClient,
     gateway::v1::{WatchUploadRequest, gateway_service_client::GatewayServiceClient},
     tonic::transport::Endpoint,
 };
@@ -195,15 +197,7 @@ async fn both_services_cut_a_client_whose_network_vanished() {
             .await
             .unwrap(),
     )
-    .watch_image_status(bearer(
-        WatchImageStatusRequest {
-            target: Some(Target::Images(ImageIds {
-                image_ids: vec![target.image_id.clone()],
-            })),
-            resume_cursor: String::new(),
-        },
-        &user.token,
-    ))
+    .watch_image_status(bearer(watch_images(&[&target.image_id]), &user.token))
     .await
     .unwrap()
     .into_inner();
@@ -258,15 +252,7 @@ async fn a_client_that_does_not_read_holds_up_neither_service_past_the_grace() {
             .initial_stream_window_size(Some(1))
     };
     let _api_stream = ImageServiceClient::new(cramped(&platform.api_url).connect().await.unwrap())
-        .watch_image_status(bearer(
-            WatchImageStatusRequest {
-                target: Some(Target::Images(ImageIds {
-                    image_ids: vec![target.image_id.clone()],
-                })),
-                resume_cursor: String::new(),
-            },
-            &user.token,
-        ))
+        .watch_image_status(bearer(watch_images(&[&target.image_id]), &user.token))
         .await
         .unwrap();
     let _gateway_stream =

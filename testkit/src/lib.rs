@@ -24,7 +24,7 @@ pub use garage::GarageServer;
 pub use postgres::PostgresServer;
 pub use service::ServiceProcess;
 pub use valkey::ValkeyServer;
-pub use wait::{eventually, eventually_async};
+pub use wait::{eventually, eventually_async, stream_end};
 
 /// An S3 client for a test to inspect a bucket (path-style, static credentials).
 pub fn s3_client(

@@ -32,3 +32,20 @@ where
         sleep(POLL).await;
     }
 }
+
+/// How a gRPC response stream ends: its error status, within `deadline` (messages before it
+/// are skipped). Panics if it ends cleanly or not in time.
+pub async fn stream_end<T>(stream: &mut tonic::Streaming<T>, deadline: Duration) -> tonic::Status {
+    let end = async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(status) => return status,
+            }
+        }
+    };
+    tokio::time::timeout(deadline, end)
+        .await
+        .unwrap_or_else(|_| panic!("the stream did not end within {deadline:?}"))
+}

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use common::stack::{Stack, Vars, bearer};
+use common::stack::{Stack, Vars, bearer, route_request};
 use follow_proto::{
     api::v1::{self as api, watch_image_status_request::Target},
     tonic::{Code, Status},
@@ -19,21 +19,6 @@ use tonic_types::StatusExt as _;
 use uuid::Uuid;
 
 const WITHIN: Duration = Duration::from_secs(20);
-
-fn route_request(waypoints: usize) -> api::CreateRouteWithWaypointsRequest {
-    api::CreateRouteWithWaypointsRequest {
-        request_id: Uuid::new_v4().to_string(),
-        name: "abused".into(),
-        waypoints: (0..waypoints)
-            .map(|_| api::WaypointInput {
-                marker_x: 0.5,
-                marker_y: 0.5,
-                content_type: "image/jpeg".into(),
-                file_size: 1000,
-            })
-            .collect(),
-    }
-}
 
 async fn create(
     stack: &Stack,
@@ -311,17 +296,7 @@ async fn a_user_holds_so_many_watches_and_each_ends_when_its_token_does() {
         .await
         .unwrap()
         .into_inner();
-    let ended = tokio::time::timeout(WITHIN, async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the watch ended without an error"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let ended = follow_testkit::stream_end(&mut stream, WITHIN).await;
     assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
 }
 

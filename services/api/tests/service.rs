@@ -7,9 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{failed_outcome, processed_for, result, stack::Stack};
+use common::{
+    failed_outcome, processed_for, result,
+    stack::{Stack, route_request},
+};
 use follow_bus::{ErrorCode, keys};
-use follow_proto::api::v1 as api;
 use follow_testkit::eventually_async;
 use redis::AsyncCommands;
 use tonic_health::pb::{
@@ -20,18 +22,7 @@ use uuid::Uuid;
 const WITHIN: Duration = Duration::from_secs(30);
 
 async fn pending_images(stack: &Stack, n: usize) -> Vec<Uuid> {
-    let request = api::CreateRouteWithWaypointsRequest {
-        request_id: Uuid::new_v4().to_string(),
-        name: String::new(),
-        waypoints: (0..n)
-            .map(|_| api::WaypointInput {
-                marker_x: 0.0,
-                marker_y: 1.0,
-                content_type: "image/webp".into(),
-                file_size: 10,
-            })
-            .collect(),
-    };
+    let request = route_request(n);
     let created = stack
         .routes()
         .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     failed_outcome, processed_for, result,
-    stack::{Stack, Vars, bearer},
+    stack::{Stack, Vars, bearer, route_request},
 };
 use follow_bus::{ErrorCode, Progress, ResultOutcome, Stage};
 use follow_proto::{
@@ -25,18 +25,7 @@ use uuid::Uuid;
 const WITHIN: Duration = Duration::from_secs(20);
 
 async fn create(stack: &Stack, owner: &str, n: usize) -> api::CreateRouteWithWaypointsResponse {
-    let request = api::CreateRouteWithWaypointsRequest {
-        request_id: Uuid::new_v4().to_string(),
-        name: "watched".into(),
-        waypoints: (0..n)
-            .map(|_| api::WaypointInput {
-                marker_x: 0.5,
-                marker_y: 0.5,
-                content_type: "image/jpeg".into(),
-                file_size: 1000,
-            })
-            .collect(),
-    };
+    let request = route_request(n);
     stack
         .routes()
         .await

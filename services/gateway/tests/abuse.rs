@@ -8,10 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Gateway, Vars, WITHIN, jpeg};
+use common::{Gateway, Vars, WITHIN, bearer, jpeg};
 use follow_proto::{
     gateway::v1::{WatchUploadRequest, gateway_service_client::GatewayServiceClient},
-    tonic::{Code, Request, transport::Endpoint},
+    tonic::{Code, Request},
 };
 use tokio::io::AsyncWriteExt as _;
 
@@ -74,11 +74,7 @@ async fn one_users_slow_uploads_never_stop_another_users_upload() {
 }
 
 fn watch(token: &str) -> Request<WatchUploadRequest> {
-    let mut request = Request::new(WatchUploadRequest {});
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
+    bearer(WatchUploadRequest {}, token)
 }
 
 #[tokio::test]
@@ -88,11 +84,7 @@ async fn an_upload_token_holds_so_many_watches_and_they_end_when_it_expires() {
         ("FOLLOW_TOKEN_LEEWAY_SECS", "0".into()),
     ]))
     .await;
-    let channel = Endpoint::from_shared(gw.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = gw.channel().await;
     let mut client = GatewayServiceClient::new(channel);
     // An image never uploaded: its watches stay open until the token expires in 3 s.
     let (_, token) = gw.token_of("alice", "image/jpeg", 1000, Duration::from_secs(3));
@@ -109,17 +101,7 @@ async fn an_upload_token_holds_so_many_watches_and_they_end_when_it_expires() {
     let status = client.watch_upload(watch(&token)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     for stream in &mut open {
-        let ended = tokio::time::timeout(WITHIN, async {
-            loop {
-                match stream.message().await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => panic!("the watch ended without an error"),
-                    Err(status) => return status,
-                }
-            }
-        })
-        .await
-        .unwrap();
+        let ended = follow_testkit::stream_end(stream, WITHIN).await;
         assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
     }
 }

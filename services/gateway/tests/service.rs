@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::{Gateway, OPS_TOKEN, WITHIN, jpeg};
+use common::{Gateway, OPS_TOKEN, WITHIN, bearer, jpeg};
 use follow_bus::ResultOutcome;
 use follow_proto::{
     events::v1::Stage,
     gateway::v1::{WatchUploadRequest, gateway_service_client::GatewayServiceClient},
-    tonic::{Code, Request, transport::Endpoint},
+    tonic::{Code, Request},
 };
 use follow_testkit::eventually_async;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,11 +25,7 @@ async fn get(gw: &Gateway, path: &str) -> (u16, serde_json::Value) {
 }
 
 async fn grpc_health(gw: &Gateway) -> ServingStatus {
-    let channel = Endpoint::from_shared(gw.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = gw.channel().await;
     HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: "follow.gateway.v1.GatewayService".into(),
@@ -159,19 +155,9 @@ async fn with_valkey_down_new_uploads_get_503_and_in_flight_results_arrive_after
 async fn watch_upload_streams_every_stage_over_grpc_and_grpc_web() {
     use hyper_util::{client::legacy::Client, rt::TokioExecutor};
     let gw = Gateway::start().await;
-    let authorized = |token: &str| {
-        let mut request = Request::new(WatchUploadRequest {});
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        request
-    };
+    let authorized = |token: &str| bearer(WatchUploadRequest {}, token);
     let (_, token) = gw.token("image/jpeg", 10_000_000);
-    let channel = Endpoint::from_shared(gw.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = gw.channel().await;
     let mut native = GatewayServiceClient::new(channel);
     let http1 = Client::builder(TokioExecutor::new()).build_http();
     let web = tower::ServiceBuilder::new()
@@ -215,11 +201,7 @@ async fn watch_upload_streams_every_stage_over_grpc_and_grpc_web() {
 #[tokio::test]
 async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
     let gw = Gateway::start().await;
-    let channel = Endpoint::from_shared(gw.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = gw.channel().await;
     let mut client = GatewayServiceClient::new(channel);
     let (image_id, token) = gw.token("image/jpeg", 10_000_000);
     assert_eq!(gw.put(&token, "image/jpeg", jpeg(300, 200)).await.0, 202);
@@ -228,12 +210,12 @@ async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
     assert_eq!(gw.put(&bad, "image/png", jpeg(30, 20)).await.0, 415);
     gw.result(bad_id).await;
 
-    let mut request = Request::new(follow_proto::gateway::v1::GetUploadStatusRequest {
-        image_id: image_id.to_string(),
-    });
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let request = bearer(
+        follow_proto::gateway::v1::GetUploadStatusRequest {
+            image_id: image_id.to_string(),
+        },
+        &token,
+    );
     let status = client
         .get_upload_status(request)
         .await
@@ -246,12 +228,12 @@ async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
         (image_id.to_string(), Stage::Done)
     );
     // Another upload's token does not show this one.
-    let mut request = Request::new(follow_proto::gateway::v1::GetUploadStatusRequest {
-        image_id: image_id.to_string(),
-    });
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {bad}").parse().unwrap());
+    let request = bearer(
+        follow_proto::gateway::v1::GetUploadStatusRequest {
+            image_id: image_id.to_string(),
+        },
+        &bad,
+    );
     assert_eq!(
         client.get_upload_status(request).await.unwrap_err().code(),
         Code::NotFound
@@ -259,12 +241,11 @@ async fn upload_status_pipeline_stats_and_metrics_tell_what_happened() {
 
     // Pipeline stats are for operators: the ops token, not an upload token, not nothing.
     let stats_as = |token: Option<&str>| {
-        let mut request = Request::new(follow_proto::gateway::v1::GetPipelineStatsRequest {});
-        if let Some(token) = token {
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        }
+        let stats = follow_proto::gateway::v1::GetPipelineStatsRequest {};
+        let request = match token {
+            Some(token) => bearer(stats, token),
+            None => Request::new(stats),
+        };
         let mut client = client.clone();
         async move { client.get_pipeline_stats(request).await }
     };

@@ -194,3 +194,20 @@ pub fn bearer<T>(message: T, token: &str) -> Request<T> {
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
 }
+
+/// A new route of `waypoints` JPEG waypoints (a fresh `request_id`).
+pub fn route_request(waypoints: usize) -> follow_proto::api::v1::CreateRouteWithWaypointsRequest {
+    use follow_proto::api::v1 as api;
+    api::CreateRouteWithWaypointsRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        name: "a route".into(),
+        waypoints: (0..waypoints)
+            .map(|_| api::WaypointInput {
+                marker_x: 0.5,
+                marker_y: 0.5,
+                content_type: "image/jpeg".into(),
+                file_size: 1000,
+            })
+            .collect(),
+    }
+}

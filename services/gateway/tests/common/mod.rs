@@ -116,6 +116,15 @@ impl Gateway {
         format!("http://{}", self.addr)
     }
 
+    /// A gRPC channel to the gateway (HTTP/2).
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     /// An upload token for a new image.
     pub fn token(&self, content_type: &str, max_file_size: u64) -> (Uuid, String) {
         self.token_of(
@@ -292,4 +301,13 @@ pub fn with_exif_orientation_6(plain: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&app1);
     out.extend_from_slice(&plain[2..]);
     out
+}
+
+/// `message` with `authorization: Bearer {token}`.
+pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
 }
