@@ -6,10 +6,15 @@
 //! goes through its six in-flight stages (`HSET image:status` + `PUBLISH image:progress`, as the
 //! gateway does) at `FOLLOW_BENCH_RATE` events/s (default 1,000).
 //!
-//! Prints: memory per idle stream (API RSS growth / streams, after every stream got its snapshot;
-//! native streams are opened first, so their share and grpc-web's are printed apart too),
-//! events published and delivered, delivered/s, publish → client latency p50/p99/max, and lost
-//! and duplicated events (each stream must see each stage of its image exactly once, in order).
+//! Prints events published and delivered, delivered/s, publish → client latency p50/p99/max, and
+//! lost and duplicated events (each stream must see each stage of its image exactly once, in
+//! order).
+//!
+//! Then memory per stream, native gRPC and grpc-web apart: each kind on a fresh API instance of
+//! its own, streams opened in steps to 1k, 5k, 10k and 20k; at each step the instance's RSS
+//! growth over the streams open, idle (every stream has its snapshot) and again after traffic
+//! (every stream has been sent an event since), and the slope between steps. A step the process
+//! limit on open files cannot hold (grpc-web is a connection per stream) is printed as not run.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::{
@@ -69,33 +74,9 @@ async fn main() {
 
     let mut platform = Platform::start().await.unwrap();
     let second = platform.add_api(&[]).await.unwrap();
-    let pids = platform.api_pids();
     let token = platform.token("bench").await.unwrap();
 
-    // Images to watch: routes of 100 waypoints.
-    let mut routes = platform.routes().await.unwrap();
-    let mut ids: Vec<String> = Vec::with_capacity(images);
-    while ids.len() < images {
-        let n = (images - ids.len()).min(100);
-        let request = api::CreateRouteWithWaypointsRequest {
-            request_id: uuid::Uuid::new_v4().to_string(),
-            name: "bench".into(),
-            waypoints: (0..n)
-                .map(|i| WaypointInput {
-                    marker_x: i as f64 / 100.0,
-                    marker_y: 0.5,
-                    content_type: "image/jpeg".into(),
-                    file_size: 1_000_000,
-                })
-                .collect(),
-        };
-        let created = routes
-            .create_route_with_waypoints(bearer(request, &token))
-            .await
-            .unwrap()
-            .into_inner();
-        ids.extend(created.upload_targets.into_iter().map(|t| t.image_id));
-    }
+    let ids = create_images(&platform, &token, images).await;
     let index: std::collections::HashMap<String, usize> = ids
         .iter()
         .cloned()
@@ -109,8 +90,6 @@ async fn main() {
     let published: Arc<Vec<AtomicU64>> =
         Arc::new((0..images * SLOTS).map(|_| AtomicU64::new(0)).collect());
 
-    let rss = || -> Vec<u64> { pids.iter().map(|&p| rss_bytes(p)).collect() };
-    let rss_before = rss();
     let total = streams_a + streams_b;
     // How many streams got their snapshot (are live).
     let (ready, mut live) = tokio::sync::watch::channel(0usize);
@@ -134,20 +113,16 @@ async fn main() {
         }
         channels.push((url, list));
     }
-    // Native streams first, then grpc-web ones, the memory measured after each phase.
+    // Native streams first, then grpc-web ones.
     let opened = Instant::now();
     let mut tasks = Vec::with_capacity(total);
-    let mut rss_phases = Vec::new();
-    let mut counts = Vec::new();
     for phase_web in [false, true] {
-        let mut count = [0usize; 2];
         for (instance, n) in [(0usize, streams_a), (1, streams_b)] {
             for s in 0..n {
                 let web = s % 100 < web_percent;
                 if web != phase_web {
                     continue;
                 }
-                count[instance] += 1;
                 let image = (s * 7919 + instance) % images;
                 let id = ids[image].clone();
                 let request = bearer(watch_images(&[&id]), &token);
@@ -213,8 +188,6 @@ async fn main() {
             .await
             .expect("every watch stream open within 2 minutes")
             .unwrap();
-        rss_phases.push(rss());
-        counts.push(count);
     }
     let open_s = opened.elapsed().as_secs_f64();
     go.send_replace(true);
@@ -229,33 +202,9 @@ async fn main() {
     for (seq, (stage, name)) in STAGES.iter().enumerate() {
         for (image, id) in ids.iter().enumerate() {
             pace.tick().await;
-            let progress = ImageProgress {
-                image_id: id.clone(),
-                stage: *stage as i32,
-                seq: seq as u64 + 2,
-                time: Some(Timestamp::from(std::time::SystemTime::now())),
-                ..Default::default()
-            };
             published[image * SLOTS + *stage as usize]
                 .store(epoch.elapsed().as_micros() as u64, Relaxed);
-            let _: () = redis::pipe()
-                .atomic()
-                .hset_multiple(
-                    format!("image:status:{id}"),
-                    &[("stage", name.to_string()), ("seq", (seq + 2).to_string())],
-                )
-                .ignore()
-                .publish(
-                    format!("image:progress:{id}"),
-                    ProgressNotice {
-                        notice: Some(progress_notice::Notice::Progress(progress)),
-                    }
-                    .encode_to_vec(),
-                )
-                .ignore()
-                .query_async(&mut valkey)
-                .await
-                .unwrap();
+            publish(&mut valkey, id, seq, *stage, name).await;
         }
     }
     let publish_s = started.elapsed().as_secs_f64();
@@ -275,21 +224,9 @@ async fn main() {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
             .map_or(0.0, |&us| us as f64 / 1000.0)
     };
-    // KiB per stream on instance `i` grown from `from` to `to` over `n` streams.
-    let per_stream = |i: usize, from: &[u64], to: &[u64], n: usize| {
-        to[i].saturating_sub(from[i]) as f64 / n.max(1) as f64 / 1024.0
-    };
-    let (native, web) = (&rss_phases[0], &rss_phases[1]);
     println!("live progress: two API instances, one machine (2 shared cores)");
     println!(
         "  streams: {streams_a} on instance A + {streams_b} on B, {web_percent}% grpc-web; {images} images; opened in {open_s:.1} s"
-    );
-    println!(
-        "  memory per idle stream: A {:.1} KiB, B {:.1} KiB (target < 20 KB); native gRPC A {:.1} KiB, grpc-web A {:.1} KiB",
-        per_stream(0, &rss_before, web, streams_a),
-        per_stream(1, &rss_before, web, streams_b),
-        per_stream(0, &rss_before, native, counts[0][0]),
-        per_stream(0, native, web, counts[1][0]),
     );
     println!(
         "  published {events} events in {publish_s:.1} s ({:.0}/s, target rate {rate}/s)",
@@ -306,4 +243,190 @@ async fn main() {
         pct(1.0)
     );
     println!("  lost {lost}, duplicated {duplicated} (target 0 and 0)");
+
+    memory_per_stream(&mut platform, &token).await;
+}
+
+/// `n` images to watch, on routes of up to 100 waypoints.
+async fn create_images(platform: &Platform, token: &str, n: usize) -> Vec<String> {
+    let mut routes = platform.routes().await.unwrap();
+    let mut ids: Vec<String> = Vec::with_capacity(n);
+    while ids.len() < n {
+        let count = (n - ids.len()).min(100);
+        let request = api::CreateRouteWithWaypointsRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            name: "bench".into(),
+            waypoints: (0..count)
+                .map(|i| WaypointInput {
+                    marker_x: i as f64 / 100.0,
+                    marker_y: 0.5,
+                    content_type: "image/jpeg".into(),
+                    file_size: 1_000_000,
+                })
+                .collect(),
+        };
+        let created = routes
+            .create_route_with_waypoints(bearer(request, token))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(created.upload_targets.into_iter().map(|t| t.image_id));
+    }
+    ids
+}
+
+/// What a gateway does when image `id` enters `stage`: the status hash and the progress notice,
+/// in one transaction.
+async fn publish(
+    valkey: &mut redis::aio::MultiplexedConnection,
+    id: &str,
+    seq: usize,
+    stage: Stage,
+    name: &str,
+) {
+    let progress = ImageProgress {
+        image_id: id.to_owned(),
+        stage: stage as i32,
+        seq: seq as u64 + 2,
+        time: Some(Timestamp::from(std::time::SystemTime::now())),
+        ..Default::default()
+    };
+    let _: () = redis::pipe()
+        .atomic()
+        .hset_multiple(
+            format!("image:status:{id}"),
+            &[("stage", name.to_owned()), ("seq", (seq + 2).to_string())],
+        )
+        .ignore()
+        .publish(
+            format!("image:progress:{id}"),
+            ProgressNotice {
+                notice: Some(progress_notice::Notice::Progress(progress)),
+            }
+            .encode_to_vec(),
+        )
+        .ignore()
+        .query_async(valkey)
+        .await
+        .unwrap();
+}
+
+/// Stream counts the memory part steps through.
+const LEVELS: [usize; 4] = [1_000, 5_000, 10_000, 20_000];
+/// Images the memory part's streams watch (each event then reaches about streams / 500).
+const MEMORY_IMAGES: usize = 500;
+
+/// Memory per stream, native gRPC and grpc-web each on a fresh API instance, at each of
+/// [`LEVELS`], idle and after traffic.
+async fn memory_per_stream(platform: &mut Platform, token: &str) {
+    let open_files = open_files_limit();
+    println!(
+        "memory per stream (API RSS growth / streams open; each kind on a fresh instance; limit on open files {open_files})"
+    );
+    println!(
+        "  {:<10} {:>8} {:>16} {:>20} {:>22}",
+        "kind", "streams", "idle KiB/stream", "slope idle KiB/str", "after traffic KiB/str"
+    );
+    let mut valkey = platform.valkey().await.unwrap();
+    for (web, kind) in [(false, "native"), (true, "grpc-web")] {
+        let url = platform
+            .add_api(&[("FOLLOW_MAX_WATCHES_PER_USER", "20000")])
+            .await
+            .unwrap();
+        let pid = *platform.api_pids().last().unwrap();
+        let ids = create_images(platform, token, MEMORY_IMAGES).await;
+        let (ready, mut live) = tokio::sync::watch::channel(0usize);
+        let (delivered, mut got) = tokio::sync::watch::channel(0usize);
+        let (ready, delivered) = (Arc::new(ready), Arc::new(delivered));
+        let mut channels: Vec<Channel> = Vec::new();
+        let mut tasks = Vec::new();
+        let base = rss_bytes(pid);
+        let mut previous = (0usize, base);
+        for (round, &level) in LEVELS.iter().enumerate() {
+            // A grpc-web stream is a connection: a socket here and one in the API.
+            if web && level + 1_000 > open_files {
+                println!(
+                    "  {kind:<10} {level:>8}   not run: {level} connections need more than the {open_files} open files a process may have here"
+                );
+                break;
+            }
+            for s in tasks.len()..level {
+                if !web && s % 100 == 0 {
+                    channels.push(
+                        Endpoint::from_shared(url.clone())
+                            .unwrap()
+                            .connect()
+                            .await
+                            .unwrap(),
+                    );
+                }
+                let request = bearer(watch_images(&[&ids[s % ids.len()]]), token);
+                let (native, url) = (channels.last().cloned(), url.clone());
+                let (ready, delivered) = (ready.clone(), delivered.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut stream = match native {
+                        Some(channel) if !web => {
+                            ImageServiceClient::new(channel)
+                                .watch_image_status(request)
+                                .await
+                        }
+                        _ => {
+                            ImageServiceClient::with_origin(
+                                follow_e2e::client::grpc_web(),
+                                url.parse().unwrap(),
+                            )
+                            .watch_image_status(request)
+                            .await
+                        }
+                    }
+                    .unwrap()
+                    .into_inner();
+                    stream.message().await.unwrap().unwrap();
+                    ready.send_modify(|n| *n += 1);
+                    while let Ok(Some(message)) = stream.message().await {
+                        if matches!(message.event, Some(Event::ImageProgress(_))) {
+                            delivered.send_modify(|n| *n += 1);
+                        }
+                    }
+                }));
+            }
+            tokio::time::timeout(Duration::from_secs(180), live.wait_for(|n| *n >= level))
+                .await
+                .expect("every stream open within 3 minutes")
+                .unwrap();
+            let idle = rss_bytes(pid);
+            let (stage, name) = STAGES[round];
+            for id in &ids {
+                publish(&mut valkey, id, round, stage, name).await;
+            }
+            let sent = LEVELS[..round].iter().sum::<usize>() + level;
+            tokio::time::timeout(Duration::from_secs(60), got.wait_for(|n| *n >= sent))
+                .await
+                .expect("every stream has its event within a minute")
+                .unwrap();
+            let traffic = rss_bytes(pid);
+            let kib = |bytes: u64, n: usize| bytes as f64 / n as f64 / 1024.0;
+            println!(
+                "  {kind:<10} {level:>8} {:>16.1} {:>20.1} {:>22.1}",
+                kib(idle.saturating_sub(base), level),
+                kib(idle.saturating_sub(previous.1), level - previous.0),
+                kib(traffic.saturating_sub(base), level),
+            );
+            previous = (level, idle);
+        }
+        for task in tasks {
+            task.abort();
+        }
+    }
+    println!("  target: < 20 KB per idle stream, each kind");
+}
+
+/// The soft limit on open files of this process (the API's is the same: it inherits it).
+fn open_files_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(1024)
 }

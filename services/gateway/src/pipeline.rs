@@ -1,27 +1,26 @@
-//! The CPU part of the pipeline: decode (with limits) → resize to the long edge (never
-//! upscaling; Lanczos3) → apply the EXIF orientation to the resized image (never to the
-//! full-size one: a phone portrait costs no second full-size buffer) → make a preview → encode. Metadata never survives: the
-//! output is encoded from pixels alone (no EXIF/GPS, XMP, IPTC, comments; ICC dropped, sRGB
-//! assumed). Opaque images become JPEG; images with alpha keep it as PNG.
+//! The CPU part of the pipeline: decode (with limits; a large JPEG shrunk on load by libvips'
+//! rule) → resize to the long edge (never upscaling; Lanczos3) → convert an embedded ICC
+//! profile's colours to sRGB → apply the EXIF orientation to the resized image (never to the
+//! full-size one: a phone portrait costs no second full-size buffer) → make the preview from
+//! those pixels → encode. Metadata never survives: the output is encoded from pixels alone (no
+//! EXIF/GPS, XMP, IPTC, comments, no profile: the pixels are sRGB). Opaque images become JPEG
+//! (4:2:0, SIMD encoder); images with alpha keep it as PNG.
 //!
 //! Pure and synchronous: the service runs it on its bounded blocking pool; `fuzz/` runs it on
 //! arbitrary bytes.
 
-use std::io::Cursor;
+use std::{io::Cursor, sync::LazyLock};
 
 use fast_image_resize::{
     FilterType as ResizeFilter, PixelType, ResizeAlg, ResizeOptions, Resizer,
     images::{Image, ImageRef},
 };
-use follow_bus::Stage;
+use follow_bus::{ErrorCode, Stage};
 use image::{
-    DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits,
-    codecs::{jpeg::JpegEncoder, png::PngEncoder},
-    imageops::FilterType,
-    metadata::Orientation,
+    DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, codecs::png::PngEncoder,
+    imageops::FilterType, metadata::Orientation,
 };
-
-use follow_bus::ErrorCode;
+use jpeg_encoder::{ChromaSubsamplingMethod, ColorType, SamplingFactor};
 
 use crate::{config::PipelineConfig, sniff};
 
@@ -79,6 +78,7 @@ pub fn run(
     let Decoded {
         image,
         orientation,
+        icc_profile,
         width,
         height,
     } = decode(bytes, format, config.max_pixels, config.long_edge)?;
@@ -87,6 +87,9 @@ pub fn run(
     // image plus a band of rows, never a second full-size buffer. The long edge does not depend
     // on the orientation, so turning the resized image gives the same result, cheaper.
     let mut main = shrunk(image, config.long_edge)?;
+    if let Some(profile) = icc_profile {
+        to_srgb(&mut main, &profile);
+    }
     main.apply_orientation(orientation);
     let preview = scaled(&main, config.preview_edge);
     let preview = preview.as_ref().unwrap_or(&main);
@@ -99,19 +102,20 @@ pub fn run(
     })
 }
 
-/// A decoded image, maybe already shrunk, as stored (its EXIF `orientation` not applied yet),
-/// and the size of the original after orientation.
+/// A decoded image, maybe already shrunk, as stored (its EXIF `orientation` and ICC profile not
+/// applied yet), and the size of the original after orientation.
 #[derive(Debug)]
 pub struct Decoded {
     pub image: DynamicImage,
     pub orientation: Orientation,
+    pub icc_profile: Option<Vec<u8>>,
     pub width: u32,
     pub height: u32,
 }
 
 /// Decodes with limits on dimensions and allocation (a lying header cannot make it allocate
-/// more than the pixels allowed) and reads the EXIF orientation. The result may be smaller
-/// than the original, but never with a long edge below `min_edge` unless the original's is.
+/// more than the pixels allowed) and reads the EXIF orientation and ICC profile. A large JPEG
+/// comes out shrunk on load for a resize to `min_edge` ([`load_shrink`]).
 pub fn decode(
     bytes: &[u8],
     format: ImageFormat,
@@ -131,11 +135,15 @@ pub fn decode(
         ));
     };
     sniff::check_complete(bytes, format)?;
-    let shrinkable = format == ImageFormat::Jpeg
-        && width.max(height) >= 2 * u64::from(min_edge)
-        && sniff::jpeg_frame(bytes).is_some_and(|frame| frame.is_common());
-    let (image, orientation) = if shrinkable {
-        decode_jpeg_shrunk(bytes, max_pixels, min_edge)?
+    let shrink = if format == ImageFormat::Jpeg
+        && sniff::jpeg_frame(bytes).is_some_and(|frame| frame.is_common())
+    {
+        load_shrink(width.max(height), min_edge)
+    } else {
+        1
+    };
+    let (image, orientation, icc_profile) = if shrink > 1 {
+        decode_jpeg_shrunk(bytes, max_pixels, (width, height), shrink)?
     } else {
         decode_full(bytes, format, max_pixels)?
     };
@@ -153,6 +161,7 @@ pub fn decode(
     Ok(Decoded {
         image,
         orientation,
+        icc_profile,
         width,
         height,
     })
@@ -175,12 +184,15 @@ fn invalid(e: image::ImageError) -> PipelineError {
     }
 }
 
-/// Any accepted format at full size, through `image`'s decoders.
+/// What a decoder gives: the pixels, the EXIF orientation, the embedded ICC profile.
+type Pixels = (DynamicImage, Orientation, Option<Vec<u8>>);
+
+/// Any accepted format at full size, through `image`'s decoders (zune-jpeg for JPEG).
 fn decode_full(
     bytes: &[u8],
     format: ImageFormat,
     max_pixels: u64,
-) -> Result<(DynamicImage, Orientation), PipelineError> {
+) -> Result<Pixels, PipelineError> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();
     let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
@@ -190,8 +202,10 @@ fn decode_full(
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(invalid)?;
     let orientation = decoder.orientation().map_err(invalid)?;
+    // A profile that cannot be read leaves the pixels as they are (taken as sRGB).
+    let icc_profile = decoder.icc_profile().ok().flatten();
     let image = DynamicImage::from_decoder(decoder).map_err(invalid)?;
-    Ok((image, orientation))
+    Ok((image, orientation, icc_profile))
 }
 
 /// RGBA16 is the widest buffer a decoder makes: 8 bytes per pixel, plus slack for tables.
@@ -199,24 +213,39 @@ fn max_alloc(max_pixels: u64) -> u64 {
     max_pixels.saturating_mul(8).saturating_add(64 << 20)
 }
 
-/// Shrink-on-load, as libjpeg does for libvips: the IDCT runs at 1/2, 1/4 or 1/8 of the size,
-/// the largest reduction that keeps the long edge at `min_edge` or more. The decode is several
-/// times faster and its buffers a fraction of the full image; quality is that of a box filter
-/// before the final resize. Only for the common frames (`JpegFrame::is_common`), which this
-/// decoder handles without surprises.
+/// libvips' shrink-on-load rule (`thumbnail`): the IDCT reduces by the largest of 8, 4 and 2
+/// that still leaves the resampler a factor of 2 or more, so the DCT's box filter never does
+/// most of the work; 1 when the image is less than 4 times the `edge` it is resized to.
+fn load_shrink(long_edge: u64, edge: u32) -> u16 {
+    let edge = u64::from(edge).max(1);
+    match long_edge / edge {
+        16.. => 8,
+        8..16 => 4,
+        4..8 => 2,
+        _ => 1,
+    }
+}
+
+/// Shrink-on-load, as libjpeg does for libvips: the IDCT runs at 1/`shrink` of the size. The
+/// decode is several times faster and its buffers a fraction of the full image. Only for the
+/// common frames (`JpegFrame::is_common`), which this decoder handles without surprises.
 fn decode_jpeg_shrunk(
     bytes: &[u8],
     max_pixels: u64,
-    min_edge: u32,
-) -> Result<(DynamicImage, Orientation), PipelineError> {
+    (width, height): (u64, u64),
+    shrink: u16,
+) -> Result<Pixels, PipelineError> {
     let failed = |e: jpeg_decoder::Error| {
         PipelineError::InvalidImage(format!("cannot decode the image: {e}"))
     };
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
     decoder
         .set_max_decoding_buffer_size(usize::try_from(max_alloc(max_pixels)).unwrap_or(usize::MAX));
-    let edge = u16::try_from(min_edge).unwrap_or(u16::MAX);
-    let (width, height) = decoder.scale(edge, edge).map_err(failed)?;
+    // The decoder picks the smallest IDCT whose output covers the request: ask for 1/shrink.
+    let request = |side: u64| u16::try_from(side.div_ceil(u64::from(shrink))).unwrap_or(u16::MAX);
+    let (width, height) = decoder
+        .scale(request(width), request(height))
+        .map_err(failed)?;
     let pixels = decoder.decode().map_err(failed)?;
     let (width, height) = (u32::from(width), u32::from(height));
     let image = match decoder.info().map(|info| info.pixel_format) {
@@ -233,22 +262,24 @@ fn decode_jpeg_shrunk(
         .exif_data()
         .and_then(Orientation::from_exif_chunk)
         .unwrap_or(Orientation::NoTransforms);
-    Ok((image, orientation))
+    Ok((image, orientation, decoder.icc_profile()))
 }
 
-/// Rows per band of [`shrunk`]'s horizontal pass.
-const BAND_ROWS: usize = 64;
+/// Output rows per band of [`shrunk`]'s vertical pass.
+const BAND_ROWS: u32 = 64;
 
-/// The resampling of both outputs: Lanczos3, as libvips' `thumbnail` (a box filter only where
-/// a JPEG is shrunk on load, in its IDCT).
+/// The resampling of both outputs: Lanczos3 over the whole reduction (the kernel widened by the
+/// scale), as libvips' `thumbnail` (a box filter only where a JPEG is shrunk on load).
 const RESAMPLING: ResizeAlg = ResizeAlg::Convolution(ResizeFilter::Lanczos3);
 
-/// `image` scaled down to a long edge of `edge` (unchanged when it fits), in the memory it
-/// already has. For 8-bit RGB and grey — every JPEG — the separable resize runs its horizontal
-/// pass band by band and writes each narrowed band back into the image's own buffer: a narrowed
-/// row always lands at or before the source rows still to be read, so nothing unread is
-/// overwritten. The buffer is then cut to the narrow image, and the vertical pass makes the
-/// result. Other pixel types take [`scaled`].
+/// `image` scaled down to a long edge of `edge` (unchanged when it fits), mostly in the memory
+/// it already has. For 8-bit RGB and grey — every JPEG — the separable resize runs its vertical
+/// pass first (the faster order for 8-bit pixels) band by band, and each band of shortened full
+/// -width rows goes back into the image's own buffer as soon as no later band reads the source
+/// rows it lands on (output row `r` reads source rows from about `(r - 2.5) * scale` on, so
+/// after the first few bands at once). The buffer is then cut to the short image, and the
+/// horizontal pass makes the result. Peak memory: the decoded image, a band, and the output.
+/// Other pixel types take [`scaled`].
 pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, PipelineError> {
     let Some((dw, dh)) = target_size(image.width(), image.height(), edge) else {
         return Ok(image);
@@ -261,37 +292,56 @@ pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, PipelineEr
     let color = image.color();
     let (sw, sh) = (image.width(), image.height());
     let mut pixels = image.into_bytes();
-    let bytes = pixel.size();
-    let (src_row, dst_row) = (sw as usize * bytes, dw as usize * bytes);
-    let mut band = vec![0; dst_row * BAND_ROWS];
+    let row = sw as usize * pixel.size();
+    let scale = f64::from(sh) / f64::from(dh);
+    // The first source row that output rows from `r` on read (the filter's reach, rounded
+    // down once more for safety).
+    let first_read = |r: u32| ((f64::from(r) + 0.5 - 3.0) * scale - 1.0).max(0.0) as usize;
+    let mut band = vec![0; row * BAND_ROWS as usize];
+    let mut held: Vec<u8> = Vec::new();
+    let mut written = 0;
     let mut resizer = Resizer::new();
-    let options = ResizeOptions::new().resize_alg(RESAMPLING);
-    let resized = (0..sh as usize).step_by(BAND_ROWS).try_for_each(|top| {
-        let rows = BAND_ROWS.min(sh as usize - top);
-        let src = ImageRef::new(
-            sw,
-            rows as u32,
-            &pixels[top * src_row..(top + rows) * src_row],
-            pixel,
-        )?;
-        let mut dst = Image::from_slice_u8(dw, rows as u32, &mut band[..rows * dst_row], pixel)?;
+    let vertical = (0..dh).step_by(BAND_ROWS as usize).try_for_each(|top| {
+        let rows = BAND_ROWS.min(dh - top);
+        let src = ImageRef::new(sw, sh, &pixels, pixel)?;
+        let band = &mut band[..rows as usize * row];
+        let mut dst = Image::from_slice_u8(sw, rows, band, pixel)?;
+        let options = ResizeOptions::new().resize_alg(RESAMPLING).crop(
+            0.0,
+            f64::from(top) * scale,
+            f64::from(sw),
+            f64::from(rows) * scale,
+        );
         resizer.resize(&src, &mut dst, &options)?;
-        pixels[top * dst_row..(top + rows) * dst_row].copy_from_slice(&band[..rows * dst_row]);
+        held.extend_from_slice(band);
+        let done = (top + rows) as usize;
+        let free = if done < dh as usize {
+            first_read(top + rows).min(done)
+        } else {
+            done
+        };
+        if free > written {
+            let n = (free - written) * row;
+            pixels[written * row..][..n].copy_from_slice(&held[..n]);
+            held.drain(..n);
+            written = free;
+        }
         Ok::<_, Box<dyn std::error::Error>>(())
     });
-    drop(band);
-    pixels.truncate(sh as usize * dst_row);
+    drop((band, held));
+    pixels.truncate(dh as usize * row);
     pixels.shrink_to_fit();
-    let vertical = resized.and_then(|()| {
-        let src = ImageRef::new(dw, sh, &pixels, pixel)?;
-        let mut dst = Image::new(dw, dh, pixel);
-        resizer.resize(&src, &mut dst, &options)?;
-        Ok(dst.into_vec())
-    });
-    let out = vertical.map_err(|e| {
-        tracing::error!(error = %e, "banded resize failed");
-        PipelineError::Internal
-    })?;
+    let out = vertical
+        .and_then(|()| {
+            let src = ImageRef::new(sw, dh, &pixels, pixel)?;
+            let mut dst = Image::new(dw, dh, pixel);
+            resizer.resize(&src, &mut dst, &ResizeOptions::new().resize_alg(RESAMPLING))?;
+            Ok(dst.into_vec())
+        })
+        .map_err(|e| {
+            tracing::error!(error = %e, "banded resize failed");
+            PipelineError::Internal
+        })?;
     match color {
         image::ColorType::L8 => {
             image::GrayImage::from_raw(dw, dh, out).map(DynamicImage::ImageLuma8)
@@ -307,8 +357,10 @@ fn target_size(width: u32, height: u32, edge: u32) -> Option<(u32, u32)> {
     if w.max(h) <= u64::from(edge) {
         return None;
     }
-    let shorter =
-        |long: u64, short: u64| u32::try_from((short * u64::from(edge) / long).max(1)).unwrap_or(1);
+    // Rounded to the nearest, as libvips does.
+    let shorter = |long: u64, short: u64| {
+        u32::try_from(((short * u64::from(edge) + long / 2) / long).max(1)).unwrap_or(1)
+    };
     Some(if w >= h {
         (edge, shorter(w, h))
     } else {
@@ -344,29 +396,66 @@ pub fn scaled(image: &DynamicImage, edge: u32) -> Option<DynamicImage> {
     }
 }
 
-/// JPEG for opaque pixels, PNG (lossless, alpha kept) otherwise.
+/// The sRGB profile colours are converted to, with its output tables built once.
+static SRGB: LazyLock<Box<qcms::Profile>> = LazyLock::new(|| {
+    let mut profile = qcms::Profile::new_sRGB();
+    profile.precache_output_transform();
+    profile
+});
+
+/// Converts 8-bit RGB(A) pixels from an embedded ICC profile (a phone's Display P3, Adobe RGB)
+/// to sRGB, as libvips' `thumbnail` does with `export_profile=srgb`; run on the resized image,
+/// so it costs a fraction of the decode. A profile that cannot be read or converted (or grey
+/// pixels) leaves the pixels as they are: they are then taken as sRGB, as before.
+pub fn to_srgb(image: &mut DynamicImage, icc_profile: &[u8]) {
+    let (kind, pixels) = match image {
+        DynamicImage::ImageRgb8(rgb) => (qcms::DataType::RGB8, &mut **rgb),
+        DynamicImage::ImageRgba8(rgba) => (qcms::DataType::RGBA8, &mut **rgba),
+        _ => return,
+    };
+    let transform = qcms::Profile::new_from_slice(icc_profile, false).and_then(|profile| {
+        qcms::Transform::new(&profile, &SRGB, kind, qcms::Intent::RelativeColorimetric)
+    });
+    match transform {
+        Some(transform) => transform.apply(pixels),
+        None => tracing::debug!("ICC profile not usable; pixels taken as sRGB"),
+    }
+}
+
+/// JPEG for opaque pixels (quality `quality`, 4:2:0 with averaged chroma as libjpeg does, SIMD
+/// colour conversion and DCT), PNG (lossless, alpha kept) otherwise.
 pub fn encode(image: &DynamicImage, quality: u8) -> Result<Encoded, PipelineError> {
     let mut bytes = Vec::new();
-    let failed = |e: image::ImageError| {
-        tracing::error!(error = %e, "encoding failed");
-        PipelineError::Internal
-    };
     let content_type = if image.color().has_alpha() {
         image
             .to_rgba8()
             .write_with_encoder(PngEncoder::new(&mut bytes))
-            .map_err(failed)?;
+            .map_err(|e| {
+                tracing::error!(error = %e, "PNG encoding failed");
+                PipelineError::Internal
+            })?;
         "image/png"
     } else {
-        let encoder = JpegEncoder::new_with_quality(&mut bytes, quality);
-        match image {
+        let converted;
+        let (pixels, color): (&[u8], _) = match image {
             // No copy for what JPEG takes as it is (every decoded JPEG).
-            DynamicImage::ImageRgb8(_) | DynamicImage::ImageLuma8(_) => {
-                image.write_with_encoder(encoder)
+            DynamicImage::ImageRgb8(rgb) => (rgb, ColorType::Rgb),
+            DynamicImage::ImageLuma8(grey) => (grey, ColorType::Luma),
+            other => {
+                converted = other.to_rgb8();
+                (&converted, ColorType::Rgb)
             }
-            other => other.to_rgb8().write_with_encoder(encoder),
-        }
-        .map_err(failed)?;
+        };
+        let side = |n: u32| u16::try_from(n).map_err(|_| PipelineError::Internal);
+        let mut encoder = jpeg_encoder::Encoder::new(&mut bytes, quality);
+        encoder.set_sampling_factor(SamplingFactor::F_2_2);
+        encoder.set_chroma_subsampling_method(ChromaSubsamplingMethod::Average);
+        encoder
+            .encode(pixels, side(image.width())?, side(image.height())?, color)
+            .map_err(|e| {
+                tracing::error!(error = %e, "JPEG encoding failed");
+                PipelineError::Internal
+            })?;
         "image/jpeg"
     };
     Ok(Encoded {
@@ -379,7 +468,7 @@ pub fn encode(image: &DynamicImage, quality: u8) -> Result<Encoded, PipelineErro
 
 #[cfg(test)]
 mod tests {
-    use image::{GenericImageView, ImageBuffer, Rgb, Rgba};
+    use image::{GenericImageView, ImageBuffer, Rgb, Rgba, codecs::jpeg::JpegEncoder};
 
     use super::*;
 
@@ -443,28 +532,48 @@ mod tests {
 
     #[test]
     fn the_banded_in_place_resize_matches_the_plain_one() {
-        // Every row and column different, without hard edges: Lanczos3 overshoots at those, and
-        // where its 8-bit intermediate is clipped depends on which pass goes first, a choice
-        // `fast_image_resize` makes by size.
-        let wave = |t: f32| (127.5 + 120.0 * t.sin()) as u8;
-        let source = DynamicImage::ImageRgb8(ImageBuffer::from_fn(1000, 301, |x, y| {
-            let (x, y) = (x as f32, y as f32);
-            Rgb([wave(x / 23.0), wave(y / 17.0), wave((x + 2.0 * y) / 31.0)])
-        }));
-        let plain = scaled(&source, 256).unwrap().to_rgb8();
-        let banded = shrunk(source.clone(), 256).unwrap().to_rgb8();
-        assert_eq!(plain.dimensions(), banded.dimensions());
-        let worst = plain
-            .as_raw()
-            .iter()
-            .zip(banded.as_raw())
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        assert!(worst <= 2, "largest difference {worst}");
+        // Noise: a source row overwritten too early would show. Scales near 1 keep many bands
+        // waiting before they may go home; large ones free rows at once; portraits have more
+        // rows than columns.
+        let noise = |x: u32, y: u32, c: u32| {
+            let h = (x.wrapping_mul(73_856_093)
+                ^ y.wrapping_mul(19_349_663)
+                ^ c.wrapping_mul(83_492_791))
+            .wrapping_mul(2_654_435_761);
+            (h >> 24) as u8
+        };
+        let image = |width: u32, height: u32| {
+            DynamicImage::ImageRgb8(ImageBuffer::from_fn(width, height, |x, y| {
+                Rgb([noise(x, y, 0), noise(x, y, 1), noise(x, y, 2)])
+            }))
+        };
+        for (width, height, edge) in [
+            (1000, 301, 256),
+            (301, 1000, 256),
+            (700, 1050, 1024),
+            (1500, 2100, 2048),
+            (1800, 2400, 64),
+        ] {
+            let source = image(width, height);
+            let plain = scaled(&source, edge).unwrap().to_rgb8();
+            let banded = shrunk(source, edge).unwrap().to_rgb8();
+            assert_eq!(plain.dimensions(), banded.dimensions());
+            let worst = plain
+                .as_raw()
+                .iter()
+                .zip(banded.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(
+                worst <= 2,
+                "{width}x{height} to {edge}: largest difference {worst}"
+            );
+        }
+        let source = image(1000, 301);
         let grey = DynamicImage::ImageLuma8(source.to_luma8());
         assert_eq!(shrunk(grey, 256).unwrap().dimensions(), (256, 77));
-        let small = shrunk(source.clone(), 5000).unwrap();
+        let small = shrunk(source, 5000).unwrap();
         assert_eq!(small.dimensions(), (1000, 301));
     }
 

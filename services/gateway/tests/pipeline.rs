@@ -75,3 +75,72 @@ fn outputs_match_a_full_size_lanczos3_reference_turned_or_not() {
         }
     }
 }
+
+/// The sampling factors of each component in a JPEG's frame header.
+fn sampling_factors(jpeg: &[u8]) -> Vec<u8> {
+    let sof = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline frame header");
+    let components = usize::from(jpeg[sof + 9]);
+    (0..components).map(|c| jpeg[sof + 11 + 3 * c]).collect()
+}
+
+#[test]
+fn jpeg_outputs_are_4_2_0_and_carry_no_profile() {
+    let out = pipeline::run(
+        &photo_like(3000, 2000),
+        ImageFormat::Jpeg,
+        &PipelineConfig::default(),
+        |_| {},
+    )
+    .unwrap();
+    for encoded in [&out.image, &out.preview] {
+        assert_eq!(sampling_factors(&encoded.bytes), [0x22, 0x11, 0x11]);
+    }
+}
+
+/// A phone's Display P3 profile (`fixtures/display-p3.icc`, as `benches/corpus.py` writes it):
+/// the colours come out converted to sRGB and the profile is not kept. The expected values are
+/// lcms' (libvips `icc_transform`, relative intent), not ours.
+#[test]
+fn an_embedded_display_p3_profile_is_converted_to_srgb() {
+    let p3 = include_bytes!("fixtures/display-p3.icc");
+    let colours = [
+        ([200, 120, 60], [213, 115, 42]),
+        ([60, 160, 200], [0, 163, 204]),
+    ];
+    let img = ImageBuffer::from_fn(128, 64, |x, _| Rgb(colours[(x / 64) as usize].0));
+    let mut tagged = Vec::new();
+    let mut encoder = JpegEncoder::new_with_quality(&mut tagged, 100);
+    image::ImageEncoder::set_icc_profile(&mut encoder, p3.to_vec()).unwrap();
+    DynamicImage::ImageRgb8(img)
+        .write_with_encoder(encoder)
+        .unwrap();
+    let out = pipeline::run(
+        &tagged,
+        ImageFormat::Jpeg,
+        &PipelineConfig::default(),
+        |_| {},
+    )
+    .unwrap();
+    let mut decoder = image::ImageReader::new(std::io::Cursor::new(&out.image.bytes))
+        .with_guessed_format()
+        .unwrap()
+        .into_decoder()
+        .unwrap();
+    assert_eq!(
+        image::ImageDecoder::icc_profile(&mut decoder).unwrap(),
+        None
+    );
+    let got = DynamicImage::from_decoder(decoder).unwrap().to_rgb8();
+    for (half, (_, srgb)) in colours.iter().enumerate() {
+        let pixel = got.get_pixel(32 + 64 * half as u32, 32).0;
+        for (g, want) in pixel.iter().zip(srgb) {
+            assert!(
+                g.abs_diff(*want) <= 4,
+                "half {half}: {pixel:?}, lcms says {srgb:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""libvips' side of `./dev bench gateway`: one long-lived process doing the gateway's work.
+
+    VIPS_CONCURRENCY=1 vips_worker.py CORE FILE...
+
+Pins itself to CPU core CORE, reads every FILE into memory, then answers one line per request on stdin:
+`INDEX OUT_PREFIX` (OUT_PREFIX `-` to keep nothing) -> `CPU_SECONDS MAIN_BYTES PREVIEW_BYTES`,
+where CPU_SECONDS is this process's CPU time (all threads) for the image, and with a prefix the
+outputs are written to OUT_PREFIX.main.jpg and OUT_PREFIX.preview.jpg for scoring.
+
+The work, as the gateway does it: `thumbnail` to a long edge of 2048 (never up; lanczos3;
+libvips' shrink-on-load rule; EXIF orientation applied; an embedded ICC profile converted to
+sRGB), saved as JPEG quality 85, 4:2:0, metadata stripped; then the 320 preview made from the
+2048 pixels in memory (no second decode) and saved the same way. The operation cache is off.
+"""
+
+import os
+import sys
+import time
+
+import pyvips
+
+MAIN_EDGE = 2048
+PREVIEW_EDGE = 320
+SAVE = {"Q": 85, "strip": True, "subsample_mode": "on", "optimize_coding": False}
+
+
+def run(buffer):
+    header = pyvips.Image.new_from_buffer(buffer, "")
+    colour = {"export_profile": "srgb"} if header.get_typeof("icc-profile-data") else {}
+    main = pyvips.Image.thumbnail_buffer(buffer, MAIN_EDGE, size="down", **colour).copy_memory()
+    main_jpeg = main.jpegsave_buffer(**SAVE)
+    preview = main.thumbnail_image(PREVIEW_EDGE, size="down")
+    return main_jpeg, preview.jpegsave_buffer(**SAVE)
+
+
+def main():
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max_mem(0)
+    pyvips.cache_set_max_files(0)
+    os.sched_setaffinity(0, {int(sys.argv[1])})
+    files = [open(path, "rb").read() for path in sys.argv[2:]]
+    print(f"ready libvips {pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}", flush=True)
+    for line in sys.stdin:
+        index, prefix = line.split()
+        start = time.process_time()
+        main_jpeg, preview_jpeg = run(files[int(index)])
+        cpu = time.process_time() - start
+        if prefix != "-":
+            with open(prefix + ".main.jpg", "wb") as out:
+                out.write(main_jpeg)
+            with open(prefix + ".preview.jpg", "wb") as out:
+                out.write(preview_jpeg)
+        print(f"{cpu:.6f} {len(main_jpeg)} {len(preview_jpeg)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
