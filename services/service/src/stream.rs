@@ -43,14 +43,15 @@ pub fn respond_until<S: Source, H: Send + 'static>(
 ) -> ResponseStream<S::Item> {
     respond(Until {
         source,
-        until,
+        expiry: Box::pin(tokio::time::sleep_until(until)),
         _held: held,
     })
 }
 
 struct Until<S, H> {
     source: S,
-    until: tokio::time::Instant,
+    /// One timer for the stream's life, not one registered and dropped per message.
+    expiry: Pin<Box<tokio::time::Sleep>>,
     _held: H,
 }
 
@@ -60,7 +61,7 @@ impl<S: Source, H: Send + 'static> Source for Until<S, H> {
     async fn next(&mut self) -> Option<Result<S::Item, Status>> {
         tokio::select! {
             next = self.source.next() => next,
-            () = tokio::time::sleep_until(self.until) => Some(Err(Status::unauthenticated(
+            () = &mut self.expiry => Some(Err(Status::unauthenticated(
                 "the token that opened this stream has expired; open it again with a fresh one",
             ))),
         }

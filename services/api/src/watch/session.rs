@@ -11,14 +11,14 @@
 //! a client that reads slowly wait in the hub, one per image (the latest); a client that leaves
 //! drops the stream, and with it the watch.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use follow_bus::Stage;
 use follow_proto::api::v1 as api;
 use sqlx::{Postgres, pool::PoolConnection};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 use uuid::Uuid;
 
@@ -130,7 +130,7 @@ impl Watch {
         let live = Live {
             beat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
             watch: self,
-            cancel,
+            cancelled: Box::pin(cancel.cancelled_owned()),
             started: false,
         };
         follow_service::stream::respond_until(live, until, slot)
@@ -154,8 +154,10 @@ impl Watch {
                 for notice in batch {
                     match notice {
                         Notice::Progress(p) => self.progress(p.image_id(), p.stage(), p.seq()),
+                        // Boxed: its future (presigning a download) is kilobytes, and a
+                        // stream would otherwise carry that much idle for its whole life.
                         Notice::Committed(c) => {
-                            if self.committed(*c).await {
+                            if Box::pin(self.committed(*c)).await {
                                 read = Read::Route;
                             }
                         }
@@ -358,7 +360,8 @@ enum Read {
 struct Live {
     watch: Watch,
     beat: tokio::time::Interval,
-    cancel: CancellationToken,
+    /// Registered once for the stream's life, not once per message.
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     started: bool,
 }
 
@@ -385,7 +388,7 @@ impl follow_service::stream::Source for Live {
                 return None;
             }
             let event = tokio::select! {
-                () = self.cancel.cancelled() => {
+                () = &mut self.cancelled => {
                     return Some(Err(Status::unavailable(
                         "the server is shutting down; reconnect with your last cursor",
                     )));
@@ -400,7 +403,8 @@ impl follow_service::stream::Source for Live {
             };
             let read = match watch.apply(event).await {
                 Ok(Read::Nothing) => Ok(()),
-                Ok(Read::Route) => watch.read_route().await,
+                // Boxed, as `committed`: rare, and kilobytes of future.
+                Ok(Read::Route) => Box::pin(watch.read_route()).await,
                 Ok(Read::All) => watch.catch_up().await,
                 Err(status) => return Some(Err(status)),
             };
@@ -447,6 +451,10 @@ fn decode_cursor(cursor: &str, images: usize) -> Result<(Vec<u8>, bool), ApiErro
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
+    use follow_service::stream::Source as _;
+
     use super::*;
 
     #[test]
@@ -467,5 +475,22 @@ mod tests {
         ] {
             assert!(decode_cursor(&hostile, 3).is_err(), "{hostile:.40}");
         }
+    }
+
+    /// The size of the future `f` returns, without running it.
+    fn future_size<A, F: Future>(_f: impl FnOnce(A) -> F) -> usize {
+        size_of::<F>()
+    }
+
+    /// Every open stream holds its `next()` future for as long as it is idle, so that future
+    /// is per-stream memory: the rare, large steps (presigning a download, reading a route)
+    /// are boxed when they happen instead of sized into every stream (8 KB before).
+    #[test]
+    fn an_idle_stream_holds_a_small_future() {
+        let next = future_size(|mut live: Live| async move { live.next().await });
+        assert!(
+            next < 1024,
+            "a watch stream's next() future is {next} bytes"
+        );
     }
 }
