@@ -84,8 +84,9 @@ pub fn run(
     } = decode(bytes, format, config.max_pixels, config.long_edge)?;
     stage(Stage::Processing);
     // The full-size decode is consumed by the main image's resize: peak memory is the decoded
-    // image plus a band of rows, never a second full-size buffer. The long edge does not depend
-    // on the orientation, so turning the resized image gives the same result, cheaper.
+    // image plus a band of rows and the output, never a second full-size buffer. The long edge
+    // does not depend on the orientation, so turning the resized image gives the same result,
+    // cheaper; so does converting its colours.
     let mut main = shrunk(image, config.long_edge)?;
     if let Some(profile) = icc_profile {
         to_srgb(&mut main, &profile);
