@@ -143,7 +143,11 @@ pub fn decode(
     } else {
         1
     };
-    let (image, orientation, icc_profile) = if shrink > 1 {
+    let Pixels {
+        image,
+        orientation,
+        icc_profile,
+    } = if shrink > 1 {
         decode_jpeg_shrunk(bytes, max_pixels, (width, height), shrink)?
     } else {
         decode_full(bytes, format, max_pixels)?
@@ -186,7 +190,11 @@ fn invalid(e: image::ImageError) -> PipelineError {
 }
 
 /// What a decoder gives: the pixels, the EXIF orientation, the embedded ICC profile.
-type Pixels = (DynamicImage, Orientation, Option<Vec<u8>>);
+struct Pixels {
+    image: DynamicImage,
+    orientation: Orientation,
+    icc_profile: Option<Vec<u8>>,
+}
 
 /// Any accepted format at full size, through `image`'s decoders (zune-jpeg for JPEG).
 fn decode_full(
@@ -206,7 +214,11 @@ fn decode_full(
     // A profile that cannot be read leaves the pixels as they are (taken as sRGB).
     let icc_profile = decoder.icc_profile().ok().flatten();
     let image = DynamicImage::from_decoder(decoder).map_err(invalid)?;
-    Ok((image, orientation, icc_profile))
+    Ok(Pixels {
+        image,
+        orientation,
+        icc_profile,
+    })
 }
 
 /// RGBA16 is the widest buffer a decoder makes: 8 bytes per pixel, plus slack for tables.
@@ -263,7 +275,11 @@ fn decode_jpeg_shrunk(
         .exif_data()
         .and_then(Orientation::from_exif_chunk)
         .unwrap_or(Orientation::NoTransforms);
-    Ok((image, orientation, decoder.icc_profile()))
+    Ok(Pixels {
+        image,
+        orientation,
+        icc_profile: decoder.icc_profile(),
+    })
 }
 
 /// Output rows per band of [`shrunk`]'s vertical pass.
