@@ -26,7 +26,7 @@ use std::{
 };
 
 use follow_e2e::{
-    Platform,
+    Platform, channel,
     client::{bearer, watch_images},
     rss_bytes,
 };
@@ -38,7 +38,7 @@ use follow_proto::{
     events::v1::{ImageProgress, ProgressNotice, Stage, progress_notice},
     prost::Message,
     prost_types::Timestamp,
-    tonic::transport::{Channel, Endpoint},
+    tonic::{Request, Streaming, transport::Channel},
 };
 
 /// The stages a gateway reports while an image is in flight (the final one would end streams).
@@ -103,13 +103,7 @@ async fn main() {
     ] {
         let mut list = Vec::new();
         for _ in 0..(n * (100 - web_percent) / 100).div_ceil(100).max(1) {
-            list.push(
-                Endpoint::from_shared(url.clone())
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap(),
-            );
+            list.push(channel(&url).await.unwrap());
         }
         channels.push((url, list));
     }
@@ -132,20 +126,7 @@ async fn main() {
                 let (ready, published, index) = (ready.clone(), published.clone(), index.clone());
                 let mut going = going.clone();
                 tasks.push(tokio::spawn(async move {
-                    let mut stream = if web {
-                        ImageServiceClient::with_origin(
-                            follow_e2e::client::grpc_web(),
-                            url.parse().unwrap(),
-                        )
-                        .watch_image_status(request)
-                        .await
-                    } else {
-                        ImageServiceClient::new(native)
-                            .watch_image_status(request)
-                            .await
-                    }
-                    .unwrap()
-                    .into_inner();
+                    let mut stream = open_watch((!web).then_some(native), &url, request).await;
                     // The snapshot (`queued`) first: then the stream is live.
                     let first = stream.message().await.unwrap().unwrap();
                     assert!(matches!(first.event, Some(Event::ImageProgress(_))));
@@ -245,6 +226,29 @@ async fn main() {
     println!("  lost {lost}, duplicated {duplicated} (target 0 and 0)");
 
     memory_per_stream(&mut platform, &token).await;
+}
+
+/// A watch stream over `native` gRPC, or over grpc-web (HTTP/1.1, a connection of its own) to
+/// `url` when there is no channel.
+async fn open_watch(
+    native: Option<Channel>,
+    url: &str,
+    request: Request<api::WatchImageStatusRequest>,
+) -> Streaming<api::WatchImageStatusResponse> {
+    match native {
+        Some(channel) => {
+            ImageServiceClient::new(channel)
+                .watch_image_status(request)
+                .await
+        }
+        None => {
+            ImageServiceClient::with_origin(follow_e2e::client::grpc_web(), url.parse().unwrap())
+                .watch_image_status(request)
+                .await
+        }
+    }
+    .unwrap()
+    .into_inner()
 }
 
 /// `n` images to watch, on routes of up to 100 waypoints.
@@ -352,35 +356,13 @@ async fn memory_per_stream(platform: &mut Platform, token: &str) {
             }
             for s in tasks.len()..level {
                 if !web && s % 100 == 0 {
-                    channels.push(
-                        Endpoint::from_shared(url.clone())
-                            .unwrap()
-                            .connect()
-                            .await
-                            .unwrap(),
-                    );
+                    channels.push(channel(&url).await.unwrap());
                 }
                 let request = bearer(watch_images(&[&ids[s % ids.len()]]), token);
                 let (native, url) = (channels.last().cloned(), url.clone());
                 let (ready, delivered) = (ready.clone(), delivered.clone());
                 tasks.push(tokio::spawn(async move {
-                    let mut stream = match native {
-                        Some(channel) if !web => {
-                            ImageServiceClient::new(channel)
-                                .watch_image_status(request)
-                                .await
-                        }
-                        _ => {
-                            ImageServiceClient::with_origin(
-                                follow_e2e::client::grpc_web(),
-                                url.parse().unwrap(),
-                            )
-                            .watch_image_status(request)
-                            .await
-                        }
-                    }
-                    .unwrap()
-                    .into_inner();
+                    let mut stream = open_watch(native.filter(|_| !web), &url, request).await;
                     stream.message().await.unwrap().unwrap();
                     ready.send_modify(|n| *n += 1);
                     while let Ok(Some(message)) = stream.message().await {

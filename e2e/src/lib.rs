@@ -308,7 +308,8 @@ pub fn rss_bytes(pid: u32) -> u64 {
         * 1024
 }
 
-async fn channel(url: &str) -> anyhow::Result<Channel> {
+/// A native gRPC (HTTP/2) channel to `url`.
+pub async fn channel(url: &str) -> anyhow::Result<Channel> {
     Ok(Endpoint::from_shared(url.to_owned())?.connect().await?)
 }
 
