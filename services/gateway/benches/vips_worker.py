@@ -10,8 +10,9 @@ outputs are written to OUT_PREFIX.main.jpg and OUT_PREFIX.preview.jpg for scorin
 
 The work, as the gateway does it: `thumbnail` to a long edge of 2048 (never up; lanczos3;
 libvips' shrink-on-load rule; EXIF orientation applied; an embedded ICC profile converted to
-sRGB), saved as JPEG quality 85, 4:2:0, metadata stripped; then the 320 preview made from the
-2048 pixels in memory (no second decode) and saved the same way. The operation cache is off.
+sRGB), saved as JPEG quality 85, 4:2:0, optimized Huffman tables (as the gateway does),
+metadata stripped; then the 320 preview made from the 2048 pixels in memory (no second
+decode) and saved the same way. The operation cache is off.
 """
 
 import os
@@ -22,7 +23,7 @@ import pyvips
 
 MAIN_EDGE = 2048
 PREVIEW_EDGE = 320
-SAVE = {"Q": 85, "strip": True, "subsample_mode": "on", "optimize_coding": False}
+SAVE = {"Q": 85, "strip": True, "subsample_mode": "on", "optimize_coding": True}
 
 
 def run(buffer):

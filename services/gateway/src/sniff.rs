@@ -89,11 +89,16 @@ fn check_pixels(size: imagesize::ImageSize, max_pixels: u64) -> Result<Header, P
     Ok(Header::Dimensions { width, height })
 }
 
-/// Refuses a body that stops early. JPEG decoders fill a truncated image with grey and call it
-/// a success, so a JPEG must end its last scan with the EOI marker: after the last SOS (`FF DA`)
-/// an `FF D9` must follow (inside entropy-coded data `FF` is always stuffed, so `FF D9` there is
-/// only ever EOI; trailers some cameras append after EOI are fine). PNG and WebP decoders refuse
-/// truncated data themselves.
+/// Scans a JPEG may have. Each progressive scan is a pass over the whole image's coefficients,
+/// so a small file of thousands of tiny scans would cost minutes of CPU to decode (libjpeg-turbo
+/// suggests a limit of 500 for untrusted input; cameras and encoders write at most ~20).
+pub const MAX_JPEG_SCANS: u32 = 500;
+
+/// Refuses a body that stops early, or a JPEG of more than [`MAX_JPEG_SCANS`] scans. JPEG
+/// decoders fill a truncated image with grey and call it a success, so a JPEG must end its last
+/// scan with the EOI marker: after the last SOS (`FF DA`) an `FF D9` must follow (inside
+/// entropy-coded data `FF` is always stuffed, so `FF D9` there is only ever EOI; trailers some
+/// cameras append after EOI are fine). PNG and WebP decoders refuse truncated data themselves.
 pub fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), PipelineError> {
     let mut end = JpegEnd::default();
     end.feed(bytes);
@@ -107,6 +112,8 @@ pub struct JpegEnd {
     last: Option<u8>,
     /// An `FF D9` came after the last `FF DA` (and there was one).
     ended: bool,
+    /// `FF DA` markers seen.
+    scans: u32,
 }
 
 impl JpegEnd {
@@ -114,7 +121,10 @@ impl JpegEnd {
         for &byte in piece {
             if self.last == Some(0xFF) {
                 match byte {
-                    0xDA => self.ended = false,
+                    0xDA => {
+                        self.ended = false;
+                        self.scans = self.scans.saturating_add(1);
+                    }
                     0xD9 => self.ended = true,
                     _ => {}
                 }
@@ -123,14 +133,20 @@ impl JpegEnd {
         }
     }
 
-    /// `Ok` unless the body is a JPEG that did not end.
+    /// `Ok` unless the body is a JPEG that did not end or has too many scans.
     pub fn check(&self, format: ImageFormat) -> Result<(), PipelineError> {
-        if format != ImageFormat::Jpeg || self.ended {
+        if format != ImageFormat::Jpeg {
             Ok(())
-        } else {
+        } else if self.scans > MAX_JPEG_SCANS {
+            Err(PipelineError::InvalidImage(format!(
+                "the JPEG has more than {MAX_JPEG_SCANS} scans"
+            )))
+        } else if !self.ended {
             Err(PipelineError::InvalidImage(
                 "the JPEG is truncated (no end of image)".into(),
             ))
+        } else {
+            Ok(())
         }
     }
 }
@@ -249,6 +265,21 @@ mod tests {
         assert!(check_complete(b"\xFF\xD8\xFF\xDA", ImageFormat::Jpeg).is_err());
         assert!(check_complete(b"\xFF\xD8", ImageFormat::Jpeg).is_err());
         assert!(check_complete(b"anything", ImageFormat::Png).is_ok());
+    }
+
+    #[test]
+    fn a_jpeg_of_too_many_scans_is_refused() {
+        let jpeg = |scans: u32| {
+            let mut body = b"\xFF\xD8".to_vec();
+            for _ in 0..scans {
+                body.extend_from_slice(b"\xFF\xDA\x00\x02 scan");
+            }
+            body.extend_from_slice(b"\xFF\xD9");
+            body
+        };
+        assert!(check_complete(&jpeg(MAX_JPEG_SCANS), ImageFormat::Jpeg).is_ok());
+        let refused = check_complete(&jpeg(MAX_JPEG_SCANS + 1), ImageFormat::Jpeg).unwrap_err();
+        assert!(refused.to_string().contains("scans"), "{refused}");
     }
 
     #[test]
