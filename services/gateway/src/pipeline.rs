@@ -304,8 +304,10 @@ fn jpeg_metadata(bytes: &[u8]) -> (Orientation, Option<Vec<u8>>) {
     let options = zune_core::options::DecoderOptions::default()
         .set_max_width(usize::from(u16::MAX))
         .set_max_height(usize::from(u16::MAX));
-    let mut decoder =
-        zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(bytes),
+        options,
+    );
     if decoder.decode_headers().is_err() {
         return (Orientation::NoTransforms, None);
     }
@@ -646,7 +648,13 @@ mod tests {
         let end = bytes.len() - 2;
         bytes.splice(end..end, *b"junk!");
         assert!(decode_jpeg(&bytes, u64::MAX, 1).is_err());
-        let out = run(&bytes, ImageFormat::Jpeg, &PipelineConfig::default(), |_| {}).unwrap();
+        let out = run(
+            &bytes,
+            ImageFormat::Jpeg,
+            &PipelineConfig::default(),
+            |_| {},
+        )
+        .unwrap();
         assert_eq!((out.width, out.height), (64, 48));
     }
 
