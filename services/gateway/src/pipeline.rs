@@ -460,23 +460,16 @@ pub fn scaled(image: &DynamicImage, edge: u32) -> Option<DynamicImage> {
     };
     let mut resizer = Resizer::new();
     let mut target = DynamicImage::new(dw, dh, source.color());
-    let boxed = box_size((source.width(), source.height()), (dw, dh)).map(|(bw, bh)| {
-        let mut boxed = DynamicImage::new(bw, bh, source.color());
-        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(ResizeFilter::Box));
-        resizer.resize(source, &mut boxed, &options).map(|()| boxed)
-    });
-    let resized = match boxed {
-        Some(Ok(boxed)) => resizer.resize(
-            &boxed,
-            &mut target,
-            &ResizeOptions::new().resize_alg(RESAMPLING),
-        ),
-        Some(Err(e)) => Err(e),
-        None => resizer.resize(
-            source,
-            &mut target,
-            &ResizeOptions::new().resize_alg(RESAMPLING),
-        ),
+    let lanczos = ResizeOptions::new().resize_alg(RESAMPLING);
+    let resized = match box_size((source.width(), source.height()), (dw, dh)) {
+        Some((bw, bh)) => {
+            let mut boxed = DynamicImage::new(bw, bh, source.color());
+            let boxes = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(ResizeFilter::Box));
+            resizer
+                .resize(source, &mut boxed, &boxes)
+                .and_then(|()| resizer.resize(&boxed, &mut target, &lanczos))
+        }
+        None => resizer.resize(source, &mut target, &lanczos),
     };
     match resized {
         Ok(()) => Some(target),
@@ -700,7 +693,8 @@ mod tests {
     fn reductions_of_4x_or_more_are_boxed_first_as_libvips_does() {
         // The preview: 6.4x, boxes of 3 then Lanczos3 for 2.13x.
         assert_eq!(box_size((2048, 1536), (320, 240)), Some((683, 512)));
-        // Under 4x (every JPEG after shrink-on-load): Lanczos3 alone.
+        // Under 4x (a JPEG after shrink-on-load, unless 32x its edge or more): Lanczos3
+        // alone.
         assert_eq!(box_size((4032, 3024), (2048, 1536)), None);
         assert_eq!(box_size((8000, 6000), (2048, 1536)), None);
         // Each axis on its own.
