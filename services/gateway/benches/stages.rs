@@ -1,8 +1,8 @@
-//! Where the pipeline's time goes, stage by stage, for the photos given (default: the first
-//! five of the `./dev bench gateway` corpus): best of 7 runs of each of `pipeline::run`'s steps,
-//! one thread.
+//! Where the pipeline's time goes, stage by stage, for the JPEGs given (absolute paths: cargo
+//! runs benches in the package's directory): best of 7 runs of each of `pipeline::run`'s
+//! steps, one thread.
 //!
-//!     cargo bench -p follow-image-gateway --bench stages [-- PHOTO.jpg ...]
+//!     cargo bench -p follow-image-gateway --bench stages -- /abs/PHOTO.jpg ...
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::{path::PathBuf, time::Instant};
@@ -20,17 +20,14 @@ const STAGES: [&str; 6] = [
 
 fn main() {
     let config = PipelineConfig::default();
-    let mut photos: Vec<PathBuf> = std::env::args()
+    let photos: Vec<PathBuf> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .map(PathBuf::from)
         .collect();
     if photos.is_empty() {
-        let corpus = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench-corpus");
-        photos = (0..5)
-            .map(|i| corpus.join(format!("photo-{i:02}.jpg")))
-            .filter(|p| p.exists())
-            .collect();
+        println!("usage: cargo bench -p follow-image-gateway --bench stages -- /abs/PHOTO.jpg ...");
+        return;
     }
     println!("best of 7, milliseconds: {}", STAGES.join(" | "));
     for path in photos {
