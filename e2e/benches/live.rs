@@ -10,8 +10,11 @@
 //! lost and duplicated events (each stream must see each stage of its image exactly once, in
 //! order).
 //!
-//! Then memory per stream, native gRPC and grpc-web apart: each kind on a fresh API instance of
-//! its own, streams opened in steps to 1k, 5k, 10k and 20k; at each step the instance's RSS
+//! Then memory per stream, native gRPC, grpc-web over HTTP/1.1 (a connection per stream, as
+//! browsers speak it over plain HTTP) and grpc-web over HTTP/2 (up to 100 streams per connection,
+//! as browsers speak it over TLS through a proxy that keeps HTTP/2) apart: each kind on a fresh
+//! API instance of its own, streams opened in steps to 1k, 5k, 10k and 20k; at each step the
+//! instance's RSS
 //! growth over the streams open, idle (every stream has its snapshot) and again after traffic
 //! (every stream has been sent an event since), and the slope between steps. A step the process
 //! limit on open files cannot hold (grpc-web is a connection per stream) is printed as not run.
@@ -126,7 +129,12 @@ async fn main() {
                 let (ready, published, index) = (ready.clone(), published.clone(), index.clone());
                 let mut going = going.clone();
                 tasks.push(tokio::spawn(async move {
-                    let mut stream = open_watch((!web).then_some(native), &url, request).await;
+                    let via = if web {
+                        Via::Web(Box::new(follow_e2e::client::grpc_web()))
+                    } else {
+                        Via::Native(native)
+                    };
+                    let mut stream = open_watch(via, &url, request).await;
                     // The snapshot (`queued`) first: then the stream is live.
                     let first = stream.message().await.unwrap().unwrap();
                     assert!(matches!(first.event, Some(Event::ImageProgress(_))));
@@ -228,21 +236,29 @@ async fn main() {
     memory_per_stream(&mut platform, &token).await;
 }
 
-/// A watch stream over `native` gRPC, or over grpc-web (HTTP/1.1, a connection of its own) to
-/// `url` when there is no channel.
+/// The connection a watch stream goes over.
+enum Via {
+    /// Native gRPC.
+    Native(Channel),
+    /// grpc-web, over HTTP/1.1 ([`follow_e2e::client::grpc_web`]: a connection per stream) or
+    /// HTTP/2 ([`follow_e2e::client::grpc_web_h2`]: shared by the channel's streams).
+    Web(Box<follow_e2e::client::GrpcWeb>),
+}
+
+/// A watch stream to the API at `url`.
 async fn open_watch(
-    native: Option<Channel>,
+    via: Via,
     url: &str,
     request: Request<api::WatchImageStatusRequest>,
 ) -> Streaming<api::WatchImageStatusResponse> {
-    match native {
-        Some(channel) => {
+    match via {
+        Via::Native(channel) => {
             ImageServiceClient::new(channel)
                 .watch_image_status(request)
                 .await
         }
-        None => {
-            ImageServiceClient::with_origin(follow_e2e::client::grpc_web(), url.parse().unwrap())
+        Via::Web(web) => {
+            ImageServiceClient::with_origin(*web, url.parse().unwrap())
                 .watch_image_status(request)
                 .await
         }
@@ -320,8 +336,19 @@ const LEVELS: [usize; 4] = [1_000, 5_000, 10_000, 20_000];
 /// Images the memory part's streams watch (each event then reaches about streams / 500).
 const MEMORY_IMAGES: usize = 500;
 
-/// Memory per stream, native gRPC and grpc-web each on a fresh API instance, at each of
-/// [`LEVELS`], idle and after traffic.
+/// How the memory part's streams reach the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Native gRPC, up to 100 streams per HTTP/2 connection.
+    Native,
+    /// grpc-web over HTTP/1.1: a connection per stream.
+    WebHttp1,
+    /// grpc-web over HTTP/2, up to 100 streams per connection.
+    WebHttp2,
+}
+
+/// Memory per stream, each [`Kind`] on a fresh API instance, at each of [`LEVELS`], idle and
+/// after traffic.
 async fn memory_per_stream(platform: &mut Platform, token: &str) {
     let open_files = open_files_limit();
     println!(
@@ -332,7 +359,11 @@ async fn memory_per_stream(platform: &mut Platform, token: &str) {
         "kind", "streams", "idle KiB/stream", "slope idle KiB/str", "after traffic KiB/str"
     );
     let mut valkey = platform.valkey().await.unwrap();
-    for (web, kind) in [(false, "native"), (true, "grpc-web")] {
+    for (transport, kind) in [
+        (Kind::Native, "native"),
+        (Kind::WebHttp1, "web http1"),
+        (Kind::WebHttp2, "web http2"),
+    ] {
         let url = platform
             .add_api(&[("FOLLOW_MAX_WATCHES_PER_USER", "20000")])
             .await
@@ -342,27 +373,38 @@ async fn memory_per_stream(platform: &mut Platform, token: &str) {
         let (ready, mut live) = tokio::sync::watch::channel(0usize);
         let (delivered, mut got) = tokio::sync::watch::channel(0usize);
         let (ready, delivered) = (Arc::new(ready), Arc::new(delivered));
-        let mut channels: Vec<Channel> = Vec::new();
+        let mut connection: Option<Via> = None;
         let mut tasks = Vec::new();
         let base = rss_bytes(pid);
         let mut previous = (0usize, base);
         for (round, &level) in LEVELS.iter().enumerate() {
             // A grpc-web stream is a connection: a socket here and one in the API.
-            if web && level + 1_000 > open_files {
+            if transport == Kind::WebHttp1 && level + 1_000 > open_files {
                 println!(
                     "  {kind:<10} {level:>8}   not run: {level} connections need more than the {open_files} open files a process may have here"
                 );
                 break;
             }
             for s in tasks.len()..level {
-                if !web && s % 100 == 0 {
-                    channels.push(channel(&url).await.unwrap());
+                if s % 100 == 0 {
+                    connection = match transport {
+                        Kind::Native => Some(Via::Native(channel(&url).await.unwrap())),
+                        Kind::WebHttp2 => {
+                            Some(Via::Web(Box::new(follow_e2e::client::grpc_web_h2())))
+                        }
+                        Kind::WebHttp1 => None,
+                    };
                 }
+                let via = match &connection {
+                    Some(Via::Native(channel)) => Via::Native(channel.clone()),
+                    Some(Via::Web(web)) => Via::Web(web.clone()),
+                    None => Via::Web(Box::new(follow_e2e::client::grpc_web())),
+                };
                 let request = bearer(watch_images(&[&ids[s % ids.len()]]), token);
-                let (native, url) = (channels.last().cloned(), url.clone());
+                let url = url.clone();
                 let (ready, delivered) = (ready.clone(), delivered.clone());
                 tasks.push(tokio::spawn(async move {
-                    let mut stream = open_watch(native.filter(|_| !web), &url, request).await;
+                    let mut stream = open_watch(via, &url, request).await;
                     stream.message().await.unwrap().unwrap();
                     ready.send_modify(|n| *n += 1);
                     while let Ok(Some(message)) = stream.message().await {

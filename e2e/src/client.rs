@@ -7,16 +7,31 @@ use follow_proto::tonic::{Request, metadata::MetadataValue};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb, Rgba};
 
-/// A grpc-web channel over HTTP/1.1, as a browser has.
+/// A grpc-web channel, as a browser has.
 pub type GrpcWeb = tonic_web::GrpcWebClientService<
     Client<HttpConnector, tonic_web::GrpcWebCall<follow_proto::tonic::body::Body>>,
 >;
 
 pub fn grpc_web() -> GrpcWeb {
-    let http1 = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    grpc_web_client(Client::builder(hyper_util::rt::TokioExecutor::new()).build_http())
+}
+
+/// A grpc-web channel over HTTP/2, as a browser has over TLS (to a proxy that keeps HTTP/2 to
+/// the API): every call of this channel shares one connection.
+pub fn grpc_web_h2() -> GrpcWeb {
+    grpc_web_client(
+        Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http(),
+    )
+}
+
+fn grpc_web_client(
+    client: Client<HttpConnector, tonic_web::GrpcWebCall<follow_proto::tonic::body::Body>>,
+) -> GrpcWeb {
     tower::ServiceBuilder::new()
         .layer(tonic_web::GrpcWebClientLayer::new())
-        .service(http1)
+        .service(client)
 }
 
 /// `message` with a bearer token.
