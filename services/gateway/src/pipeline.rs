@@ -426,8 +426,8 @@ pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, PipelineEr
         return Ok(image);
     };
     if box_factors((image.width(), image.height()), (dw, dh)).is_some() {
-        // The box pass makes a buffer a quarter of the image or less; the in-place bands are
-        // for the rest.
+        // The box pass makes a buffer of half the image or less (a quarter when both axes box);
+        // the in-place bands are for the rest.
         return Ok(scaled(&image, edge).unwrap_or(image));
     }
     let pixel = match &image {
