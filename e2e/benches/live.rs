@@ -14,10 +14,10 @@
 //! browsers speak it over plain HTTP) and grpc-web over HTTP/2 (up to 100 streams per connection,
 //! as browsers speak it over TLS through a proxy that keeps HTTP/2) apart: each kind on a fresh
 //! API instance of its own, streams opened in steps to 1k, 5k, 10k and 20k; at each step the
-//! instance's RSS
-//! growth over the streams open, idle (every stream has its snapshot) and again after traffic
-//! (every stream has been sent an event since), and the slope between steps. A step the process
-//! limit on open files cannot hold (grpc-web is a connection per stream) is printed as not run.
+//! instance's RSS growth over the streams open, idle (every stream has its snapshot) and again
+//! after traffic (every stream has been sent an event since), and the slope between steps. A
+//! step the process limit on open files cannot hold (grpc-web over HTTP/1.1 is a connection per
+//! stream) is printed as not run.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::{
@@ -237,6 +237,7 @@ async fn main() {
 }
 
 /// The connection a watch stream goes over.
+#[derive(Clone)]
 enum Via {
     /// Native gRPC.
     Native(Channel),
@@ -373,7 +374,8 @@ async fn memory_per_stream(platform: &mut Platform, token: &str) {
         let (ready, mut live) = tokio::sync::watch::channel(0usize);
         let (delivered, mut got) = tokio::sync::watch::channel(0usize);
         let (ready, delivered) = (Arc::new(ready), Arc::new(delivered));
-        let mut connection: Option<Via> = None;
+        // The connection the next streams share (HTTP/2), or none: a connection each.
+        let mut shared: Option<Via> = None;
         let mut tasks = Vec::new();
         let base = rss_bytes(pid);
         let mut previous = (0usize, base);
@@ -387,7 +389,7 @@ async fn memory_per_stream(platform: &mut Platform, token: &str) {
             }
             for s in tasks.len()..level {
                 if s % 100 == 0 {
-                    connection = match transport {
+                    shared = match transport {
                         Kind::Native => Some(Via::Native(channel(&url).await.unwrap())),
                         Kind::WebHttp2 => {
                             Some(Via::Web(Box::new(follow_e2e::client::grpc_web_h2())))
@@ -395,11 +397,9 @@ async fn memory_per_stream(platform: &mut Platform, token: &str) {
                         Kind::WebHttp1 => None,
                     };
                 }
-                let via = match &connection {
-                    Some(Via::Native(channel)) => Via::Native(channel.clone()),
-                    Some(Via::Web(web)) => Via::Web(web.clone()),
-                    None => Via::Web(Box::new(follow_e2e::client::grpc_web())),
-                };
+                let via = shared
+                    .clone()
+                    .unwrap_or_else(|| Via::Web(Box::new(follow_e2e::client::grpc_web())));
                 let request = bearer(watch_images(&[&ids[s % ids.len()]]), token);
                 let url = url.clone();
                 let (ready, delivered) = (ready.clone(), delivered.clone());

@@ -10,9 +10,10 @@ outputs are written to OUT_PREFIX.main.jpg and OUT_PREFIX.preview.jpg for scorin
 
 The work, as the gateway does it: `thumbnail` to a long edge of 2048 (never up; lanczos3,
 after boxes where the reduction is 4x or more: the default gap of 2; libvips' shrink-on-load
-rule; EXIF orientation applied; an embedded ICC profile converted to sRGB), saved as JPEG quality 85, 4:2:0, optimized Huffman tables (as the gateway does),
-metadata stripped; then the 320 preview made from the 2048 pixels in memory (no second
-decode) and saved the same way. The operation cache is off.
+rule; EXIF orientation applied; an embedded ICC profile converted to sRGB), saved as JPEG
+quality 85, 4:2:0, optimized Huffman tables (as the gateway does), metadata stripped; then the
+320 preview made from the 2048 pixels in memory (no second decode) and saved the same way. The
+operation cache is off.
 """
 
 import os

@@ -2,9 +2,10 @@
 //! rule) → resize to the long edge (never upscaling; Lanczos3, after a box filter for 4× or
 //! more, as libvips) → convert an embedded ICC profile's colours to sRGB → apply the EXIF
 //! orientation to the resized image (never to the full-size one: a phone portrait costs no
-//! second full-size buffer) → make the preview from those pixels → encode. Metadata never survives: the output is encoded from pixels alone (no
-//! EXIF/GPS, XMP, IPTC, comments, no profile: the pixels are sRGB). Opaque images become JPEG
-//! (libjpeg-turbo, 4:2:0); images with alpha keep it as PNG.
+//! second full-size buffer) → make the preview from those pixels → encode. Metadata never
+//! survives: the output is encoded from pixels alone (no EXIF/GPS, XMP, IPTC, comments, no
+//! profile: the pixels are sRGB). Opaque images become JPEG (libjpeg-turbo, 4:2:0); images with
+//! alpha keep it as PNG.
 //!
 //! Pure and synchronous: the service runs it on its bounded blocking pool; `fuzz/` runs it on
 //! arbitrary bytes.
@@ -257,10 +258,11 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64, shrink: u16) -> Result<Pixels, Pip
     let factor = ScalingFactor::new(1, usize::from(shrink));
     decompressor.set_scaling_factor(factor).map_err(failed)?;
     let size = header.scaled(factor);
-    let (format, channels) = match header.colorspace {
-        Colorspace::Gray => (PixelFormat::GRAY, 1),
-        _ => (PixelFormat::RGB, 3),
+    let (format, color) = match header.colorspace {
+        Colorspace::Gray => (PixelFormat::GRAY, image::ColorType::L8),
+        _ => (PixelFormat::RGB, image::ColorType::Rgb8),
     };
+    let channels = usize::from(color.channel_count());
     // The header was checked against the limit already; this is the decoder's own reading.
     if size.width as u64 * size.height as u64 > max_pixels {
         return Err(PipelineError::ImageTooLarge(
@@ -284,12 +286,7 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64, shrink: u16) -> Result<Pixels, Pip
         u32::try_from(size.width).map_err(|_| PipelineError::Internal)?,
         u32::try_from(size.height).map_err(|_| PipelineError::Internal)?,
     );
-    let image = if channels == 1 {
-        image::GrayImage::from_raw(width, height, pixels).map(DynamicImage::ImageLuma8)
-    } else {
-        image::RgbImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgb8)
-    }
-    .ok_or(PipelineError::Internal)?;
+    let image = from_raw(color, (width, height), pixels).ok_or(PipelineError::Internal)?;
     let (orientation, icc_profile) = jpeg_metadata(bytes);
     Ok(Pixels {
         image,
@@ -356,6 +353,7 @@ fn box_shrink(image: &DynamicImage, (kx, ky): (u32, u32)) -> DynamicImage {
     // RGBA).
     let mut sums = vec![0u32; row];
     let area = kx * ky;
+    let rounded = |sum: u32, by: u32| u8::try_from((sum + by / 2) / by).unwrap_or(u8::MAX);
     for (oy, out_row) in out.chunks_exact_mut(bw as usize * channels).enumerate() {
         sums.fill(0);
         for dy in 0..ky {
@@ -383,7 +381,6 @@ fn box_shrink(image: &DynamicImage, (kx, ky): (u32, u32)) -> DynamicImage {
                     *t += s;
                 }
             }
-            let rounded = |sum: u32, by: u32| u8::try_from((sum + by / 2) / by).unwrap_or(u8::MAX);
             if alpha {
                 let weight = total[3];
                 for c in 0..3 {
@@ -401,16 +398,28 @@ fn box_shrink(image: &DynamicImage, (kx, ky): (u32, u32)) -> DynamicImage {
             }
         }
     }
-    match image.color() {
+    from_raw(image.color(), (bw, bh), out).expect("the buffer is the boxed image's size")
+}
+
+/// 8-bit grey, RGB or RGBA `pixels` (rows of `width`, no padding) as an image; `None` when
+/// they are not that size or of another type.
+fn from_raw(
+    color: image::ColorType,
+    (width, height): (u32, u32),
+    pixels: Vec<u8>,
+) -> Option<DynamicImage> {
+    match color {
         image::ColorType::L8 => {
-            image::GrayImage::from_raw(bw, bh, out).map(DynamicImage::ImageLuma8)
+            image::GrayImage::from_raw(width, height, pixels).map(DynamicImage::ImageLuma8)
+        }
+        image::ColorType::Rgb8 => {
+            image::RgbImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgb8)
         }
         image::ColorType::Rgba8 => {
-            image::RgbaImage::from_raw(bw, bh, out).map(DynamicImage::ImageRgba8)
+            image::RgbaImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgba8)
         }
-        _ => image::RgbImage::from_raw(bw, bh, out).map(DynamicImage::ImageRgb8),
+        _ => None,
     }
-    .expect("the buffer is the boxed image's size")
 }
 
 /// `image` scaled down to a long edge of `edge` (unchanged when it fits), mostly in the memory
@@ -488,13 +497,7 @@ pub fn shrunk(image: DynamicImage, edge: u32) -> Result<DynamicImage, PipelineEr
             tracing::error!(error = %e, "banded resize failed");
             PipelineError::Internal
         })?;
-    match color {
-        image::ColorType::L8 => {
-            image::GrayImage::from_raw(dw, dh, out).map(DynamicImage::ImageLuma8)
-        }
-        _ => image::RgbImage::from_raw(dw, dh, out).map(DynamicImage::ImageRgb8),
-    }
-    .ok_or(PipelineError::Internal)
+    from_raw(color, (dw, dh), out).ok_or(PipelineError::Internal)
 }
 
 /// The size of an image scaled to a long edge of `edge`, or `None` when it already fits.
