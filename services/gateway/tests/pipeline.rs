@@ -91,6 +91,42 @@ fn jpeg_outputs_are_4_2_0_and_carry_no_profile() {
     }
 }
 
+/// The colour conversion itself, before any JPEG rounding: Display P3 pixels land within one
+/// level of what Little CMS makes of them (libvips `icc_transform`, relative intent), grey and
+/// the ends of the scale exactly; an unreadable profile leaves the pixels as they were.
+#[test]
+fn icc_conversion_matches_little_cms_within_one_level() {
+    let p3 = include_bytes!("fixtures/display-p3.icc");
+    let lcms: [([u8; 3], [u8; 3]); 10] = [
+        ([200, 120, 60], [213, 115, 42]),
+        ([60, 160, 200], [0, 163, 204]),
+        ([0, 0, 0], [0, 0, 0]),
+        ([255, 255, 255], [255, 255, 255]),
+        ([255, 0, 0], [255, 0, 0]),
+        ([0, 255, 0], [0, 255, 0]),
+        ([0, 0, 255], [0, 0, 255]),
+        ([128, 128, 128], [128, 128, 128]),
+        ([17, 34, 51], [11, 35, 53]),
+        ([240, 230, 140], [242, 230, 126]),
+    ];
+    let source = ImageBuffer::from_fn(10, 2, |x, _| Rgb(lcms[x as usize].0));
+    let mut image = DynamicImage::ImageRgb8(source.clone());
+    pipeline::to_srgb(&mut image, p3);
+    for (x, (p3, want)) in lcms.iter().enumerate() {
+        for y in 0..2 {
+            let got = image.as_rgb8().unwrap().get_pixel(x as u32, y).0;
+            let off = got.iter().zip(want).map(|(g, w)| g.abs_diff(*w)).max();
+            assert!(off <= Some(1), "{p3:?}: {got:?}, lcms says {want:?}");
+            if p3.iter().all(|c| *c == p3[0]) {
+                assert_eq!(got, *want, "grey {p3:?}");
+            }
+        }
+    }
+    let mut untouched = DynamicImage::ImageRgb8(source.clone());
+    pipeline::to_srgb(&mut untouched, b"not a profile");
+    assert_eq!(untouched.as_rgb8().unwrap(), &source);
+}
+
 /// A phone's Display P3 profile (`fixtures/display-p3.icc`, as `benches/corpus.py` writes it):
 /// the colours come out converted to sRGB and the profile is not kept. The expected values are
 /// lcms' (libvips `icc_transform`, relative intent), not ours.
