@@ -56,7 +56,7 @@ fn main() {
             }
             timed(2, start);
             let start = Instant::now();
-            main.apply_orientation(decoded.orientation);
+            pipeline::turn_upright(&mut main, decoded.orientation);
             timed(3, start);
             let start = Instant::now();
             std::hint::black_box(pipeline::encode(&main, config.jpeg_quality).unwrap());

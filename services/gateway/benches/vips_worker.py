@@ -14,6 +14,12 @@ rule; EXIF orientation applied; an embedded ICC profile converted to sRGB), save
 quality 85, 4:2:0, optimized Huffman tables (as the gateway does), metadata stripped; then the
 320 preview made from the 2048 pixels in memory (no second decode) and saved the same way. The
 operation cache is off.
+
+    VIPS_CONCURRENCY=1 vips_worker.py --memory FILE
+
+prints how far the resident set grows at its peak while doing that work for FILE (already in
+memory, after a warm-up on a tiny image so that libvips' one-time set-up is not counted), as the
+bench measures its own side.
 """
 
 import os
@@ -36,10 +42,29 @@ def run(buffer):
     return main_jpeg, preview.jpegsave_buffer(**SAVE)
 
 
+def resident_kib(field):
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field))
+    return int(line.split()[1])
+
+
+def memory(path):
+    buffer = open(path, "rb").read()
+    run(pyvips.Image.black(64, 48).jpegsave_buffer())
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = resident_kib("VmRSS:")
+    outputs = run(buffer)
+    print((resident_kib("VmHWM:") - before) * 1024)
+    del outputs
+
+
 def main():
     pyvips.cache_set_max(0)
     pyvips.cache_set_max_mem(0)
     pyvips.cache_set_max_files(0)
+    if sys.argv[1] == "--memory":
+        return memory(sys.argv[2])
     os.sched_setaffinity(0, {int(sys.argv[1])})
     files = [open(path, "rb").read() for path in sys.argv[2:]]
     print(f"ready libvips {pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}", flush=True)
