@@ -469,9 +469,8 @@ fn report(
         best_ratio
     );
     println!(
-        "output bytes: ours {:.1} MB, libvips {:.1} MB ({:.3}x; target <= 1.0x)",
-        ours_bytes as f64 / 1e6,
-        theirs_bytes as f64 / 1e6,
+        "output bytes: ours {ours_bytes}, libvips {theirs_bytes} ({:+} B, {:.5}x; target <= 1.0x)",
+        ours_bytes as i64 - theirs_bytes as i64,
         ours_bytes as f64 / theirs_bytes as f64
     );
     println!(
