@@ -3,8 +3,15 @@
 //! them, HTTP/2 and TCP keepalive with `TCP_NODELAY` on every connection, a cap on the calls one
 //! connection may have open, JSON `{error_code, message}` for every request no route takes, and a
 //! graceful shutdown that cuts what is still open after the grace.
+//!
+//! Each connection is told apart by its first bytes, peeked: HTTP/2 (native gRPC, grpc-web
+//! through an HTTP/2 proxy) goes to tonic's server, HTTP/1.1 (grpc-web from a browser over plain
+//! HTTP, uploads, `/health`) to hyper's HTTP/1 server directly. tonic's own detection reads
+//! those bytes and hands them back to hyper as a separate first read, which makes hyper double
+//! its 8 KiB read buffer on every HTTP/1.1 connection: ~6 KiB more per idle grpc-web stream
+//! (`./dev bench live`).
 
-use std::time::Duration;
+use std::{pin::pin, time::Duration};
 
 use axum::{
     Json, Router,
@@ -12,9 +19,16 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use follow_proto::FILE_DESCRIPTOR_SET;
-use tokio::net::TcpListener;
-use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
-use tokio_util::sync::CancellationToken;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{service::Routes, transport::Server};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -78,20 +92,20 @@ pub async fn serve(
         .merge(surface.ops.method_not_allowed_fallback(wrong_method))
         .fallback(no_route);
     tracing::info!(addr = ?listener.local_addr().ok(), "serving");
-    let served = Server::builder()
-        .accept_http1(true)
+    let (http2, accepted) = mpsc::channel(64);
+    let grpc = Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(Some(config.max_streams_per_connection))
-        .add_routes(Routes::from(app))
+        .add_routes(Routes::from(app.clone()))
         .serve_with_incoming_shutdown(
-            connections(
-                listener,
-                config.keepalive_interval,
-                config.keepalive_timeout,
-            ),
+            ReceiverStream::new(accepted).map(Ok::<_, std::io::Error>),
             cancel.cancelled(),
         );
+    let served = async {
+        let ((), grpc) = tokio::join!(accept(listener, config, app, http2, &cancel), grpc);
+        grpc
+    };
     // Streams end at shutdown when their clients read; one whose client does not must not hold
     // the process: after the grace it is cut.
     let grace = config.shutdown_grace;
@@ -101,6 +115,105 @@ pub async fn serve(
             tracing::warn!(?grace, "connections still open after the shutdown grace; cut");
             Ok(())
         }
+    }
+}
+
+/// How long a new connection has to send its first bytes (hyper's own limit for a request's
+/// head).
+const FIRST_BYTES: Duration = Duration::from_secs(30);
+
+/// Accepts connections until `cancel`, each set up and handed over by its protocol: HTTP/2 to
+/// tonic's server through `http2`, HTTP/1.1 served here. Returns once every HTTP/1.1
+/// connection has finished (after `cancel` each finishes the request it is in).
+async fn accept(
+    listener: TcpListener,
+    config: &ServerConfig,
+    app: Router,
+    http2: mpsc::Sender<TcpStream>,
+    cancel: &CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, typically: try again once some have closed.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        set_up(&stream, config.keepalive_interval, config.keepalive_timeout);
+        let (app, http2, cancel) = (app.clone(), http2.clone(), cancel.clone());
+        connections.spawn(async move {
+            let protocol = tokio::select! {
+                () = cancel.cancelled() => return,
+                protocol = tokio::time::timeout(FIRST_BYTES, protocol(&stream)) => protocol,
+            };
+            match protocol {
+                Ok(Some(Protocol::Http2)) => {
+                    // Refused only once the server has stopped taking connections.
+                    let _ = http2.send(stream).await;
+                }
+                Ok(Some(Protocol::Http1)) => serve_http1(stream, app, &cancel).await,
+                // Closed, or silent for too long.
+                Ok(None) | Err(_) => {}
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The protocol of a connection, from its first bytes, peeked (left for the server to read):
+/// HTTP/2 with prior knowledge begins with its preface, `PRI * HTTP/2.0…`, and no HTTP/1
+/// request begins with `PRI`. `None` when the peer closes first.
+async fn protocol(stream: &TcpStream) -> Option<Protocol> {
+    const PREFACE: &[u8; 3] = b"PRI";
+    let mut first = [0; PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if first[..n] != PREFACE[..n] {
+            return Some(Protocol::Http1);
+        }
+        if n == PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // The preface's first byte or two arrived alone (peeking again would return at once).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves one HTTP/1.1 connection until it closes; after `cancel`, until the request it is in
+/// has been answered.
+async fn serve_http1(stream: TcpStream, app: Router, cancel: &CancellationToken) {
+    let connection = hyper::server::conn::http1::Builder::new()
+        // A timer makes hyper enforce its limit on the time a request's head may take.
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let mut connection = pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = cancel.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "HTTP/1.1 connection ended with an error");
     }
 }
 
@@ -135,32 +248,23 @@ async fn wrong_method() -> Response {
     )
 }
 
-/// Accepted connections, each set up so that a peer that vanished is noticed: TCP keepalive
-/// (for HTTP/1.1, which has no PING), `TCP_USER_TIMEOUT` (sent data never acknowledged, which
+/// Sets up an accepted connection so that a peer that vanished is noticed: TCP keepalive (for
+/// HTTP/1.1, which has no PING), `TCP_USER_TIMEOUT` (sent data never acknowledged, which
 /// keepalive probes do not cover), and no Nagle delay for small stream messages.
-/// (`serve_with_incoming` ignores the builder's socket options, so they are set here.)
-fn connections(
-    listener: TcpListener,
-    idle: Duration,
-    timeout: Duration,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+fn set_up(stream: &TcpStream, idle: Duration, timeout: Duration) {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(idle)
         .with_interval((timeout / 3).max(Duration::from_secs(1)))
         .with_retries(3);
-    TcpListenerStream::new(listener).map(move |accepted| {
-        let stream = accepted?;
-        let socket = socket2::SockRef::from(&stream);
-        let set = stream
-            .set_nodelay(true)
-            .and_then(|()| socket.set_tcp_keepalive(&keepalive))
-            .and_then(|()| socket.set_tcp_user_timeout(Some(idle + timeout)));
-        if let Err(e) = set {
-            // The connection still works; a vanished peer is only noticed later.
-            tracing::warn!(error = %e, "cannot set socket options");
-        }
-        Ok(stream)
-    })
+    let socket = socket2::SockRef::from(stream);
+    let set = stream
+        .set_nodelay(true)
+        .and_then(|()| socket.set_tcp_keepalive(&keepalive))
+        .and_then(|()| socket.set_tcp_user_timeout(Some(idle + timeout)));
+    if let Err(e) = set {
+        // The connection still works; a vanished peer is only noticed later.
+        tracing::warn!(error = %e, "cannot set socket options");
+    }
 }
 
 /// CORS for browsers: the headers grpc-web (and connect) send, the trailers they must read.
@@ -190,4 +294,62 @@ fn cors(origins: &[String]) -> CorsLayer {
             header("retry-after"),
         ])
         .max_age(Duration::from_secs(3600))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    /// What [`protocol`] makes of a connection whose peer sends `parts` one after another
+    /// (each a separate write), then closes.
+    async fn told(parts: &[&'static [u8]]) -> Option<Protocol> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        client.set_nodelay(true).unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let parts = parts.to_vec();
+        let writer = tokio::spawn(async move {
+            for part in parts {
+                client.write_all(part).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let told = tokio::time::timeout(Duration::from_secs(10), protocol(&server))
+            .await
+            .expect("told within 10 s");
+        writer.await.unwrap();
+        // Peeked, not read: the server still gets every byte.
+        let mut first = [0; 1];
+        if told.is_some() {
+            assert_eq!(server.peek(&mut first).await.unwrap(), 1);
+        }
+        told
+    }
+
+    #[tokio::test]
+    async fn connections_are_told_apart_by_their_first_bytes() {
+        let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert_eq!(told(&[preface]).await, Some(Protocol::Http2));
+        assert_eq!(
+            told(&[b"P", b"R", b"I * HTTP/2.0"]).await,
+            Some(Protocol::Http2)
+        );
+        for http1 in [
+            &b"POST /follow.api.v1.ImageService/WatchImageStatus HTTP/1.1\r\n"[..],
+            b"PUT /upload/x HTTP/1.1\r\n",
+            b"GET /health HTTP/1.1\r\n",
+            b"OPTIONS * HTTP/1.1\r\n",
+        ] {
+            assert_eq!(told(&[http1]).await, Some(Protocol::Http1));
+        }
+        assert_eq!(
+            told(&[b"P", b"OST / HTTP/1.1\r\n"]).await,
+            Some(Protocol::Http1)
+        );
+        assert_eq!(told(&[]).await, None);
+    }
 }
