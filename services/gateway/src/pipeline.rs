@@ -644,6 +644,9 @@ pub fn to_srgb(image: &mut DynamicImage, icc_profile: &[u8]) {
             return tracing::debug!(error = %e, "ICC profile not usable; pixels taken as sRGB");
         }
     };
+    if row == 0 {
+        return;
+    }
     // moxcms converts from one buffer into another: one row at a time through a copy.
     let mut source = vec![0; row];
     for line in pixels.chunks_exact_mut(row) {
