@@ -54,9 +54,8 @@ def memory(path):
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = resident_kib("VmRSS:")
-    outputs = run(buffer)
+    run(buffer)
     print((resident_kib("VmHWM:") - before) * 1024)
-    del outputs
 
 
 def main():

@@ -632,6 +632,9 @@ pub fn to_srgb(image: &mut DynamicImage, icc_profile: &[u8]) {
         DynamicImage::ImageRgba8(rgba) => (moxcms::Layout::Rgba, rgba.width() as usize * 4, rgba),
         _ => return,
     };
+    if row == 0 {
+        return;
+    }
     let options = moxcms::TransformOptions {
         prefer_fixed_point: false,
         ..moxcms::TransformOptions::default()
@@ -644,9 +647,6 @@ pub fn to_srgb(image: &mut DynamicImage, icc_profile: &[u8]) {
             return tracing::debug!(error = %e, "ICC profile not usable; pixels taken as sRGB");
         }
     };
-    if row == 0 {
-        return;
-    }
     // moxcms converts from one buffer into another: one row at a time through a copy.
     let mut source = vec![0; row];
     for line in pixels.chunks_exact_mut(row) {
@@ -975,37 +975,54 @@ mod tests {
             preview_edge: 16,
             ..PipelineConfig::default()
         };
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
         for (original, format) in [
             (jpeg(48, 32), ImageFormat::Jpeg),
             (png, ImageFormat::Png),
             (webp, ImageFormat::WebP),
         ] {
             for _ in 0..300 {
-                let mut bytes = original.clone();
-                match next() % 3 {
-                    0 => {
-                        for _ in 0..1 + next() % 8 {
-                            let at = (next() as usize) % bytes.len();
-                            bytes[at] = next() as u8;
-                        }
-                    }
-                    1 => bytes.truncate((next() as usize) % bytes.len()),
-                    _ => {
-                        let at = (next() as usize) % bytes.len();
-                        let junk: Vec<u8> = (0..next() % 64).map(|_| next() as u8).collect();
-                        bytes.splice(at..at, junk);
-                    }
-                }
-                let _ = run(&bytes, format, &config, |_| {});
+                let _ = run(&damaged(&original, &mut rng), format, &config, |_| {});
             }
         }
+    }
+
+    /// A hostile ICC profile — every truncation of a real one, and 2,000 damaged copies — never
+    /// panics the colour conversion (it converts, or leaves the pixels as they were).
+    #[test]
+    fn damaged_icc_profiles_never_panic() {
+        let p3 = include_bytes!("../tests/fixtures/display-p3.icc");
+        let image = DynamicImage::ImageRgb8(ImageBuffer::from_fn(8, 2, |x, _| {
+            Rgb([x as u8 * 30, 100, 200])
+        }));
+        for len in 0..p3.len() {
+            to_srgb(&mut image.clone(), &p3[..len]);
+        }
+        let mut rng = fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..2_000 {
+            to_srgb(&mut image.clone(), &damaged(p3, &mut rng));
+        }
+    }
+
+    /// `original` damaged the same way on every run of a seed: a few bytes changed, the end cut
+    /// off, or junk spliced in.
+    fn damaged(original: &[u8], rng: &mut fastrand::Rng) -> Vec<u8> {
+        let mut bytes = original.to_vec();
+        match rng.u8(0..3) {
+            0 => {
+                for _ in 0..rng.usize(1..=8) {
+                    let at = rng.usize(0..bytes.len());
+                    bytes[at] = rng.u8(..);
+                }
+            }
+            1 => bytes.truncate(rng.usize(0..bytes.len())),
+            _ => {
+                let at = rng.usize(0..bytes.len());
+                let junk: Vec<u8> = (0..rng.usize(0..64)).map(|_| rng.u8(..)).collect();
+                bytes.splice(at..at, junk);
+            }
+        }
+        bytes
     }
 
     #[test]
