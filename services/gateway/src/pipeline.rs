@@ -246,15 +246,38 @@ fn load_shrink(long_edge: u64, edge: u32) -> u16 {
 /// (shrink-on-load: several times faster, its buffer a fraction of the full image). The EXIF
 /// orientation and ICC profile come from zune-jpeg's read of the headers. (The number of
 /// scans, which bounds a progressive decode's time, was checked with the body: `sniff`.)
+///
+/// A progressive JPEG's coefficients are all held until its last scan (2 bytes per sample: as
+/// many bytes as its RGB pixels for 4:2:0, twice as many for 4:4:4), and TurboJPEG decodes a
+/// whole frame, so its pixels would come on top of them. It is transcoded losslessly to a
+/// baseline JPEG first (the same coefficients, so the same pixels), which frees the
+/// coefficients before the pixels exist: the peak is the coefficients and the baseline file,
+/// then a baseline decode's.
 fn decode_jpeg(bytes: &[u8], max_pixels: u64, shrink: u16) -> Result<Pixels, PipelineError> {
-    use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
+    use turbojpeg::{
+        Colorspace, Decompressor, Image, PixelFormat, ScalingFactor, Transform, TransformOp,
+        Transformer,
+    };
     let failed =
         |e: turbojpeg::Error| PipelineError::InvalidImage(format!("cannot decode the image: {e}"));
-    let mut decompressor = Decompressor::new().map_err(|e| {
+    let cannot_start = |e: turbojpeg::Error| {
         tracing::error!(error = %e, "libjpeg-turbo cannot start");
         PipelineError::Internal
-    })?;
+    };
+    let mut decompressor = Decompressor::new().map_err(cannot_start)?;
     let header = decompressor.read_header(bytes).map_err(failed)?;
+    let baseline;
+    let jpeg = if header.is_progressive {
+        let mut transform = Transform::op(TransformOp::None);
+        transform.copy_none = true;
+        baseline = Transformer::new()
+            .map_err(cannot_start)?
+            .transform_to_vec(&transform, bytes)
+            .map_err(failed)?;
+        baseline.as_slice()
+    } else {
+        bytes
+    };
     let factor = ScalingFactor::new(1, usize::from(shrink));
     decompressor.set_scaling_factor(factor).map_err(failed)?;
     let size = header.scaled(factor);
@@ -272,7 +295,7 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64, shrink: u16) -> Result<Pixels, Pip
     let mut pixels = vec![0; size.width * size.height * channels];
     decompressor
         .decompress(
-            bytes,
+            jpeg,
             Image {
                 pixels: pixels.as_mut_slice(),
                 width: size.width,
@@ -727,6 +750,60 @@ mod tests {
             .write_with_encoder(JpegEncoder::new_with_quality(&mut out, 90))
             .unwrap();
         out
+    }
+
+    /// A progressive JPEG, transcoded to baseline before decoding, comes out exactly as
+    /// TurboJPEG's direct decode makes it: grey and every common subsampling, odd sizes, shrunk
+    /// on load or not.
+    #[test]
+    fn progressive_jpegs_decode_to_the_same_pixels_through_a_baseline_transcode() {
+        use turbojpeg::{Compressor, Decompressor, Image, PixelFormat, ScalingFactor, Subsamp};
+        let mut rng = fastrand::Rng::with_seed(7);
+        let subsamplings = [
+            Subsamp::Sub2x2,
+            Subsamp::Sub2x1,
+            Subsamp::None,
+            Subsamp::Gray,
+        ];
+        for (width, height) in [(5, 7), (17, 9), (333, 251)] {
+            let pixels: Vec<u8> = (0..width * height * 3).map(|_| rng.u8(..)).collect();
+            for subsamp in subsamplings {
+                let mut compressor = Compressor::new().unwrap();
+                compressor.set_subsamp(subsamp).unwrap();
+                compressor.set_progressive(true).unwrap();
+                let image = Image {
+                    pixels: &pixels[..],
+                    width,
+                    pitch: width * 3,
+                    height,
+                    format: PixelFormat::RGB,
+                };
+                let jpeg = compressor.compress_to_vec(image).unwrap();
+                for shrink in [1, 2] {
+                    let mut decompressor = Decompressor::new().unwrap();
+                    let factor = ScalingFactor::new(1, shrink);
+                    decompressor.set_scaling_factor(factor).unwrap();
+                    let header = decompressor.read_header(&jpeg).unwrap().scaled(factor);
+                    let format = match subsamp {
+                        Subsamp::Gray => PixelFormat::GRAY,
+                        _ => PixelFormat::RGB,
+                    };
+                    let pitch = header.width * format.size();
+                    let mut expected = vec![0; pitch * header.height];
+                    let output = Image {
+                        pixels: &mut expected[..],
+                        width: header.width,
+                        pitch,
+                        height: header.height,
+                        format,
+                    };
+                    decompressor.decompress(&jpeg, output).unwrap();
+                    let ours = decode_jpeg(&jpeg, 1 << 30, shrink as u16).unwrap().image;
+                    let case = format!("{width} × {height}, {subsamp:?}, 1/{shrink}");
+                    assert_eq!(ours.as_bytes(), expected, "{case}");
+                }
+            }
+        }
     }
 
     /// Every EXIF orientation of grey, RGB and RGBA pixels (odd sizes, each pixel distinct)
