@@ -1,5 +1,6 @@
 //! The CPU part of the pipeline: decode (with limits; a large JPEG shrunk on load by libvips'
-//! rule) → resize to the long edge (never upscaling; Lanczos3, after a box filter for 4× or
+//! rule; a progressive one transcoded losslessly to baseline first, so that its coefficients
+//! are freed before its pixels exist) → resize to the long edge (never upscaling; Lanczos3, after a box filter for 4× or
 //! more, as libvips) → convert an embedded ICC profile's colours to sRGB → apply the EXIF
 //! orientation to the resized image (never to the full-size one: a phone portrait costs no
 //! second full-size buffer) → make the preview from those pixels → encode. Metadata never
