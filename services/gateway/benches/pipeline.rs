@@ -205,7 +205,8 @@ impl Photo {
             tags.push("icc");
         }
         drop(decoder);
-        if frame.process == 2 {
+        let progressive = frame.process == 2;
+        if progressive {
             tags.push("prog");
         }
         // 4:2:0 unless tagged: a progressive JPEG's coefficients are 1× its RGB pixels for
@@ -223,7 +224,7 @@ impl Photo {
             width,
             height,
             tags: tags.join(","),
-            progressive: frame.process == 2,
+            progressive,
             subsamp,
         }
     }
