@@ -506,8 +506,8 @@ fn report(
     println!(
         "peak memory (resident growth) per image, worst, over the buffer our decode makes \
          (target <= 1.5x): baseline ours {:.2}x, libvips {:.2}x; progressive 4:2:0 ours {:.2}x, \
-         libvips {:.2}x; other progressive (coefficients alone: 1.33x for 4:2:2, 2x for 4:4:4) ours {:.2}x, \
-         libvips {:.2}x",
+         libvips {:.2}x; other progressive (coefficients alone: 1.33x for 4:2:2, 2x for \
+         4:4:4) ours {:.2}x, libvips {:.2}x",
         baseline[0], baseline[1], progressive[0], progressive[1], other[0], other[1]
     );
 }

@@ -1,12 +1,12 @@
 //! The CPU part of the pipeline: decode (with limits; a large JPEG shrunk on load by libvips'
 //! rule; a progressive one transcoded losslessly to baseline first, so that its coefficients
-//! are freed before its pixels exist) → resize to the long edge (never upscaling; Lanczos3, after a box filter for 4× or
-//! more, as libvips) → convert an embedded ICC profile's colours to sRGB → apply the EXIF
-//! orientation to the resized image (never to the full-size one: a phone portrait costs no
-//! second full-size buffer) → make the preview from those pixels → encode. Metadata never
-//! survives: the output is encoded from pixels alone (no EXIF/GPS, XMP, IPTC, comments, no
-//! profile: the pixels are sRGB). Opaque images become JPEG (libjpeg-turbo, 4:2:0); images with
-//! alpha keep it as PNG.
+//! are freed before its pixels exist) → resize to the long edge (never upscaling; Lanczos3,
+//! after a box filter for 4× or more, as libvips) → convert an embedded ICC profile's colours
+//! to sRGB → apply the EXIF orientation to the resized image (never to the full-size one: a
+//! phone portrait costs no second full-size buffer) → make the preview from those pixels →
+//! encode. Metadata never survives: the output is encoded from pixels alone (no EXIF/GPS, XMP,
+//! IPTC, comments, no profile: the pixels are sRGB). Opaque images become JPEG (libjpeg-turbo,
+//! 4:2:0); images with alpha keep it as PNG.
 //!
 //! Pure and synchronous: the service runs it on its bounded blocking pool; `fuzz/` runs it on
 //! arbitrary bytes.
