@@ -44,6 +44,27 @@ pub(crate) async fn keygen(kid: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
+/// `follow-api migrate` as the database's owner: the schema, and the service role the API
+/// runs as (its password from the test server).
+async fn migrate(postgres: &PostgresServer) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new(binary("follow-api")?)
+        .arg("migrate")
+        .env("FOLLOW_DATABASE_OWNER_URL", postgres.url())
+        .env(
+            "FOLLOW_DATABASE_SERVICE_PASSWORD",
+            postgres.service_password(),
+        )
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "follow-api migrate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 async fn start_api(env: Vec<(String, String)>) -> anyhow::Result<ServiceProcess> {
     Ok(ServiceProcess::start(
         "follow-api",
@@ -113,10 +134,11 @@ impl Stack {
             ],
         );
         let gateway = start_gateway(gateway_env.clone()).await?;
+        migrate(&postgres).await?;
         let api_env = common(
             User::Api,
             &[
-                ("FOLLOW_DATABASE_URL", postgres.url()),
+                ("FOLLOW_DATABASE_URL", postgres.service_url()),
                 ("FOLLOW_USER_PUBLIC_KEYS", user_public),
                 ("FOLLOW_UPLOAD_SIGNING_KEY", upload_private),
                 ("FOLLOW_GATEWAY_URL", gateway.url()),

@@ -9,6 +9,9 @@ use crate::{
 
 /// The database every [`PostgresServer`] has, owned by its superuser `follow`.
 pub(crate) const DATABASE: &str = "follow";
+/// The role a service runs as ([`PostgresServer::service_url`]): made, with its rights, by the
+/// service's own migration step, to which [`PostgresServer::service_password`] is given.
+pub(crate) const SERVICE_ROLE: &str = "follow_api";
 
 /// A PostgreSQL server of one test: a fresh cluster (superuser `follow` with a random password,
 /// SCRAM-SHA-256 authentication only, TCP on loopback only, durability off for speed) with an
@@ -132,7 +135,26 @@ impl PostgresServer {
         self.port
     }
 
-    /// `postgres://follow:PASSWORD@127.0.0.1:PORT/follow`
+    /// The password of [`SERVICE_ROLE`] on this server (derived from the superuser's, so a
+    /// kept cluster keeps it).
+    pub fn service_password(&self) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(format!("{SERVICE_ROLE}:{}", self.password));
+        digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// `postgres://follow_api:PASSWORD@127.0.0.1:PORT/follow`: the service's least-privilege
+    /// role, once its migration step made it.
+    pub fn service_url(&self) -> String {
+        format!(
+            "postgres://{SERVICE_ROLE}:{}@127.0.0.1:{}/{DATABASE}",
+            self.service_password(),
+            self.port
+        )
+    }
+
+    /// `postgres://follow:PASSWORD@127.0.0.1:PORT/follow`: the owner (superuser), for
+    /// migrations and for tests that inspect or break things.
     pub fn url(&self) -> String {
         self.url_of(DATABASE)
     }

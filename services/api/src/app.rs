@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::{Routes, interceptor::InterceptedService};
 
 use crate::{
-    MIGRATOR,
     auth::{Authenticator, interceptor},
     breaker::CircuitBreaker,
     config::Config,
@@ -45,8 +44,8 @@ use crate::{
 pub enum StartError {
     #[error("cannot reach PostgreSQL: {0}")]
     Database(#[source] sqlx::Error),
-    #[error("migrations failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Schema(#[from] crate::schema::SchemaError),
     #[error("invalid Valkey settings: {0}")]
     Valkey(#[from] BusError),
     #[error(transparent)]
@@ -88,10 +87,11 @@ pub async fn connect(config: &Config) -> Result<PgPool, StartError> {
 }
 
 impl Application {
-    /// Connects, migrates, and checks settings; serves nothing yet.
+    /// Connects, checks the schema is this build's (`follow-api migrate` makes it so) and the
+    /// settings; serves nothing yet.
     pub async fn build(config: Config, listener: TcpListener) -> Result<Self, StartError> {
         let pool = connect(&config).await?;
-        MIGRATOR.run(&pool).await?;
+        crate::schema::check(&pool).await?;
         let valkey = Valkey::new(ValkeyConfig::new(config.valkey_url.expose_secret()))?;
         Ok(Self {
             listener,
@@ -183,6 +183,7 @@ impl Application {
                 upload_token_ttl: config.upload_token_ttl,
                 max_file_size: config.max_file_size,
                 heartbeat: config.heartbeat,
+                recheck: config.watch_recheck,
                 preview_url_ttl: config.preview_url_ttl,
                 reconcile_interval: config.reconcile_interval,
                 expiry_grace: config.expiry_grace,

@@ -6,7 +6,7 @@
 //! | variable | default | meaning |
 //! |---|---|---|
 //! | `FOLLOW_API_LISTEN` | `127.0.0.1:8080` | gRPC, grpc-web, `/health`, `/metrics` (one port) |
-//! | `FOLLOW_DATABASE_URL` | — (required, secret) | PostgreSQL |
+//! | `FOLLOW_DATABASE_URL` | — (required, secret) | PostgreSQL, as the service role (rows of its tables only: see `follow_api::schema`) |
 //! | `FOLLOW_DATABASE_MAX_CONNECTIONS` | `16` | pool size |
 //! | `FOLLOW_USER_PUBLIC_KEYS` | — (required) | `kid=KEY,…` public keys that sign user tokens |
 //! | `FOLLOW_UPLOAD_SIGNING_KEY` | — (required, secret) | `kid=KEY`: private key for upload tokens |
@@ -18,6 +18,7 @@
 //! | `FOLLOW_MAX_FILE_SIZE` | `26214400` (25 MiB) | the largest upload a client may declare |
 //! | `FOLLOW_PREVIEW_URL_TTL_SECS` | `900` | lifetime of presigned preview URLs (at most 7 days) |
 //! | `FOLLOW_WATCH_HEARTBEAT_SECS` | `15` | heartbeat on idle watch streams |
+//! | `FOLLOW_WATCH_RECHECK_SECS` | `3` | a watch whose image the gateway is done with re-reads it from the database when its commit notice has not come this long after (then after twice that, up to 30 s), so a lost notice delays a watcher by seconds |
 //! | `FOLLOW_WATCH_MAX_LAG_SECS` | `30` | a watch stream whose client leaves events untaken for longer (while more come) is ended with `RESOURCE_EXHAUSTED` |
 //! | `FOLLOW_HUB_CHANNELS` | `pattern` | how the progress hub subscribes in Valkey: `pattern` (one `PSUBSCRIBE`) or `per-image` (one `SUBSCRIBE` per watched image); see `cargo bench -p follow-bus --bench hub` |
 //! | `FOLLOW_CONSUMER_NAME` | `api-{hostname}-{pid}` | this instance's name in `api-workers` (a stable name lets a restarted instance resume its own pending results at once) |
@@ -25,6 +26,10 @@
 //! | `FOLLOW_RESULT_MAX_FAILURES` | `5` | a result whose applying failed this often (not counting database outages) goes to `image:result:dead` |
 //! | `FOLLOW_RECONCILE_INTERVAL_SECS` | `30` | how often the reconciler looks for pending images whose upload may have been accepted (and each such image at most once per this) |
 //! | `FOLLOW_EXPIRY_GRACE_SECS` | `300` | how long after its token expired a pending image with nothing uploaded is expired |
+//!
+//! `follow-api migrate` reads `FOLLOW_DATABASE_OWNER_URL` (required, secret: the owner, who
+//! applies migrations), `FOLLOW_DATABASE_SERVICE_ROLE` (`follow_api`) and
+//! `FOLLOW_DATABASE_SERVICE_PASSWORD` (optional, secret: creates or updates the role's login).
 
 use std::time::Duration;
 
@@ -55,6 +60,7 @@ pub struct Config {
     pub s3: S3Config,
     pub preview_url_ttl: Duration,
     pub heartbeat: Duration,
+    pub watch_recheck: Duration,
     pub watch_max_lag: Duration,
     pub hub_channels: Channels,
     pub consumer_name: String,
@@ -117,6 +123,7 @@ impl FromEnv for Config {
                 1..=7 * 24 * 3600,
             )?),
             heartbeat: env.secs("FOLLOW_WATCH_HEARTBEAT_SECS", 15)?,
+            watch_recheck: env.secs("FOLLOW_WATCH_RECHECK_SECS", 3)?,
             watch_max_lag: env.secs("FOLLOW_WATCH_MAX_LAG_SECS", 30)?,
             hub_channels: env.parsed("FOLLOW_HUB_CHANNELS", "pattern")?,
             consumer_name,

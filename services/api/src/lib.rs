@@ -10,6 +10,7 @@
 //! | [`results`] | applying results to PostgreSQL: the one state machine (the consumer's handler) |
 //! | [`reconciler`] | pending images whose upload may have been accepted: records, originals, expiry |
 //! | [`store`] | the RPCs' and the reconciler's SQL, typed rows and statuses |
+//! | [`schema`] | migrations as the owner, the service role's rights, the start-up schema check |
 //! | [`views`] | database records as API messages |
 //! | [`state`] | what every RPC shares |
 //! | [`auth`] / [`breaker`] | the caller's identity; the circuit breaker in front of Valkey |
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod reconciler;
 pub mod results;
 pub mod routes;
+pub mod schema;
 pub mod state;
 pub mod store;
 pub mod views;

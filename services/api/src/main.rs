@@ -2,7 +2,8 @@
 //!
 //! * `follow-api` / `follow-api serve` — run the service (settings: `FOLLOW_*`, see
 //!   `follow_api::config`);
-//! * `follow-api migrate [--revert]` — apply (or undo the last) database migration;
+//! * `follow-api migrate [--revert]` — as the database's owner (`FOLLOW_DATABASE_OWNER_URL`),
+//!   apply the migrations and give the service role its rights (or undo the last migration);
 //! * `follow-api keygen --kid K [--out DIR]` — a new Ed25519 key pair;
 //! * `follow-api token --sub NAME` — a user token signed with `FOLLOW_USER_SIGNING_KEY`, for
 //!   development and tests;
@@ -27,8 +28,10 @@ use follow_api::{
     MIGRATOR,
     app::Application,
     config::{Config, parse_signing_key},
+    schema::{self, ServiceRole},
 };
 use follow_bus::{DeadEntry, DeadLetters, EntryId, Valkey, ValkeyConfig, keys};
+use follow_service::config::SecretString;
 use follow_token::{Claims as _, Kid, SigningKey, UserClaims};
 use tokio::net::TcpListener;
 
@@ -43,7 +46,9 @@ struct Cli {
 enum Command {
     /// Run the service (the default).
     Serve,
-    /// Apply pending migrations to FOLLOW_DATABASE_URL, or undo the last one.
+    /// As the owner (FOLLOW_DATABASE_OWNER_URL): apply pending migrations and give the service
+    /// role (FOLLOW_DATABASE_SERVICE_ROLE, default follow_api) its rights, creating its login
+    /// when FOLLOW_DATABASE_SERVICE_PASSWORD is set; or undo the last migration.
     Migrate {
         #[arg(long)]
         revert: bool,
@@ -174,7 +179,8 @@ async fn serve() -> anyhow::Result<()> {
 }
 
 async fn migrate(revert: bool) -> anyhow::Result<()> {
-    let url = std::env::var("FOLLOW_DATABASE_URL").context("FOLLOW_DATABASE_URL is required")?;
+    let url = std::env::var("FOLLOW_DATABASE_OWNER_URL")
+        .context("FOLLOW_DATABASE_OWNER_URL (the owner's connection) is required")?;
     let pool = sqlx::PgPool::connect(&url)
         .await
         .context("connecting to PostgreSQL")?;
@@ -190,8 +196,17 @@ async fn migrate(revert: bool) -> anyhow::Result<()> {
         MIGRATOR.undo(&pool, target).await?;
         tracing::info!(target, "migration undone");
     } else {
-        MIGRATOR.run(&pool).await?;
-        tracing::info!("migrations applied");
+        let name = std::env::var("FOLLOW_DATABASE_SERVICE_ROLE")
+            .unwrap_or_else(|_| ServiceRole::DEFAULT_NAME.to_owned());
+        let password = std::env::var("FOLLOW_DATABASE_SERVICE_PASSWORD")
+            .ok()
+            .map(SecretString::from);
+        let role = ServiceRole::new(&name, password)?;
+        schema::migrate(&pool, &role).await?;
+        tracing::info!(
+            role = name,
+            "migrations applied; the service role has its rights"
+        );
     }
     Ok(())
 }

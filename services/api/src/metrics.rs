@@ -91,6 +91,8 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// Database reads made by watch streams (their opening, resyncs, route readiness).
     pub watch_db_reads: Counter,
+    /// Images a watch found final by re-reading them, their commit notice never having come.
+    pub watch_rechecks_settled: Counter,
     watchers_lagged: Counter,
     hub_channels: Gauge,
     results_queue: QueueMetrics,
@@ -106,6 +108,7 @@ impl Metrics {
             apply_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             watchers: Gauge::default(),
             watch_db_reads: Counter::default(),
+            watch_rechecks_settled: Counter::default(),
             watchers_lagged: Counter::default(),
             hub_channels: Gauge::default(),
             // `image:result` as the API consumes it (dead: `follow-api dead list`).
@@ -140,6 +143,12 @@ impl Metrics {
             "watch_db_reads",
             "database reads made by WatchImageStatus streams",
             m.watch_db_reads.clone(),
+        );
+        registry.register(
+            "watch_rechecks_settled",
+            "re-reads by WatchImageStatus streams that found an image final whose commit notice \
+             never came (a lost announcement)",
+            m.watch_rechecks_settled.clone(),
         );
         registry.register(
             "watchers_lagged",

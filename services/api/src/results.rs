@@ -23,8 +23,10 @@
 //!
 //! After the commit (and before the acknowledgement) each change is announced on its image's
 //! progress channel as a [`Committed`] notice carrying the image as committed and whether its
-//! route became READY: watchers on every instance need not read it back. Announcing is best
-//! effort (a lost one delays a watcher until its next resync or reconnect; state is never lost).
+//! route became READY: watchers on every instance need not read it back. A result for an image
+//! that is final already announces it again (its first applier may have died between commit and
+//! announcement). Announcing is best effort: a watch whose image reached `done` re-reads it
+//! when no announcement follows (see `watch::session`); state is never lost.
 
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
@@ -176,34 +178,82 @@ impl ResultApplier {
         Ok(applied)
     }
 
-    /// Tells watchers (on every instance) about each committed change, all at once.
+    /// Tells watchers (on every instance) about each committed change, all at once, and again
+    /// about each image a result came for that is final already: the instance that committed
+    /// it may have died before announcing (this result is its redelivery), or its announcement
+    /// may have been lost. Watchers never show an event twice, so saying it again is harmless.
     async fn announce(&self, applied: &[Applied]) {
         let Some(tracker) = &self.announcer else {
             return;
         };
-        let announcements = applied.iter().filter_map(|a| {
-            let (image, route_ready) = match a {
-                Applied::Processed { image, route_ready } => (image, *route_ready),
-                Applied::Failed { image } => (image, false),
-                Applied::Ignored { .. } | Applied::Refused { .. } | Applied::Errored { .. } => {
-                    return None;
-                }
-            };
+        let changed: HashSet<Uuid> = applied
+            .iter()
+            .filter_map(|a| match a {
+                Applied::Processed { image, .. } | Applied::Failed { image } => Some(image.id),
+                _ => None,
+            })
+            .collect();
+        let ignored: Vec<Uuid> = applied
+            .iter()
+            .filter_map(|a| match a {
+                Applied::Ignored { image_id } if !changed.contains(image_id) => Some(*image_id),
+                _ => None,
+            })
+            .collect();
+        let again = match self.already_final(&ignored).await {
+            Ok(again) => again,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read final images to announce them again");
+                Vec::new()
+            }
+        };
+        let announced = applied.iter().filter_map(|a| match a {
+            Applied::Processed { image, route_ready } => Some((image, *route_ready)),
+            Applied::Failed { image } => Some((image, false)),
+            Applied::Ignored { .. } | Applied::Refused { .. } | Applied::Errored { .. } => None,
+        });
+        let announced = announced.chain(again.iter().map(|f| (&f.image, f.route_ready)));
+        let announcements = announced.map(|(image, route_ready)| {
             let mut tracker = tracker.clone();
             let committed = Committed {
                 image_id: image.id,
                 image: views::image(image, None, String::new()),
                 route_ready,
             };
-            Some(async move {
+            async move {
                 let image_id = committed.image_id;
                 if let Err(e) = tracker.announce(committed).await {
                     tracing::warn!(%image_id, error = %e, "announcing a committed result failed");
                 }
-            })
+            }
         });
         futures_util::future::join_all(announcements).await;
     }
+
+    /// The images of `ids` that are final, as committed, with whether their route is READY.
+    async fn already_final(&self, ids: &[Uuid]) -> Result<Vec<Final>, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_as(concat!(
+            "SELECT ",
+            image_columns!(),
+            ", r.status IN ('READY', 'PUBLISHED') AS route_ready
+             FROM image.images i JOIN route.routes r ON r.id = i.route_id
+             WHERE i.id = ANY($1) AND i.status <> 'PENDING'"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+    }
+}
+
+/// An image already final, and whether its route is READY.
+#[derive(sqlx::FromRow)]
+struct Final {
+    #[sqlx(flatten)]
+    image: ImageRecord,
+    route_ready: bool,
 }
 
 impl Handler<ImageResult> for ResultApplier {

@@ -31,6 +31,8 @@ pub struct Limits {
     pub upload_token_ttl: Duration,
     pub max_file_size: u64,
     pub heartbeat: Duration,
+    /// A watch re-reads images the gateway is done with after this (`FOLLOW_WATCH_RECHECK_SECS`).
+    pub recheck: Duration,
     pub preview_url_ttl: Duration,
     /// How often the reconciler looks at a pending image, and the grace after its expiry.
     pub reconcile_interval: Duration,

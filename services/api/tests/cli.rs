@@ -96,7 +96,7 @@ fn bad_settings_stop_the_service_naming_the_variable_without_leaking_secrets() {
 async fn migrate_applies_and_reverts() {
     let pg = PostgresServer::start().await.unwrap();
     let url = pg.url();
-    let env = [("FOLLOW_DATABASE_URL", url.as_str())];
+    let env = [("FOLLOW_DATABASE_OWNER_URL", url.as_str())];
     stdout(&follow_api(&["migrate"], &env));
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let tables = |pool: sqlx::PgPool| async move {
@@ -118,4 +118,62 @@ async fn migrate_applies_and_reverts() {
         .await
         .unwrap();
     assert_eq!(left, 0, "every migration reverted");
+}
+
+/// The API runs as a role that can read and write its tables' rows and nothing else: no DDL,
+/// no temporary tables, no `COPY … PROGRAM`, not a superuser. `follow-api migrate` makes it so.
+#[tokio::test]
+async fn the_service_role_can_only_read_and_write_rows() {
+    let pg = PostgresServer::start().await.unwrap();
+    let (owner, password) = (pg.url(), pg.service_password());
+    let env = [
+        ("FOLLOW_DATABASE_OWNER_URL", owner.as_str()),
+        ("FOLLOW_DATABASE_SERVICE_PASSWORD", password.as_str()),
+    ];
+    stdout(&follow_api(&["migrate"], &env));
+    stdout(&follow_api(&["migrate"], &env)); // idempotent, role included
+    let service = sqlx::PgPool::connect(&pg.service_url()).await.unwrap();
+    let superuser: bool =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(&service)
+            .await
+            .unwrap();
+    assert!(!superuser);
+    // Its job: rows.
+    sqlx::query(
+        "INSERT INTO route.routes (id, owner, name, request_id, status) \
+         VALUES (gen_random_uuid(), 'alice', 'r', 'q', 'PENDING')",
+    )
+    .execute(&service)
+    .await
+    .unwrap();
+    let routes: i64 = sqlx::query_scalar("SELECT count(*) FROM route.routes")
+        .fetch_one(&service)
+        .await
+        .unwrap();
+    assert_eq!(routes, 1);
+    // Nothing else.
+    for forbidden in [
+        "CREATE TABLE route.mine (i int)",
+        "CREATE TABLE public.mine (i int)",
+        "CREATE TABLE mine (i int)",
+        "CREATE TEMP TABLE mine (i int)",
+        "CREATE SCHEMA mine",
+        "ALTER TABLE image.images ADD COLUMN mine int",
+        "DROP TABLE route.waypoints",
+        "TRUNCATE route.routes",
+        "COPY (SELECT 1) TO PROGRAM 'true'",
+        "COPY route.routes FROM PROGRAM 'true'",
+        "CREATE ROLE mine",
+        "CREATE DATABASE mine",
+        "DELETE FROM _sqlx_migrations",
+        "ALTER ROLE follow_api SUPERUSER",
+    ] {
+        let refused = sqlx::raw_sql(forbidden)
+            .execute(&service)
+            .await
+            .unwrap_err();
+        let code = refused.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("42501"), "{forbidden}: {refused}");
+    }
 }

@@ -76,8 +76,10 @@ impl User {
         }
     }
 
-    /// The user's rules, after `reset`: keys (`~` read and write, `%W~` write only), channels
-    /// (`&`) and commands.
+    /// The user's rules, after `reset`: keys (`~` read and write), channels (`&`) and
+    /// commands, then a selector (`(…)`, its own keys and commands) for the one thing it may do
+    /// to the other service's stream: `XADD`. The root rules never name that stream, so no
+    /// other command (`DEL`, `XTRIM`, `XACK`, `XCLAIM`, `XREADGROUP`, …) reaches it.
     pub fn rules(self) -> Vec<String> {
         let both = |queue: keys::Queue| {
             [queue.stream, queue.dead, queue.failures].map(|key| format!("~{key}"))
@@ -89,23 +91,19 @@ impl User {
             format!("~{}", keys::PROGRESS_PATTERN),
             format!("&{}", keys::PROGRESS_PATTERN),
         ];
-        let mut rules: Vec<String> = match self {
+        let (mut rules, adds_to): (Vec<String>, &str) = match self {
             User::Admin => return ["~*", "&*", "+@all"].map(String::from).to_vec(),
-            // Consumes results and dead-letters them, queues jobs again (reconciler, write
-            // only), counts upload-token rates (`TIME` in the rate script), replays dead entries.
-            User::Api => both(keys::RESULTS)
-                .into_iter()
-                .chain([
-                    format!("%W~{}", keys::JOBS.stream),
-                    format!("~{}", keys::rate_limit("*", "*")),
-                ])
-                .collect(),
-            // Consumes jobs and dead-letters them, publishes results (write only: it can never
-            // read or take the API's results).
-            User::Gateway => both(keys::JOBS)
-                .into_iter()
-                .chain([format!("%W~{}", keys::RESULTS.stream)])
-                .collect(),
+            // Consumes results and dead-letters them, counts upload-token rates (`TIME` in
+            // the rate script), replays dead entries; queues jobs again (the reconciler).
+            User::Api => (
+                both(keys::RESULTS)
+                    .into_iter()
+                    .chain([format!("~{}", keys::rate_limit("*", "*"))])
+                    .collect(),
+                keys::JOBS.stream,
+            ),
+            // Consumes jobs and dead-letters them; publishes results.
+            User::Gateway => (both(keys::JOBS).into_iter().collect(), keys::RESULTS.stream),
         };
         rules.extend(shared);
         rules.push("-@all".into());
@@ -113,6 +111,7 @@ impl User {
         if self == User::Api {
             rules.extend(["+time", "+xdel"].map(String::from));
         }
+        rules.push(format!("(%W~{adds_to} -@all +xadd)"));
         rules
     }
 }
@@ -152,13 +151,13 @@ mod tests {
     }
 
     #[test]
-    fn the_gateway_may_only_write_results_and_the_api_only_write_jobs() {
+    fn the_gateway_may_only_add_results_and_the_api_only_add_jobs() {
         let gateway = User::Gateway.rules();
-        assert!(gateway.contains(&"%W~image:result".to_owned()));
-        assert!(!gateway.contains(&"~image:result".to_owned()));
+        assert!(gateway.contains(&"(%W~image:result -@all +xadd)".to_owned()));
+        assert!(!gateway.iter().any(|r| r.contains("~image:result ")));
         assert!(!gateway.iter().any(|r| r.starts_with("~ratelimit")));
         let api = User::Api.rules();
-        assert!(api.contains(&"%W~image:jobs".to_owned()));
-        assert!(!api.contains(&"~image:jobs".to_owned()));
+        assert!(api.contains(&"(%W~image:jobs -@all +xadd)".to_owned()));
+        assert!(!api.iter().any(|r| r.contains("~image:jobs ")));
     }
 }

@@ -111,7 +111,9 @@ impl ConsumerConfig {
             min_idle: Duration::from_secs(60),
             reclaim_interval: Duration::from_secs(15),
             backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(10),
+            // Short: once Valkey (or what the handler waits for) is back, work resumes within
+            // about a second.
+            backoff_max: Duration::from_secs(1),
         }
     }
 }

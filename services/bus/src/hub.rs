@@ -347,7 +347,7 @@ impl Worker {
         commands: &mut mpsc::UnboundedReceiver<Command>,
         cancel: &CancellationToken,
     ) {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         let mut first = !self.shared.started.swap(true, Ordering::Relaxed);
         loop {
             let connected = async {

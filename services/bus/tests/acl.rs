@@ -181,3 +181,89 @@ async fn nobody_gets_in_without_the_password() {
         );
     }
 }
+
+/// Each service may `XADD` to the other's stream and nothing else: one leaked password must not
+/// wipe, trim, acknowledge, claim or read the other service's unapplied work.
+#[tokio::test]
+async fn neither_service_can_do_more_than_add_to_the_others_stream() {
+    let server = ValkeyServer::start().await.unwrap();
+    let mut admin = server.connection().await;
+    for queue in [keys::RESULTS, keys::JOBS] {
+        refusal(
+            &mut admin,
+            &[
+                "XGROUP",
+                "CREATE",
+                queue.stream,
+                queue.group,
+                "0",
+                "MKSTREAM",
+            ],
+        )
+        .await;
+    }
+    for (user, theirs) in [(User::Gateway, keys::RESULTS), (User::Api, keys::JOBS)] {
+        let mut conn = connect(&server.url_as(user)).await.unwrap();
+        let added: String = redis::cmd("XADD")
+            .arg(theirs.stream)
+            .arg("*")
+            .arg("f")
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (stream, group, dead, failures) =
+            (theirs.stream, theirs.group, theirs.dead, theirs.failures);
+        let forbidden: Vec<Vec<&str>> = vec![
+            vec!["DEL", stream],
+            vec!["UNLINK", stream],
+            vec!["XTRIM", stream, "MAXLEN", "0"],
+            vec!["XTRIM", stream, "MINID", "+"],
+            vec!["XDEL", stream, &added],
+            vec!["XACK", stream, group, &added],
+            vec!["XCLAIM", stream, group, "thief", "0", &added],
+            vec!["XAUTOCLAIM", stream, group, "thief", "0", "0"],
+            vec![
+                "XREADGROUP",
+                "GROUP",
+                group,
+                "thief",
+                "STREAMS",
+                stream,
+                ">",
+            ],
+            vec!["XREAD", "STREAMS", stream, "0"],
+            vec!["XRANGE", stream, "-", "+"],
+            vec!["XPENDING", stream, group],
+            vec!["XINFO", "GROUPS", stream],
+            vec!["XGROUP", "DESTROY", stream, group],
+            vec!["XGROUP", "SETID", stream, group, "$"],
+            vec!["XGROUP", "CREATE", stream, "mine", "0"],
+            vec!["XGROUP", "DELCONSUMER", stream, group, "c"],
+            vec!["XSETID", stream, "999999999999-0"],
+            vec!["EXPIRE", stream, "1"],
+            vec!["RENAME", stream, "elsewhere"],
+            vec!["SET", stream, "x"],
+            vec!["XADD", dead, "*", "f", "v"],
+            vec!["XRANGE", dead, "-", "+"],
+            vec!["DEL", dead],
+            vec!["HSET", failures, "1-1", "99"],
+            vec!["DEL", failures],
+        ];
+        for command in &forbidden {
+            assert!(
+                refusal(&mut conn, command).await.is_some(),
+                "{user:?} may run {command:?}"
+            );
+        }
+        // Nor through a script.
+        let script = ["EVAL", "return redis.call('DEL', KEYS[1])", "1", stream];
+        assert!(refusal(&mut conn, &script).await.is_some(), "{user:?}");
+        let len: usize = redis::cmd("XLEN")
+            .arg(stream)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(len, 1, "{user:?}: the entry it added is all that changed");
+    }
+}

@@ -18,9 +18,12 @@ const RETRY_AFTER_SECS: &str = "2";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UploadError {
-    /// The request is malformed (two different tokens, say): 400.
+    /// Which token is meant is unclear (two different ones, a repeated parameter): 400.
     #[error("{0}")]
     BadRequest(String),
+    /// The request is not one upload of a whole image (`Content-Range`): 400.
+    #[error("{0}")]
+    Malformed(&'static str),
     #[error("{0}")]
     InvalidToken(String),
     #[error("the upload token has expired")]
@@ -34,6 +37,12 @@ pub enum UploadError {
     TooLarge(u64),
     #[error("Content-Type must be {expected}, got {got:?}")]
     ContentTypeMismatch { expected: String, got: String },
+    /// The body is an image of another accepted type than the one declared.
+    #[error("the body is {found}, not the declared {declared}")]
+    BodyTypeMismatch {
+        declared: &'static str,
+        found: &'static str,
+    },
     /// The bytes are not an acceptable image.
     #[error(transparent)]
     Image(#[from] PipelineError),
@@ -65,6 +74,8 @@ pub enum RefusalCode {
     Unavailable,
     /// Retry with the same token once one of the caller's other uploads is done (429).
     RateLimited,
+    /// The request itself is malformed (400); nothing was spent.
+    BadRequest,
 }
 
 impl RefusalCode {
@@ -73,6 +84,7 @@ impl RefusalCode {
             Self::Pipeline(code) => code.as_str(),
             Self::Unavailable => "UNAVAILABLE",
             Self::RateLimited => "RATE_LIMITED",
+            Self::BadRequest => "BAD_REQUEST",
         }
     }
 }
@@ -80,13 +92,16 @@ impl RefusalCode {
 impl UploadError {
     /// The contract's error code (in bodies, the status hash and the result stream).
     pub fn code(&self) -> RefusalCode {
-        use RefusalCode::{Pipeline, RateLimited, Unavailable};
+        use RefusalCode::{BadRequest, Pipeline, RateLimited, Unavailable};
         match self {
             Self::BadRequest(_) | Self::InvalidToken(_) => Pipeline(ErrorCode::InvalidToken),
+            Self::Malformed(_) => BadRequest,
             Self::TokenExpired => Pipeline(ErrorCode::TokenExpired),
             Self::Duplicate | Self::InProgress(_) => Pipeline(ErrorCode::DuplicateUpload),
             Self::TooLarge(_) => Pipeline(ErrorCode::PayloadTooLarge),
-            Self::ContentTypeMismatch { .. } => Pipeline(ErrorCode::ContentTypeMismatch),
+            Self::ContentTypeMismatch { .. } | Self::BodyTypeMismatch { .. } => {
+                Pipeline(ErrorCode::ContentTypeMismatch)
+            }
             Self::Image(e) => Pipeline(e.code()),
             Self::Internal => Pipeline(ErrorCode::Internal),
             Self::RateLimited(_) => RateLimited,
@@ -100,14 +115,14 @@ impl UploadError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) | Self::Incomplete => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::Malformed(_) | Self::Incomplete => StatusCode::BAD_REQUEST,
             Self::InvalidToken(_) | Self::TokenExpired => StatusCode::UNAUTHORIZED,
             Self::Duplicate | Self::InProgress(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Image(PipelineError::ImageTooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ContentTypeMismatch { .. } | Self::Image(PipelineError::InvalidImage(_)) => {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE
-            }
+            Self::ContentTypeMismatch { .. }
+            | Self::BodyTypeMismatch { .. }
+            | Self::Image(PipelineError::InvalidImage(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooSlow => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded | Self::BusUnavailable | Self::StorageUnavailable => {
@@ -135,7 +150,11 @@ impl IntoResponse for UploadError {
         // The body may be unread: the connection must not be reused for a next request.
         if matches!(
             self,
-            Self::TooLarge(_) | Self::Image(_) | Self::TooSlow | Self::Incomplete
+            Self::TooLarge(_)
+                | Self::Image(_)
+                | Self::BodyTypeMismatch { .. }
+                | Self::TooSlow
+                | Self::Incomplete
         ) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -148,7 +167,9 @@ impl From<UploadError> for Status {
         let message = e.to_string();
         match e {
             UploadError::BadRequest(_)
+            | UploadError::Malformed(_)
             | UploadError::ContentTypeMismatch { .. }
+            | UploadError::BodyTypeMismatch { .. }
             | UploadError::TooLarge(_)
             | UploadError::Image(_)
             | UploadError::TooSlow

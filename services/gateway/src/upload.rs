@@ -94,21 +94,20 @@ pub async fn put_upload(
     response
 }
 
-/// The upload token of a request: `?token=` or `Authorization: Bearer`, not two different ones.
+/// The upload token of a request: one `?token=` or `Authorization: Bearer`, not two different
+/// ones.
 pub fn token_of<'a>(query: Option<&'a str>, headers: &'a HeaderMap) -> Result<String, UploadError> {
     let mut from_query: Option<String> = None;
     for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         if name != "token" {
             continue;
         }
-        match &from_query {
-            Some(seen) if *seen != value => {
-                return Err(UploadError::BadRequest(
-                    "two different `token` parameters".into(),
-                ));
-            }
-            _ => from_query = Some(value.into_owned()),
+        if from_query.is_some() {
+            return Err(UploadError::BadRequest(
+                "more than one `token` parameter".into(),
+            ));
         }
+        from_query = Some(value.into_owned());
     }
     let from_header = bearer_of(headers).map_err(|e| UploadError::BadRequest(e.to_string()))?;
     match (from_query.filter(|t| !t.is_empty()), from_header) {
@@ -160,6 +159,9 @@ enum Refused {
     Transfer(UploadError),
     /// The body itself is bad: the token is spent and the image fails.
     Body(UploadError),
+    /// The image has its upload already (its original or its result record is in S3: the
+    /// guard was lost, as when Valkey loses its data): `409`, and nothing of the image changes.
+    Used,
 }
 
 impl Gateway {
@@ -169,6 +171,13 @@ impl Gateway {
         headers: &HeaderMap,
         body: Body,
     ) -> Result<Receipt, UploadError> {
+        // A partial body (RFC 9110, 14.5: a PUT with `Content-Range` must be refused) is never
+        // an image: refused before the token is looked at.
+        if headers.contains_key(header::CONTENT_RANGE) {
+            return Err(UploadError::Malformed(
+                "`Content-Range` is not accepted: send the whole image in one PUT",
+            ));
+        }
         let claims = verify(&self.verifier, &token_of(query, headers)?)?;
         let image_id = claims.image_id;
         let span = tracing::info_span!("upload", %image_id);
@@ -228,9 +237,11 @@ impl Gateway {
                 self.release_guard(image_id).await;
                 Err(e)
             }
-            Err(Refused::Body(e)) => {
-                self.fail(&claims, &e, started).await;
-                Err(e)
+            Err(Refused::Body(e)) => Err(self.fail(&claims, e, started).await),
+            Err(Refused::Used) => {
+                tracing::info!("upload refused: the image has its upload already");
+                self.spend_guard(&claims).await;
+                Err(UploadError::Duplicate)
             }
         }
     }
@@ -271,6 +282,18 @@ impl Gateway {
         remaining + self.config.receive.body_timeout + self.config.token_leeway
     }
 
+    /// Marks the token used until it expires, so later replays are refused by the guard.
+    async fn spend_guard(&self, claims: &UploadClaims) {
+        if let Err(e) = self
+            .guard
+            .clone()
+            .spend(claims.image_id, self.spent_for(claims))
+            .await
+        {
+            tracing::warn!(error = %e, "the spent token could not be marked");
+        }
+    }
+
     async fn release_guard(&self, image_id: Uuid) {
         if let Err(e) = self.guard.clone().release(image_id, &self.holder).await {
             // It expires on its own; until then a retry gets 409.
@@ -293,7 +316,7 @@ impl Gateway {
         let used = tokio::try_join!(self.bucket.exists(&original), self.bucket.exists(&record));
         match used {
             Ok((false, false)) => {}
-            Ok(_) => return Err(Refused::Body(UploadError::Duplicate)),
+            Ok(_) => return Err(Refused::Used),
             Err(e) => {
                 tracing::warn!(error = %e, "upload refused: storage unavailable");
                 return Err(Refused::Transfer(UploadError::StorageUnavailable));
@@ -316,7 +339,7 @@ impl Gateway {
         match self
             .bucket
             .put_new_file(
-                &original_key(key),
+                &original,
                 received.file.path(),
                 &claims.content_type,
                 &received.sha256,
@@ -324,9 +347,24 @@ impl Gateway {
             .await
         {
             Ok(()) => {}
-            Err(S3Error::Exists) => return Err(Refused::Body(UploadError::Duplicate)),
+            Err(S3Error::Exists) => return Err(Refused::Used),
             Err(e) => {
                 tracing::warn!(error = %e, "upload refused: the original could not be stored");
+                return Err(Refused::Transfer(UploadError::StorageUnavailable));
+            }
+        }
+        // Another upload of this token may have been stored, processed and its original
+        // removed while this body arrived (or a bad one may have failed the image): its record
+        // is the image's outcome, and this original goes.
+        match self.bucket.exists(&record).await {
+            Ok(false) => {}
+            Ok(true) => {
+                self.remove(&original).await;
+                return Err(Refused::Used);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upload refused: storage unavailable after the original was stored");
+                self.remove(&original).await;
                 return Err(Refused::Transfer(UploadError::StorageUnavailable));
             }
         }
@@ -470,44 +508,65 @@ impl Gateway {
         })
     }
 
-    /// A bad body spent the token: its `failed` result is recorded in S3, then published, and
-    /// its status says why. Best effort beyond that: with S3 and Valkey both down the image is
-    /// left to expire.
-    async fn fail(&self, claims: &UploadClaims, error: &UploadError, started: Instant) {
+    /// A bad body spent the token: the image fails, its `failed` result recorded in S3 first
+    /// and then published, and its status says why; the client gets `error`. Unless the image
+    /// has its upload (another upload of this token, after the guard was lost, stored its
+    /// original): that one wins, and the client gets `409` with nothing changed. Storage that
+    /// does not answer cannot have taken another upload's original either: the result is then
+    /// published without its record (with S3 and Valkey both down the image is left to expire).
+    async fn fail(
+        &self,
+        claims: &UploadClaims,
+        error: UploadError,
+        started: Instant,
+    ) -> UploadError {
         let failure = Failure {
             code: match error.code() {
                 crate::error::RefusalCode::Pipeline(code) => code,
-                crate::error::RefusalCode::Unavailable | crate::error::RefusalCode::RateLimited => {
-                    follow_bus::ErrorCode::Internal
-                }
+                crate::error::RefusalCode::Unavailable
+                | crate::error::RefusalCode::RateLimited
+                | crate::error::RefusalCode::BadRequest => follow_bus::ErrorCode::Internal,
             },
             message: error.to_string(),
         };
         tracing::info!(code = %failure.code, message = %failure.message, "upload refused: bad body");
-        self.metrics.failed(failure.code);
-        let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
-        reporter.failed(failure.clone());
+        self.spend_guard(claims).await;
         let result = ImageResult {
             image_id: claims.image_id,
-            outcome: ResultOutcome::Failed(failure),
+            outcome: ResultOutcome::Failed(failure.clone()),
             produced_at: OffsetDateTime::now_utc(),
             processing_ms: started.elapsed().as_millis() as u64,
         };
-        if let Err(e) = self
-            .guard
-            .clone()
-            .spend(claims.image_id, self.spent_for(claims))
-            .await
-        {
-            tracing::warn!(error = %e, "the spent token could not be marked");
+        // An upload that stored its original first wins: checked before the record is written,
+        // and again after (an upload storing its original meanwhile checks for this record).
+        let original = original_key(&claims.storage_key);
+        if self.bucket.exists(&original).await.unwrap_or(false) {
+            return UploadError::Duplicate;
         }
-        if let Err(e) = objects::write_record(&self.bucket, &claims.storage_key, &result).await {
-            tracing::warn!(error = %e, "the failed result could not be recorded");
+        match objects::write_record(&self.bucket, &claims.storage_key, &result).await {
+            Ok(()) => {}
+            Err(S3Error::Exists) => return UploadError::Duplicate,
+            Err(e) => tracing::warn!(error = %e, "the failed result could not be recorded"),
         }
+        if self.bucket.exists(&original).await.unwrap_or(false) {
+            self.remove(&record_key(&claims.storage_key)).await;
+            return UploadError::Duplicate;
+        }
+        self.metrics.failed(failure.code);
+        let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
+        reporter.failed(failure);
         if let Err(e) = self.producer.clone().publish(&result).await {
             tracing::warn!(error = %e, "the failed result could not be published; the reconciler will apply its record");
         }
         reporter.finish().await;
+        error
+    }
+
+    /// Deletes an object this upload wrote and must not leave.
+    async fn remove(&self, key: &str) {
+        if let Err(e) = self.bucket.delete(key).await {
+            tracing::warn!(error = %e, key, "an object of a refused upload could not be removed");
+        }
     }
 }
 
@@ -529,10 +588,10 @@ fn content_type(headers: &HeaderMap) -> String {
 fn check_format(prefix: &[u8], expected: ImageFormat) -> Result<(), UploadError> {
     let found = sniff::sniff(prefix)?;
     if found != expected {
-        return Err(PipelineError::InvalidImage(format!(
-            "the bytes are {found:?}, not the declared type"
-        ))
-        .into());
+        return Err(UploadError::BodyTypeMismatch {
+            declared: expected.to_mime_type(),
+            found: found.to_mime_type(),
+        });
     }
     Ok(())
 }

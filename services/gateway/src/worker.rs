@@ -4,8 +4,9 @@
 //!
 //! 1. a result record already in S3 (a previous attempt got that far) is handed off as it is;
 //! 2. otherwise the original is read and run through the pipeline (stages reported live);
-//! 3. outputs, then the result record are written; the original is deleted (the record now
-//!    stands for it) unless `FOLLOW_KEEP_ORIGINALS`;
+//! 3. outputs, then the result record are written, each once (a record already there wins and
+//!    is what is handed off); the original is deleted (the record now stands for it) unless
+//!    `FOLLOW_KEEP_ORIGINALS`;
 //! 4. the hand-off: `XADD image:result` + `XACK image:jobs` in one `MULTI`.
 //!
 //! Storage or Valkey unavailable: the job stays pending (retried with backoff, its lease kept),
@@ -92,8 +93,8 @@ impl JobHandler {
         let reporter = Reporter::start(&self.progress, &self.metrics, job.image_id);
         let ended = Box::pin(self.run(job, &reporter, started)).await;
         let outcome = match ended {
-            Ended::Result(result) => match self.finish(job, &result).await {
-                Ok(()) => {
+            Ended::Result(result) => match self.finish(job, result).await {
+                Ok(result) => {
                     match &result.outcome {
                         ResultOutcome::Processed(_) => {
                             reporter.stage(Stage::Done);
@@ -106,7 +107,7 @@ impl JobHandler {
                     }
                     Outcome::HandOff(result)
                 }
-                Err(e) => self.unavailable(&e.to_string()),
+                Err(outcome) => outcome,
             },
             Ended::Unavailable(reason) => self.unavailable(&reason),
             Ended::Failed(reason) if delivery.failures + 1 >= self.jobs.max_failures => {
@@ -115,11 +116,13 @@ impl JobHandler {
                     code: ErrorCode::Internal,
                     message: "the image could not be processed".into(),
                 };
-                let result = failed(job, failure.clone(), started);
-                if let Err(e) = objects::write_record(&self.bucket, &job.storage_key, &result).await
+                let result = match self
+                    .record(job, failed(job, failure.clone(), started))
+                    .await
                 {
-                    return self.unavailable(&e.to_string());
-                }
+                    Ok(result) => result,
+                    Err(outcome) => return outcome,
+                };
                 reporter.failed(failure);
                 self.metrics.failed(ErrorCode::Internal);
                 Outcome::DeadLetter {
@@ -184,14 +187,19 @@ impl JobHandler {
         let preview = preview_key(&job.storage_key);
         let byte_size = output.image.bytes.len() as u64;
         let (image_type, preview_type) = (output.image.content_type, output.preview.content_type);
-        let stored = tokio::try_join!(
+        // Written once: an earlier attempt at this job that stored them made the same bytes
+        // from the same original, so finding them there is success.
+        let stored = tokio::join!(
             self.bucket
-                .put(&job.storage_key, output.image.bytes, image_type),
+                .put_new(&job.storage_key, output.image.bytes, image_type),
             self.bucket
-                .put(&preview, output.preview.bytes, preview_type),
+                .put_new(&preview, output.preview.bytes, preview_type),
         );
-        if let Err(e) = stored {
-            return Ended::Unavailable(e.to_string());
+        for written in [stored.0, stored.1] {
+            match written {
+                Ok(()) | Err(S3Error::Exists) => {}
+                Err(e) => return Ended::Unavailable(e.to_string()),
+            }
         }
         Ended::Result(ImageResult {
             image_id: job.image_id,
@@ -229,12 +237,37 @@ impl JobHandler {
         })
     }
 
-    /// The record, then the original's removal (the record stands for it from now on).
-    async fn finish(&self, job: &Job, result: &ImageResult) -> Result<(), S3Error> {
-        objects::write_record(&self.bucket, &job.storage_key, result).await?;
+    /// The record, then the original's removal (the record stands for it from now on); the
+    /// result to hand off is the one recorded.
+    async fn finish(&self, job: &Job, result: ImageResult) -> Result<ImageResult, Outcome> {
+        let result = self.record(job, result).await?;
         self.drop_original(job).await;
         fail::fail_point!("gateway-before-handoff");
-        Ok(())
+        Ok(result)
+    }
+
+    /// Records `result` unless the image has a record already: a record is never replaced, and
+    /// the one there is the image's outcome.
+    async fn record(&self, job: &Job, result: ImageResult) -> Result<ImageResult, Outcome> {
+        match objects::write_record(&self.bucket, &job.storage_key, &result).await {
+            Ok(()) => Ok(result),
+            Err(S3Error::Exists) => {
+                match objects::read_record(&self.bucket, &job.storage_key).await {
+                    Ok(Record::Found(recorded)) => {
+                        tracing::info!(
+                            "another attempt recorded this image's result first; handing that off"
+                        );
+                        Ok(recorded)
+                    }
+                    Ok(Record::Corrupt(reason)) => Err(Outcome::dead_letter(reason)),
+                    Ok(Record::Missing) => {
+                        Err(self.unavailable("the record vanished after a conflict"))
+                    }
+                    Err(e) => Err(self.unavailable(&e.to_string())),
+                }
+            }
+            Err(e) => Err(self.unavailable(&e.to_string())),
+        }
     }
 
     async fn drop_original(&self, job: &Job) {

@@ -162,9 +162,32 @@ async fn every_refusal_is_json_even_the_frameworks() {
         let (status, _, code) = json(response).await;
         assert_eq!((status, code.as_str()), (400, "INVALID_TOKEN"));
     }
-    // The same token twice is one token.
+    // A repeated `token=` is refused even when both copies are equal; a partial body
+    // (`Content-Range`) is refused before anything is spent.
+    for (request, expected) in [
+        (
+            client.put(format!("{}/upload?token={a}&token={a}", gw.url())),
+            "INVALID_TOKEN",
+        ),
+        (
+            client
+                .put(format!("{}/upload?token={a}", gw.url()))
+                .header("content-range", "bytes 0-99/200"),
+            "BAD_REQUEST",
+        ),
+    ] {
+        let response = request
+            .header("content-type", "image/jpeg")
+            .body(jpeg(8, 8))
+            .send()
+            .await
+            .unwrap();
+        let (status, _, code) = json(response).await;
+        assert_eq!((status, code.as_str()), (400, expected));
+    }
+    // The query's token and the same one in `Authorization` are one token, still unused.
     let response = client
-        .put(format!("{}/upload?token={a}&token={a}", gw.url()))
+        .put(format!("{}/upload?token={a}", gw.url()))
         .bearer_auth(&a)
         .header("content-type", "image/jpeg")
         .body(jpeg(8, 8))

@@ -275,6 +275,13 @@ async fn header_refusals_spend_nothing_and_bad_bodies_end_in_a_failed_result() {
             ErrorCode::InvalidImage,
         ),
         ("image/png", flood, 413, ErrorCode::ImageTooLarge),
+        // Another accepted type than the one declared.
+        (
+            "image/jpeg",
+            png_with_alpha(8, 8),
+            415,
+            ErrorCode::ContentTypeMismatch,
+        ),
     ] {
         let (id, token) = gw.token(content_type, 1_000_000);
         let (got, answer) = gw.put(&token, content_type, body.clone()).await;

@@ -28,9 +28,14 @@ pub trait Probe: Clone + Send + Sync + 'static {
     fn metrics(&self) -> impl Future<Output = Response> + Send;
 }
 
+/// How long a dependency may take to answer a health probe before it counts as down: health
+/// answers within a second whatever is down (a silent server is down, not a hang).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+
 /// The checks every service makes — Valkey answers, the progress hub holds its pub/sub
-/// connection (else watches are refused), every worker is alive — with the service's own
-/// dependency (`name`, checked by `own`) between them, all at once.
+/// connection (else watches are refused), no worker keeps failing — with the service's own
+/// dependency (`name`, checked by `own`) between them, all at once, each within
+/// [`PROBE_TIMEOUT`].
 pub async fn checks(
     valkey: &HealthChecker,
     hub: &HubStats,
@@ -39,11 +44,14 @@ pub async fn checks(
     own: impl Future<Output = bool>,
 ) -> Checks {
     let mut valkey = valkey.clone();
-    let (valkey, own) = tokio::join!(valkey.check(), own);
+    let (valkey, own) = tokio::join!(
+        tokio::time::timeout(PROBE_TIMEOUT, valkey.check()),
+        tokio::time::timeout(PROBE_TIMEOUT, own),
+    );
     vec![
-        ("valkey", valkey.valkey),
+        ("valkey", valkey.is_ok_and(|h| h.valkey)),
         ("progress_hub", hub.connected.load(Ordering::Relaxed)),
-        (name, own),
+        (name, own.unwrap_or(false)),
         ("workers", workers.down().is_empty()),
     ]
 }

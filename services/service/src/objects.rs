@@ -66,14 +66,15 @@ pub async fn read_record(bucket: &Bucket, storage_key: &str) -> Result<Record, S
     })
 }
 
-/// Writes the result record of the image stored under `storage_key`.
+/// Writes the result record of the image stored under `storage_key`, unless it has one
+/// ([`S3Error::Exists`]: the record there is the image's outcome, never replaced).
 pub async fn write_record(
     bucket: &Bucket,
     storage_key: &str,
     result: &ImageResult,
 ) -> Result<(), S3Error> {
     bucket
-        .put(
+        .put_new(
             &record_key(storage_key),
             result.to_json(),
             "application/json",

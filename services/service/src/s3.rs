@@ -77,13 +77,22 @@ impl Bucket {
         }
     }
 
-    /// Stores `bytes` at `key`.
-    pub async fn put(&self, key: &str, bytes: Vec<u8>, content_type: &str) -> Result<(), S3Error> {
+    /// Stores `bytes` at `key` unless an object is there already ([`S3Error::Exists`]): every
+    /// object of an image is written once, so a second writer loses instead of overwriting.
+    /// `If-None-Match: *` where the server supports conditional writes (MinIO, AWS); on a server
+    /// that ignores it (Garage) the caller's check before the write is what protects.
+    pub async fn put_new(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), S3Error> {
         self.client
             .put_object()
             .bucket(&self.name)
             .key(key)
             .content_type(content_type)
+            .if_none_match("*")
             .body(ByteStream::from(bytes))
             .send()
             .await
@@ -91,9 +100,8 @@ impl Bucket {
             .map_err(classify)
     }
 
-    /// Stores the file at `path` at `key` unless an object is there already: `If-None-Match: *`
-    /// where the server supports conditional writes (MinIO, AWS); servers that ignore it
-    /// (Garage) need the caller to have checked first. `sha256` is the one computed while the
+    /// Stores the file at `path` at `key` unless an object is there already, as
+    /// [`Bucket::put_new`]. `sha256` is the one computed while the
     /// body arrived: the server checks what it receives against it (`x-amz-checksum-sha256`),
     /// so a spool file that changed on disk is refused, not stored; the payload is not signed
     /// again (that hash would be of what was read back, proving less).

@@ -1,10 +1,10 @@
 //! Background workers: named tasks on one tracker, stopped by the one shutdown token.
 //!
-//! * [`Workers::supervise`] restarts a worker whenever it ends before shutdown (a panic, or a
-//!   return it should not make), after a growing pause: each start makes a fresh worker.
-//! * [`Workers::once`] runs a worker that cannot be restarted (it owns something a restart
-//!   could not rebuild). If it ends before shutdown it is recorded as down, and
-//!   [`Workers::down`] makes the service's health say so: an operator sees it, nothing hides it.
+//! [`Workers::supervise`] restarts a worker whenever it ends before shutdown (a panic, or a
+//! return it should not make), after a growing pause with jitter: each start makes a fresh
+//! worker. A worker that ends early [`DOWN_AFTER`] times in a row, none of its runs lasting
+//! [`STEADY`], is crash-looping: [`Workers::down`] names it, and the service's health says
+//! `workers: down` until a run of it lasts [`STEADY`]. An operator sees it; nothing hides it.
 
 use std::{
     collections::BTreeSet,
@@ -22,6 +22,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::health::Probe;
 use tracing::Instrument as _;
+
+/// A run of a worker that lasts this long shows it works: its early ends are forgotten.
+pub const STEADY: Duration = Duration::from_secs(30);
+/// Early ends in a row after which a worker is reported down.
+pub const DOWN_AFTER: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct Workers {
@@ -51,13 +56,31 @@ impl Workers {
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let cancel = self.cancel.clone();
+        let (cancel, down) = (self.cancel.clone(), Arc::clone(&self.down));
+        let mark = move |is_down: bool| {
+            let mut down = down.lock().unwrap_or_else(PoisonError::into_inner);
+            if is_down {
+                down.insert(name);
+            } else {
+                down.remove(name);
+            }
+        };
         let span = tracing::info_span!("worker", worker = name);
         self.tracker.spawn(
             async move {
                 let mut pause = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+                let mut early_ends = 0;
                 loop {
-                    let outcome = tokio::spawn(make().in_current_span()).await;
+                    let mut run = tokio::spawn(make().in_current_span());
+                    let outcome = tokio::select! {
+                        outcome = &mut run => outcome,
+                        () = tokio::time::sleep(STEADY) => {
+                            early_ends = 0;
+                            pause.reset();
+                            mark(false);
+                            run.await
+                        }
+                    };
                     if cancel.is_cancelled() {
                         break;
                     }
@@ -65,39 +88,17 @@ impl Workers {
                         Ok(()) => tracing::error!("worker stopped on its own; restarting"),
                         Err(e) => tracing::error!(error = %e, "worker panicked; restarting"),
                     }
+                    early_ends += 1;
+                    if early_ends >= DOWN_AFTER {
+                        tracing::error!(early_ends, "worker keeps failing: reported down");
+                        mark(true);
+                    }
                     tokio::select! {
                         () = cancel.cancelled() => break,
                         () = tokio::time::sleep(pause.delay()) => {}
                     }
                 }
                 tracing::debug!("worker stopped");
-            }
-            .instrument(span),
-        );
-    }
-
-    /// Runs `work` as worker `name` once; if it ends before shutdown the worker is down.
-    pub fn once<Fut>(&self, name: &'static str, work: Fut)
-    where
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let (cancel, down) = (self.cancel.clone(), Arc::clone(&self.down));
-        let span = tracing::info_span!("worker", worker = name);
-        self.tracker.spawn(
-            async move {
-                let outcome = tokio::spawn(work.in_current_span()).await;
-                if cancel.is_cancelled() {
-                    return;
-                }
-                match outcome {
-                    Ok(()) => tracing::error!("worker stopped on its own; it cannot be restarted"),
-                    Err(e) => {
-                        tracing::error!(error = %e, "worker panicked; it cannot be restarted")
-                    }
-                }
-                down.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(name);
             }
             .instrument(span),
         );
@@ -171,7 +172,7 @@ impl Workers {
         });
     }
 
-    /// Workers that ended and were not restarted.
+    /// Workers that keep failing (see the module's doc).
     pub fn down(&self) -> Vec<&'static str> {
         self.down
             .lock()

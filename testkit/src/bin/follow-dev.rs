@@ -2,8 +2,10 @@
 //! kept data under `$FOLLOW_HOME` (default `.follow/`) and fixed loopback ports — instead of a
 //! second copy of them in bash: Valkey (append-only), PostgreSQL (durable), Garage (S3: layout,
 //! key and bucket made once), then `follow-api` and `follow-image-gateway` (keys made once with
-//! `follow-api keygen`). Valkey has the platform's ACL users with passwords made afresh at each
-//! start, PostgreSQL a SCRAM password made with its cluster. When both services answer `/health`
+//! `follow-api keygen`; the database migrated by `follow-api migrate` as its owner, the API
+//! running as its least-privilege role). Valkey has the platform's ACL users with passwords
+//! made afresh at each start, PostgreSQL a SCRAM password made with its cluster. When both
+//! services answer `/health`
 //! it writes `$FOLLOW_HOME/run/stack.env` (mode 0600: the addresses with the operators'
 //! credentials of Valkey, PostgreSQL and S3, for `./dev` and the `local` end-to-end mode) and
 //! runs until SIGINT or SIGTERM, then stops everything, services first.
@@ -91,6 +93,7 @@ async fn up() -> Result<(), Error> {
     let (mut valkey, mut postgres, mut garage) = (valkey?, postgres?, garage?);
     garage.ensure_bucket(&bucket).await?;
 
+    migrate(&bin, &postgres)?;
     let upload = keys(&bin, &home.join("keys"), "upload")?;
     let user = keys(&bin, &home.join("keys"), "user")?;
     let common = |user: User, extra: &[(&str, String)]| -> Vec<(String, String)> {
@@ -138,7 +141,7 @@ async fn up() -> Result<(), Error> {
         common(
             User::Api,
             &[
-                ("FOLLOW_DATABASE_URL", postgres.url()),
+                ("FOLLOW_DATABASE_URL", postgres.service_url()),
                 ("FOLLOW_USER_PUBLIC_KEYS", user.1.clone()),
                 ("FOLLOW_UPLOAD_SIGNING_KEY", upload.0.clone()),
                 ("FOLLOW_GATEWAY_URL", gateway.url()),
@@ -215,6 +218,27 @@ async fn answers_health(url: &str) -> bool {
 }
 
 /// The `kid=private` / `kid=public` pair `name` in `dir`, made once with `follow-api keygen`.
+/// `follow-api migrate` as the database's owner: the schema, and the least-privilege role the
+/// API runs as.
+fn migrate(bin: &Path, postgres: &PostgresServer) -> Result<(), Error> {
+    let out = std::process::Command::new(bin.join("follow-api"))
+        .arg("migrate")
+        .env("FOLLOW_DATABASE_OWNER_URL", postgres.url())
+        .env(
+            "FOLLOW_DATABASE_SERVICE_PASSWORD",
+            postgres.service_password(),
+        )
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "follow-api migrate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn keys(bin: &Path, dir: &Path, name: &str) -> Result<(String, String), Error> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(dir)?;

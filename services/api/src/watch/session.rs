@@ -6,6 +6,12 @@
 //! so nothing is ever sent twice, and the cursor of every event is the vector of levels after
 //! it: a client resuming with it is sent exactly what raises a level from there.
 //!
+//! The outcome of an image arrives as the API's commit notice. Should that notice be lost (the
+//! instance that committed died before announcing, or `PUBLISH` failed), a watch whose images
+//! the gateway is done with re-reads just those images from the database after
+//! `FOLLOW_WATCH_RECHECK_SECS`, then after twice that, and so on up to 30 s, until they are
+//! final.
+//!
 //! A watch is the response stream itself: it works only when the client takes an event (no task
 //! and no queue per stream). An idle watch costs its state and its hub registration; events for
 //! a client that reads slowly wait in the hub, one per image (the latest); a client that leaves
@@ -35,6 +41,11 @@ use follow_service::{limits::Slot, objects};
 
 /// The level of an image whose committed outcome was sent: above every stage's seq.
 const FINAL: u8 = Stage::LAST_SEQ as u8 + 1;
+/// The levels of an image the gateway is done with (`done` or `failed`), whose committed
+/// outcome is due.
+const SETTLING: std::ops::RangeInclusive<u8> = Stage::Done.seq() as u8..=Stage::Failed.seq() as u8;
+/// The longest wait between two re-reads of images whose outcome is due.
+const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 const CURSOR_VERSION: u8 = 1;
 /// Images one stream may watch (a route has at most 100 waypoints too).
 pub const MAX_IMAGES: usize = 100;
@@ -129,9 +140,11 @@ impl Watch {
         self.shared.metrics.watchers.inc();
         let live = Live {
             beat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
+            recheck_after: self.shared.limits.recheck,
             watch: self,
             cancelled: Box::pin(cancel.cancelled_owned()),
             started: false,
+            recheck: None,
         };
         follow_service::stream::respond_until(live, until, slot)
     }
@@ -236,6 +249,44 @@ impl Watch {
                 api::RouteReadyEvent { route: Some(view) },
             ));
         }
+    }
+
+    /// The watched images the gateway is done with whose outcome was not sent yet.
+    fn settling(&self) -> Vec<Uuid> {
+        self.images
+            .iter()
+            .zip(&self.levels)
+            .filter(|(_, level)| SETTLING.contains(level))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Re-reads the images of [`Watch::settling`] (one indexed read) and queues the outcome of
+    /// those that are final, then `route_ready` if one of them made the route READY.
+    async fn recheck(&mut self) -> Result<(), ApiError> {
+        let ids = self.settling();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let shared = Arc::clone(&self.shared);
+        let owner = self.owner.0.clone();
+        let images = shared
+            .watch_db(|mut conn| async move { Ok(store::images(&mut conn, &owner, &ids).await?) })
+            .await?;
+        let mut settled = false;
+        for image in images.iter().filter(|i| i.status.is_final()) {
+            if let Some(index) = self.images.iter().position(|id| *id == image.id) {
+                self.levels[index] = FINAL;
+                let event = self.final_event(image).await;
+                self.push(event);
+                settled = true;
+            }
+        }
+        if settled {
+            self.shared.metrics.watch_rechecks_settled.inc();
+            self.read_route().await?;
+        }
+        Ok(())
     }
 
     /// Reads the watched route and queues `route_ready` if it is.
@@ -363,6 +414,25 @@ struct Live {
     /// Registered once for the stream's life, not once per message.
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     started: bool,
+    /// When images the gateway is done with are read again, while there are any (boxed: most
+    /// watches never need it).
+    recheck: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The wait before the next re-read (doubling up to [`RECHECK_MAX`]).
+    recheck_after: std::time::Duration,
+}
+
+impl Live {
+    /// Arms the re-read when images are settling and it is not armed; disarms it when none are.
+    fn arm_recheck(&mut self) {
+        if self.watch.levels.iter().any(|l| SETTLING.contains(l)) {
+            if self.recheck.is_none() {
+                self.recheck = Some(Box::pin(tokio::time::sleep(self.recheck_after)));
+            }
+        } else {
+            self.recheck = None;
+            self.recheck_after = self.watch.shared.limits.recheck;
+        }
+    }
 }
 
 impl follow_service::stream::Source for Live {
@@ -370,33 +440,56 @@ impl follow_service::stream::Source for Live {
 
     /// The next response; `None` when the watch is complete.
     async fn next(&mut self) -> Option<Result<api::WatchImageStatusResponse, Status>> {
-        let watch = &mut self.watch;
         loop {
-            if let Some(response) = watch.outbox.pop_front() {
+            if let Some(response) = self.watch.outbox.pop_front() {
                 self.beat.reset();
                 return Some(Ok(response));
             }
             // Idle from here on: a burst's outbox is not kept.
-            watch.outbox = VecDeque::new();
+            self.watch.outbox = VecDeque::new();
             if !std::mem::replace(&mut self.started, true) {
-                if let Err(e) = watch.catch_up().await {
+                if let Err(e) = self.watch.catch_up().await {
                     return Some(Err(e.into()));
                 }
                 continue;
             }
-            if watch.is_complete() {
+            if self.watch.is_complete() {
                 return None;
             }
+            self.arm_recheck();
+            let Self {
+                watch,
+                beat,
+                cancelled,
+                recheck,
+                recheck_after,
+                ..
+            } = self;
+            let due = async {
+                match recheck {
+                    Some(sleep) => sleep.await,
+                    None => std::future::pending().await,
+                }
+            };
             let event = tokio::select! {
-                () = &mut self.cancelled => {
+                () = cancelled => {
                     return Some(Err(Status::unavailable(
                         "the server is shutting down; reconnect with your last cursor",
                     )));
                 }
-                _ = self.beat.tick() => {
+                _ = beat.tick() => {
                     watch.push(api::watch_image_status_response::Event::Heartbeat(
                         api::HeartbeatEvent {},
                     ));
+                    continue;
+                }
+                () = due => {
+                    *recheck = None;
+                    *recheck_after = (*recheck_after * 2).min(RECHECK_MAX);
+                    // Boxed, as `committed`: rare, and kilobytes of future.
+                    if let Err(e) = Box::pin(watch.recheck()).await {
+                        return Some(Err(e.into()));
+                    }
                     continue;
                 }
                 event = watch.subscription.recv() => event,

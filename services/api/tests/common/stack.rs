@@ -4,7 +4,11 @@
 use follow_service::config::FromEnv as _;
 use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
 
-use follow_api::{app::Application, config::Config};
+use follow_api::{
+    app::Application,
+    config::Config,
+    schema::{self, ServiceRole},
+};
 use follow_bus::{Producer, ProgressTracker, Valkey, ValkeyConfig, acl::User};
 use follow_proto::{
     api::v1::{image_service_client::ImageServiceClient, route_service_client::RouteServiceClient},
@@ -61,7 +65,7 @@ impl Stack {
         let user_key = SigningKey::generate("user-1".parse().unwrap());
         let upload = SigningKey::generate("upload-1".parse().unwrap());
         let mut vars: Vars = HashMap::from([
-            ("FOLLOW_DATABASE_URL", pg.url()),
+            ("FOLLOW_DATABASE_URL", pg.service_url()),
             ("FOLLOW_VALKEY_URL", valkey_server.url_as(User::Api)),
             (
                 "FOLLOW_USER_PUBLIC_KEYS",
@@ -85,8 +89,15 @@ impl Stack {
             vars.insert("FOLLOW_S3_SECRET_ACCESS_KEY", g.secret_key().into());
         }
         vars.extend(overrides);
-        let (addr, cancel, app) = launch(&vars, "127.0.0.1:0").await;
+        // As in production: the owner migrates, the service runs as its own role.
         let pool = PgPool::connect(&pg.url()).await.unwrap();
+        let role = ServiceRole::new(
+            ServiceRole::DEFAULT_NAME,
+            Some(pg.service_password().into()),
+        )
+        .unwrap();
+        schema::migrate(&pool, &role).await.unwrap();
+        let (addr, cancel, app) = launch(&vars, "127.0.0.1:0").await;
         let valkey = Valkey::new(ValkeyConfig::new(valkey_server.url())).unwrap();
         Self {
             pg,
