@@ -39,6 +39,11 @@ impl Project {
                 ("FOLLOW_VALKEY_API_PASSWORD", secret()),
                 ("FOLLOW_VALKEY_GATEWAY_PASSWORD", secret()),
                 ("FOLLOW_PG_PASSWORD", pg_password.clone()),
+                ("FOLLOW_PG_API_PASSWORD", secret()),
+                ("FOLLOW_MINIO_ROOT_USER", "follow-operator".to_owned()),
+                ("FOLLOW_MINIO_ROOT_PASSWORD", secret()),
+                ("FOLLOW_S3_GATEWAY_SECRET_KEY", secret()),
+                ("FOLLOW_S3_API_SECRET_KEY", secret()),
             ],
         };
         project

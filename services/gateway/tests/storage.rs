@@ -17,6 +17,7 @@ async fn an_original_is_stored_only_if_it_matches_its_sha256() {
     let garage = GarageServer::start().await.unwrap();
     let bucket = Bucket::new(&S3Config {
         endpoint: garage.endpoint(),
+        public_endpoint: garage.endpoint(),
         region: garage.region().to_owned(),
         bucket: garage.bucket().to_owned(),
         access_key_id: garage.access_key().to_owned(),

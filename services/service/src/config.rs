@@ -14,7 +14,8 @@
 //! | `FOLLOW_MAX_STREAMS_PER_CONNECTION` | `100` | HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: calls one connection may have open at once (clients queue the rest) |
 //! | `FOLLOW_SHUTDOWN_GRACE_SECS` | `10` | after SIGTERM/SIGINT, how long open connections may take to finish before they are cut |
 //! | `FOLLOW_CORS_ORIGINS` | `*` | comma-separated origins browsers may call the public surface from (grpc-web, uploads); never `/health` or `/metrics` |
-//! | `FOLLOW_S3_ENDPOINT` / `_REGION` / `_BUCKET` | `http://127.0.0.1:3900` / `garage` / `follow-images` | S3 (path-style) |
+//! | `FOLLOW_S3_ENDPOINT` / `_REGION` / `_BUCKET` | `http://127.0.0.1:3900` / `garage` / `follow-images` | S3 (path-style), as the service reaches it |
+//! | `FOLLOW_S3_PUBLIC_ENDPOINT` | `FOLLOW_S3_ENDPOINT` | S3 as clients reach it: the host of presigned download URLs (signing is offline; nothing connects to it) |
 //! | `FOLLOW_S3_ACCESS_KEY_ID` / `FOLLOW_S3_SECRET_ACCESS_KEY` | — (required, secret) | S3 credentials |
 //! | `FOLLOW_S3_CONNECT_TIMEOUT_MS` | `2000` | connecting to S3 |
 //! | `FOLLOW_S3_ATTEMPT_TIMEOUT_SECS` | `10` | one S3 request attempt, body included |
@@ -196,6 +197,8 @@ impl ServerConfig {
 #[derive(Debug, Clone)]
 pub struct S3Config {
     pub endpoint: String,
+    /// Where clients reach S3: presigned URLs are made for it.
+    pub public_endpoint: String,
     pub region: String,
     pub bucket: String,
     pub access_key_id: String,
@@ -209,11 +212,18 @@ pub struct S3Config {
 impl S3Config {
     pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
         let endpoint = env.or("FOLLOW_S3_ENDPOINT", "http://127.0.0.1:3900");
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            return Err(invalid("FOLLOW_S3_ENDPOINT", "must be an http(s) URL"));
+        let public_endpoint = env.or("FOLLOW_S3_PUBLIC_ENDPOINT", &endpoint);
+        for (name, url) in [
+            ("FOLLOW_S3_ENDPOINT", &endpoint),
+            ("FOLLOW_S3_PUBLIC_ENDPOINT", &public_endpoint),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(name, "must be an http(s) URL"));
+            }
         }
         let config = Self {
             endpoint,
+            public_endpoint,
             region: env.or("FOLLOW_S3_REGION", "garage"),
             bucket: env.or("FOLLOW_S3_BUCKET", "follow-images"),
             access_key_id: env.required("FOLLOW_S3_ACCESS_KEY_ID")?,

@@ -42,11 +42,28 @@ pub enum S3Error {
 #[derive(Debug, Clone)]
 pub struct Bucket {
     client: Client,
+    /// Signs download URLs for the address clients reach S3 at (the same client when that is
+    /// the service's own).
+    presigner: Client,
     name: String,
 }
 
 impl Bucket {
     pub fn new(config: &S3Config) -> Self {
+        let client = Self::client(config, &config.endpoint);
+        let presigner = if config.public_endpoint == config.endpoint {
+            client.clone()
+        } else {
+            Self::client(config, &config.public_endpoint)
+        };
+        Self {
+            client,
+            presigner,
+            name: config.bucket.clone(),
+        }
+    }
+
+    fn client(config: &S3Config, endpoint: &str) -> Client {
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.attempt_timeout)
@@ -55,7 +72,7 @@ impl Bucket {
             .build();
         let s3 = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&config.endpoint)
+            .endpoint_url(endpoint)
             .region(Region::new(config.region.clone()))
             .credentials_provider(Credentials::new(
                 &config.access_key_id,
@@ -71,10 +88,7 @@ impl Bucket {
             .timeout_config(timeouts)
             .retry_config(RetryConfig::standard().with_max_attempts(config.max_attempts))
             .build();
-        Self {
-            client: Client::from_conf(s3),
-            name: config.bucket.clone(),
-        }
+        Client::from_conf(s3)
     }
 
     /// Stores `bytes` at `key` unless an object is there already ([`S3Error::Exists`]): every
@@ -202,11 +216,12 @@ impl Bucket {
             .is_ok()
     }
 
-    /// A URL that GETs `key` for `ttl`. Signing is local: no network.
+    /// A URL that GETs `key` for `ttl`, at `FOLLOW_S3_PUBLIC_ENDPOINT`. Signing is local: no
+    /// network.
     pub async fn presigned_get(&self, key: &str, ttl: Duration) -> Option<String> {
         let presigning = PresigningConfig::expires_in(ttl).ok()?;
         match self
-            .client
+            .presigner
             .get_object()
             .bucket(&self.name)
             .key(key)
