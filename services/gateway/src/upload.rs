@@ -76,7 +76,7 @@ pub struct Gateway {
     pub spool: Spool,
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    /// This instance's name in the guard (who took an upload).
+    /// This instance's name: the prefix of its uploads' names in the guard (who took one).
     pub holder: String,
 }
 
@@ -221,9 +221,12 @@ impl Gateway {
                 tracing::warn!("upload refused: receiving at capacity");
                 UploadError::Overloaded
             })?;
-        self.take_guard(&claims).await?;
+        // This upload's own name in the guard: after the guard was lost (Valkey lost its data)
+        // and taken again by a replay, this upload no longer holds it, even on this instance.
+        let holder = format!("{}/{}", self.holder, Uuid::new_v4().simple());
+        self.take_guard(&claims, &holder).await?;
         let started = Instant::now();
-        let outcome = self.store(&claims, format, limit, body).await;
+        let outcome = self.store(&claims, &holder, format, limit, body).await;
         match outcome {
             Ok(receipt) => {
                 tracing::info!(
@@ -234,7 +237,7 @@ impl Gateway {
                 Ok(receipt)
             }
             Err(Refused::Transfer(e)) => {
-                self.release_guard(image_id).await;
+                self.release_guard(image_id, &holder).await;
                 Err(e)
             }
             Err(Refused::Body(e)) => Err(self.fail(&claims, e, started).await),
@@ -248,12 +251,9 @@ impl Gateway {
 
     /// The one-time guard: a short lease while the body arrives (renewed as bytes come), so a
     /// gateway that dies mid-body lets go of it on its own.
-    async fn take_guard(&self, claims: &UploadClaims) -> Result<(), UploadError> {
+    async fn take_guard(&self, claims: &UploadClaims, holder: &str) -> Result<(), UploadError> {
         let mut guard = self.guard.clone();
-        match guard
-            .acquire(claims.image_id, &self.holder, self.lease())
-            .await
-        {
+        match guard.acquire(claims.image_id, holder, self.lease()).await {
             Ok(GuardOutcome::Acquired) => Ok(()),
             Ok(GuardOutcome::Taken) => match guard.state(claims.image_id).await {
                 // Another upload of this token is arriving (or its gateway died): it may fail.
@@ -294,8 +294,8 @@ impl Gateway {
         }
     }
 
-    async fn release_guard(&self, image_id: Uuid) {
-        if let Err(e) = self.guard.clone().release(image_id, &self.holder).await {
+    async fn release_guard(&self, image_id: Uuid, holder: &str) {
+        if let Err(e) = self.guard.clone().release(image_id, holder).await {
             // It expires on its own; until then a retry gets 409.
             tracing::warn!(error = %e, "could not release the upload guard");
         }
@@ -305,6 +305,7 @@ impl Gateway {
     async fn store(
         &self,
         claims: &UploadClaims,
+        holder: &str,
         format: ImageFormat,
         limit: u64,
         body: Body,
@@ -325,7 +326,9 @@ impl Gateway {
         let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
         reporter.stage(Stage::WaitingUpload);
         self.metrics.receiving.inc();
-        let received = self.receive(claims.image_id, format, limit, body).await;
+        let received = self
+            .receive(claims.image_id, holder, format, limit, body)
+            .await;
         self.metrics.receiving.dec();
         let received = match received {
             Ok(received) => received,
@@ -336,6 +339,19 @@ impl Gateway {
         };
         reporter.stage(Stage::Validating);
         reporter.finish().await;
+        // Still this upload's? A replay that took the guard after it was lost has the image now
+        // (S3 servers that ignore `If-None-Match` would let the second original overwrite the
+        // first). Valkey away: the lease outlasts short outages, and S3 checks follow.
+        match self
+            .guard
+            .clone()
+            .renew(claims.image_id, holder, self.lease())
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(Refused::Transfer(UploadError::Duplicate)),
+            Err(e) => tracing::warn!(error = %e, "the upload guard could not be checked"),
+        }
         match self
             .bucket
             .put_new_file(
@@ -398,6 +414,7 @@ impl Gateway {
     async fn receive(
         &self,
         image_id: Uuid,
+        holder: &str,
         expected: ImageFormat,
         limit: u64,
         body: Body,
@@ -446,7 +463,7 @@ impl Gateway {
                 match self
                     .guard
                     .clone()
-                    .renew(image_id, &self.holder, self.lease())
+                    .renew(image_id, holder, self.lease())
                     .await
                 {
                     Ok(true) => {}

@@ -208,6 +208,37 @@ impl Gateway {
         )
     }
 
+    /// Every result on `image:result` for `image_id`, as of now.
+    pub async fn results_of(&self, image_id: Uuid) -> Vec<ImageResult> {
+        self.entries_of(keys::RESULT_STREAM, image_id)
+            .await
+            .iter()
+            .map(|fields| ImageResult::from_fields(fields).unwrap())
+            .collect()
+    }
+
+    /// How many jobs `image:jobs` holds for `image_id`.
+    pub async fn jobs_of(&self, image_id: Uuid) -> usize {
+        self.entries_of(keys::JOBS.stream, image_id).await.len()
+    }
+
+    async fn entries_of(&self, stream: &str, image_id: Uuid) -> Vec<Vec<(String, String)>> {
+        let mut conn = self.valkey_server.connection().await;
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        let id = image_id.to_string();
+        entries
+            .into_iter()
+            .map(|(_, fields)| fields)
+            .filter(|fields| fields.iter().any(|(k, v)| k == "image_id" && *v == id))
+            .collect()
+    }
+
     /// The result the gateway published for `image_id`, waiting for it.
     pub async fn result(&self, image_id: Uuid) -> ImageResult {
         eventually_async(WITHIN, "the result on image:result", || async {
