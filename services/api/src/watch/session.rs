@@ -238,11 +238,23 @@ impl Watch {
         Ok(())
     }
 
-    /// Queues `route_ready` once, when the route is READY (or PUBLISHED).
+    /// Queues `route_ready` once, when the route is READY (or PUBLISHED), after the outcome
+    /// of each of its images not sent yet (whose announcement was lost): a route watch tells
+    /// every image's outcome before READY, which ends it.
     async fn route_ready(&mut self, route: &store::RouteRecord) {
         if matches!(route.status, RouteStatus::Ready | RouteStatus::Published)
             && !self.route_ready_sent
         {
+            for image in route.waypoints.iter().map(|w| &w.image) {
+                let Some(index) = self.images.iter().position(|id| *id == image.id) else {
+                    continue;
+                };
+                if self.levels[index] < FINAL && image.status.is_final() {
+                    self.levels[index] = FINAL;
+                    let event = self.final_event(image).await;
+                    self.push(event);
+                }
+            }
             self.route_ready_sent = true;
             let view = self.shared.route_view(route).await;
             self.push(api::watch_image_status_response::Event::RouteReady(
