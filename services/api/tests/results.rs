@@ -519,3 +519,41 @@ async fn a_result_the_database_fails_on_counts_as_a_failure_alone_and_the_rest_c
     assert_eq!(image_status(&pool, good).await, "PROCESSED");
     assert_eq!(image_status(&pool, stuck).await, "PENDING");
 }
+
+/// A result delivered again for an image already final (its first applier may have died between
+/// its commit and its announcement) announces the image as committed again, READY included.
+#[tokio::test]
+async fn a_result_for_a_final_image_announces_it_again() {
+    use follow_bus::{Notice, ProgressTracker, Valkey, ValkeyConfig, keys};
+    use futures_util::StreamExt as _;
+    let (_pg, pool) = migrated().await;
+    let valkey_server = follow_testkit::ValkeyServer::start().await.unwrap();
+    let valkey = Valkey::new(ValkeyConfig::new(valkey_server.url())).unwrap();
+    let route = insert_route(&pool, "alice", "r", &[(0.5, 0.5)])
+        .await
+        .unwrap();
+    let image = route.waypoints[0].1;
+    let mut notices = valkey.pubsub().await.unwrap();
+    notices.subscribe(keys::progress(image)).await.unwrap();
+    let mut notices = notices.into_on_message();
+    let applier =
+        ResultApplier::new(pool.clone()).with_announcer(ProgressTracker::new(&valkey).unwrap());
+    let ok = delivery(1, image, processed_outcome(route.id, image));
+    for (round, expected) in [
+        ("applied", Said::Processed(image, true)),
+        ("delivered again", Said::Ignored(image)),
+    ] {
+        assert_eq!(apply(&applier, std::slice::from_ref(&ok)).await, [expected]);
+        let message = tokio::time::timeout(std::time::Duration::from_secs(10), notices.next())
+            .await
+            .unwrap_or_else(|_| panic!("{round}: announced"))
+            .unwrap();
+        match Notice::decode(message.get_payload_bytes()).unwrap() {
+            Notice::Committed(c) => {
+                assert_eq!(c.image_id, image, "{round}");
+                assert!(c.route_ready, "{round}: with its route READY");
+            }
+            other => panic!("{round}: {other:?}"),
+        }
+    }
+}
