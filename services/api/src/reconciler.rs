@@ -67,7 +67,7 @@ impl Reconciler {
     pub async fn run(self, cancel: CancellationToken) {
         loop {
             // A reconciler that fails at every start: how health's `workers: down` is tested.
-            fail::fail_point!("api-reconciler-round");
+            follow_service::failpoint("api-reconciler-round");
             if let Err(e) = self.round().await {
                 tracing::warn!(error = %e, "reconciling failed; trying again next round");
             }

@@ -130,7 +130,7 @@ impl ResultApplier {
             }
         }
         // Committed, not acknowledged: the crash window the end-to-end suite tests.
-        fail::fail_point!("api-results-after-commit");
+        follow_service::failpoint("api-results-after-commit");
         self.announce(&applied).await;
         Ok(applied)
     }

@@ -6,8 +6,8 @@
 //!   runs as (`FOLLOW_DATABASE_URL`), may only read and write the tables' rows: no DDL, no
 //!   temporary tables, no `COPY … PROGRAM`, no superuser.
 //!
-//! [`migrate`] applies the migrations as the owner, creates or updates the service role's login
-//! when given its password, and grants it exactly that. The API itself never migrates: at
+//! [`migrate`] applies the migrations as the owner, creates the service role if missing (its
+//! login with the password it is given, else none), and grants it exactly that. The API itself never migrates: at
 //! start-up [`check`] refuses a database whose schema is not this build's.
 
 use follow_service::config::{ExposeSecret as _, SecretString};
@@ -71,20 +71,29 @@ pub async fn migrate(owner: &PgPool, service: &ServiceRole) -> Result<(), Schema
     MIGRATOR.run(owner).await?;
     let role = &service.name;
     let mut tx = owner.begin().await?;
-    if let Some(password) = &service.password {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(role)
+            .fetch_one(&mut *tx)
+            .await?;
+    // Without a password a missing role is made without a login (give it one later with
+    // `ALTER ROLE … LOGIN PASSWORD`); its rights are granted either way.
+    let login = match &service.password {
         // Utility statements take no parameters: the password goes in as a quoted literal
         // (standard strings: only `'` needs doubling).
-        let literal = password.expose_secret().replace('\'', "''");
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-                .bind(role)
-                .fetch_one(&mut *tx)
-                .await?;
+        Some(password) => format!(
+            "LOGIN PASSWORD '{}'",
+            password.expose_secret().replace('\'', "''")
+        ),
+        None if exists => String::new(),
+        None => "NOLOGIN".to_owned(),
+    };
+    if !(exists && login.is_empty()) {
         let verb = if exists { "ALTER" } else { "CREATE" };
         // The role name is a checked identifier ([`ServiceRole::new`]), the password quoted.
         sqlx::raw_sql(AssertSqlSafe(format!(
-            "{verb} ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
-             NOBYPASSRLS PASSWORD '{literal}'"
+            "{verb} ROLE {role} {login} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
+             NOBYPASSRLS"
         )))
         .execute(&mut *tx)
         .await?;

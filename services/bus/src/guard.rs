@@ -53,10 +53,16 @@ end
 return 0
 ";
 
-/// Extends the guard only if this holder still holds it.
+/// Extends the guard if this holder holds it, takes it again if nobody does (Valkey lost it);
+/// anyone else's is left alone.
 const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
   return redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+if not held then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
 end
 return 0
 ";
@@ -92,7 +98,8 @@ impl UploadGuard {
         })
     }
 
-    /// Renews `holder`'s lease for `ttl` while its body arrives; `false` when it lost the guard.
+    /// Renews `holder`'s lease for `ttl` while its body arrives, taking the guard again if it
+    /// is gone (Valkey lost it and nobody took it since); `false` when someone else holds it.
     pub async fn renew(
         &mut self,
         image_id: Uuid,

@@ -243,6 +243,43 @@ async fn the_upload_guard_is_acquired_exactly_once_under_100_concurrent_attempts
 
 const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// A holder renews its lease; a guard Valkey lost is taken again by its holder's renewal, unless
+/// someone else took it meanwhile, which the holder then learns.
+#[tokio::test]
+async fn a_renewal_keeps_retakes_a_lost_guard_and_never_takes_anothers() {
+    let (server, valkey) = valkey().await;
+    let (image_id, mut guard) = (Uuid::new_v4(), UploadGuard::new(&valkey).unwrap());
+    let mut admin = server.connection().await;
+    let lose = async |admin: &mut redis::aio::MultiplexedConnection| {
+        let _: () = redis::cmd("DEL")
+            .arg(keys::upload_guard(image_id))
+            .query_async(admin)
+            .await
+            .unwrap();
+    };
+    assert_eq!(
+        guard.acquire(image_id, "first", HOUR).await.unwrap(),
+        GuardOutcome::Acquired
+    );
+    assert!(guard.renew(image_id, "first", HOUR).await.unwrap());
+    lose(&mut admin).await;
+    assert!(
+        guard.renew(image_id, "first", HOUR).await.unwrap(),
+        "retaken"
+    );
+    assert_eq!(guard.state(image_id).await.unwrap(), GuardState::Receiving);
+    lose(&mut admin).await;
+    assert_eq!(
+        guard.acquire(image_id, "replay", HOUR).await.unwrap(),
+        GuardOutcome::Acquired
+    );
+    assert!(
+        !guard.renew(image_id, "first", HOUR).await.unwrap(),
+        "the replay's"
+    );
+    assert!(guard.renew(image_id, "replay", HOUR).await.unwrap());
+}
+
 #[tokio::test]
 async fn with_valkey_down_every_call_fails_fast_as_unavailable() {
     let (mut server, valkey) = valkey().await;

@@ -391,7 +391,7 @@ impl Gateway {
             owner: claims.sub.clone(),
             accepted_at: OffsetDateTime::now_utc(),
         };
-        fail::fail_point!("gateway-before-enqueue");
+        follow_service::failpoint("gateway-before-enqueue");
         if let Err(e) = self
             .producer
             .clone()
@@ -457,7 +457,7 @@ impl Gateway {
             tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
                 .await
                 .map_err(internal)?;
-            fail::fail_point!("gateway-receiving");
+            follow_service::failpoint("gateway-receiving");
             if renewed.elapsed() > self.lease() / 3 {
                 renewed = Instant::now();
                 match self

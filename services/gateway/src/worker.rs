@@ -88,7 +88,7 @@ impl JobHandler {
             Ok(Record::Missing) => {}
             Err(e) => return self.unavailable(&e.to_string()),
         }
-        fail::fail_point!("gateway-job-start");
+        follow_service::failpoint("gateway-job-start");
         let started = Instant::now();
         let reporter = Reporter::start(&self.progress, &self.metrics, job.image_id);
         let ended = Box::pin(self.run(job, &reporter, started)).await;
@@ -182,7 +182,7 @@ impl JobHandler {
                 return Ended::Result(failed(job, failure, started));
             }
         };
-        fail::fail_point!("gateway-mid-pipeline");
+        follow_service::failpoint("gateway-mid-pipeline");
         reporter.stage(Stage::UploadingToStorage);
         let preview = preview_key(&job.storage_key);
         let byte_size = output.image.bytes.len() as u64;
@@ -242,7 +242,7 @@ impl JobHandler {
     async fn finish(&self, job: &Job, result: ImageResult) -> Result<ImageResult, Outcome> {
         let result = self.record(job, result).await?;
         self.drop_original(job).await;
-        fail::fail_point!("gateway-before-handoff");
+        follow_service::failpoint("gateway-before-handoff");
         Ok(result)
     }
 

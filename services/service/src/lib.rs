@@ -8,7 +8,8 @@
 //! | [`objects`] | the S3 object keys of an image |
 //! | [`logging`] / [`runtime`] | logs, the runtime, the exit code, the shutdown token (signals) |
 //! | [`serve`] | gRPC + grpc-web + reflection + CORS + keepalive + shutdown grace on one port |
-//! | [`workers`] | named background tasks: supervised (restarted) or one-shot (down is reported) |
+//! | [`workers`] | named, supervised background tasks (one that keeps failing is reported down) |
+//! | [`failpoint`] | failpoints for the crash tests |
 //! | [`health`] | `/health`, `/metrics` and `grpc.health.v1`, from one probe |
 //! | [`stream`] | server-streaming responses pulled from a source (no task, no queue) |
 //! | [`metrics`] | serving a Prometheus registry; the metrics of a work queue |
@@ -18,6 +19,7 @@
 
 pub mod auth;
 pub mod config;
+mod failpoint;
 pub mod health;
 pub mod limits;
 pub mod logging;
@@ -28,3 +30,5 @@ pub mod s3;
 pub mod serve;
 pub mod stream;
 pub mod workers;
+
+pub use failpoint::failpoint;

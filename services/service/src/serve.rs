@@ -133,15 +133,19 @@ async fn accept(
     cancel: &CancellationToken,
 ) {
     let connections = TaskTracker::new();
+    let mut pause = follow_bus::Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         let stream = tokio::select! {
             () = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    pause.reset();
+                    stream
+                }
                 Err(e) => {
                     // Out of file descriptors, typically: try again once some have closed.
                     tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(pause.delay()).await;
                     continue;
                 }
             },
