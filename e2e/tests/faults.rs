@@ -33,7 +33,7 @@ async fn storage_keys(platform: &Platform, image_ids: &[String]) -> Vec<(String,
     .unwrap()
 }
 
-/// A `processed` result as a gateway writes it (ARCHITECTURE.md, "Result message"), naming the
+/// A `processed` result as a gateway writes it (docs/architecture.md, "Stream messages"), naming the
 /// objects under `storage_key` (or others', for a forgery).
 fn processed_fields(image_id: &str, storage_key: &str) -> Vec<(&'static str, String)> {
     vec![

@@ -1,35 +1,7 @@
 //! Configuration: typed, read once from `FOLLOW_*` environment variables at start-up and
-//! validated there, so a bad setting stops the process before it serves anything. The shared
-//! ones (Valkey, S3, keepalive, shutdown grace, CORS, logs) are documented in
-//! `follow_service::config`; the API's own:
-//!
-//! | variable | default | meaning |
-//! |---|---|---|
-//! | `FOLLOW_API_LISTEN` | `127.0.0.1:8080` | gRPC, grpc-web, `/health`, `/metrics` (one port) |
-//! | `FOLLOW_DATABASE_URL` | — (required, secret) | PostgreSQL, as the service role (rows of its tables only: see `follow_api::schema`) |
-//! | `FOLLOW_DATABASE_MAX_CONNECTIONS` | `16` | pool size |
-//! | `FOLLOW_USER_PUBLIC_KEYS` | — (required) | `kid=KEY,…` public keys that sign user tokens |
-//! | `FOLLOW_UPLOAD_SIGNING_KEY` | — (required, secret) | `kid=KEY`: private key for upload tokens |
-//! | `FOLLOW_GATEWAY_URL` | `http://127.0.0.1:8081` | base of the upload URLs handed out |
-//! | `FOLLOW_UPLOAD_TOKEN_TTL_SECS` | `900` | lifetime of an upload token (at most 24 h: the gateway refuses longer) |
-//! | `FOLLOW_UPLOAD_TOKENS_PER_MINUTE` | `300` | upload tokens one user may be issued per minute on average, across every API instance (`CreateRouteWithWaypoints` costs one per waypoint, `ReissueUpload` one); beyond: `RESOURCE_EXHAUSTED` with `RetryInfo` |
-//! | `FOLLOW_UPLOAD_TOKEN_BURST` | `200` | how many of them at once (at least 100: one whole route) |
-//! | `FOLLOW_MAX_WATCHES_PER_USER` | `32` | `WatchImageStatus` streams one user may have open at once on this instance; beyond: `RESOURCE_EXHAUSTED` |
-//! | `FOLLOW_MAX_FILE_SIZE` | `26214400` (25 MiB) | the largest upload a client may declare |
-//! | `FOLLOW_PREVIEW_URL_TTL_SECS` | `900` | lifetime of presigned preview URLs (at most 7 days) |
-//! | `FOLLOW_WATCH_HEARTBEAT_SECS` | `15` | heartbeat on idle watch streams |
-//! | `FOLLOW_WATCH_RECHECK_SECS` | `3` | a watch whose image the gateway is done with re-reads it from the database when its commit notice has not come this long after (then after twice that, up to 30 s), so a lost notice delays a watcher by seconds |
-//! | `FOLLOW_WATCH_MAX_LAG_SECS` | `30` | a watch stream whose client leaves events untaken for longer (while more come) is ended with `RESOURCE_EXHAUSTED` |
-//! | `FOLLOW_HUB_CHANNELS` | `pattern` | how the progress hub subscribes in Valkey: `pattern` (one `PSUBSCRIBE`) or `per-image` (one `SUBSCRIBE` per watched image); see `cargo bench -p follow-bus --bench hub` |
-//! | `FOLLOW_CONSUMER_NAME` | `api-{hostname}-{pid}` | this instance's name in `api-workers` (a stable name lets a restarted instance resume its own pending results at once) |
-//! | `FOLLOW_RESULT_BATCH` | `64` | results applied per transaction at most |
-//! | `FOLLOW_RESULT_MAX_FAILURES` | `5` | a result whose applying failed this often (not counting database outages) goes to `image:result:dead` |
-//! | `FOLLOW_RECONCILE_INTERVAL_SECS` | `30` | how often the reconciler looks for pending images whose upload may have been accepted (and each such image at most once per this) |
-//! | `FOLLOW_EXPIRY_GRACE_SECS` | `300` | how long after its token expired a pending image with nothing uploaded is expired |
-//!
-//! `follow-api migrate` reads `FOLLOW_DATABASE_OWNER_URL` (required, secret: the owner, who
-//! applies migrations), `FOLLOW_DATABASE_SERVICE_ROLE` (`follow_api`) and
-//! `FOLLOW_DATABASE_SERVICE_PASSWORD` (optional, secret: creates or updates the role's login).
+//! validated there, so a bad setting stops the process before it serves anything; the shared
+//! ones are read by `follow_service::config`. Every setting, with its default, is documented in
+//! `docs/operations.md` (a test holds that reference to the code).
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The reconciler (ARCHITECTURE.md, "Durability"): S3 is where an accepted upload lives, so for
+//! The reconciler (docs/architecture.md, "Failure handling"): S3 is where an accepted upload lives, so for
 //! every PENDING image whose upload may have been accepted it looks there, at most once per
 //! `FOLLOW_RECONCILE_INTERVAL_SECS` (instances lease different images):
 //!

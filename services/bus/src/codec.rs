@@ -2,7 +2,7 @@
 //!
 //! * A result is one stream entry with one string field per `follow.events.v1.ImageResult` field:
 //!   numbers in decimal, timestamps RFC 3339 UTC, `status` as `processed` / `failed`, codes as in
-//!   ARCHITECTURE.md. Unknown fields are ignored (forward compatible); a missing required field or
+//!   docs/architecture.md. Unknown fields are ignored (forward compatible); a missing required field or
 //!   a value that does not parse is a [`DecodeError`], which makes the entry poison.
 //! * A progress channel message is the protobuf binary encoding of
 //!   `follow.events.v1.ProgressNotice`: a stage change, or the API's commit announcement.

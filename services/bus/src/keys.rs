@@ -1,4 +1,5 @@
-//! Valkey key and channel names: the single source of them (ARCHITECTURE.md, "Valkey keys").
+//! Valkey key and channel names: the single source of them (docs/architecture.md, "Valkey
+//! keys").
 
 use std::{fmt::Display, time::Duration};
 

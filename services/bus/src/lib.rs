@@ -3,7 +3,7 @@
 //! progress reporting, the one-time upload guard, and health. Both services use this crate;
 //! neither builds a Valkey key or command by hand.
 //!
-//! The contracts (keys, fields, stages, codes) are those of `shared/ARCHITECTURE.md`:
+//! The contracts (keys, fields, stages, codes) are those of `docs/architecture.md`:
 //!
 //! | piece | what it does |
 //! |---|---|

@@ -6,7 +6,7 @@ use follow_proto::events::v1 as pb;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// A pipeline stage (ARCHITECTURE.md). Ordered: a later stage compares greater.
+/// A pipeline stage (docs/architecture.md, "Stages"). Ordered: a later stage compares greater.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Stage {
     Queued,
@@ -115,7 +115,7 @@ impl TryFrom<pb::Stage> for Stage {
 /// checks the bytes are of it.
 pub const CONTENT_TYPES: [&str; 3] = ["image/jpeg", "image/png", "image/webp"];
 
-/// Why an upload or the pipeline failed (ARCHITECTURE.md, "Error codes").
+/// Why an upload or the pipeline failed (docs/architecture.md, "Error codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     InvalidToken,

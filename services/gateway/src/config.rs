@@ -1,28 +1,6 @@
-//! Configuration from `FOLLOW_*` environment variables, validated once at start-up. The shared
-//! ones (Valkey, S3, keepalive, shutdown grace, CORS, logs) are documented in
-//! `follow_service::config`; the gateway's own:
-//!
-//! | variable | default | meaning |
-//! |---|---|---|
-//! | `FOLLOW_GATEWAY_LISTEN` | `127.0.0.1:8081` | uploads, gRPC, grpc-web, `/health`, `/metrics` |
-//! | `FOLLOW_UPLOAD_PUBLIC_KEYS` | — (required) | `kid=KEY,…` keys that verify upload tokens |
-//! | `FOLLOW_MAX_UPLOAD_BYTES` | `52428800` (50 MiB) | global cap on a body, whatever the token allows |
-//! | `FOLLOW_MAX_PIXELS` | `50000000` | larger images are refused from their header (`IMAGE_TOO_LARGE`) |
-//! | `FOLLOW_LONG_EDGE` / `FOLLOW_PREVIEW_EDGE` | `2048` / `320` | long edge of the stored image / preview (never upscaled) |
-//! | `FOLLOW_JPEG_QUALITY` | `85` | quality of JPEG output (opaque images) |
-//! | `FOLLOW_MAX_RECEIVING` | `256` | uploads received at once (each spooled to disk, a few KiB of memory); beyond: 503 |
-//! | `FOLLOW_MAX_UPLOADS_PER_USER` | `8` | uploads one user (`sub`) may have arriving at once on this instance; beyond: 429 `RATE_LIMITED` (at most `FOLLOW_MAX_RECEIVING`) |
-//! | `FOLLOW_MAX_WATCHES_PER_UPLOAD` | `4` | `WatchUpload` streams one upload token may have open at once on this instance; beyond: `RESOURCE_EXHAUSTED` |
-//! | `FOLLOW_OPS_TOKEN` | — (secret, optional) | the bearer token `GetPipelineStats` asks for; unset, it answers `PERMISSION_DENIED` |
-//! | `FOLLOW_SPOOL_DIR` | `$TMPDIR/follow-gateway-spool` | where bodies are spooled while they arrive (one sub-directory per process, removed when it ends) |
-//! | `FOLLOW_BODY_IDLE_TIMEOUT_SECS` | `15` | longest wait for the next bytes of a body |
-//! | `FOLLOW_BODY_TIMEOUT_SECS` | `300` | longest time for a whole body |
-//! | `FOLLOW_MIN_UPLOAD_RATE` | `16384` | bytes/s a body must average after its first 10 s |
-//! | `FOLLOW_PIPELINE_WORKERS` | number of cores | jobs processed at once by this instance |
-//! | `FOLLOW_CONSUMER_NAME` | `gateway-{hostname}-{pid}` | this instance's name in `gateway-workers` (its workers add `-{n}`); a stable name lets a restarted instance resume its own jobs at once |
-//! | `FOLLOW_JOB_LEASE_SECS` | `60` | a job taken by a gateway that stopped answering is taken over after this (a working gateway renews its lease) |
-//! | `FOLLOW_JOB_MAX_FAILURES` | `3` | a job whose processing failed this often (not counting storage or Valkey outages) ends as a `failed` result and in `image:jobs:dead` |
-//! | `FOLLOW_KEEP_ORIGINALS` | `false` | keep `{storage_key}.original` after the hand-off |
+//! Configuration from `FOLLOW_*` environment variables, validated once at start-up; the shared
+//! ones are read by `follow_service::config`. Every setting, with its default, is documented in
+//! `docs/operations.md` (a test holds that reference to the code).
 
 use std::{path::PathBuf, time::Duration};
 

@@ -65,7 +65,7 @@ pub enum UploadError {
     Internal,
 }
 
-/// The `error_code` of an HTTP refusal: a pipeline code (ARCHITECTURE.md, "Error codes"), or
+/// The `error_code` of an HTTP refusal: a pipeline code (docs/architecture.md, "Error codes"), or
 /// one of the refusals that spend nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalCode {

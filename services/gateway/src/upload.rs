@@ -2,7 +2,7 @@
 //! while checking it, store it as the image's original in S3, queue the job, answer `202`.
 //!
 //! The commit point is S3: a `202` is sent only once the original is stored, and from then on
-//! the photo is safe whatever happens to this process (ARCHITECTURE.md, "Durability").
+//! the photo is safe whatever happens to this process (docs/architecture.md, "Failure handling").
 //!
 //! * Refusals before the guard (bad token, wrong `Content-Type`, declared size over the limit,
 //!   too busy, Valkey down) leave the token usable and publish nothing.

@@ -1,27 +1,8 @@
 //! Reading `FOLLOW_*` settings: one [`Env`] reader with typed accessors, one [`ConfigError`]
 //! naming the variable (never a secret's value), and the settings both services share — how
 //! they serve ([`ServerConfig`]), where S3 is ([`S3Config`]). Each service's own `Config` is
-//! built from these once at start-up and validated there.
-//!
-//! Shared variables (each service's table adds its own):
-//!
-//! | variable | default | meaning |
-//! |---|---|---|
-//! | `FOLLOW_VALKEY_URL` | `redis://127.0.0.1:6379` | Valkey (`redis://[user:password@]host:port`) |
-//! | `FOLLOW_TOKEN_LEEWAY_SECS` | `5` | clock skew tolerated on a token's `exp`, `nbf` and `iat` (a stream opened with a token ends this long after its `exp`) |
-//! | `FOLLOW_KEEPALIVE_SECS` | `20` | HTTP/2 PING interval and TCP keepalive idle time: how a vanished client is noticed |
-//! | `FOLLOW_KEEPALIVE_TIMEOUT_SECS` | `10` | a connection whose PING (or keepalive probes) is not answered in this time is closed; so is one whose sent data stays unacknowledged for keepalive + timeout (`TCP_USER_TIMEOUT`) |
-//! | `FOLLOW_MAX_STREAMS_PER_CONNECTION` | `100` | HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: calls one connection may have open at once (clients queue the rest) |
-//! | `FOLLOW_SHUTDOWN_GRACE_SECS` | `10` | after SIGTERM/SIGINT, how long open connections may take to finish before they are cut |
-//! | `FOLLOW_CORS_ORIGINS` | `*` | comma-separated origins browsers may call the public surface from (grpc-web, uploads); never `/health` or `/metrics` |
-//! | `FOLLOW_S3_ENDPOINT` / `_REGION` / `_BUCKET` | `http://127.0.0.1:3900` / `garage` / `follow-images` | S3 (path-style), as the service reaches it |
-//! | `FOLLOW_S3_PUBLIC_ENDPOINT` | `FOLLOW_S3_ENDPOINT` | S3 as clients reach it: the host of presigned download URLs (signing is offline; nothing connects to it) |
-//! | `FOLLOW_S3_ACCESS_KEY_ID` / `FOLLOW_S3_SECRET_ACCESS_KEY` | — (required, secret) | S3 credentials |
-//! | `FOLLOW_S3_CONNECT_TIMEOUT_MS` | `2000` | connecting to S3 |
-//! | `FOLLOW_S3_ATTEMPT_TIMEOUT_SECS` | `10` | one S3 request attempt, body included |
-//! | `FOLLOW_S3_OPERATION_TIMEOUT_SECS` | `30` | one S3 call, every retry included |
-//! | `FOLLOW_S3_MAX_ATTEMPTS` | `3` | attempts per S3 call (the SDK's standard retries, with backoff) |
-//! | `FOLLOW_LOG` / `FOLLOW_LOG_FORMAT` | `info` / `json` | log filter; `text` for humans (read by [`crate::logging`]) |
+//! built from these once at start-up and validated there. Every setting, with its default, is
+//! documented in `docs/operations.md` (a test holds that reference to the code).
 
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 

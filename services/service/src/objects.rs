@@ -1,4 +1,4 @@
-//! The S3 objects of an image (ARCHITECTURE.md, "Durability"), all under its `storage_key`
+//! The S3 objects of an image (docs/architecture.md, "S3 objects"), all under its `storage_key`
 //! `routes/{route_id}/images/{image_id}`: the one place their names are made and checked.
 
 use follow_bus::{ImageResult, StreamMessage as _};

@@ -53,7 +53,7 @@ pub struct UploadGrant {
     pub max_file_size: u64,
 }
 
-/// Claims of the one-time upload token (ARCHITECTURE.md, "Upload token").
+/// Claims of the one-time upload token (docs/architecture.md, "Tokens").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadClaims {
     pub iss: String,
@@ -93,7 +93,7 @@ impl UploadClaims {
 
 impl Claims for UploadClaims {
     const AUDIENCE: &'static str = UPLOAD_AUDIENCE;
-    /// `JWT`, as ARCHITECTURE.md gives the upload token's header (user tokens carry their own).
+    /// `JWT`, as docs/architecture.md gives the upload token's header (user tokens carry their own).
     const TYPE: &'static str = "JWT";
     const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
