@@ -43,7 +43,10 @@ fn names(text: &str, quote: char) -> BTreeSet<String> {
 fn code() -> (BTreeSet<String>, BTreeMap<String, String>) {
     let mut files = Vec::new();
     for service in ["api", "gateway", "service", "bus", "token"] {
-        sources(&repo().join("services").join(service).join("src"), &mut files);
+        sources(
+            &repo().join("services").join(service).join("src"),
+            &mut files,
+        );
     }
     let (mut read, mut defaults) = (BTreeSet::new(), BTreeMap::new());
     for file in files {
@@ -104,10 +107,19 @@ fn documented() -> BTreeMap<String, String> {
 fn every_setting_is_documented_with_its_default_and_every_documented_one_is_read() {
     let (read, defaults) = code();
     let documented = documented();
-    let missing: Vec<_> = read.iter().filter(|n| !documented.contains_key(*n)).collect();
-    assert!(missing.is_empty(), "read but not in docs/operations.md: {missing:?}");
+    let missing: Vec<_> = read
+        .iter()
+        .filter(|n| !documented.contains_key(*n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "read but not in docs/operations.md: {missing:?}"
+    );
     let stale: Vec<_> = documented.keys().filter(|n| !read.contains(*n)).collect();
-    assert!(stale.is_empty(), "in docs/operations.md but read by no service: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "in docs/operations.md but read by no service: {stale:?}"
+    );
     assert!(defaults.len() > 30, "defaults found: {}", defaults.len());
     for (name, default) in &defaults {
         let cell = &documented[name];

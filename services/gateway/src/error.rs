@@ -11,7 +11,30 @@ use follow_bus::ErrorCode;
 use follow_service::serve::error_body;
 use tonic::Status;
 
-pub use crate::pipeline::PipelineError;
+/// Why an image cannot be processed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PipelineError {
+    /// The bytes are not a decodable image of the declared type.
+    #[error("{0}")]
+    InvalidImage(String),
+    /// Pixel or dimension limits.
+    #[error("{0}")]
+    ImageTooLarge(String),
+    /// A failure of the pipeline itself (logged where it happened; never the client's fault).
+    #[error("internal error")]
+    Internal,
+}
+
+impl PipelineError {
+    /// The contract's error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidImage(_) => ErrorCode::InvalidImage,
+            Self::ImageTooLarge(_) => ErrorCode::ImageTooLarge,
+            Self::Internal => ErrorCode::Internal,
+        }
+    }
+}
 
 /// How long a refused client should wait before trying again (`Retry-After`).
 const RETRY_AFTER_SECS: &str = "2";

@@ -4,7 +4,7 @@
 
 use image::ImageFormat;
 
-use crate::pipeline::PipelineError;
+use crate::error::PipelineError;
 
 /// Formats the gateway accepts, by their content type.
 pub fn format_of_content_type(content_type: &str) -> Option<ImageFormat> {

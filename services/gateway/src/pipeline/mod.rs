@@ -1,0 +1,110 @@
+//! The CPU part of the pipeline: decode (with limits; a large JPEG shrunk on load by libvips'
+//! rule; a progressive one transcoded losslessly to baseline first, so that its coefficients
+//! are freed before its pixels exist) → resize to the long edge (never upscaling; Lanczos3,
+//! after a box filter for 4× or more, as libvips) → convert an embedded ICC profile's colours
+//! to sRGB → apply the EXIF orientation to the resized image (never to the full-size one: a
+//! phone portrait costs no second full-size buffer) → make the preview from those pixels →
+//! encode. Metadata never survives: the output is encoded from pixels alone (no EXIF/GPS, XMP,
+//! IPTC, comments, no profile: the pixels are sRGB). Opaque images become JPEG (libjpeg-turbo,
+//! 4:2:0); images with alpha keep it as PNG.
+//!
+//! Pure and synchronous: the service runs it on its bounded blocking pool; `fuzz/` runs it on
+//! arbitrary bytes.
+//!
+//! One module per stage: `decode`, `resize`, `orient`, `colour`, `encode`; [`run`]
+//! is the sequence.
+
+mod colour;
+mod decode;
+mod encode;
+mod orient;
+mod resize;
+#[cfg(test)]
+mod tests;
+
+use follow_bus::Stage;
+use image::{DynamicImage, ImageFormat};
+
+use crate::config::PipelineConfig;
+
+pub use crate::error::PipelineError;
+pub use colour::to_srgb;
+pub use decode::{Decoded, decode};
+pub use encode::encode;
+pub use orient::turn_upright;
+pub use resize::{scaled, shrunk};
+
+/// One encoded output.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub content_type: &'static str,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Dimensions of the original, after orientation.
+    pub width: u32,
+    pub height: u32,
+    pub image: Encoded,
+    pub preview: Encoded,
+}
+
+/// Runs the pipeline over a whole body, calling `stage` as each stage begins.
+pub fn run(
+    bytes: &[u8],
+    format: ImageFormat,
+    config: &PipelineConfig,
+    mut stage: impl FnMut(Stage),
+) -> Result<Output, PipelineError> {
+    stage(Stage::Decoding);
+    let Decoded {
+        image,
+        orientation,
+        icc_profile,
+        width,
+        height,
+    } = decode(bytes, format, config.max_pixels, config.long_edge)?;
+    stage(Stage::Processing);
+    // The full-size decode is consumed by the main image's resize: peak memory is the decoded
+    // image plus a band of rows and the output, never a second full-size buffer. The long edge
+    // does not depend on the orientation, so turning the resized image gives the same result,
+    // cheaper; so does converting its colours.
+    let mut main = shrunk(image, config.long_edge)?;
+    if let Some(profile) = icc_profile {
+        to_srgb(&mut main, &profile);
+    }
+    turn_upright(&mut main, orientation);
+    let preview = scaled(&main, config.preview_edge);
+    let preview = preview.as_ref().unwrap_or(&main);
+    stage(Stage::Encoding);
+    Ok(Output {
+        width,
+        height,
+        image: encode(&main, config.jpeg_quality)?,
+        preview: encode(preview, config.jpeg_quality)?,
+    })
+}
+
+/// 8-bit grey, RGB or RGBA `pixels` (rows of `width`, no padding) as an image; `None` when
+/// they are not that size or of another type.
+pub(super) fn from_raw(
+    color: image::ColorType,
+    (width, height): (u32, u32),
+    pixels: Vec<u8>,
+) -> Option<DynamicImage> {
+    match color {
+        image::ColorType::L8 => {
+            image::GrayImage::from_raw(width, height, pixels).map(DynamicImage::ImageLuma8)
+        }
+        image::ColorType::Rgb8 => {
+            image::RgbImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgb8)
+        }
+        image::ColorType::Rgba8 => {
+            image::RgbaImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgba8)
+        }
+        _ => None,
+    }
+}
