@@ -137,7 +137,15 @@ fn the_design_is_read_in_the_repository() {
         sources(&repo().join(dir), &mut files);
     }
     files.extend(
-        ["README.md", "dev", "compose.yaml", "docs/operations.md"]
+        [
+            "README.md",
+            "dev",
+            "compose.yaml",
+            "docs/operations.md",
+            "docs/services.md",
+            "docs/development.md",
+            "docs/performance.md",
+        ]
             .iter()
             .map(|f| repo().join(f)),
     );
