@@ -146,8 +146,8 @@ fn the_design_is_read_in_the_repository() {
             "docs/development.md",
             "docs/performance.md",
         ]
-            .iter()
-            .map(|f| repo().join(f)),
+        .iter()
+        .map(|f| repo().join(f)),
     );
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();

@@ -34,7 +34,14 @@ impl Probe for ApiProbe {
                 .await
                 .is_ok()
         };
-        health::checks(&self.valkey, &self.hub, &self.workers, "postgres", postgres).await
+        health::checks(
+            &self.valkey,
+            &self.hub,
+            &self.workers.down(),
+            "postgres",
+            postgres,
+        )
+        .await
     }
 
     async fn metrics(&self) -> Response {

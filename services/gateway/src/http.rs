@@ -27,7 +27,14 @@ pub struct GatewayProbe {
 impl Probe for GatewayProbe {
     async fn check(&self) -> Checks {
         let storage = self.gateway.bucket.healthy();
-        health::checks(&self.valkey, &self.hub, &self.workers, "storage", storage).await
+        health::checks(
+            &self.valkey,
+            &self.hub,
+            &self.workers.down(),
+            "storage",
+            storage,
+        )
+        .await
     }
 
     async fn metrics(&self) -> Response {

@@ -15,8 +15,6 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::workers::Workers;
-
 /// Each dependency (or duty) by name, and whether it is up.
 pub type Checks = Vec<(&'static str, bool)>;
 
@@ -33,13 +31,13 @@ pub trait Probe: Clone + Send + Sync + 'static {
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// The checks every service makes — Valkey answers, the progress hub holds its pub/sub
-/// connection (else watches are refused), no worker keeps failing — with the service's own
-/// dependency (`name`, checked by `own`) between them, all at once, each within
-/// [`PROBE_TIMEOUT`].
+/// connection (else watches are refused), no worker keeps failing (`workers_down`, from
+/// [`crate::workers::Workers::down`]) — with the service's own dependency (`name`, checked by
+/// `own`) between them, all at once, each within [`PROBE_TIMEOUT`].
 pub async fn checks(
     valkey: &HealthChecker,
     hub: &HubStats,
-    workers: &Workers,
+    workers_down: &[&'static str],
     name: &'static str,
     own: impl Future<Output = bool>,
 ) -> Checks {
@@ -52,7 +50,7 @@ pub async fn checks(
         ("valkey", valkey.is_ok_and(|h| h.valkey)),
         ("progress_hub", hub.connected.load(Ordering::Relaxed)),
         (name, own.unwrap_or(false)),
-        ("workers", workers.down().is_empty()),
+        ("workers", workers_down.is_empty()),
     ]
 }
 
