@@ -312,7 +312,9 @@ struct Changed {
     image: ImageRecord,
 }
 
-/// The state machine over `batch`, on `conn` (inside a transaction).
+/// The state machine over `batch`, on `conn` (inside a transaction): what each result asks
+/// ([`classify`], pure), the changes in one set of statements ([`store`]), and what each result
+/// did ([`outcomes`], pure).
 async fn apply_in(
     conn: &mut PgConnection,
     batch: &[(&str, &ImageResult)],
@@ -323,10 +325,23 @@ async fn apply_in(
             .bind(&ids)
             .fetch_all(&mut *conn)
             .await?;
-    let mut refused: Vec<(Uuid, String)> = Vec::new();
+    let asked = classify(batch, &targets)?;
+    let stored = store(conn, &targets, &asked).await?;
+    Ok(outcomes(batch, &asked.refused, stored))
+}
+
+/// What a batch asks of the database: the first result of each known image, as columns of
+/// changes; results naming other objects refused.
+#[derive(Default)]
+struct Asked {
+    processed: ProcessedColumns,
+    failed: FailedColumns,
+    refused: Vec<(Uuid, String)>,
+}
+
+fn classify(batch: &[(&str, &ImageResult)], targets: &[Target]) -> Result<Asked, sqlx::Error> {
+    let mut asked = Asked::default();
     let mut first = HashSet::new();
-    let mut processed = ProcessedColumns::default();
-    let mut failed = FailedColumns::default();
     for (entry, result) in batch {
         let id = result.image_id;
         if !first.insert(id) {
@@ -338,22 +353,40 @@ async fn apply_in(
         match &result.outcome {
             ResultOutcome::Processed(p) => {
                 if p.storage_key != target.storage_key {
-                    refused.push((
+                    asked.refused.push((
                         id,
                         "poison: the result's storage_key is not the image's".into(),
                     ));
                 } else if p.preview_key != preview_key(&target.storage_key) {
-                    refused.push((
+                    asked.refused.push((
                         id,
                         "poison: the result's preview_key is not the image's".into(),
                     ));
                 } else {
-                    processed.push(id, entry, p)?;
+                    asked.processed.push(id, entry, p)?;
                 }
             }
-            ResultOutcome::Failed(f) => failed.push(id, entry, f),
+            ResultOutcome::Failed(f) => asked.failed.push(id, entry, f),
         }
     }
+    Ok(asked)
+}
+
+/// What the statements changed: the images, and the routes that became READY.
+struct Stored {
+    processed: Vec<Changed>,
+    failed: Vec<Changed>,
+    ready: HashSet<Uuid>,
+}
+
+/// Locks the routes `targets` belong to (in one order), moves the images, their waypoints and
+/// the routes whose every waypoint is confirmed.
+async fn store(
+    conn: &mut PgConnection,
+    targets: &[Target],
+    asked: &Asked,
+) -> Result<Stored, sqlx::Error> {
+    let (processed, failed) = (&asked.processed, &asked.failed);
     // Every route this batch may touch, locked in one order before any of its waypoints moves.
     let mut routes: Vec<Uuid> = targets.iter().map(|t| t.route_id).collect();
     routes.sort_unstable();
@@ -362,51 +395,26 @@ async fn apply_in(
         .bind(&routes)
         .execute(&mut *conn)
         .await?;
-    let processed_rows: Vec<Changed> = sqlx::query_as(concat!(
-        "UPDATE image.images i
-         SET status = 'PROCESSED', result_entry_id = r.entry, sha256 = r.sha256,
-             preview_key = r.preview_key, width = r.width, height = r.height,
-             processed_width = r.pw, processed_height = r.ph, byte_size = r.bytes,
-             error_code = NULL, error_message = NULL, updated_at = now()
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-                     $7::int[], $8::int[], $9::int8[])
-              AS r(id, entry, sha256, preview_key, width, height, pw, ph, bytes)
-         WHERE i.id = r.id
-           AND (i.status = 'PENDING'
-                OR (i.status = 'EXPIRED' AND EXISTS (
-                        SELECT 1 FROM route.waypoints w
-                        WHERE w.id = i.waypoint_id AND w.current_image_id = i.id)))
-         RETURNING ",
-        image_columns!()
-    ))
-    .bind(&processed.ids)
-    .bind(&processed.entries)
-    .bind(&processed.sha256)
-    .bind(&processed.preview_keys)
-    .bind(&processed.widths)
-    .bind(&processed.heights)
-    .bind(&processed.processed_widths)
-    .bind(&processed.processed_heights)
-    .bind(&processed.byte_sizes)
-    .fetch_all(&mut *conn)
-    .await?;
-    let failed_rows: Vec<Changed> = sqlx::query_as(concat!(
-        "UPDATE image.images i
-         SET status = 'FAILED', result_entry_id = r.entry, error_code = r.code,
-             error_message = r.message, updated_at = now()
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS r(id, entry, code, message)
-         WHERE i.id = r.id AND i.status = 'PENDING'
-         RETURNING ",
-        image_columns!()
-    ))
-    .bind(&failed.ids)
-    .bind(&failed.entries)
-    .bind(&failed.codes)
-    .bind(&failed.messages)
-    .fetch_all(&mut *conn)
-    .await?;
-    // Only the waypoint's current image speaks for it: a late result for a replaced image
-    // (after ReissueUpload) updates that image alone.
+    let processed_rows = processed.update(conn).await?;
+    let failed_rows = failed.update(conn).await?;
+    settle_waypoints(conn, &processed_rows, &failed_rows).await?;
+    let candidates: Vec<Uuid> = processed_rows.iter().map(|c| c.image.route_id).collect();
+    let ready = ready_routes(conn, &candidates).await?;
+    Ok(Stored {
+        processed: processed_rows,
+        failed: failed_rows,
+        ready: ready.into_iter().collect(),
+    })
+}
+
+/// Each changed image's waypoint, CONFIRMED or FAILED with it. Only the waypoint's current
+/// image speaks for it: a late result for a replaced image (after `ReissueUpload`) updates that
+/// image alone.
+async fn settle_waypoints(
+    conn: &mut PgConnection,
+    processed_rows: &[Changed],
+    failed_rows: &[Changed],
+) -> Result<(), sqlx::Error> {
     let changed = processed_rows
         .iter()
         .map(|c| (&c.image, true))
@@ -432,19 +440,38 @@ async fn apply_in(
     .bind(&oks)
     .execute(&mut *conn)
     .await?;
-    let candidates: Vec<Uuid> = processed_rows.iter().map(|c| c.image.route_id).collect();
-    let ready: Vec<Uuid> = sqlx::query_scalar(
+    Ok(())
+}
+
+/// The routes among `candidates` whose every waypoint is CONFIRMED, made READY.
+async fn ready_routes(
+    conn: &mut PgConnection,
+    candidates: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
         "UPDATE route.routes r SET status = 'READY', updated_at = now()
          WHERE r.id = ANY($1) AND r.status = 'PENDING'
            AND NOT EXISTS (SELECT 1 FROM route.waypoints w
                            WHERE w.route_id = r.id AND w.status <> 'CONFIRMED')
          RETURNING r.id",
     )
-    .bind(&candidates)
+    .bind(candidates)
     .fetch_all(&mut *conn)
-    .await?;
-    // In batch order; a route is reported ready once, with the last of its images in the batch.
-    let mut ready: HashSet<Uuid> = ready.into_iter().collect();
+    .await
+}
+
+/// What each result of `batch` did, in batch order.
+fn outcomes(
+    batch: &[(&str, &ImageResult)],
+    refused: &[(Uuid, String)],
+    stored: Stored,
+) -> Vec<Applied> {
+    let Stored {
+        processed: processed_rows,
+        failed: failed_rows,
+        mut ready,
+    } = stored;
+    // A route is reported ready once, with the last of its images in the batch.
     let mut applied: Vec<Applied> = batch
         .iter()
         .map(|(_, result)| {
@@ -490,7 +517,7 @@ async fn apply_in(
             *route_ready = ready.remove(&image.route_id);
         }
     }
-    Ok(applied)
+    applied
 }
 
 #[derive(Default)]
@@ -507,6 +534,38 @@ struct ProcessedColumns {
 }
 
 impl ProcessedColumns {
+    /// PENDING images (or EXPIRED ones their waypoint still points at) made PROCESSED.
+    async fn update(&self, conn: &mut PgConnection) -> Result<Vec<Changed>, sqlx::Error> {
+        sqlx::query_as(concat!(
+            "UPDATE image.images i
+         SET status = 'PROCESSED', result_entry_id = r.entry, sha256 = r.sha256,
+             preview_key = r.preview_key, width = r.width, height = r.height,
+             processed_width = r.pw, processed_height = r.ph, byte_size = r.bytes,
+             error_code = NULL, error_message = NULL, updated_at = now()
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
+                     $7::int[], $8::int[], $9::int8[])
+              AS r(id, entry, sha256, preview_key, width, height, pw, ph, bytes)
+         WHERE i.id = r.id
+           AND (i.status = 'PENDING'
+                OR (i.status = 'EXPIRED' AND EXISTS (
+                        SELECT 1 FROM route.waypoints w
+                        WHERE w.id = i.waypoint_id AND w.current_image_id = i.id)))
+         RETURNING ",
+            image_columns!()
+        ))
+        .bind(&self.ids)
+        .bind(&self.entries)
+        .bind(&self.sha256)
+        .bind(&self.preview_keys)
+        .bind(&self.widths)
+        .bind(&self.heights)
+        .bind(&self.processed_widths)
+        .bind(&self.processed_heights)
+        .bind(&self.byte_sizes)
+        .fetch_all(&mut *conn)
+        .await
+    }
+
     fn push(
         &mut self,
         id: Uuid,
@@ -537,6 +596,25 @@ struct FailedColumns {
 }
 
 impl FailedColumns {
+    /// PENDING images made FAILED.
+    async fn update(&self, conn: &mut PgConnection) -> Result<Vec<Changed>, sqlx::Error> {
+        sqlx::query_as(concat!(
+            "UPDATE image.images i
+         SET status = 'FAILED', result_entry_id = r.entry, error_code = r.code,
+             error_message = r.message, updated_at = now()
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS r(id, entry, code, message)
+         WHERE i.id = r.id AND i.status = 'PENDING'
+         RETURNING ",
+            image_columns!()
+        ))
+        .bind(&self.ids)
+        .bind(&self.entries)
+        .bind(&self.codes)
+        .bind(&self.messages)
+        .fetch_all(&mut *conn)
+        .await
+    }
+
     fn push(&mut self, id: Uuid, entry: &str, f: &follow_bus::Failure) {
         self.ids.push(id);
         self.entries.push(entry.to_owned());
