@@ -24,19 +24,26 @@ pub(crate) struct Stack {
     more_gateways: Vec<ServiceProcess>,
 }
 
-/// A `kid=KEY` private key and its `kid=PUB` public half.
-pub(crate) async fn keygen(kid: &str) -> anyhow::Result<(String, String)> {
+/// Runs `follow-api args` with `env` added; its standard output, or its error.
+async fn follow_api(args: &[&str], env: &[(&str, String)]) -> anyhow::Result<String> {
     let out = tokio::process::Command::new(binary("follow-api")?)
-        .args(["keygen", "--kid", kid])
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .await?;
     if !out.status.success() {
         bail!(
-            "follow-api keygen: {}",
+            "follow-api {}: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let text = String::from_utf8(out.stdout)?;
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A `kid=KEY` private key and its `kid=PUB` public half.
+pub(crate) async fn keygen(kid: &str) -> anyhow::Result<(String, String)> {
+    let text = follow_api(&["keygen", "--kid", kid], &[]).await?;
     let mut lines = text.lines().filter(|l| !l.starts_with('#'));
     match (lines.next(), lines.next()) {
         (Some(private), Some(public)) => Ok((private.to_owned(), public.to_owned())),
@@ -47,22 +54,14 @@ pub(crate) async fn keygen(kid: &str) -> anyhow::Result<(String, String)> {
 /// `follow-api migrate` as the database's owner: the schema, and the service role the API
 /// runs as (its password from the test server).
 async fn migrate(postgres: &PostgresServer) -> anyhow::Result<()> {
-    let out = tokio::process::Command::new(binary("follow-api")?)
-        .arg("migrate")
-        .env("FOLLOW_DATABASE_OWNER_URL", postgres.url())
-        .env(
+    let env = [
+        ("FOLLOW_DATABASE_OWNER_URL", postgres.url()),
+        (
             "FOLLOW_DATABASE_SERVICE_PASSWORD",
             postgres.service_password(),
-        )
-        .output()
-        .await?;
-    if !out.status.success() {
-        bail!(
-            "follow-api migrate: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+        ),
+    ];
+    follow_api(&["migrate"], &env).await.map(drop)
 }
 
 async fn start_api(env: Vec<(String, String)>) -> anyhow::Result<ServiceProcess> {

@@ -84,6 +84,14 @@ async fn watch_all(
     watches
 }
 
+fn image_ids(created: &api::CreateRouteWithWaypointsResponse) -> Vec<String> {
+    created
+        .upload_targets
+        .iter()
+        .map(|t| t.image_id.clone())
+        .collect()
+}
+
 fn every_outcome(images: &[String], ready: bool) -> Seen {
     let mut seen: Seen = images
         .iter()
@@ -147,11 +155,7 @@ async fn watchers_learn_outcomes_whose_committer_died_before_announcing() {
         .create_route(&platform, &[(0.1, 0.1), (0.5, 0.5), (0.9, 0.9)])
         .await;
     let route_id = created.route.as_ref().unwrap().id.clone();
-    let images: Vec<String> = created
-        .upload_targets
-        .iter()
-        .map(|t| t.image_id.clone())
-        .collect();
+    let images = image_ids(&created);
     let watches = watch_all(&platform, &survivor, &user, &route_id, &images).await;
 
     // The survivor frozen, only the committer reads results: it commits the first it reads and
@@ -219,11 +223,7 @@ async fn watchers_learn_outcomes_while_publish_is_refused() {
         .create_route(&platform, &[(0.2, 0.3), (0.7, 0.6)])
         .await;
     let route_id = created.route.as_ref().unwrap().id.clone();
-    let images: Vec<String> = created
-        .upload_targets
-        .iter()
-        .map(|t| t.image_id.clone())
-        .collect();
+    let images = image_ids(&created);
     let mut watches = watch_all(&platform, &platform.api_url, &user, &route_id, &images).await;
     watches.extend(watch_all(&platform, &second, &user, &route_id, &images).await);
     let mut admin = platform.valkey().await.unwrap();

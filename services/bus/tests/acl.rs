@@ -24,6 +24,21 @@ async fn refusal(conn: &mut MultiplexedConnection, args: &[&str]) -> Option<Stri
     }
 }
 
+/// Both queues' streams and groups, as the services make them.
+async fn groups(admin: &mut MultiplexedConnection) {
+    for queue in [keys::RESULTS, keys::JOBS] {
+        let create = [
+            "XGROUP",
+            "CREATE",
+            queue.stream,
+            queue.group,
+            "0",
+            "MKSTREAM",
+        ];
+        assert_eq!(refusal(admin, &create).await, None);
+    }
+}
+
 fn noperm() -> Option<String> {
     Some("NOPERM".to_owned())
 }
@@ -32,20 +47,7 @@ fn noperm() -> Option<String> {
 async fn the_gateway_cannot_read_results_flush_or_reconfigure() {
     let server = ValkeyServer::start().await.unwrap();
     let mut admin = server.connection().await;
-    for queue in [keys::RESULTS, keys::JOBS] {
-        refusal(
-            &mut admin,
-            &[
-                "XGROUP",
-                "CREATE",
-                queue.stream,
-                queue.group,
-                "0",
-                "MKSTREAM",
-            ],
-        )
-        .await;
-    }
+    groups(&mut admin).await;
     let mut gateway = connect(&server.url_as(User::Gateway)).await.unwrap();
     // What it needs: add results, read its own jobs.
     assert_eq!(
@@ -188,20 +190,7 @@ async fn nobody_gets_in_without_the_password() {
 async fn neither_service_can_do_more_than_add_to_the_others_stream() {
     let server = ValkeyServer::start().await.unwrap();
     let mut admin = server.connection().await;
-    for queue in [keys::RESULTS, keys::JOBS] {
-        refusal(
-            &mut admin,
-            &[
-                "XGROUP",
-                "CREATE",
-                queue.stream,
-                queue.group,
-                "0",
-                "MKSTREAM",
-            ],
-        )
-        .await;
-    }
+    groups(&mut admin).await;
     for (user, theirs) in [(User::Gateway, keys::RESULTS), (User::Api, keys::JOBS)] {
         let mut conn = connect(&server.url_as(user)).await.unwrap();
         let added: String = redis::cmd("XADD")

@@ -147,24 +147,19 @@ async fn every_refusal_is_json_even_the_frameworks() {
     // Two different tokens: which one is meant is not guessed.
     let (_, a) = gw.token("image/jpeg", 1000);
     let (_, b) = gw.token("image/jpeg", 1000);
-    for request in [
-        client
-            .put(format!("{}/upload?token={a}", gw.url()))
-            .bearer_auth(&b),
-        client.put(format!("{}/upload?token={a}&token={b}", gw.url())),
-    ] {
-        let response = request
-            .header("content-type", "image/jpeg")
-            .body(jpeg(8, 8))
-            .send()
-            .await
-            .unwrap();
-        let (status, _, code) = json(response).await;
-        assert_eq!((status, code.as_str()), (400, "INVALID_TOKEN"));
-    }
     // A repeated `token=` is refused even when both copies are equal; a partial body
     // (`Content-Range`) is refused before anything is spent.
     for (request, expected) in [
+        (
+            client
+                .put(format!("{}/upload?token={a}", gw.url()))
+                .bearer_auth(&b),
+            "INVALID_TOKEN",
+        ),
+        (
+            client.put(format!("{}/upload?token={a}&token={b}", gw.url())),
+            "INVALID_TOKEN",
+        ),
         (
             client.put(format!("{}/upload?token={a}&token={a}", gw.url())),
             "INVALID_TOKEN",

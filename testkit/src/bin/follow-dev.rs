@@ -218,25 +218,34 @@ async fn answers_health(url: &str) -> bool {
 }
 
 /// The `kid=private` / `kid=public` pair `name` in `dir`, made once with `follow-api keygen`.
-/// `follow-api migrate` as the database's owner: the schema, and the least-privilege role the
-/// API runs as.
-fn migrate(bin: &Path, postgres: &PostgresServer) -> Result<(), Error> {
+/// Runs `bin/follow-api args` with `env` added; its standard output, or its error.
+fn follow_api(bin: &Path, args: &[&str], env: &[(&str, String)]) -> Result<String, Error> {
     let out = std::process::Command::new(bin.join("follow-api"))
-        .arg("migrate")
-        .env("FOLLOW_DATABASE_OWNER_URL", postgres.url())
-        .env(
-            "FOLLOW_DATABASE_SERVICE_PASSWORD",
-            postgres.service_password(),
-        )
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()?;
     if !out.status.success() {
         return Err(format!(
-            "follow-api migrate: {}",
+            "follow-api {}: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         )
         .into());
     }
-    Ok(())
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// `follow-api migrate` as the database's owner: the schema, and the least-privilege role the
+/// API runs as.
+fn migrate(bin: &Path, postgres: &PostgresServer) -> Result<(), Error> {
+    let env = [
+        ("FOLLOW_DATABASE_OWNER_URL", postgres.url()),
+        (
+            "FOLLOW_DATABASE_SERVICE_PASSWORD",
+            postgres.service_password(),
+        ),
+    ];
+    follow_api(bin, &["migrate"], &env).map(drop)
 }
 
 fn keys(bin: &Path, dir: &Path, name: &str) -> Result<(String, String), Error> {
@@ -248,17 +257,7 @@ fn keys(bin: &Path, dir: &Path, name: &str) -> Result<(String, String), Error> {
         dir.join(format!("{name}.pub")),
     );
     if !private.exists() {
-        let out = std::process::Command::new(bin.join("follow-api"))
-            .args(["keygen", "--kid", &format!("{name}-1")])
-            .output()?;
-        if !out.status.success() {
-            return Err(format!(
-                "follow-api keygen: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into());
-        }
-        let text = String::from_utf8(out.stdout)?;
+        let text = follow_api(bin, &["keygen", "--kid", &format!("{name}-1")], &[])?;
         let mut lines = text.lines().filter(|l| !l.starts_with('#'));
         let (Some(key), Some(public_key)) = (lines.next(), lines.next()) else {
             return Err("unexpected keygen output".into());
