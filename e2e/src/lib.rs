@@ -80,6 +80,26 @@ impl Platform {
         !matches!(self.backend, Backend::Local)
     }
 
+    /// [`Platform::controls_processes`], saying the scenario is skipped (and why: `needs`)
+    /// when it cannot.
+    pub fn can_control(&self, needs: &str) -> bool {
+        let can = self.controls_processes();
+        if !can {
+            eprintln!("skipped: needs {needs}");
+        }
+        can
+    }
+
+    /// Whether the stack is this test's own processes (spawn mode: API instances added,
+    /// frozen, built with failpoints), saying the scenario is skipped (and why) when not.
+    pub fn is_spawned(&self, needs: &str) -> bool {
+        let spawned = matches!(self.backend, Backend::Spawn(_));
+        if !spawned {
+            eprintln!("skipped: needs spawn mode ({needs})");
+        }
+        spawned
+    }
+
     /// Stops `service` gracefully (SIGTERM, waiting for it to exit).
     pub async fn stop(&mut self, service: Service) -> anyhow::Result<()> {
         match &mut self.backend {

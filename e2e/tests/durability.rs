@@ -79,13 +79,6 @@ async fn pending_jobs(platform: &Platform) -> u64 {
     reply.count() as u64
 }
 
-fn spawned(platform: &Platform, why: &str) -> bool {
-    if !platform.controls_processes() {
-        eprintln!("skipped: needs {why}");
-    }
-    platform.controls_processes()
-}
-
 /// The gateway paused at a failpoint (`FAILPOINTS=point=pause`), killed there, restarted.
 async fn restart_gateway_paused_at(platform: &mut Platform, point: Option<&str>) {
     let failpoints = point.map(|p| format!("{p}=pause"));
@@ -99,7 +92,7 @@ async fn restart_gateway_paused_at(platform: &mut Platform, point: Option<&str>)
 #[tokio::test]
 async fn a_gateway_killed_at_any_step_loses_no_accepted_photo() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to kill the gateway") {
+    if !platform.can_control("to kill the gateway") {
         return;
     }
     // A short body idle timeout: the guard of a body cut by the crash is let go of quickly.
@@ -238,7 +231,7 @@ async fn a_gateway_killed_at_any_step_loses_no_accepted_photo() {
 #[tokio::test]
 async fn two_gateways_one_killed_every_few_seconds_process_200_uploads_once() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to kill a gateway") {
+    if !platform.can_control("to kill a gateway") {
         return;
     }
     let steady = platform.add_gateway(&[]).await.unwrap();
@@ -299,7 +292,7 @@ async fn two_gateways_one_killed_every_few_seconds_process_200_uploads_once() {
 #[tokio::test]
 async fn valkey_restarted_empty_loses_no_accepted_photo_and_no_used_token_comes_back() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to restart Valkey") {
+    if !platform.can_control("to restart Valkey") {
         return;
     }
     let mut user = User::new(&platform).await;
@@ -352,7 +345,7 @@ async fn valkey_restarted_empty_loses_no_accepted_photo_and_no_used_token_comes_
 #[tokio::test]
 async fn storage_refusing_or_silent_spends_no_token_and_strands_no_image() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to stop the S3 server") {
+    if !platform.can_control("to stop the S3 server") {
         return;
     }
     let mut user = User::new(&platform).await;

@@ -15,13 +15,6 @@ use follow_proto::{api::v1 as api, tonic::Code};
 use follow_testkit::eventually_async;
 use redis::AsyncCommands;
 
-fn spawned(platform: &Platform, why: &str) -> bool {
-    if !platform.controls_processes() {
-        eprintln!("skipped: needs {why}");
-    }
-    platform.controls_processes()
-}
-
 /// The storage keys of `user`'s images, as the API assigned them.
 async fn storage_keys(platform: &Platform, image_ids: &[String]) -> Vec<(String, String)> {
     sqlx::query_as(
@@ -121,7 +114,7 @@ async fn routes(
 #[tokio::test]
 async fn three_api_instances_applying_at_once_make_every_one_of_2000_routes_ready() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to start more API instances") {
+    if !platform.can_control("to start more API instances") {
         return;
     }
     // Small batches: a route's images land in different instances' transactions.
@@ -174,7 +167,7 @@ async fn three_api_instances_applying_at_once_make_every_one_of_2000_routes_read
 #[tokio::test]
 async fn results_waiting_while_the_api_was_away_past_expiry_are_all_applied() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to stop the API") {
+    if !platform.can_control("to stop the API") {
         return;
     }
     let short = [
@@ -275,7 +268,7 @@ async fn results_waiting_while_the_api_was_away_past_expiry_are_all_applied() {
 #[tokio::test]
 async fn a_consumer_killed_every_second_dead_letters_nothing_but_true_poison() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to kill the API") {
+    if !platform.can_control("to kill the API") {
         return;
     }
     let mut user = User::new(&platform).await;
@@ -332,7 +325,7 @@ async fn dead_cli(platform: &Platform, args: &[&str]) -> Result<String, String> 
 #[tokio::test]
 async fn operators_inspect_fix_and_replay_a_dead_letter_and_it_applies_once() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to restart the API") {
+    if !platform.can_control("to restart the API") {
         return;
     }
     platform.stop(Service::Api).await.unwrap();
@@ -437,7 +430,7 @@ async fn operators_inspect_fix_and_replay_a_dead_letter_and_it_applies_once() {
 #[tokio::test]
 async fn a_breaker_probe_cancelled_while_valkey_hangs_never_keeps_creation_shut() {
     let platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to freeze Valkey") {
+    if !platform.can_control("to freeze Valkey") {
         return;
     }
     let user = User::new(&platform).await;

@@ -117,14 +117,6 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success());
 }
 
-fn spawned(platform: &mut Platform) -> bool {
-    let spawned = matches!(platform.is_running(Service::Api), Some(true));
-    if !spawned {
-        eprintln!("skipped: needs spawn mode (API instances killed, frozen and restarted)");
-    }
-    spawned
-}
-
 /// No reconciler settles these images during the test: only the result stream does.
 const NO_RECONCILING: (&str, &str) = ("FOLLOW_RECONCILE_INTERVAL_SECS", "3600");
 
@@ -134,7 +126,7 @@ const NO_RECONCILING: (&str, &str) = ("FOLLOW_RECONCILE_INTERVAL_SECS", "3600");
 #[tokio::test]
 async fn watchers_learn_outcomes_whose_committer_died_before_announcing() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&mut platform) {
+    if !platform.is_spawned("API instances killed, frozen and restarted") {
         return;
     }
     platform.stop(Service::Api).await.unwrap();
@@ -214,7 +206,7 @@ async fn watchers_learn_outcomes_whose_committer_died_before_announcing() {
 #[tokio::test]
 async fn watchers_learn_outcomes_while_publish_is_refused() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&mut platform) {
+    if !platform.is_spawned("API instances killed, frozen and restarted") {
         return;
     }
     let second = platform.add_api(&[]).await.unwrap();

@@ -17,14 +17,6 @@ use follow_testkit::eventually_async;
 /// `/health` must answer in well under this whatever is down (each probe is bounded at 0.8 s).
 const HEALTH_ANSWERS_WITHIN: Duration = Duration::from_secs(3);
 
-fn spawned(platform: &mut Platform, why: &str) -> bool {
-    let spawned = matches!(platform.is_running(Service::Api), Some(true));
-    if !spawned {
-        eprintln!("skipped: needs spawn mode ({why})");
-    }
-    spawned
-}
-
 /// `/health` of `url` with a client deadline: `None` if it did not answer in time.
 async fn health_within(url: &str) -> Option<(u16, serde_json::Value, Duration)> {
     let started = Instant::now();
@@ -42,7 +34,7 @@ async fn health_within(url: &str) -> Option<(u16, serde_json::Value, Duration)> 
 #[tokio::test]
 async fn a_worker_that_keeps_failing_makes_health_say_workers_down() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&mut platform, "a failpoint-enabled follow-api") {
+    if !platform.is_spawned("a failpoint-enabled follow-api") {
         return;
     }
     // Healthy at first (one round passes), then the reconciler panics at every start.
@@ -68,8 +60,8 @@ async fn a_worker_that_keeps_failing_makes_health_say_workers_down() {
 
 #[tokio::test]
 async fn health_answers_within_its_bound_while_a_dependency_is_frozen() {
-    let mut platform = Platform::start().await.unwrap();
-    if !spawned(&mut platform, "to freeze Garage and Valkey") {
+    let platform = Platform::start().await.unwrap();
+    if !platform.is_spawned("to freeze Garage and Valkey") {
         return;
     }
     let (api, gateway) = (platform.api_url.clone(), platform.gateway_url.clone());
@@ -98,7 +90,7 @@ async fn health_answers_within_its_bound_while_a_dependency_is_frozen() {
 #[tokio::test]
 async fn work_resumes_within_seconds_of_valkeys_return() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&mut platform, "to stop and restart Valkey") {
+    if !platform.is_spawned("to stop and restart Valkey") {
         return;
     }
     let mut user = User::new(&platform).await;

@@ -393,8 +393,7 @@ async fn live_watch_over_grpc_and_grpc_web() {
 #[tokio::test]
 async fn results_published_while_the_api_is_down_are_applied_after_it_starts() {
     let mut platform = Platform::start().await.unwrap();
-    if !platform.controls_processes() {
-        eprintln!("skipped: needs spawn or compose mode to stop the API");
+    if !platform.can_control("spawn or compose mode to stop the API") {
         return;
     }
     let mut user = User::new(&platform).await;
@@ -427,7 +426,7 @@ async fn results_published_while_the_api_is_down_are_applied_after_it_starts() {
 #[tokio::test]
 async fn a_crash_between_commit_and_ack_redelivers_and_applies_once() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&mut platform, "spawn mode (a failpoint-enabled follow-api)") {
+    if !platform.is_spawned("a failpoint-enabled follow-api") {
         return;
     }
     let mut user = User::new(&platform).await;
@@ -502,8 +501,7 @@ async fn valkey_down_is_reported_and_refused_and_recovered_from() {
             "{url}"
         );
     }
-    if !platform.controls_processes() {
-        eprintln!("skipped the outage: needs spawn or compose mode to stop Valkey");
+    if !platform.can_control("spawn or compose mode to stop Valkey") {
         return;
     }
     let mut user = User::new(&platform).await;
@@ -607,7 +605,7 @@ async fn publish_is_refused_while_pending_and_works_when_ready() {
 #[tokio::test]
 async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&mut platform, "spawn mode to start a second API instance") {
+    if !platform.is_spawned("to start a second API instance") {
         return;
     }
     let second = platform.add_api(&[]).await.unwrap();
@@ -676,16 +674,6 @@ async fn watchers_follow_a_route_across_api_instances_and_resume_on_another() {
     user.clean_up(&platform).await;
 }
 
-/// Whether the stack is this test's own processes (spawn mode); otherwise says the test is
-/// skipped and why.
-fn spawned(platform: &mut Platform, why: &str) -> bool {
-    let spawned = matches!(platform.is_running(Service::Api), Some(true));
-    if !spawned {
-        eprintln!("skipped: needs {why}");
-    }
-    spawned
-}
-
 /// A watch on the API at `url` whose HTTP/2 stream window holds one byte, for a client that
 /// does not read: after its first event the server can send it nothing, its end included.
 async fn unread_watch(
@@ -746,7 +734,7 @@ async fn all_events(stream: &mut Streaming<api::WatchImageStatusResponse>) -> Ve
 #[tokio::test]
 async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&mut platform, "spawn mode to start a second API instance") {
+    if !platform.is_spawned("to start a second API instance") {
         return;
     }
     let second = platform
@@ -899,7 +887,7 @@ async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance
 #[tokio::test]
 async fn a_vanished_watcher_is_noticed_by_keepalive_and_freed() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&mut platform, "spawn mode to start a second API instance") {
+    if !platform.is_spawned("to start a second API instance") {
         return;
     }
     let second = platform
@@ -971,8 +959,7 @@ async fn a_vanished_watcher_is_noticed_by_keepalive_and_freed() {
 #[tokio::test]
 async fn a_stalled_watcher_does_not_hold_up_shutdown() {
     let mut platform = Platform::start().await.unwrap();
-    if !platform.controls_processes() {
-        eprintln!("skipped: needs to stop the API");
+    if !platform.can_control("to stop the API") {
         return;
     }
     platform.stop(Service::Api).await.unwrap();

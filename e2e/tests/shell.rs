@@ -21,13 +21,6 @@ use follow_testkit::eventually_async;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn spawned(platform: &Platform, why: &str) -> bool {
-    if !platform.controls_processes() {
-        eprintln!("skipped: needs {why}");
-    }
-    platform.controls_processes()
-}
-
 /// A setting of each service, a bad value of it, and what the refusal names.
 const BAD_SETTINGS: &[(&str, &str, &str)] = &[
     ("FOLLOW_KEEPALIVE_SECS", "0", "FOLLOW_KEEPALIVE_SECS"),
@@ -175,7 +168,7 @@ async fn restart(platform: &mut Platform, service: Service, env: &[(&str, Option
 #[tokio::test]
 async fn both_services_cut_a_client_whose_network_vanished() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to restart the services") {
+    if !platform.can_control("to restart the services") {
         return;
     }
     let quick = [
@@ -236,7 +229,7 @@ async fn both_services_cut_a_client_whose_network_vanished() {
 #[tokio::test]
 async fn a_client_that_does_not_read_holds_up_neither_service_past_the_grace() {
     let mut platform = Platform::start().await.unwrap();
-    if !spawned(&platform, "to stop the services") {
+    if !platform.can_control("to stop the services") {
         return;
     }
     let grace = [("FOLLOW_SHUTDOWN_GRACE_SECS", Some("1"))];
