@@ -36,29 +36,25 @@ use follow_service::{
 use follow_token::{TokenError, UploadClaims, Verifier};
 use futures_util::StreamExt;
 use image::ImageFormat;
-use sha2::{Digest, Sha256};
+
 use tempfile::NamedTempFile;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::{
-    config::Config,
-    error::{PipelineError, UploadError},
-    metrics::Metrics,
-    report::Reporter,
-    sniff::{self, Header, JpegEnd},
-    spool::Spool,
+    config::Config, error::UploadError, metrics::Metrics, report::Reporter, sniff, spool::Spool,
 };
+
+mod check;
+
+use check::BodyCheck;
 
 /// Beyond the body idle timeout, how long a receiving guard outlives its last renewal.
 const RENEW_SLACK: Duration = Duration::from_secs(5);
 
 /// After this long a body must keep up `FOLLOW_MIN_UPLOAD_RATE` on average.
 const RATE_GRACE: Duration = Duration::from_secs(10);
-/// The start of a body kept in memory to find the image's dimensions as it arrives; a header
-/// that does not fit (a JPEG with large metadata first) is read from the spool file at the end.
-const HEADER_PREFIX: usize = 32 * 1024;
 
 /// Everything the upload handler needs.
 #[derive(Debug)]
@@ -310,19 +306,7 @@ impl Gateway {
         limit: u64,
         body: Body,
     ) -> Result<Receipt, Refused> {
-        let key = &claims.storage_key;
-        // After Valkey lost its data the guard is no proof: S3 is. An original or a result
-        // record means this token was used.
-        let (original, record) = (original_key(key), record_key(key));
-        let used = tokio::try_join!(self.bucket.exists(&original), self.bucket.exists(&record));
-        match used {
-            Ok((false, false)) => {}
-            Ok(_) => return Err(Refused::Used),
-            Err(e) => {
-                tracing::warn!(error = %e, "upload refused: storage unavailable");
-                return Err(Refused::Transfer(UploadError::StorageUnavailable));
-            }
-        }
+        self.unused(&claims.storage_key).await?;
         let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
         reporter.stage(Stage::WaitingUpload);
         self.metrics.receiving.inc();
@@ -330,15 +314,47 @@ impl Gateway {
             .receive(claims.image_id, holder, format, limit, body)
             .await;
         self.metrics.receiving.dec();
-        let received = match received {
-            Ok(received) => received,
-            Err(refused) => {
-                reporter.finish().await;
-                return Err(refused);
-            }
-        };
-        reporter.stage(Stage::Validating);
+        if received.is_ok() {
+            reporter.stage(Stage::Validating);
+        }
         reporter.finish().await;
+        let received = received?;
+        self.commit(claims, holder, &received).await?;
+        self.enqueue(claims).await;
+        Ok(Receipt {
+            image_id: claims.image_id,
+            sha256: hex(&received.sha256),
+            bytes: received.bytes,
+            status: "accepted",
+        })
+    }
+
+    /// After Valkey lost its data the guard is no proof: S3 is. An original or a result record
+    /// means this token was used.
+    async fn unused(&self, storage_key: &str) -> Result<(), Refused> {
+        let (original, record) = (original_key(storage_key), record_key(storage_key));
+        match tokio::try_join!(self.bucket.exists(&original), self.bucket.exists(&record)) {
+            Ok((false, false)) => Ok(()),
+            Ok(_) => Err(Refused::Used),
+            Err(e) => {
+                tracing::warn!(error = %e, "upload refused: storage unavailable");
+                Err(Refused::Transfer(UploadError::StorageUnavailable))
+            }
+        }
+    }
+
+    /// The commit point: the received body stored as the image's original, if the image is
+    /// still this upload's.
+    async fn commit(
+        &self,
+        claims: &UploadClaims,
+        holder: &str,
+        received: &Received,
+    ) -> Result<(), Refused> {
+        let (original, record) = (
+            original_key(&claims.storage_key),
+            record_key(&claims.storage_key),
+        );
         // Still this upload's? A replay that took the guard after it was lost has the image now
         // (S3 servers that ignore `If-None-Match` would let the second original overwrite the
         // first). Valkey away: the lease outlasts short outages, and S3 checks follow.
@@ -352,7 +368,7 @@ impl Gateway {
             Ok(false) => return Err(Refused::Transfer(UploadError::Duplicate)),
             Err(e) => tracing::warn!(error = %e, "the upload guard could not be checked"),
         }
-        match self
+        let stored = self
             .bucket
             .put_new_file(
                 &original,
@@ -360,8 +376,8 @@ impl Gateway {
                 &claims.content_type,
                 &received.sha256,
             )
-            .await
-        {
+            .await;
+        match stored {
             Ok(()) => {}
             Err(S3Error::Exists) => return Err(Refused::Used),
             Err(e) => {
@@ -373,20 +389,24 @@ impl Gateway {
         // removed while this body arrived (or a bad one may have failed the image): its record
         // is the image's outcome, and this original goes.
         match self.bucket.exists(&record).await {
-            Ok(false) => {}
+            Ok(false) => Ok(()),
             Ok(true) => {
                 self.remove(&original).await;
-                return Err(Refused::Used);
+                Err(Refused::Used)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "upload refused: storage unavailable after the original was stored");
                 self.remove(&original).await;
-                return Err(Refused::Transfer(UploadError::StorageUnavailable));
+                Err(Refused::Transfer(UploadError::StorageUnavailable))
             }
         }
+    }
+
+    /// Queues the job of an accepted upload (and marks its guard `queued`).
+    async fn enqueue(&self, claims: &UploadClaims) {
         let job = Job {
             image_id: claims.image_id,
-            storage_key: key.clone(),
+            storage_key: claims.storage_key.clone(),
             content_type: claims.content_type.clone(),
             owner: claims.sub.clone(),
             accepted_at: OffsetDateTime::now_utc(),
@@ -401,16 +421,10 @@ impl Gateway {
             // The original is durable: the API's reconciler queues its job once Valkey is back.
             tracing::warn!(error = %e, "the job could not be queued; the reconciler will");
         }
-        Ok(Receipt {
-            image_id: claims.image_id,
-            sha256: hex(&received.sha256),
-            bytes: received.bytes,
-            status: "accepted",
-        })
     }
 
-    /// Streams the body into a spool file with every check that can be made before decoding:
-    /// caps, timeouts, magic bytes, declared dimensions, a JPEG's end.
+    /// Streams the body into a spool file through its [`BodyCheck`], keeping the guard and
+    /// the body's pace: a body too slow, cut off or no longer holding the guard spends nothing.
     async fn receive(
         &self,
         image_id: Uuid,
@@ -426,12 +440,8 @@ impl Gateway {
         };
         let file = self.spool.file().map_err(internal)?;
         let mut out = tokio::fs::File::from_std(file.reopen().map_err(internal)?);
-        let mut hasher = Sha256::new();
-        let mut prefix = Vec::new();
-        let mut end = JpegEnd::default();
-        let mut bytes = 0u64;
-        let (mut sniffed, mut dimensions) = (false, false);
         let max_pixels = self.config.pipeline.max_pixels;
+        let mut check = BodyCheck::new(expected, limit, max_pixels);
         let mut stream = body.into_data_stream();
         let (started, deadline) = (Instant::now(), Instant::now() + config.body_timeout);
         let mut renewed = Instant::now();
@@ -443,17 +453,12 @@ impl Gateway {
                 Err(_) => return Err(Refused::Transfer(UploadError::TooSlow)),
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    tracing::info!(error = %e, bytes, "the body was cut off");
+                    tracing::info!(error = %e, bytes = check.bytes(), "the body was cut off");
                     return Err(Refused::Transfer(UploadError::Incomplete));
                 }
                 Ok(Some(Ok(chunk))) => chunk,
             };
-            bytes += chunk.len() as u64;
-            if bytes > limit {
-                return Err(Refused::Body(UploadError::TooLarge(limit)));
-            }
-            hasher.update(&chunk);
-            end.feed(&chunk);
+            check.feed(&chunk).map_err(Refused::Body)?;
             tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
                 .await
                 .map_err(internal)?;
@@ -474,53 +479,29 @@ impl Gateway {
             }
             let elapsed = started.elapsed();
             if elapsed > RATE_GRACE
-                && (bytes as f64) < config.min_upload_rate as f64 * elapsed.as_secs_f64()
+                && (check.bytes() as f64) < config.min_upload_rate as f64 * elapsed.as_secs_f64()
             {
                 return Err(Refused::Transfer(UploadError::TooSlow));
-            }
-            if prefix.len() < HEADER_PREFIX {
-                let take = chunk.len().min(HEADER_PREFIX - prefix.len());
-                prefix.extend_from_slice(&chunk[..take]);
-                if prefix.len() >= sniff::MAGIC_LEN {
-                    if !sniffed {
-                        check_format(&prefix, expected).map_err(Refused::Body)?;
-                        sniffed = true;
-                    }
-                    if !dimensions {
-                        let header = sniff::check_header(&prefix, max_pixels)
-                            .map_err(|e| Refused::Body(e.into()))?;
-                        dimensions = matches!(header, Header::Dimensions { .. });
-                    }
-                }
             }
         }
         tokio::io::AsyncWriteExt::flush(&mut out)
             .await
             .map_err(internal)?;
         drop(out);
-        if !sniffed {
-            check_format(&prefix, expected).map_err(Refused::Body)?;
-        }
-        if !dimensions {
+        if !check.ended().map_err(Refused::Body)? {
+            // The header did not fit in the prefix kept in memory: read it from the file.
             let header = {
                 let file = file.reopen().map_err(internal)?;
                 tokio::task::spawn_blocking(move || sniff::check_header_of(&file, max_pixels))
                     .await
                     .map_err(|_| Refused::Transfer(UploadError::Internal))?
             };
-            match header.map_err(|e| Refused::Body(e.into()))? {
-                Header::Dimensions { .. } => {}
-                Header::Incomplete => {
-                    return Err(Refused::Body(
-                        PipelineError::InvalidImage("the image header is truncated".into()).into(),
-                    ));
-                }
-            }
+            check::whole_header(header).map_err(Refused::Body)?;
         }
-        end.check(expected).map_err(|e| Refused::Body(e.into()))?;
+        let (sha256, bytes) = check.finish().map_err(Refused::Body)?;
         Ok(Received {
             file,
-            sha256: hasher.finalize().into(),
+            sha256,
             bytes,
         })
     }
@@ -600,17 +581,6 @@ fn content_type(headers: &HeaderMap) -> String {
                 .to_ascii_lowercase()
         })
         .unwrap_or_default()
-}
-
-fn check_format(prefix: &[u8], expected: ImageFormat) -> Result<(), UploadError> {
-    let found = sniff::sniff(prefix)?;
-    if found != expected {
-        return Err(UploadError::BodyTypeMismatch {
-            declared: expected.to_mime_type(),
-            found: found.to_mime_type(),
-        });
-    }
-    Ok(())
 }
 
 pub fn hex(bytes: &[u8]) -> String {
