@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use follow_bus::{ConsumerStats, HealthChecker, HubStats, keys};
 use follow_service::metrics::{
     Counter, EncodeLabelSet, EncodeLabelValue, Family, Gauge, Histogram, QueueMetrics, Registry,
-    exponential_buckets,
+    ValkeyMetrics, exponential_buckets,
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +96,7 @@ pub struct Metrics {
     watchers_lagged: Counter,
     hub_channels: Gauge,
     results_queue: QueueMetrics,
+    valkey: ValkeyMetrics,
 }
 
 impl Metrics {
@@ -113,6 +114,7 @@ impl Metrics {
             hub_channels: Gauge::default(),
             // `image:result` as the API consumes it (dead: `follow-api dead list`).
             results_queue: QueueMetrics::register(registry, "results", "results"),
+            valkey: ValkeyMetrics::register(registry),
         };
         registry.register(
             "rpc_errors",
@@ -190,6 +192,7 @@ impl Metrics {
 
     /// Takes in the hub's and the consumer's counters and the result queue as of now.
     pub async fn sample(&self, hub: &HubStats, valkey: &HealthChecker, consumer: &ConsumerStats) {
+        self.valkey.sample(valkey);
         self.watchers_lagged
             .inner()
             .store(hub.lagged.load(Ordering::Relaxed), Ordering::Relaxed);

@@ -533,7 +533,7 @@ async fn a_result_for_a_final_image_announces_it_again() {
         .await
         .unwrap();
     let image = route.waypoints[0].1;
-    let mut notices = valkey.pubsub().await.unwrap();
+    let (mut notices, _open) = valkey.pubsub().await.unwrap();
     notices.subscribe(keys::progress(image)).await.unwrap();
     let mut notices = notices.into_on_message();
     let applier =

@@ -129,6 +129,12 @@ async fn health_follows_valkey_over_http_and_grpc_and_metrics_are_exposed() {
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
+    // One connection for every command of the process, one for the result consumer's blocking
+    // reads, one for the progress hub's subscription.
+    assert!(
+        metrics.contains("\nfollow_api_valkey_connections 3\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

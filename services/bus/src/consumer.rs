@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Backoff, BusError, Entry, EntryId, ImageResult, Reclaimer, StreamMessage, Valkey,
+    Backoff, BusError, Entry, EntryId, ImageResult, Open, Reclaimer, StreamMessage, Valkey,
     dead_letter::{
         Counted, ack_commands, dead_letter, drop_over_delivered, result_xadd, with_counts,
     },
@@ -142,6 +142,8 @@ pub struct ConsumerStats {
 #[derive(Debug)]
 pub struct Consumer<M> {
     reader: ConnectionManager,
+    /// `reader` counted as open while this consumer lives.
+    _reader_open: Open,
     conn: ConnectionManager,
     reclaimer: Reclaimer,
     config: ConsumerConfig,
@@ -169,8 +171,10 @@ type Todo<M> = (Delivery<M>, Counted);
 impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
     pub fn new(valkey: &Valkey, config: ConsumerConfig) -> Result<Self, BusError> {
         let reclaimer = Reclaimer::new(valkey, &config)?;
+        let (reader, _reader_open) = valkey.blocking_connection(config.block)?;
         Ok(Self {
-            reader: valkey.blocking_connection(config.block)?,
+            reader,
+            _reader_open,
             conn: valkey.connection()?,
             reclaimer,
             config,

@@ -7,6 +7,7 @@ use crate::{BusError, EntryId, Valkey, keys::Queue};
 /// Whether Valkey answers, and the state of a queue (for health and metrics).
 #[derive(Clone, Debug)]
 pub struct HealthChecker {
+    valkey: Valkey,
     conn: ConnectionManager,
     queue: Option<Queue>,
 }
@@ -23,9 +24,15 @@ impl HealthChecker {
     /// `queue`: the queue whose group this service consumes, or `None` to only ping.
     pub fn new(valkey: &Valkey, queue: Option<Queue>) -> Result<Self, BusError> {
         Ok(Self {
+            valkey: valkey.clone(),
             conn: valkey.connection()?,
             queue,
         })
+    }
+
+    /// The connections to Valkey this process holds ([`Valkey::open_connections`]).
+    pub fn open_connections(&self) -> u64 {
+        self.valkey.open_connections()
     }
 
     pub async fn check(&mut self) -> Health {

@@ -351,7 +351,8 @@ impl Worker {
         let mut first = !self.shared.started.swap(true, Ordering::Relaxed);
         loop {
             let connected = async {
-                let (mut sink, stream) = self.shared.valkey.pubsub().await?.split();
+                let (pubsub, open) = self.shared.valkey.pubsub().await?;
+                let (mut sink, stream) = pubsub.split();
                 match self.shared.channels {
                     Channels::PerImage => {
                         let channels: Vec<String> =
@@ -362,9 +363,9 @@ impl Worker {
                     }
                     Channels::Pattern => sink.psubscribe(keys::PROGRESS_PATTERN).await?,
                 }
-                Ok::<_, BusError>((sink, stream))
+                Ok::<_, BusError>((sink, stream, open))
             };
-            let (mut sink, mut stream) = tokio::select! {
+            let (mut sink, mut stream, _open) = tokio::select! {
                 () = cancel.cancelled() => return,
                 connected = connected => match connected {
                     Ok(c) => c,

@@ -47,7 +47,7 @@ mod trimmer;
 
 pub use backoff::Backoff;
 pub use codec::{DecodeError, StreamMessage};
-pub use connection::{Valkey, ValkeyConfig};
+pub use connection::{Open, Valkey, ValkeyConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, Outcome};
 pub use error::BusError;
 pub use guard::{GuardOutcome, GuardState, UploadGuard};

@@ -4,7 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use follow_bus::{ConsumerStats, ErrorCode, HealthChecker, Stage, keys};
 use follow_service::metrics::{
-    Counter, EncodeLabelSet, Family, Gauge, Histogram, QueueMetrics, Registry, exponential_buckets,
+    Counter, EncodeLabelSet, Family, Gauge, Histogram, QueueMetrics, Registry, ValkeyMetrics,
+    exponential_buckets,
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,6 +37,7 @@ pub struct Metrics {
     failed: Family<CodeLabel, Counter>,
     failed_total: AtomicU64,
     jobs: QueueMetrics,
+    valkey: ValkeyMetrics,
 }
 
 impl Metrics {
@@ -53,6 +55,7 @@ impl Metrics {
             failed_total: AtomicU64::new(0),
             // `image:jobs`, as every gateway shares it, and this instance's workers.
             jobs: QueueMetrics::register(registry, "jobs", "jobs"),
+            valkey: ValkeyMetrics::register(registry),
         };
         registry.register(
             "uploads",
@@ -138,6 +141,7 @@ impl Metrics {
 
     /// Takes in the job queue as of now and the workers' counters, for a scrape.
     pub async fn sample(&self, valkey: &HealthChecker, consumers: &ConsumerStats) {
+        self.valkey.sample(valkey);
         self.jobs.sample(valkey, keys::JOBS, consumers).await;
     }
 }

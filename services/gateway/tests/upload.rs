@@ -508,7 +508,7 @@ async fn a_client_gone_half_way_releases_the_token() {
 async fn stages_arrive_in_order_on_the_progress_channel() {
     let gw = Gateway::start().await;
     let (id, token) = gw.token("image/jpeg", 10_000_000);
-    let mut pubsub = gw.valkey.pubsub().await.unwrap();
+    let (mut pubsub, _open) = gw.valkey.pubsub().await.unwrap();
     pubsub.subscribe(keys::progress(id)).await.unwrap();
     let mut messages = pubsub.into_on_message();
     assert_eq!(gw.put(&token, "image/jpeg", jpeg(2500, 1200)).await.0, 202);

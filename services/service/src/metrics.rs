@@ -35,6 +35,31 @@ pub fn response(registry: &Registry) -> Response {
         .into_response()
 }
 
+/// The connections to Valkey this process holds (`valkey_connections`): the one shared by
+/// every ordinary command, and each blocking reader's and subscriber's.
+#[derive(Debug, Default)]
+pub struct ValkeyMetrics {
+    connections: Gauge,
+}
+
+impl ValkeyMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "valkey_connections",
+            "connections to Valkey this process holds: one shared by every ordinary command, \
+             one per blocking reader (consumer) and per subscriber (the progress hub)",
+            m.connections.clone(),
+        );
+        m
+    }
+
+    pub fn sample(&self, valkey: &HealthChecker) {
+        self.connections
+            .set(i64::try_from(valkey.open_connections()).unwrap_or(i64::MAX));
+    }
+}
+
 /// The metrics of a work queue and of this process's consumers of it, under the service's
 /// registry: backlog (waiting, in progress, oldest), dead letters, and what the consumers did.
 #[derive(Debug)]

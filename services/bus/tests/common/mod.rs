@@ -229,7 +229,7 @@ pub async fn subscribe(
     valkey: &Valkey,
     image_id: Uuid,
 ) -> impl futures_util::Stream<Item = redis::Msg> + use<> {
-    let mut pubsub = valkey.pubsub().await.unwrap();
+    let (mut pubsub, _open) = valkey.pubsub().await.unwrap();
     pubsub.subscribe(keys::progress(image_id)).await.unwrap();
     pubsub.into_on_message()
 }
