@@ -17,6 +17,7 @@
 pub mod client;
 mod compose;
 pub mod local;
+pub mod observe;
 pub mod relay;
 mod spawn;
 pub mod user;
