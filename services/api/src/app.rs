@@ -13,12 +13,12 @@ use follow_proto::api::v1::{
     image_service_server::ImageServiceServer, route_service_server::RouteServiceServer,
 };
 use follow_service::{
+    app::{self, Served, Shell},
     config::ExposeSecret as _,
-    health,
     limits::Tally,
     metrics::Registry,
     s3::Bucket,
-    serve::{ServeError, Surface, serve},
+    serve::ServeError,
     workers::Workers,
 };
 use sqlx::{PgPool, postgres::PgPoolOptions};
@@ -102,9 +102,7 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.config.server.listen)
+        app::local_addr(&self.listener, self.config.server.listen)
     }
 
     /// Serves until `cancel`, then shuts down gracefully.
@@ -115,7 +113,8 @@ impl Application {
             pool,
             valkey,
         } = self;
-        let workers = Workers::new(cancel.clone());
+        let shell = Shell::new("follow-api", cancel.clone());
+        let workers = &shell.workers;
         let mut registry = Registry::with_prefix("follow_api");
         let metrics = Arc::new(Metrics::register(&mut registry));
         let progress = ProgressTracker::new(&valkey)?;
@@ -126,40 +125,9 @@ impl Application {
             config.watch_max_lag,
         ));
         workers.hub(&hub);
-        let applier = ResultApplier::new(pool.clone())
-            .with_announcer(progress.clone())
-            .with_metrics(Arc::clone(&metrics));
-        let consumer_config = ConsumerConfig {
-            batch_size: config.result_batch,
-            max_failures: config.result_max_failures,
-            ..ConsumerConfig::new(keys::RESULTS, config.consumer_name.clone())
-        };
-        let consumer_stats = Arc::new(ConsumerStats::default());
-        workers.consume(
-            "result-consumer",
-            &valkey,
-            consumer_config,
-            Arc::clone(&consumer_stats),
-            applier.clone(),
-        );
-        workers.trim("result-trimmer", &valkey, keys::RESULTS);
-        let queue = HealthChecker::new(&valkey, Some(keys::RESULTS))?;
-        {
-            let reconciler = Reconciler {
-                pool: pool.clone(),
-                bucket: bucket.clone(),
-                producer: Producer::new(&valkey)?,
-                guard: UploadGuard::new(&valkey)?,
-                valkey: queue.clone(),
-                applier,
-                announcer: progress.clone(),
-                metrics: Arc::clone(&metrics),
-                every: config.reconcile_interval,
-                grace: config.expiry_grace,
-            };
-            let cancel = cancel.clone();
-            workers.supervise("reconciler", move || reconciler.clone().run(cancel.clone()));
-        }
+        let (consumer_stats, queue) = result_workers(
+            workers, &config, &pool, &valkey, &progress, &bucket, &metrics,
+        )?;
         let probe = ApiProbe {
             pool: pool.clone(),
             valkey: queue,
@@ -169,8 +137,6 @@ impl Application {
             consumer: consumer_stats,
             hub: hub.stats(),
         };
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        workers.report_health(probe.clone(), reporter, SERVICES);
 
         let shared = Arc::new(Shared {
             pool: pool.clone(),
@@ -211,20 +177,62 @@ impl Application {
             .max_decoding_message_size(MAX_ROUTE_REQUEST_BYTES);
         let images = ImageServiceServer::new(ImageService::new(Arc::clone(&shared)))
             .max_decoding_message_size(MAX_IMAGE_REQUEST_BYTES);
-        let surface = Surface {
+        let served = Served {
             grpc: Routes::new(InterceptedService::new(routes, auth.clone()))
-                .add_service(InterceptedService::new(images, auth))
-                .add_service(health_service),
+                .add_service(InterceptedService::new(images, auth)),
             names: SERVICES,
             public: axum::Router::new(),
-            ops: health::router(probe),
+            probe,
         };
-        let served = serve(listener, surface, &config.server, cancel.clone()).await;
-        // However serving ended, everything else stops with it.
-        workers.stop().await;
+        let served = shell.serve(listener, &config.server, served).await;
         drop(shared);
         pool.close().await;
-        tracing::info!("follow-api stopped");
         Ok(served?)
     }
+}
+
+/// The workers that carry results into PostgreSQL: the `image:result` consumer, its trimmer and
+/// the reconciler. Returns the consumer's counters and the result queue's checker.
+fn result_workers(
+    workers: &Workers,
+    config: &Config,
+    pool: &PgPool,
+    valkey: &Valkey,
+    progress: &ProgressTracker,
+    bucket: &Bucket,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<ConsumerStats>, HealthChecker), StartError> {
+    let applier = ResultApplier::new(pool.clone())
+        .with_announcer(progress.clone())
+        .with_metrics(Arc::clone(metrics));
+    let consumer_config = ConsumerConfig {
+        batch_size: config.result_batch,
+        max_failures: config.result_max_failures,
+        ..ConsumerConfig::new(keys::RESULTS, config.consumer_name.clone())
+    };
+    let consumer_stats = Arc::new(ConsumerStats::default());
+    workers.consume(
+        "result-consumer",
+        valkey,
+        consumer_config,
+        Arc::clone(&consumer_stats),
+        applier.clone(),
+    );
+    workers.trim("result-trimmer", valkey, keys::RESULTS);
+    let queue = HealthChecker::new(valkey, Some(keys::RESULTS))?;
+    let reconciler = Reconciler {
+        pool: pool.clone(),
+        bucket: bucket.clone(),
+        producer: Producer::new(valkey)?,
+        guard: UploadGuard::new(valkey)?,
+        valkey: queue.clone(),
+        applier,
+        announcer: progress.clone(),
+        metrics: Arc::clone(metrics),
+        every: config.reconcile_interval,
+        grace: config.expiry_grace,
+    };
+    let cancel = workers.cancel().clone();
+    workers.supervise("reconciler", move || reconciler.clone().run(cancel.clone()));
+    Ok((consumer_stats, queue))
 }

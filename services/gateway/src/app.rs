@@ -11,12 +11,12 @@ use follow_bus::{
 };
 use follow_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
 use follow_service::{
+    app::{self, Served, Shell},
     config::ExposeSecret as _,
     limits::Tally,
     metrics::Registry,
     s3::Bucket,
-    serve::{ServeError, Surface, serve},
-    workers::Workers,
+    serve::ServeError,
 };
 use follow_token::Verifier;
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -67,16 +67,14 @@ impl Application {
 
     /// Where it serves (the listener's address: the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        match self.listener.local_addr() {
-            Ok(addr) => addr,
-            Err(_) => self.config.server.listen,
-        }
+        app::local_addr(&self.listener, self.config.server.listen)
     }
 
     /// Serves until `cancel`, then stops gracefully (see the module doc).
     pub async fn run(self, cancel: CancellationToken) -> Result<(), StartError> {
         let (listener, valkey, config) = (self.listener, self.valkey, self.config);
-        let workers = Workers::new(cancel.clone());
+        let shell = Shell::new("follow-image-gateway", cancel.clone());
+        let workers = &shell.workers;
         let mut registry = Registry::with_prefix("follow_gateway");
         let metrics = Arc::new(Metrics::register(&mut registry));
         let bucket = Bucket::new(&config.s3);
@@ -132,8 +130,6 @@ impl Application {
             consumers: Arc::clone(&consumers),
             registry: Arc::new(registry),
         };
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        workers.report_health(probe.clone(), reporter, SERVICES);
         let service = GatewayService {
             gateway: Arc::clone(&gateway),
             hub,
@@ -141,23 +137,18 @@ impl Application {
             consumers,
             watches: Tally::new(config.max_watches_per_upload),
             ops_token: config.ops_token.clone(),
-            cancel: cancel.clone(),
+            cancel,
         };
-        let surface = Surface {
+        let served = Served {
             // Its requests are an image id at most: nothing larger is read before the token is.
             grpc: Routes::new(
                 GatewayServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
-            )
-            .add_service(health_service),
+            ),
             names: SERVICES,
-            public: http::public(Arc::clone(&gateway)),
-            ops: follow_service::health::router(probe),
+            public: http::public(gateway),
+            probe,
         };
-        let served = serve(listener, surface, &config.server, cancel.clone()).await;
-        // However serving ended, everything else stops with it.
-        workers.stop().await;
-        drop(gateway);
-        tracing::info!("follow-image-gateway stopped");
+        let served = shell.serve(listener, &config.server, served).await;
         Ok(served?)
     }
 }

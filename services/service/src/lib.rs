@@ -3,6 +3,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`app`] | the skeleton both services run in: workers, health, serving, shutdown |
 //! | [`config`] | reading `FOLLOW_*` settings, secrets, the shared server and S3 settings |
 //! | [`s3`] | the bucket: the S3 client with the SDK's timeouts and bounded retries, typed errors |
 //! | [`objects`] | the S3 object keys of an image |
@@ -17,6 +18,7 @@
 //! | [`limits`] | per-subject concurrency caps |
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod auth;
 pub mod config;
 mod failpoint;
