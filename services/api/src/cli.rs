@@ -197,92 +197,34 @@ async fn dead(action: DeadAction, json: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout();
     match action {
         DeadAction::List { count, after } => {
-            let after = after.map(EntryId);
-            let entries = dead.list(after.as_ref(), count).await?;
-            for entry in &entries {
-                if json {
-                    writeln!(out, "{}", entry_json(entry, false))?;
-                } else {
-                    let image = field(entry, "image_id");
-                    writeln!(
-                        out,
-                        "{}  image {image}  deliveries {}  failures {}  at {}\n    {}",
-                        entry.id, entry.deliveries, entry.failures, entry.dead_at, entry.reason
-                    )?;
-                }
-            }
-            if !json {
-                writeln!(
-                    out,
-                    "{} dead entr{}",
-                    entries.len(),
-                    if entries.len() == 1 { "y" } else { "ies" }
-                )?;
-            }
+            let entries = dead.list(after.map(EntryId).as_ref(), count).await?;
+            list(&mut out, &entries, json)
         }
         DeadAction::Show { id } => {
             let Some(entry) = dead.show(&EntryId(id.clone())).await? else {
                 bail!("no dead entry {id}");
             };
-            if json {
-                writeln!(out, "{}", entry_json(&entry, true))?;
-            } else {
-                writeln!(
-                    out,
-                    "id:          {}\nreason:      {}\noriginal id: {}\nconsumer:    {}\ndeliveries:  {}\nfailures:    {}\ndead at:     {}\nfields:",
-                    entry.id,
-                    entry.reason,
-                    entry.original_id,
-                    entry.consumer,
-                    entry.deliveries,
-                    entry.failures,
-                    entry.dead_at
-                )?;
-                for (name, value) in &entry.fields {
-                    writeln!(out, "  {name} = {value}")?;
-                }
-            }
+            show(&mut out, &entry, json)
         }
         DeadAction::Replay { ids, all } => {
             let ids: Vec<EntryId> = if all {
-                let mut ids = Vec::new();
-                let mut after = None;
-                loop {
-                    let page = dead.list(after.as_ref(), 500).await?;
-                    let Some(last) = page.last().map(|e| e.id.clone()) else {
-                        break;
-                    };
-                    ids.extend(page.into_iter().map(|e| e.id));
-                    after = Some(last);
-                }
-                ids
+                every_dead(&mut dead).await?
             } else if ids.is_empty() {
                 bail!("name the entries to replay, or --all");
             } else {
                 ids.into_iter().map(EntryId).collect()
             };
-            let mut replayed = Vec::new();
-            let mut missing = Vec::new();
+            let (mut replayed, mut missing) = (Vec::new(), Vec::new());
             for id in ids {
                 match dead.replay(&id).await? {
-                    Some(new) => replayed.push((id, new)),
+                    Some(new) => replayed.push(format!("{id} -> {new}")),
                     None => missing.push(id),
                 }
             }
-            report(
-                &mut out,
-                json,
-                "replayed",
-                &replayed
-                    .iter()
-                    .map(|(old, new)| format!("{old} -> {new}"))
-                    .collect::<Vec<_>>(),
-                &missing,
-            )?;
+            report(&mut out, json, "replayed", &replayed, &missing)
         }
         DeadAction::Drop { ids } => {
-            let mut dropped = Vec::new();
-            let mut missing = Vec::new();
+            let (mut dropped, mut missing) = (Vec::new(), Vec::new());
             for id in ids.into_iter().map(EntryId) {
                 if dead.drop_entry(&id).await? {
                     dropped.push(id.0);
@@ -290,8 +232,62 @@ async fn dead(action: DeadAction, json: bool) -> anyhow::Result<()> {
                     missing.push(id);
                 }
             }
-            report(&mut out, json, "dropped", &dropped, &missing)?;
+            report(&mut out, json, "dropped", &dropped, &missing)
         }
+    }
+}
+
+/// The ids of every dead entry, page by page.
+async fn every_dead(dead: &mut DeadLetters) -> anyhow::Result<Vec<EntryId>> {
+    let (mut ids, mut after) = (Vec::new(), None);
+    loop {
+        let page = dead.list(after.as_ref(), 500).await?;
+        let Some(last) = page.last().map(|e| e.id.clone()) else {
+            return Ok(ids);
+        };
+        ids.extend(page.into_iter().map(|e| e.id));
+        after = Some(last);
+    }
+}
+
+fn list(out: &mut impl std::io::Write, entries: &[DeadEntry], json: bool) -> anyhow::Result<()> {
+    for entry in entries {
+        if json {
+            writeln!(out, "{}", entry_json(entry, false))?;
+        } else {
+            let image = field(entry, "image_id");
+            writeln!(
+                out,
+                "{}  image {image}  deliveries {}  failures {}  at {}\n    {}",
+                entry.id, entry.deliveries, entry.failures, entry.dead_at, entry.reason
+            )?;
+        }
+    }
+    if !json {
+        let plural = if entries.len() == 1 { "y" } else { "ies" };
+        writeln!(out, "{} dead entr{plural}", entries.len())?;
+    }
+    Ok(())
+}
+
+fn show(out: &mut impl std::io::Write, entry: &DeadEntry, json: bool) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", entry_json(entry, true))?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "id:          {}\nreason:      {}\noriginal id: {}\nconsumer:    {}\ndeliveries:  {}\nfailures:    {}\ndead at:     {}\nfields:",
+        entry.id,
+        entry.reason,
+        entry.original_id,
+        entry.consumer,
+        entry.deliveries,
+        entry.failures,
+        entry.dead_at
+    )?;
+    for (name, value) in &entry.fields {
+        writeln!(out, "  {name} = {value}")?;
     }
     Ok(())
 }
