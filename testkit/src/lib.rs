@@ -19,7 +19,7 @@ mod service;
 mod valkey;
 mod wait;
 
-pub use follow_bus::acl::User as ValkeyUser;
+pub use follow_keys::acl::User as ValkeyUser;
 pub use garage::GarageServer;
 pub use postgres::PostgresServer;
 pub use service::ServiceProcess;

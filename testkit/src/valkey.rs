@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use follow_bus::acl::{self, User};
+use follow_keys::acl::{self, User};
 use tokio::process::Command;
 
 use crate::{
@@ -11,7 +11,7 @@ use crate::{
 
 /// A `valkey-server` of one test, empty, without persistence. Killed when dropped.
 ///
-/// Started with the platform's ACL users ([`follow_bus::acl`]), each with a fresh random
+/// Started with the platform's ACL users ([`follow_keys::acl`]), each with a fresh random
 /// password: [`ValkeyServer::url_as`] is how a service connects, [`ValkeyServer::url`] is the
 /// operator (`default`) a test inspects with.
 #[derive(Debug)]

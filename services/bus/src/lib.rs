@@ -25,7 +25,6 @@
 //! `dead_consumer`, `dead_deliveries`, `dead_failures` and `dead_at`.
 #![forbid(unsafe_code)]
 
-pub mod acl;
 mod backoff;
 pub mod codec;
 mod connection;
@@ -36,7 +35,6 @@ mod error;
 mod guard;
 mod health;
 mod hub;
-pub mod keys;
 mod model;
 mod producer;
 mod progress;
@@ -50,6 +48,8 @@ pub use codec::{DecodeError, StreamMessage};
 pub use connection::{Open, Valkey, ValkeyConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, Outcome};
 pub use error::BusError;
+/// Key names and the ACL users live in `follow-keys`, the bus's ground floor.
+pub use follow_keys::{acl, keys};
 pub use guard::{GuardOutcome, GuardState, UploadGuard};
 pub use health::{Health, HealthChecker, QueueInfo};
 pub use hub::{Channels, Hub, HubEvent, HubStats, QUEUE as HUB_QUEUE, Subscription};
