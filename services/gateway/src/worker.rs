@@ -169,7 +169,7 @@ impl JobHandler {
         };
         let sha256 = crate::upload::hex(&Sha256::digest(&original));
         let output = self.pipeline_of(original, format, reporter).await;
-        let output = match output {
+        let mut output = match output {
             Ok(output) => output,
             Err(PipelineError::Internal) => {
                 return Ended::Failed("the pipeline failed (see the logs)".into());
@@ -186,20 +186,9 @@ impl JobHandler {
         reporter.stage(Stage::UploadingToStorage);
         let preview = preview_key(&job.storage_key);
         let byte_size = output.image.bytes.len() as u64;
-        let (image_type, preview_type) = (output.image.content_type, output.preview.content_type);
-        // Written once: an earlier attempt at this job that stored them made the same bytes
-        // from the same original, so finding them there is success.
-        let stored = tokio::join!(
-            self.bucket
-                .put_new(&job.storage_key, output.image.bytes, image_type),
-            self.bucket
-                .put_new(&preview, output.preview.bytes, preview_type),
-        );
-        for written in [stored.0, stored.1] {
-            match written {
-                Ok(()) | Err(S3Error::Exists) => {}
-                Err(e) => return Ended::Unavailable(e.to_string()),
-            }
+        let image_type = output.image.content_type;
+        if let Err(e) = Box::pin(self.store_outputs(job, &preview, &mut output)).await {
+            return Ended::Unavailable(e.to_string());
         }
         Ended::Result(ImageResult {
             image_id: job.image_id,
@@ -217,6 +206,37 @@ impl JobHandler {
             produced_at: OffsetDateTime::now_utc(),
             processing_ms: started.elapsed().as_millis() as u64,
         })
+    }
+
+    /// The processed image and its preview, each written once: an earlier attempt at this job
+    /// that stored them made the same bytes from the same original, so finding them there is
+    /// success.
+    async fn store_outputs(
+        &self,
+        job: &Job,
+        preview: &str,
+        output: &mut pipeline::Output,
+    ) -> Result<(), S3Error> {
+        let (image, small) = (&mut output.image, &mut output.preview);
+        let stored = tokio::join!(
+            self.bucket.put_new(
+                &job.storage_key,
+                std::mem::take(&mut image.bytes),
+                image.content_type
+            ),
+            self.bucket.put_new(
+                preview,
+                std::mem::take(&mut small.bytes),
+                small.content_type
+            ),
+        );
+        for written in [stored.0, stored.1] {
+            match written {
+                Ok(()) | Err(S3Error::Exists) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// The CPU part, on the blocking pool.

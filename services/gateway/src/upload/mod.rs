@@ -36,7 +36,6 @@ use follow_service::{
 use follow_token::{TokenError, UploadClaims, Verifier};
 use futures_util::StreamExt;
 use image::ImageFormat;
-
 use tempfile::NamedTempFile;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
