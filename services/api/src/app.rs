@@ -167,19 +167,8 @@ impl Application {
             watches: Tally::new(config.max_watches_per_user),
             cancel: cancel.clone(),
         });
-        // Every call is authenticated from its headers before its message is read, and no
-        // message larger than its method needs is read at all.
-        let auth = interceptor(Arc::new(Authenticator::new(
-            config.user_keys.clone(),
-            config.token_leeway,
-        )));
-        let routes = RouteServiceServer::new(RouteService::new(Arc::clone(&shared)))
-            .max_decoding_message_size(MAX_ROUTE_REQUEST_BYTES);
-        let images = ImageServiceServer::new(ImageService::new(Arc::clone(&shared)))
-            .max_decoding_message_size(MAX_IMAGE_REQUEST_BYTES);
         let served = Served {
-            grpc: Routes::new(InterceptedService::new(routes, auth.clone()))
-                .add_service(InterceptedService::new(images, auth)),
+            grpc: grpc(&shared, &config),
             names: SERVICES,
             public: axum::Router::new(),
             probe,
@@ -235,4 +224,19 @@ fn result_workers(
     let cancel = workers.cancel().clone();
     workers.supervise("reconciler", move || reconciler.clone().run(cancel.clone()));
     Ok((consumer_stats, queue))
+}
+
+/// The API's gRPC services. Every call is authenticated from its headers before its message is
+/// read, and no message larger than its method needs is read at all.
+fn grpc(shared: &Arc<Shared>, config: &Config) -> Routes {
+    let auth = interceptor(Arc::new(Authenticator::new(
+        config.user_keys.clone(),
+        config.token_leeway,
+    )));
+    let routes = RouteServiceServer::new(RouteService::new(Arc::clone(shared)))
+        .max_decoding_message_size(MAX_ROUTE_REQUEST_BYTES);
+    let images = ImageServiceServer::new(ImageService::new(Arc::clone(shared)))
+        .max_decoding_message_size(MAX_IMAGE_REQUEST_BYTES);
+    Routes::new(InterceptedService::new(routes, auth.clone()))
+        .add_service(InterceptedService::new(images, auth))
 }

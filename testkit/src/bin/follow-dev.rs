@@ -65,34 +65,8 @@ async fn up() -> Result<(), Error> {
     std::fs::create_dir_all(&logs)?;
     std::fs::create_dir_all(&run)?;
     let _ = std::fs::remove_file(run.join("stack.env"));
-    let (valkey_port, pg_port) = (
-        port("FOLLOW_VALKEY_PORT", 16379),
-        port("FOLLOW_PG_PORT", 15432),
-    );
-    let s3_ports = [
-        port("FOLLOW_S3_PORT", 3900),
-        port("FOLLOW_GARAGE_RPC_PORT", 3901),
-        port("FOLLOW_GARAGE_ADMIN_PORT", 3903),
-    ];
     let bucket = std::env::var("FOLLOW_S3_BUCKET").unwrap_or_else(|_| "follow-images".into());
-
-    eprintln!(
-        "==> Valkey on 127.0.0.1:{valkey_port}, PostgreSQL on :{pg_port}, Garage (S3) on :{}",
-        s3_ports[0]
-    );
-    let dirs = (
-        home.join("valkey"),
-        home.join("postgres"),
-        home.join("garage"),
-    );
-    let (valkey, postgres, garage) = tokio::join!(
-        ValkeyServer::start_kept(&dirs.0, valkey_port),
-        PostgresServer::start_kept(&dirs.1, pg_port),
-        GarageServer::start_kept(&dirs.2, s3_ports),
-    );
-    let (mut valkey, mut postgres, mut garage) = (valkey?, postgres?, garage?);
-    garage.ensure_bucket(&bucket).await?;
-
+    let (mut valkey, mut postgres, mut garage) = servers(&home, &bucket).await?;
     migrate(&bin, &postgres)?;
     let upload = keys(&bin, &home.join("keys"), "upload")?;
     let user = keys(&bin, &home.join("keys"), "user")?;
@@ -164,20 +138,7 @@ async fn up() -> Result<(), Error> {
         )
         .await;
     }
-    write_private(
-        &run.join("stack.env"),
-        &format!(
-            "API={}\nGATEWAY={}\nVALKEY={}\nDATABASE={}\nS3={}\nS3_BUCKET={bucket}\n\
-             AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
-            api.url(),
-            gateway.url(),
-            valkey.url(),
-            postgres.url(),
-            garage.endpoint(),
-            garage.access_key(),
-            garage.secret_key(),
-        ),
-    )?;
+    write_stack_env(&run, &api, &gateway, &valkey, &postgres, &garage, &bucket)?;
     eprintln!(
         "==> up (data in {}, logs in {})",
         home.display(),
@@ -218,6 +179,68 @@ async fn answers_health(url: &str) -> bool {
 }
 
 /// The `kid=private` / `kid=public` pair `name` in `dir`, made once with `follow-api keygen`.
+/// `run/stack.env` (mode 0600): the addresses, with the operators' credentials of Valkey,
+/// PostgreSQL and S3, for `./dev` and the `local` end-to-end mode.
+fn write_stack_env(
+    run: &Path,
+    api: &ServiceProcess,
+    gateway: &ServiceProcess,
+    valkey: &ValkeyServer,
+    postgres: &PostgresServer,
+    garage: &GarageServer,
+    bucket: &str,
+) -> Result<(), Error> {
+    write_private(
+        &run.join("stack.env"),
+        &format!(
+            "API={}\nGATEWAY={}\nVALKEY={}\nDATABASE={}\nS3={}\nS3_BUCKET={bucket}\n\
+             AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+            api.url(),
+            gateway.url(),
+            valkey.url(),
+            postgres.url(),
+            garage.endpoint(),
+            garage.access_key(),
+            garage.secret_key(),
+        ),
+    )?;
+    Ok(())
+}
+
+/// Valkey, PostgreSQL and Garage with their data kept under `home`, on their ports, with the
+/// bucket made.
+async fn servers(
+    home: &Path,
+    bucket: &str,
+) -> Result<(ValkeyServer, PostgresServer, GarageServer), Error> {
+    let (valkey_port, pg_port) = (
+        port("FOLLOW_VALKEY_PORT", 16379),
+        port("FOLLOW_PG_PORT", 15432),
+    );
+    let s3_ports = [
+        port("FOLLOW_S3_PORT", 3900),
+        port("FOLLOW_GARAGE_RPC_PORT", 3901),
+        port("FOLLOW_GARAGE_ADMIN_PORT", 3903),
+    ];
+    eprintln!(
+        "==> Valkey on 127.0.0.1:{valkey_port}, PostgreSQL on :{pg_port}, Garage (S3) on :{}",
+        s3_ports[0]
+    );
+    let dirs = (
+        home.join("valkey"),
+        home.join("postgres"),
+        home.join("garage"),
+    );
+    let (valkey, postgres, garage) = tokio::join!(
+        ValkeyServer::start_kept(&dirs.0, valkey_port),
+        PostgresServer::start_kept(&dirs.1, pg_port),
+        GarageServer::start_kept(&dirs.2, s3_ports),
+    );
+    let (valkey, postgres, garage) = (valkey?, postgres?, garage?);
+    garage.ensure_bucket(bucket).await?;
+    Ok((valkey, postgres, garage))
+}
+
 /// Runs `bin/follow-api args` with `env` added; its standard output, or its error.
 fn follow_api(bin: &Path, args: &[&str], env: &[(&str, String)]) -> Result<String, Error> {
     let out = std::process::Command::new(bin.join("follow-api"))
