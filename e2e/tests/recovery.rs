@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use follow_e2e::{
     Platform, Service,
     client::{bearer, jpeg, upload, watch_images},
+    every,
     user::{User, WAIT},
 };
 use follow_proto::api::v1::watch_image_status_response::Event;
@@ -104,9 +105,9 @@ async fn work_resumes_within_seconds_of_valkeys_return() {
         })
         .await;
     }
-    // The outage lasts: every consumer and the hub fail their reconnects for a while, which
-    // used to stretch their backoff (the scenario's length, not a wait for anything).
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The outage lasts 6 s, on the fault schedule's clock: every consumer and the hub fail their
+    // reconnects meanwhile, which used to stretch their backoff.
+    every(Duration::from_secs(6)).tick().await;
     platform.start_service(Service::Valkey, &[]).await.unwrap();
     let back = Instant::now();
     // The hub: a watch opens again once it holds its subscription.

@@ -43,17 +43,6 @@ impl Backoff {
     }
 }
 
-impl Clone for Backoff {
-    /// A fresh backoff with the same bounds.
-    fn clone(&self) -> Self {
-        Self {
-            builder: self.builder,
-            delays: self.builder.build(),
-            max: self.max,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,5 @@
 //! The live watch: one `WatchImageStatus` stream's [`session`], fed by the process's
 //! [`follow_bus::Hub`].
 
+mod cursor;
 pub mod session;

@@ -19,7 +19,6 @@
 
 use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use follow_bus::Stage;
 use follow_proto::api::v1 as api;
 use sqlx::{Postgres, pool::PoolConnection};
@@ -28,6 +27,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 use uuid::Uuid;
 
+use super::cursor::{decode_cursor, encode_cursor};
 use crate::{
     auth::User,
     error::ApiError,
@@ -40,13 +40,12 @@ use follow_proto::time::timestamp;
 use follow_service::{limits::Slot, objects};
 
 /// The level of an image whose committed outcome was sent: above every stage's seq.
-const FINAL: u8 = Stage::LAST_SEQ as u8 + 1;
+pub(super) const FINAL: u8 = Stage::LAST_SEQ as u8 + 1;
 /// The levels of an image the gateway is done with (`done` or `failed`), whose committed
 /// outcome is due.
 const SETTLING: std::ops::RangeInclusive<u8> = Stage::Done.seq() as u8..=Stage::Failed.seq() as u8;
 /// The longest wait between two re-reads of images whose outcome is due.
 const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(30);
-const CURSOR_VERSION: u8 = 1;
 /// Images one stream may watch (a route has at most 100 waypoints too).
 pub const MAX_IMAGES: usize = 100;
 
@@ -526,34 +525,6 @@ impl Drop for Live {
     }
 }
 
-fn encode_cursor(levels: &[u8], route_ready_sent: bool) -> String {
-    let mut bytes = Vec::with_capacity(levels.len() + 2);
-    bytes.push(CURSOR_VERSION);
-    bytes.push(u8::from(route_ready_sent));
-    bytes.extend_from_slice(levels);
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// Levels and route flag from a cursor of a watch of `images` images; all zero when empty.
-fn decode_cursor(cursor: &str, images: usize) -> Result<(Vec<u8>, bool), ApiError> {
-    if cursor.is_empty() {
-        return Ok((vec![0; images], false));
-    }
-    let bad = || ApiError::invalid("resume_cursor", "not a cursor of this watch");
-    if cursor.len() > 4 * (MAX_IMAGES + 2) {
-        return Err(bad());
-    }
-    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
-    match bytes.as_slice() {
-        [CURSOR_VERSION, flag @ (0 | 1), levels @ ..]
-            if levels.len() == images && levels.iter().all(|l| *l <= FINAL) =>
-        {
-            Ok((levels.to_vec(), *flag == 1))
-        }
-        _ => Err(bad()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::future::Future;
@@ -561,26 +532,6 @@ mod tests {
     use follow_service::stream::Source as _;
 
     use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_refuse_foreign_or_hostile_input() {
-        let cursor = encode_cursor(&[0, 3, FINAL], true);
-        assert_eq!(
-            decode_cursor(&cursor, 3).unwrap(),
-            (vec![0, 3, FINAL], true)
-        );
-        assert_eq!(decode_cursor("", 2).unwrap(), (vec![0, 0], false));
-        for hostile in [
-            encode_cursor(&[0, 3], false), // another watch's (length)
-            URL_SAFE_NO_PAD.encode([9, 0, 0, 0, 0]),
-            URL_SAFE_NO_PAD.encode([CURSOR_VERSION, 0, 11, 0, 0]),
-            URL_SAFE_NO_PAD.encode([CURSOR_VERSION, 7, 0, 0, 0]),
-            "!!!not base64!!!".to_owned(),
-            "A".repeat(100_000),
-        ] {
-            assert!(decode_cursor(&hostile, 3).is_err(), "{hostile:.40}");
-        }
-    }
 
     /// The size of the future `f` returns, without running it.
     fn future_size<A, F: Future>(_f: impl FnOnce(A) -> F) -> usize {

@@ -242,18 +242,7 @@ impl Gateway {
     /// The result the gateway published for `image_id`, waiting for it.
     pub async fn result(&self, image_id: Uuid) -> ImageResult {
         eventually_async(WITHIN, "the result on image:result", || async {
-            let mut conn = self.valkey_server.connection().await;
-            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-                .arg(keys::RESULT_STREAM)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            entries.iter().find_map(|(_, fields)| {
-                let result = ImageResult::from_fields(fields).ok()?;
-                (result.image_id == image_id).then_some(result)
-            })
+            self.results_of(image_id).await.into_iter().next()
         })
         .await
     }
