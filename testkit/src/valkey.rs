@@ -20,6 +20,8 @@ pub struct ValkeyServer {
     dir: Home,
     port: u16,
     passwords: [String; 3],
+    /// The cluster bus port, for a node of a [`crate::ValkeyCluster`].
+    cluster_port: Option<u16>,
     child: Guarded,
 }
 
@@ -34,6 +36,7 @@ impl ValkeyServer {
                     dir: Home::temp("follow-valkey-")?,
                     port,
                     passwords: passwords(),
+                    cluster_port: None,
                     child: Guarded::default(),
                 };
                 server.spawn().await?;
@@ -43,6 +46,25 @@ impl ValkeyServer {
         .await
     }
 
+    /// A node of a cluster, in cluster mode on `port` (and `cluster_port` for the cluster bus),
+    /// with the cluster's `passwords`, knowing nobody yet.
+    pub(crate) async fn start_node(
+        port: u16,
+        cluster_port: u16,
+        passwords: [String; 3],
+    ) -> Result<Self, TestkitError> {
+        let mut server = Self {
+            binary: find_binary()?,
+            dir: Home::temp("follow-valkey-node-")?,
+            port,
+            passwords,
+            cluster_port: Some(cluster_port),
+            child: Guarded::default(),
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
     /// A server whose data lives in `dir` (append-only file, never evicting) on `port`.
     pub async fn start_kept(dir: &std::path::Path, port: u16) -> Result<Self, TestkitError> {
         let mut server = Self {
@@ -50,6 +72,7 @@ impl ValkeyServer {
             dir: Home::kept(dir)?,
             port,
             passwords: passwords(),
+            cluster_port: None,
             child: Guarded::default(),
         };
         server.spawn().await?;
@@ -63,6 +86,16 @@ impl ValkeyServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The cluster bus port of a cluster node.
+    pub fn cluster_port(&self) -> Option<u16> {
+        self.cluster_port
+    }
+
+    /// The process is alive (it may be paused).
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_running()
     }
 
     /// `redis://default:PASSWORD@127.0.0.1:PORT`: the operator, allowed everything.
@@ -80,7 +113,7 @@ impl ValkeyServer {
         )
     }
 
-    fn password(&self, user: User) -> &str {
+    pub(crate) fn password(&self, user: User) -> &str {
         let index = User::ALL.iter().position(|u| *u == user).unwrap_or(0);
         &self.passwords[index]
     }
@@ -109,7 +142,8 @@ impl ValkeyServer {
         self.child.kill().await;
     }
 
-    /// Starts the server again on the same port, empty.
+    /// Starts the server again on the same port, empty (a cluster node keeps its identity and
+    /// what it knew of the cluster, as after a crash).
     pub async fn restart(&mut self) -> Result<(), TestkitError> {
         self.stop().await;
         self.spawn().await
@@ -130,6 +164,23 @@ impl ValkeyServer {
             command.args(["--appendonly", "no"]);
         }
         command.arg("--dir").arg(self.dir.path());
+        if let Some(cluster_port) = self.cluster_port {
+            // A short node timeout: a failed primary is replaced within seconds. Each shard
+            // answers on its own while another is down, and a replica always may take over.
+            command
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--cluster-port", &cluster_port.to_string()])
+                .args(["--cluster-node-timeout", "2000"])
+                .args(["--cluster-require-full-coverage", "no"])
+                .args(["--cluster-replica-validity-factor", "0"])
+                .args(["--masteruser", User::Admin.name()])
+                .args(["--masterauth", self.password(User::Admin)]);
+        }
         let url = self.url();
         let log = self.dir.path().join("valkey.log");
         // The pid check makes sure we reached our own server, not another test's that won the
@@ -145,7 +196,7 @@ impl ValkeyServer {
 }
 
 /// A fresh random password for each user, in [`User::ALL`]'s order.
-fn passwords() -> [String; 3] {
+pub(crate) fn passwords() -> [String; 3] {
     User::ALL.map(|_| uuid::Uuid::new_v4().simple().to_string())
 }
 
