@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use follow_bus::{
     BusError, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer, ProgressTracker,
-    RateLimiter, UploadGuard, Valkey, ValkeyConfig, keys,
+    RateLimiter, UploadGuard, Valkey, keys,
 };
 use follow_proto::api::v1::{
     image_service_server::ImageServiceServer, route_service_server::RouteServiceServer,
@@ -92,7 +92,7 @@ impl Application {
     pub async fn build(config: Config, listener: TcpListener) -> Result<Self, StartError> {
         let pool = connect(&config).await?;
         crate::schema::check(&pool).await?;
-        let valkey = Valkey::new(ValkeyConfig::new(config.valkey_url.expose_secret()))?;
+        let valkey = Valkey::new(config.valkey.config())?;
         Ok(Self {
             listener,
             config,
@@ -121,7 +121,6 @@ impl Application {
         let bucket = Bucket::new(&config.s3);
         let hub = Arc::new(Hub::new(
             valkey.clone(),
-            config.hub_channels,
             config.watch_max_lag,
         ));
         workers.hub(&hub);

@@ -16,8 +16,8 @@ use follow_api::{
     config::{Config, parse_signing_key},
     schema::{self, ServiceRole},
 };
-use follow_bus::{DeadEntry, DeadLetters, EntryId, Valkey, ValkeyConfig, keys};
-use follow_service::config::SecretString;
+use follow_bus::{DeadEntry, DeadId, DeadLetters, Valkey, keys};
+use follow_service::config::{Env, SecretString, ValkeySettings};
 use follow_token::{Claims as _, Kid, SigningKey, UserClaims};
 use tokio::net::TcpListener;
 
@@ -81,15 +81,15 @@ enum DeadAction {
     List {
         #[arg(long, default_value_t = 100)]
         count: usize,
-        /// Start after this entry id.
+        /// Start after this entry id (`pN/<stream id>`, as listed).
         #[arg(long)]
-        after: Option<String>,
+        after: Option<DeadId>,
     },
     /// Show one dead entry with every field.
-    Show { id: String },
+    Show { id: DeadId },
     /// Put entries back on image:result (applying a result twice changes nothing).
     Replay {
-        ids: Vec<String>,
+        ids: Vec<DeadId>,
         /// Replay every dead entry.
         #[arg(long, conflicts_with = "ids")]
         all: bool,
@@ -97,7 +97,7 @@ enum DeadAction {
     /// Remove entries from the dead stream.
     Drop {
         #[arg(required = true)]
-        ids: Vec<String>,
+        ids: Vec<DeadId>,
     },
 }
 
@@ -191,28 +191,28 @@ async fn migrate(revert: bool) -> anyhow::Result<()> {
 }
 
 async fn dead(action: DeadAction, json: bool) -> anyhow::Result<()> {
-    let url =
-        std::env::var("FOLLOW_VALKEY_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut dead = DeadLetters::new(&Valkey::new(ValkeyConfig::new(url))?, keys::RESULTS)?;
+    let lookup = |name: &str| std::env::var(name).ok();
+    let valkey = ValkeySettings::from_env(&Env::new(&lookup))?;
+    let mut dead = DeadLetters::new(&Valkey::new(valkey.config())?, keys::RESULTS)?;
     let mut out = std::io::stdout();
     match action {
         DeadAction::List { count, after } => {
-            let entries = dead.list(after.map(EntryId).as_ref(), count).await?;
+            let entries = dead.list(after.as_ref(), count).await?;
             list(&mut out, &entries, json)
         }
         DeadAction::Show { id } => {
-            let Some(entry) = dead.show(&EntryId(id.clone())).await? else {
+            let Some(entry) = dead.show(&id).await? else {
                 bail!("no dead entry {id}");
             };
             show(&mut out, &entry, json)
         }
         DeadAction::Replay { ids, all } => {
-            let ids: Vec<EntryId> = if all {
+            let ids: Vec<DeadId> = if all {
                 every_dead(&mut dead).await?
             } else if ids.is_empty() {
                 bail!("name the entries to replay, or --all");
             } else {
-                ids.into_iter().map(EntryId).collect()
+                ids
             };
             let (mut replayed, mut missing) = (Vec::new(), Vec::new());
             for id in ids {
@@ -225,9 +225,9 @@ async fn dead(action: DeadAction, json: bool) -> anyhow::Result<()> {
         }
         DeadAction::Drop { ids } => {
             let (mut dropped, mut missing) = (Vec::new(), Vec::new());
-            for id in ids.into_iter().map(EntryId) {
+            for id in ids {
                 if dead.drop_entry(&id).await? {
-                    dropped.push(id.0);
+                    dropped.push(id.to_string());
                 } else {
                     missing.push(id);
                 }
@@ -238,7 +238,7 @@ async fn dead(action: DeadAction, json: bool) -> anyhow::Result<()> {
 }
 
 /// The ids of every dead entry, page by page.
-async fn every_dead(dead: &mut DeadLetters) -> anyhow::Result<Vec<EntryId>> {
+async fn every_dead(dead: &mut DeadLetters) -> anyhow::Result<Vec<DeadId>> {
     let (mut ids, mut after) = (Vec::new(), None);
     loop {
         let page = dead.list(after.as_ref(), 500).await?;
@@ -302,7 +302,7 @@ fn field<'a>(entry: &'a DeadEntry, name: &str) -> &'a str {
 
 fn entry_json(entry: &DeadEntry, with_fields: bool) -> serde_json::Value {
     let mut value = serde_json::json!({
-        "id": entry.id.0,
+        "id": entry.id.to_string(),
         "image_id": field(entry, "image_id"),
         "reason": entry.reason,
         "original_id": entry.original_id,
@@ -327,9 +327,9 @@ fn report(
     json: bool,
     done: &str,
     ids: &[String],
-    missing: &[EntryId],
+    missing: &[DeadId],
 ) -> anyhow::Result<()> {
-    let missing: Vec<&str> = missing.iter().map(|id| id.0.as_str()).collect();
+    let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
     if json {
         writeln!(
             out,

@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use follow_bus::Channels;
 use follow_service::config::{
     ConfigError, Env, ExposeSecret as _, FromEnv, S3Config, SecretString, ServerConfig, invalid,
-    token_leeway, valkey_url,
+    ValkeySettings, token_leeway,
 };
 use follow_token::{Claims as _, Kid, SigningKey, UploadClaims, VerifyingKeys};
 
@@ -19,7 +18,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub database_url: SecretString,
     pub database_max_connections: u32,
-    pub valkey_url: SecretString,
+    pub valkey: ValkeySettings,
     pub user_keys: VerifyingKeys,
     pub token_leeway: Duration,
     pub upload_signing_key: SigningKey,
@@ -34,7 +33,6 @@ pub struct Config {
     pub heartbeat: Duration,
     pub watch_recheck: Duration,
     pub watch_max_lag: Duration,
-    pub hub_channels: Channels,
     pub consumer_name: String,
     pub result_batch: usize,
     pub result_max_failures: u64,
@@ -66,7 +64,7 @@ impl FromEnv for Config {
                 16,
                 1..=1000,
             )?,
-            valkey_url: valkey_url(&env),
+            valkey: ValkeySettings::from_env(&env)?,
             user_keys,
             token_leeway: token_leeway(&env)?,
             upload_signing_key,
@@ -97,7 +95,6 @@ impl FromEnv for Config {
             heartbeat: env.secs("FOLLOW_WATCH_HEARTBEAT_SECS", 15)?,
             watch_recheck: env.secs("FOLLOW_WATCH_RECHECK_SECS", 3)?,
             watch_max_lag: env.secs("FOLLOW_WATCH_MAX_LAG_SECS", 30)?,
-            hub_channels: env.parsed("FOLLOW_HUB_CHANNELS", "pattern")?,
             consumer_name,
             result_batch: env.number("FOLLOW_RESULT_BATCH", 64, 1..=1000)?,
             result_max_failures: env.number("FOLLOW_RESULT_MAX_FAILURES", 5, 1..=100)?,

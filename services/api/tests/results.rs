@@ -533,8 +533,12 @@ async fn a_result_for_a_final_image_announces_it_again() {
         .await
         .unwrap();
     let image = route.waypoints[0].1;
-    let (mut notices, _open) = valkey.pubsub().await.unwrap();
-    notices.subscribe(keys::progress(image)).await.unwrap();
+    let mut notices = redis::Client::open(valkey_server.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    notices.subscribe(keys::Partitions::DEFAULT.progress(image)).await.unwrap();
     let mut notices = notices.into_on_message();
     let applier =
         ResultApplier::new(pool.clone()).with_announcer(ProgressTracker::new(&valkey).unwrap());

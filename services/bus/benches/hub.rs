@@ -1,11 +1,11 @@
-//! `cargo bench -p follow-bus --bench hub` (run by `./dev bench live`): how the progress hub
-//! should subscribe — one `SUBSCRIBE` per watched image (reference-counted) or one `PSUBSCRIBE`
-//! for all — measured on one real Valkey, in one run, for two shapes of traffic:
+//! `cargo bench -p follow-bus --bench hub` (run by `./dev bench live`): what the progress hub
+//! (one subscription per partition channel, messages of unwatched images dropped here) costs,
+//! measured on one real Valkey, in one run, for two shapes of traffic:
 //!
 //! * every published image is watched in this process (one API instance, or all watchers on it);
 //! * a tenth is (the rest is watched on other instances, or by nobody).
 //!
-//! Per strategy and shape: watches opened per second (a burst of `FOLLOW_BENCH_WATCHES`, default
+//! Per shape: watches opened per second (a burst of `FOLLOW_BENCH_WATCHES`, default
 //! 10,000, one image each), events published at `FOLLOW_BENCH_RATE` per second (default 5,000) for
 //! 4 s, publish → watcher latency p50/p99, CPU of this process (hub and watchers) and of Valkey
 //! per 1,000 events published (with a row for publishing alone, nobody subscribed, to compare
@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use follow_bus::{Channels, Hub, HubEvent, Notice, Progress, Stage, Valkey, ValkeyConfig, keys};
+use follow_bus::{Hub, HubEvent, Notice, Progress, Stage, Valkey, ValkeyConfig, keys};
 use follow_testkit::{ValkeyServer, eventually_async, setting};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -99,7 +99,7 @@ async fn publish(
             others[to_others % others.len()]
         };
         let _: () = redis::cmd("PUBLISH")
-            .arg(keys::progress(id))
+            .arg(keys::Partitions::DEFAULT.progress(id))
             .arg(Notice::from(Progress::reached(id, Stage::Processing)).encode())
             .query_async(&mut publisher)
             .await
@@ -116,17 +116,16 @@ async fn publishing_alone(server: &ValkeyServer, watched_share: f64, rate: usize
     (own_cpu() - own, valkey_cpu(server).await - valkey)
 }
 
-/// One strategy under one traffic shape.
+/// The hub under one traffic shape.
 async fn run(
     server: &ValkeyServer,
-    channels: Channels,
     watched_share: f64,
     watches: usize,
     rate: usize,
 ) -> Figures {
     let valkey = Valkey::new(ValkeyConfig::new(server.url())).unwrap();
     let cancel = CancellationToken::new();
-    let hub = Hub::new(valkey, channels, Hub::DEFAULT_MAX_LAG);
+    let hub = Hub::new(valkey, Hub::DEFAULT_MAX_LAG);
     let worker = tokio::spawn(hub.worker(cancel.clone()));
     let hub = Arc::new(hub);
     let watched: Vec<Uuid> = (0..watches).map(|_| Uuid::new_v4()).collect();
@@ -268,22 +267,17 @@ async fn main() {
             valkey * per_thousand,
             ""
         );
-        for (channels, name) in [
-            (Channels::PerImage, "per-image"),
-            (Channels::Pattern, "pattern"),
-        ] {
-            let f = run(&server, channels, share, watches, rate).await;
-            println!(
-                "  {:<38} {:>10.0} {:>11} {:>8.2} {:>8.2} {:>13.1} {:>13.1} {:>9.0}",
-                format!("{name}, {shape}"),
-                f.opened_per_s,
-                format!("{}/{}", f.received, f.expected),
-                f.p50_ms,
-                f.p99_ms,
-                f.own_cpu_ms,
-                f.valkey_cpu_ms,
-                f.close_ms
-            );
-        }
+        let f = run(&server, share, watches, rate).await;
+        println!(
+            "  {:<38} {:>10.0} {:>11} {:>8.2} {:>8.2} {:>13.1} {:>13.1} {:>9.0}",
+            format!("hub, {shape}"),
+            f.opened_per_s,
+            format!("{}/{}", f.received, f.expected),
+            f.p50_ms,
+            f.p99_ms,
+            f.own_cpu_ms,
+            f.valkey_cpu_ms,
+            f.close_ms
+        );
     }
 }

@@ -1,5 +1,8 @@
 //! The `XREADGROUP` loop that feeds a queue's messages to a handler: `image:result` to the API's
 //! result applier, `image:jobs` to the gateway's pipeline workers. One machinery for both.
+//!
+//! A consumer reads one partition of its queue (a multi-stream read would cross hash slots on a
+//! cluster); a service runs consumers on every partition (see `follow_service::Workers`).
 
 use std::{
     future::Future,
@@ -11,16 +14,16 @@ use std::{
     time::Duration,
 };
 
-use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Backoff, BusError, Entry, EntryId, ImageResult, Open, Reclaimer, StreamMessage, Valkey,
+    Backoff, BusError, Connection, Entry, EntryId, ImageResult, Open, Reclaimer, StreamMessage,
+    Valkey,
     dead_letter::{
         Counted, ack_commands, dead_letter, drop_over_delivered, result_xadd, with_counts,
     },
-    keys::Queue,
+    keys::{Partition, Partitions, Queue, QueuePartition},
     stream::parse_read_reply,
 };
 
@@ -77,6 +80,8 @@ pub trait Handler<M>: Send {
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     pub queue: Queue,
+    /// The partition of `queue` this consumer reads.
+    pub partition: Partition,
     /// Unique per process (and stable across its restarts, if it is to re-read its own pending
     /// entries first; otherwise the reclaimer picks them up after `min_idle`).
     pub consumer: String,
@@ -100,9 +105,11 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// A consumer of `queue`'s first partition (see [`ConsumerConfig::on`]).
     pub fn new(queue: Queue, consumer: impl Into<String>) -> Self {
         Self {
             queue,
+            partition: Partitions::DEFAULT.all().next().expect("one partition at least"),
             consumer: consumer.into(),
             batch_size: 64,
             block: Duration::from_secs(2),
@@ -114,6 +121,16 @@ impl ConsumerConfig {
             // Short: once Valkey (or what the handler waits for) is back, work resumes within
             // about a second.
             backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// The same consumer on `partition` (its name may stay: each partition has its own group).
+    pub fn on(&self, partition: Partition) -> Self {
+        Self {
+            partition,
+            ..self.clone()
         }
     }
 }
@@ -141,12 +158,13 @@ pub struct ConsumerStats {
 /// pending, to be re-read or reclaimed: nothing is lost.
 #[derive(Debug)]
 pub struct Consumer<M> {
-    reader: ConnectionManager,
+    reader: Connection,
     /// `reader` counted as open while this consumer lives.
     _reader_open: Open,
-    conn: ConnectionManager,
+    conn: Connection,
     reclaimer: Reclaimer,
     config: ConsumerConfig,
+    keys: QueuePartition,
     stats: Arc<ConsumerStats>,
     message: PhantomData<fn() -> M>,
 }
@@ -177,6 +195,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
             _reader_open,
             conn: valkey.connection()?,
             reclaimer,
+            keys: config.queue.at(config.partition),
             config,
             stats: Arc::default(),
             message: PhantomData,
@@ -195,7 +214,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
 
     /// Creates the group from the start of the stream (and the stream) unless it exists.
     pub async fn ensure_group(&mut self) -> Result<(), BusError> {
-        ensure_group(&mut self.conn, self.config.queue).await
+        ensure_group(&mut self.conn, &self.keys).await
     }
 
     /// Runs until `cancel`. Bus errors are logged and retried with backoff, never returned.
@@ -204,7 +223,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
         let mut cursor = Cursor::start();
         let mut group_ready = false;
         let mut next_reclaim = Instant::now();
-        let (stream, consumer) = (self.config.queue.stream, self.config.consumer.clone());
+        let (stream, consumer) = (self.keys.stream.clone(), self.config.consumer.clone());
         tracing::info!(stream, %consumer, "consumer started");
         while !cancel.is_cancelled() {
             let step = self
@@ -262,7 +281,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
                     *cursor = Cursor::New;
                     return Ok(());
                 };
-                let entries = with_counts(&mut self.conn, self.config.queue, entries).await?;
+                let entries = with_counts(&mut self.conn, &self.keys, entries).await?;
                 self.process(handler, cancel, entries).await?;
                 *cursor = Cursor::Pending(last);
             }
@@ -290,7 +309,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
     async fn read(&mut self, from: &str, block: Option<Duration>) -> Result<Vec<Entry>, BusError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
-            .arg(self.config.queue.group)
+            .arg(self.keys.group())
             .arg(&self.config.consumer)
             .arg("COUNT")
             .arg(self.config.batch_size);
@@ -298,7 +317,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
             cmd.arg("BLOCK")
                 .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX));
         }
-        cmd.arg("STREAMS").arg(self.config.queue.stream).arg(from);
+        cmd.arg("STREAMS").arg(&self.keys.stream).arg(from);
         parse_read_reply(cmd.query_async(&mut self.reader).await?)
     }
 
@@ -332,7 +351,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
         cancel: &CancellationToken,
         entries: Vec<Counted>,
     ) -> Result<(), BusError> {
-        let (queue, consumer) = (self.config.queue, self.config.consumer.as_str());
+        let (queue, consumer) = (&self.keys, self.config.consumer.as_str());
         let (entries, dead_lettered) = drop_over_delivered(
             &mut self.conn,
             queue,
@@ -463,7 +482,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
         reason: &str,
         hand_off: Option<&ImageResult>,
     ) -> Result<(), BusError> {
-        let (queue, consumer) = (self.config.queue, self.config.consumer.as_str());
+        let (queue, consumer) = (&self.keys, self.config.consumer.as_str());
         dead_letter(&mut self.conn, queue, consumer, counted, reason, hand_off).await?;
         self.stats.dead_lettered.fetch_add(1, Relaxed);
         Ok(())
@@ -481,9 +500,9 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         if let Some(result) = hand_off {
-            pipe.add_command(result_xadd(result)).ignore();
+            pipe.add_command(result_xadd(result, self.keys.partition)).ignore();
         }
-        ack_commands(&mut pipe, self.config.queue, ids);
+        ack_commands(&mut pipe, &self.keys, ids);
         pipe.query_async::<()>(&mut self.conn).await?;
         self.stats.acked.fetch_add(ids.len() as u64, Relaxed);
         Ok(())
@@ -492,7 +511,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
     /// One more handler failure of `id`; returns how many there were.
     async fn count_failure(&mut self, id: &EntryId) -> Result<u64, BusError> {
         Ok(redis::cmd("HINCRBY")
-            .arg(self.config.queue.failures)
+            .arg(&self.keys.failures)
             .arg(id.0.as_str())
             .arg(1)
             .query_async(&mut self.conn)
@@ -502,8 +521,8 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
     /// `XCLAIM … 0 … JUSTID`: resets idle time without counting a delivery.
     async fn touch<'a>(&mut self, ids: impl Iterator<Item = &'a EntryId>) -> Result<(), BusError> {
         redis::cmd("XCLAIM")
-            .arg(self.config.queue.stream)
-            .arg(self.config.queue.group)
+            .arg(&self.keys.stream)
+            .arg(self.keys.group())
             .arg(&self.config.consumer)
             .arg(0)
             .arg(ids.map(|id| id.0.as_str()).collect::<Vec<_>>())
@@ -515,13 +534,13 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
 }
 
 pub(crate) async fn ensure_group(
-    conn: &mut ConnectionManager,
-    queue: Queue,
+    conn: &mut Connection,
+    queue: &QueuePartition,
 ) -> Result<(), BusError> {
     let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
         .arg("CREATE")
-        .arg(queue.stream)
-        .arg(queue.group)
+        .arg(&queue.stream)
+        .arg(queue.group())
         .arg("0")
         .arg("MKSTREAM")
         .query_async(conn)

@@ -2,9 +2,11 @@
 //! its queue's dead stream; and the counts (deliveries, failures) that decide which. Shared by
 //! the consumer and the reclaimer.
 
-use redis::aio::ConnectionManager;
-
-use crate::{BusError, Entry, EntryId, ImageResult, StreamMessage, codec::format_time, keys};
+use crate::{
+    BusError, Connection, Entry, EntryId, ImageResult, StreamMessage,
+    codec::format_time,
+    keys::{self, Partition, Partitions, QueuePartition},
+};
 
 /// The dead stream is for operators to inspect; it is capped (approximately) so a flood of
 /// poison cannot grow Valkey's memory without bound.
@@ -22,8 +24,8 @@ pub(crate) struct Counted {
 /// `XADD` first, so an entry is never acknowledged without having been kept), with `hand_off`
 /// (a result that must reach the API) added to `image:result` in the same transaction.
 pub(crate) async fn dead_letter(
-    conn: &mut ConnectionManager,
-    queue: keys::Queue,
+    conn: &mut Connection,
+    queue: &QueuePartition,
     consumer: &str,
     counted: &Counted,
     reason: &str,
@@ -31,7 +33,7 @@ pub(crate) async fn dead_letter(
 ) -> Result<(), BusError> {
     let entry = &counted.entry;
     let mut xadd = redis::cmd("XADD");
-    xadd.arg(queue.dead)
+    xadd.arg(&queue.dead)
         .arg("MAXLEN")
         .arg("~")
         .arg(DEAD_STREAM_MAX_LEN)
@@ -54,12 +56,12 @@ pub(crate) async fn dead_letter(
     let mut pipe = redis::pipe();
     pipe.atomic().add_command(xadd).ignore();
     if let Some(result) = hand_off {
-        pipe.add_command(result_xadd(result)).ignore();
+        pipe.add_command(result_xadd(result, queue.partition)).ignore();
     }
     ack_commands(&mut pipe, queue, std::slice::from_ref(&entry.id));
     pipe.query_async::<()>(conn).await?;
     tracing::warn!(
-        stream = queue.stream,
+        stream = %queue.stream,
         entry_id = %entry.id,
         deliveries = counted.deliveries,
         failures = counted.failures,
@@ -69,25 +71,26 @@ pub(crate) async fn dead_letter(
     Ok(())
 }
 
-/// `XADD image:result * <fields>`: never trimmed by the producer (see [`crate::Trimmer`]).
-pub(crate) fn result_xadd(result: &ImageResult) -> redis::Cmd {
+/// `XADD image:result:{pN} * <fields>` on `partition` (the handing-off job's, so that both are
+/// in one slot): never trimmed by the producer (see [`crate::Trimmer`]).
+pub(crate) fn result_xadd(result: &ImageResult, partition: Partition) -> redis::Cmd {
     let mut xadd = redis::cmd("XADD");
-    xadd.arg(keys::RESULT_STREAM)
+    xadd.arg(keys::RESULTS.stream(partition))
         .arg("*")
         .arg(result.to_fields());
     xadd
 }
 
 /// `XACK` of `ids` and the end of their failure counts, added to `pipe`.
-pub(crate) fn ack_commands(pipe: &mut redis::Pipeline, queue: keys::Queue, ids: &[EntryId]) {
+pub(crate) fn ack_commands(pipe: &mut redis::Pipeline, queue: &QueuePartition, ids: &[EntryId]) {
     let ids: Vec<&str> = ids.iter().map(|id| id.0.as_str()).collect();
     pipe.cmd("XACK")
-        .arg(queue.stream)
-        .arg(queue.group)
+        .arg(&queue.stream)
+        .arg(queue.group())
         .arg(&ids)
         .ignore()
         .cmd("HDEL")
-        .arg(queue.failures)
+        .arg(&queue.failures)
         .arg(&ids)
         .ignore();
 }
@@ -95,8 +98,8 @@ pub(crate) fn ack_commands(pipe: &mut redis::Pipeline, queue: keys::Queue, ids: 
 /// Dead-letters the entries delivered more than `max_deliveries` times (a safety net against
 /// entries that crash their consumer); returns the others and how many were dead-lettered.
 pub(crate) async fn drop_over_delivered(
-    conn: &mut ConnectionManager,
-    queue: keys::Queue,
+    conn: &mut Connection,
+    queue: &QueuePartition,
     consumer: &str,
     max_deliveries: u64,
     entries: Vec<Counted>,
@@ -122,8 +125,8 @@ pub(crate) async fn drop_over_delivered(
 /// the handler failed on it, in one round trip for the whole batch. An entry no longer pending
 /// counts as delivered once.
 pub(crate) async fn with_counts(
-    conn: &mut ConnectionManager,
-    queue: keys::Queue,
+    conn: &mut Connection,
+    queue: &QueuePartition,
     entries: Vec<Entry>,
 ) -> Result<Vec<Counted>, BusError> {
     if entries.is_empty() {
@@ -132,14 +135,14 @@ pub(crate) async fn with_counts(
     let mut pipe = redis::pipe();
     for entry in &entries {
         pipe.cmd("XPENDING")
-            .arg(queue.stream)
-            .arg(queue.group)
+            .arg(&queue.stream)
+            .arg(queue.group())
             .arg(entry.id.0.as_str())
             .arg(entry.id.0.as_str())
             .arg(1);
     }
     pipe.cmd("HMGET")
-        .arg(queue.failures)
+        .arg(&queue.failures)
         .arg(entries.iter().map(|e| e.id.0.as_str()).collect::<Vec<_>>());
     // Each XPENDING: [] or [[id, consumer, idle_ms, times_delivered]]; then the failure counts.
     let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
@@ -163,11 +166,42 @@ pub(crate) async fn with_counts(
         .collect()
 }
 
+/// Where a dead entry is: its partition and its id in that partition's dead stream. Written
+/// `pN/<stream id>` (as operators list and name it).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeadId {
+    pub partition: u16,
+    pub id: EntryId,
+}
+
+impl std::fmt::Display for DeadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "p{}/{}", self.partition, self.id)
+    }
+}
+
+impl std::str::FromStr for DeadId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.strip_prefix('p')
+            .and_then(|s| s.split_once('/'))
+            .and_then(|(p, id)| {
+                let id = EntryId(id.to_owned());
+                id.successor()?;
+                Some(Self {
+                    partition: p.parse().ok()?,
+                    id,
+                })
+            })
+            .ok_or_else(|| format!("`{s}` is not a dead entry id (pN/<stream id>)"))
+    }
+}
+
 /// An entry of a dead stream, as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadEntry {
-    /// Its id in the dead stream.
-    pub id: EntryId,
+    pub id: DeadId,
     /// The original entry's fields (what is replayed), in order.
     pub fields: Vec<(String, String)>,
     /// Why, where from and when: the `dead_*` fields.
@@ -179,11 +213,13 @@ pub struct DeadEntry {
     pub dead_at: String,
 }
 
-/// Operators' hands on a queue's dead stream: list, inspect, replay onto the queue, drop.
+/// Operators' hands on a queue's dead streams (one per partition): list, inspect, replay onto
+/// the queue, drop.
 #[derive(Debug, Clone)]
 pub struct DeadLetters {
-    conn: ConnectionManager,
+    conn: Connection,
     queue: keys::Queue,
+    partitions: Partitions,
 }
 
 impl DeadLetters {
@@ -191,53 +227,68 @@ impl DeadLetters {
         Ok(Self {
             conn: valkey.connection()?,
             queue,
+            partitions: valkey.partitions(),
         })
     }
 
-    /// Up to `count` entries, oldest first, after `after` (exclusive; `None` from the start).
+    /// Up to `count` entries after `after` (exclusive; `None` from the start): partition by
+    /// partition, oldest first in each.
     pub async fn list(
         &mut self,
-        after: Option<&EntryId>,
+        after: Option<&DeadId>,
         count: usize,
     ) -> Result<Vec<DeadEntry>, BusError> {
-        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-        let reply: redis::Value = redis::cmd("XRANGE")
-            .arg(self.queue.dead)
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut self.conn)
-            .await?;
-        crate::stream::parse_entries(reply)?
-            .into_iter()
-            .filter_map(dead_entry)
-            .map(Ok)
-            .collect()
+        let mut entries = Vec::new();
+        for partition in self.partitions.all() {
+            let start = match after {
+                Some(after) if after.partition > partition.index() => continue,
+                Some(after) if after.partition == partition.index() => format!("({}", after.id),
+                _ => "-".to_owned(),
+            };
+            let reply: redis::Value = redis::cmd("XRANGE")
+                .arg(self.queue.dead(partition))
+                .arg(start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(count - entries.len())
+                .query_async(&mut self.conn)
+                .await?;
+            entries.extend(
+                crate::stream::parse_entries(reply)?
+                    .into_iter()
+                    .filter_map(|e| dead_entry(partition, e)),
+            );
+            if entries.len() >= count {
+                break;
+            }
+        }
+        Ok(entries)
     }
 
     /// The entry `id`, if it is there.
-    pub async fn show(&mut self, id: &EntryId) -> Result<Option<DeadEntry>, BusError> {
+    pub async fn show(&mut self, id: &DeadId) -> Result<Option<DeadEntry>, BusError> {
+        let partition = self.partition(id)?;
         let reply: redis::Value = redis::cmd("XRANGE")
-            .arg(self.queue.dead)
-            .arg(id.0.as_str())
-            .arg(id.0.as_str())
+            .arg(self.queue.dead(partition))
+            .arg(id.id.0.as_str())
+            .arg(id.id.0.as_str())
             .query_async(&mut self.conn)
             .await?;
         Ok(crate::stream::parse_entries(reply)?
             .into_iter()
-            .find_map(dead_entry))
+            .find_map(|e| dead_entry(partition, e)))
     }
 
-    /// Adds the entry's original fields back to the queue's stream and removes it from the dead
-    /// stream, in one `MULTI`; returns the new entry's id (`None` when `id` is not there).
+    /// Adds the entry's original fields back to its partition's stream and removes it from the
+    /// dead stream, in one `MULTI`; returns the new entry's id (`None` when `id` is not there).
     /// Replaying an already applied result changes nothing: applying is idempotent.
-    pub async fn replay(&mut self, id: &EntryId) -> Result<Option<EntryId>, BusError> {
+    pub async fn replay(&mut self, id: &DeadId) -> Result<Option<EntryId>, BusError> {
         let Some(entry) = self.show(id).await? else {
             return Ok(None);
         };
+        let partition = self.partition(id)?;
         let mut xadd = redis::cmd("XADD");
-        xadd.arg(self.queue.stream).arg("*");
+        xadd.arg(self.queue.stream(partition)).arg("*");
         for (name, value) in &entry.fields {
             xadd.arg(name).arg(value);
         }
@@ -245,27 +296,39 @@ impl DeadLetters {
             .atomic()
             .add_command(xadd)
             .cmd("XDEL")
-            .arg(self.queue.dead)
-            .arg(id.0.as_str())
+            .arg(self.queue.dead(partition))
+            .arg(id.id.0.as_str())
             .query_async(&mut self.conn)
             .await?;
         Ok(Some(EntryId(new)))
     }
 
     /// Removes `id` from the dead stream; `false` when it was not there.
-    pub async fn drop_entry(&mut self, id: &EntryId) -> Result<bool, BusError> {
+    pub async fn drop_entry(&mut self, id: &DeadId) -> Result<bool, BusError> {
         let removed: i64 = redis::cmd("XDEL")
-            .arg(self.queue.dead)
-            .arg(id.0.as_str())
+            .arg(self.queue.dead(self.partition(id)?))
+            .arg(id.id.0.as_str())
             .query_async(&mut self.conn)
             .await?;
         Ok(removed == 1)
     }
+
+    fn partition(&self, id: &DeadId) -> Result<Partition, BusError> {
+        self.partitions.get(id.partition).ok_or_else(|| {
+            BusError::Invalid(format!(
+                "there is no partition {} (there are {})",
+                id.partition, self.partitions
+            ))
+        })
+    }
 }
 
-fn dead_entry(entry: Entry) -> Option<DeadEntry> {
+fn dead_entry(partition: Partition, entry: Entry) -> Option<DeadEntry> {
     let mut dead = DeadEntry {
-        id: entry.id,
+        id: DeadId {
+            partition: partition.index(),
+            id: entry.id,
+        },
         fields: Vec::new(),
         reason: String::new(),
         original_id: String::new(),

@@ -12,6 +12,9 @@ pub enum BusError {
     /// Valkey was not reachable for a reason already logged (a lost subscription, say).
     #[error("valkey unavailable: {0}")]
     Unavailable(String),
+    /// A request the bus cannot carry out as given (an operator's typo, say).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl BusError {
@@ -24,8 +27,10 @@ impl BusError {
                     || e.is_timeout()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
-                    || e.code() == Some("LOADING")
-                    || e.code() == Some("BUSY")
+                    // A shard fails over, or its slots move: gone in seconds.
+                    || e.is_cluster_error()
+                    || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+                    || matches!(e.code(), Some("LOADING" | "BUSY" | "MASTERDOWN" | "READONLY"))
             }
             BusError::Unavailable(_) => true,
             _ => false,

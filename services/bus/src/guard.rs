@@ -1,11 +1,11 @@
 use std::time::Duration;
 
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 use uuid::Uuid;
 
-use crate::{BusError, Valkey, keys};
+use crate::{BusError, Connection, Valkey, keys::Partitions};
 
-/// The one-time upload guard `image:upload:{image_id}` (`SET NX EX`): the first upload of a token
+/// The one-time upload guard `image:upload:{pN}:{image_id}` (`SET NX EX`): the first upload of a token
 /// takes it, every later one finds it taken. While the body arrives it is a short lease its
 /// gateway renews; a transfer that fails before anything is spent releases it, so the same token
 /// works again (and a gateway that dies lets go of it when the lease runs out). Accepted
@@ -13,7 +13,8 @@ use crate::{BusError, Valkey, keys};
 /// expires.
 #[derive(Clone, Debug)]
 pub struct UploadGuard {
-    conn: ConnectionManager,
+    conn: Connection,
+    partitions: Partitions,
     release: Script,
     renew: Script,
 }
@@ -71,6 +72,7 @@ impl UploadGuard {
     pub fn new(valkey: &Valkey) -> Result<Self, BusError> {
         Ok(Self {
             conn: valkey.connection()?,
+            partitions: valkey.partitions(),
             release: Script::new(RELEASE),
             renew: Script::new(RENEW),
         })
@@ -85,7 +87,7 @@ impl UploadGuard {
         ttl: Duration,
     ) -> Result<GuardOutcome, BusError> {
         let set: Option<String> = redis::cmd("SET")
-            .arg(keys::upload_guard(image_id))
+            .arg(self.partitions.upload_guard(image_id))
             .arg(holder)
             .arg("NX")
             .arg("EX")
@@ -108,7 +110,7 @@ impl UploadGuard {
     ) -> Result<bool, BusError> {
         let renewed: i64 = self
             .renew
-            .key(keys::upload_guard(image_id))
+            .key(self.partitions.upload_guard(image_id))
             .arg(holder)
             .arg(ttl.as_secs().max(1))
             .invoke_async(&mut self.conn)
@@ -119,7 +121,7 @@ impl UploadGuard {
     /// Marks the token spent by a bad body, until `ttl` (its expiry).
     pub async fn spend(&mut self, image_id: Uuid, ttl: Duration) -> Result<(), BusError> {
         let _: () = redis::cmd("SET")
-            .arg(keys::upload_guard(image_id))
+            .arg(self.partitions.upload_guard(image_id))
             .arg(SPENT)
             .arg("EX")
             .arg(ttl.as_secs().max(1))
@@ -132,7 +134,7 @@ impl UploadGuard {
     pub async fn release(&mut self, image_id: Uuid, holder: &str) -> Result<bool, BusError> {
         let deleted: i64 = self
             .release
-            .key(keys::upload_guard(image_id))
+            .key(self.partitions.upload_guard(image_id))
             .arg(holder)
             .invoke_async(&mut self.conn)
             .await?;
@@ -142,7 +144,7 @@ impl UploadGuard {
     /// The state of `image_id`'s guard.
     pub async fn state(&mut self, image_id: Uuid) -> Result<GuardState, BusError> {
         let value: Option<String> = redis::cmd("GET")
-            .arg(keys::upload_guard(image_id))
+            .arg(self.partitions.upload_guard(image_id))
             .query_async(&mut self.conn)
             .await?;
         Ok(match value.as_deref() {

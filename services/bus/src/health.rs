@@ -1,14 +1,17 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
+use futures_util::future::try_join_all;
 
-use crate::{BusError, EntryId, Valkey, keys::Queue};
+use crate::{
+    BusError, Connection, EntryId, Valkey,
+    keys::{Partition, Queue, QueuePartition},
+};
 
 /// Whether Valkey answers, and the state of a queue (for health and metrics).
 #[derive(Clone, Debug)]
 pub struct HealthChecker {
     valkey: Valkey,
-    conn: ConnectionManager,
+    conn: Connection,
     queue: Option<Queue>,
 }
 
@@ -16,7 +19,8 @@ pub struct HealthChecker {
 pub struct Health {
     /// `PING` answered.
     pub valkey: bool,
-    /// Whether the queue's group exists; `None` when not checked (or Valkey is down).
+    /// Whether the queue's group exists on every partition; `None` when not checked (or Valkey
+    /// is down).
     pub group: Option<bool>,
 }
 
@@ -46,11 +50,13 @@ impl HealthChecker {
         }
         let group = match self.queue {
             None => None,
-            Some(queue) => Some(
-                group(&mut self.conn, queue)
-                    .await
-                    .is_ok_and(|g| g.is_some()),
-            ),
+            Some(queue) => {
+                let groups = self.valkey.partitions().all().map(|p| {
+                    let mut conn = self.conn.clone();
+                    async move { group(&mut conn, &queue.at(p)).await }
+                });
+                Some(try_join_all(groups).await.is_ok_and(|groups| groups.iter().all(Option::is_some)))
+            }
         };
         Health {
             valkey: true,
@@ -58,26 +64,49 @@ impl HealthChecker {
         }
     }
 
-    /// The backlog of `queue`, `None` when its group does not exist.
+    /// The backlog of `queue` on all its partitions together, `None` when its group exists on
+    /// none.
     pub async fn queue_info(&mut self, queue: Queue) -> Result<Option<QueueInfo>, BusError> {
-        let Some(group) = group(&mut self.conn, queue).await? else {
+        let partitions = self.partitions_info(queue).await?;
+        Ok(QueueInfo::total(partitions.into_iter().filter_map(|(_, info)| info)))
+    }
+
+    /// The backlog of each partition of `queue` (`None` where its group does not exist).
+    pub async fn partitions_info(
+        &mut self,
+        queue: Queue,
+    ) -> Result<Vec<(Partition, Option<QueueInfo>)>, BusError> {
+        let infos = self.valkey.partitions().all().map(|p| {
+            let mut conn = self.conn.clone();
+            async move { Ok::<_, BusError>((p, partition_info(&mut conn, &queue.at(p)).await?)) }
+        });
+        try_join_all(infos).await
+    }
+}
+
+/// The backlog of one partition of a queue, `None` when its group does not exist.
+async fn partition_info(
+    conn: &mut Connection,
+    queue: &QueuePartition,
+) -> Result<Option<QueueInfo>, BusError> {
+        let Some(group) = group(conn, queue).await? else {
             return Ok(None);
         };
         let mut pipe = redis::pipe();
         // The oldest pending entry, the oldest undelivered one, and the dead stream's size.
         pipe.cmd("XPENDING")
-            .arg(queue.stream)
-            .arg(queue.group)
+            .arg(&queue.stream)
+            .arg(queue.group())
             .cmd("XRANGE")
-            .arg(queue.stream)
+            .arg(&queue.stream)
             .arg(format!("({}", group.last_delivered_id))
             .arg("+")
             .arg("COUNT")
             .arg(1)
             .cmd("XLEN")
-            .arg(queue.dead)
+            .arg(&queue.dead)
             .cmd("XRANGE")
-            .arg(queue.dead)
+            .arg(&queue.dead)
             .arg("-")
             .arg("+")
             .arg("COUNT")
@@ -88,7 +117,7 @@ impl HealthChecker {
             Entries,
             u64,
             Entries,
-        ) = pipe.query_async(&mut self.conn).await?;
+        ) = pipe.query_async(conn).await?;
         let oldest_pending = match pending {
             redis::streams::StreamPendingReply::Data(data) => Some(EntryId(data.start_id)),
             _ => None,
@@ -109,7 +138,6 @@ impl HealthChecker {
                 .next()
                 .and_then(|(id, _)| age(&EntryId(id))),
         }))
-    }
 }
 
 /// The backlog of a queue (`XINFO GROUPS`, `XPENDING`, the dead stream).
@@ -124,6 +152,19 @@ pub struct QueueInfo {
     /// Entries in the dead stream, and the age of the oldest.
     pub dead: u64,
     pub oldest_dead: Option<Duration>,
+}
+
+impl QueueInfo {
+    /// Several partitions' backlogs as one: counts add up, ages are the oldest; `None` for none.
+    pub fn total(infos: impl IntoIterator<Item = QueueInfo>) -> Option<QueueInfo> {
+        infos.into_iter().reduce(|a, b| QueueInfo {
+            pending: a.pending + b.pending,
+            lag: a.lag.zip(b.lag).map(|(a, b)| a + b),
+            oldest: a.oldest.max(b.oldest),
+            dead: a.dead + b.dead,
+            oldest_dead: a.oldest_dead.max(b.oldest_dead),
+        })
+    }
 }
 
 /// How long ago an entry was added (its id is its time in milliseconds).
@@ -142,19 +183,19 @@ pub(crate) struct GroupState {
 
 /// The queue's group, `None` when it (or its stream) does not exist.
 pub(crate) async fn group(
-    conn: &mut ConnectionManager,
-    queue: Queue,
+    conn: &mut Connection,
+    queue: &QueuePartition,
 ) -> Result<Option<GroupState>, BusError> {
     let groups: Result<redis::streams::StreamInfoGroupsReply, _> = redis::cmd("XINFO")
         .arg("GROUPS")
-        .arg(queue.stream)
+        .arg(&queue.stream)
         .query_async(conn)
         .await;
     match groups {
         Ok(g) => Ok(g
             .groups
             .into_iter()
-            .find(|g| g.name == queue.group)
+            .find(|g| g.name == queue.group())
             .map(|g| GroupState {
                 pending: g.pending as u64,
                 lag: g.lag.map(|l| l as u64),

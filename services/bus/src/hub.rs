@@ -1,10 +1,9 @@
-//! The progress hub: one pub/sub connection per process, shared by every watcher in it.
+//! The progress hub: one subscriber connection per process, shared by every watcher in it.
 //!
-//! A watcher registers the images it follows; the hub `SUBSCRIBE`s `image:progress:{id}` on the
-//! first registration of an id and `UNSUBSCRIBE`s after the last (reference counting), and
-//! hands each message to the mailboxes of that id's watchers — or, by default
-//! ([`Channels::Pattern`]), takes every image's messages through one `PSUBSCRIBE` and drops
-//! those nobody here watches. `cargo bench -p follow-bus --bench hub` compares the two.
+//! The hub subscribes every partition's progress channel (`image:progress:{pN}`: `SUBSCRIBE` on
+//! one Valkey, `SSUBSCRIBE` on a cluster, so each publish reaches only its channel's shard) and
+//! hands each message to the mailboxes of its image's watchers, dropping those of images nobody
+//! here watches. Watches open and close without a round trip to Valkey.
 //!
 //! Invariants: the hub never waits for a watcher. A watcher that keeps up gets every message.
 //! Past [`QUEUE`] untaken messages, a message for an image that already has one waiting replaces
@@ -13,9 +12,10 @@
 //! one costs no buffer at all. A watcher that
 //! has left messages untaken for longer than the hub's `max_lag` while more keep coming is
 //! *lagged*: the hub drops its registration and tells it so, and it should end its stream with
-//! a status saying to reconnect (with its cursor). After the connection to Valkey drops, the hub
-//! reconnects, resubscribes everything and tells every watcher to *resync* (re-read the state),
-//! since messages published meanwhile are gone.
+//! a status saying to reconnect (with its cursor). After the connection to Valkey drops, or the
+//! cluster's topology changes (a shard failed over, slots moved), the hub connects afresh,
+//! subscribes everything again and tells every watcher to *resync* (re-read the state), since
+//! messages published meanwhile may be gone.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -26,8 +26,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Backoff, BusError, Notice, Valkey, keys};
-use futures_util::StreamExt;
+use crate::{Backoff, BusError, Notice, Subscriber, Valkey};
+use redis::{PushInfo, PushKind};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -37,6 +37,9 @@ pub const QUEUE: usize = 32;
 
 /// The longest a subscription waits for the hub to confirm it.
 const SUBSCRIBE_WITHIN: Duration = Duration::from_secs(5);
+
+/// How often the hub on a cluster compares who serves which slots with what it subscribed to.
+const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Hub {
@@ -50,7 +53,6 @@ pub struct Hub {
 #[derive(Debug)]
 struct Shared {
     valkey: Valkey,
-    channels: Channels,
     max_lag: Duration,
     stats: Arc<HubStats>,
     commands: tokio::sync::Mutex<mpsc::UnboundedReceiver<Command>>,
@@ -59,38 +61,10 @@ struct Shared {
     started: AtomicBool,
 }
 
-/// How the hub subscribes in Valkey.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Channels {
-    /// One `SUBSCRIBE` per watched image, reference-counted: this process receives only the
-    /// messages of images watched here, and opening or closing a watch on a new image costs a
-    /// round trip through the hub's one connection.
-    PerImage,
-    /// One `PSUBSCRIBE image:progress:*`: watches open and close without a round trip, and this
-    /// process receives (and drops) the messages of every image. The default: measured, it
-    /// opens watches ~100× faster and closes them at once, with the same latency, for ~12 ms
-    /// more CPU per 1,000 published events when only a tenth of them are watched here.
-    #[default]
-    Pattern,
-}
-
-impl std::str::FromStr for Channels {
-    type Err = String;
-
-    /// `pattern` or `per-image`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "pattern" => Ok(Self::Pattern),
-            "per-image" => Ok(Self::PerImage),
-            other => Err(format!("`{other}` is not `pattern` or `per-image`")),
-        }
-    }
-}
-
 /// What the hub has done, for metrics.
 #[derive(Debug, Default)]
 pub struct HubStats {
-    /// Channels subscribed now (images someone in this process watches).
+    /// Images someone in this process watches.
     pub channels: AtomicU64,
     /// Watchers dropped as [`HubEvent::Lagged`].
     pub lagged: AtomicU64,
@@ -237,17 +211,15 @@ impl Hub {
     /// How long a watcher may leave messages untaken, unless configured otherwise.
     pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(30);
 
-    /// A hub subscribing as `channels` says. A watcher that leaves messages untaken for longer
-    /// than `max_lag` is dropped as [`HubEvent::Lagged`]. Nothing is delivered until
-    /// [`Hub::worker`] runs.
-    pub fn new(valkey: Valkey, channels: Channels, max_lag: Duration) -> Self {
+    /// A hub on `valkey`. A watcher that leaves messages untaken for longer than `max_lag` is
+    /// dropped as [`HubEvent::Lagged`]. Nothing is delivered until [`Hub::worker`] runs.
+    pub fn new(valkey: Valkey, max_lag: Duration) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
         Self {
             commands,
             next_id: AtomicU64::new(1),
             shared: Arc::new(Shared {
                 valkey,
-                channels,
                 max_lag,
                 stats: Arc::default(),
                 commands: tokio::sync::Mutex::new(receiver),
@@ -291,7 +263,7 @@ impl Hub {
         Arc::clone(&self.shared.stats)
     }
 
-    /// Registers for the progress of `ids`; returns once Valkey confirmed the subscriptions, so
+    /// Registers for the progress of `ids`; returns once the hub holds its subscriptions, so
     /// anything published after this returns is delivered.
     pub async fn subscribe(&self, ids: &[Uuid]) -> Result<Subscription, BusError> {
         let mailbox = Arc::new(Mailbox {
@@ -350,22 +322,17 @@ impl Worker {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         let mut first = !self.shared.started.swap(true, Ordering::Relaxed);
         loop {
+            let (pushes, mut received) = mpsc::unbounded_channel();
             let connected = async {
-                let (pubsub, open) = self.shared.valkey.pubsub().await?;
-                let (mut sink, stream) = pubsub.split();
-                match self.shared.channels {
-                    Channels::PerImage => {
-                        let channels: Vec<String> =
-                            self.watchers().keys().map(keys::progress).collect();
-                        if !channels.is_empty() {
-                            sink.subscribe(&channels).await?;
-                        }
-                    }
-                    Channels::Pattern => sink.psubscribe(keys::PROGRESS_PATTERN).await?,
+                let (mut subscriber, open) = self.shared.valkey.subscriber(pushes)?;
+                // One channel at a time: on a cluster each may live on another shard.
+                for channel in self.shared.valkey.partitions().all().map(|p| p.progress()) {
+                    subscriber.subscribe(&[channel]).await?;
                 }
-                Ok::<_, BusError>((sink, stream, open))
+                let topology = self.topology().await?;
+                Ok::<_, BusError>((subscriber, open, topology))
             };
-            let (mut sink, mut stream, _open) = tokio::select! {
+            let (_subscriber, _open, topology): (Subscriber, _, _) = tokio::select! {
                 () = cancel.cancelled() => return,
                 connected = connected => match connected {
                     Ok(c) => c,
@@ -382,33 +349,84 @@ impl Worker {
             backoff.reset();
             self.shared.stats.connected.store(true, Ordering::Relaxed);
             if !first {
-                tracing::info!("progress hub: (re)connected; watchers resync");
+                tracing::info!("progress hub: (re)subscribed; watchers resync");
                 self.resync_all();
             }
             first = false;
+            let mut check = tokio::time::interval(TOPOLOGY_EVERY);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    message = stream.next() => match message {
-                        Some(message) => self.dispatch(message.get_channel_name(), message.get_payload_bytes()),
-                        None => {
-                            tracing::warn!("progress hub: connection lost");
+                    push = received.recv() => match push {
+                        Some(push) if self.receive(&push) => {}
+                        _ => {
+                            tracing::warn!("progress hub: subscription lost");
                             self.shared.stats.connected.store(false, Ordering::Relaxed);
                             break;
                         }
                     },
                     command = commands.recv() => match command {
-                        Some(command) => {
-                            if let Err(e) = self.apply(command, &mut sink).await {
-                                tracing::warn!(error = %e, "progress hub: subscription change failed");
-                                self.shared.stats.connected.store(false, Ordering::Relaxed);
-                                break;
-                            }
-                        }
+                        Some(command) => self.apply(command),
                         None => return,
                     },
+                    _ = check.tick(), if topology.is_some() => {
+                        match self.topology().await {
+                            Ok(now) if now != topology => {
+                                tracing::info!("progress hub: the cluster's topology changed; subscribing afresh");
+                                break;
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::debug!(error = %e, "progress hub: topology unknown"),
+                        }
+                    }
                 }
             }
+        }
+    }
+
+    /// Who serves which slots (`CLUSTER SLOTS`, as a sorted list of ranges and primaries) on a
+    /// cluster: when it changes, a subscription may sit on a node that no longer serves its
+    /// channel. `None` on a single Valkey.
+    async fn topology(&self) -> Result<Option<Vec<(i64, i64, String)>>, BusError> {
+        if !self.shared.valkey.is_cluster() {
+            return Ok(None);
+        }
+        let mut conn = self.shared.valkey.connection()?;
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await?;
+        let mut topology: Vec<(i64, i64, String)> = ranges
+            .into_iter()
+            .filter_map(|range| {
+                let redis::Value::Array(parts) = range else {
+                    return None;
+                };
+                let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
+                    (parts.first(), parts.get(1))
+                else {
+                    return None;
+                };
+                Some((*start, *end, format!("{:?}", parts.get(2))))
+            })
+            .collect();
+        topology.sort_unstable();
+        Ok(Some(topology))
+    }
+
+    /// Handles one push; `false` when the subscription is lost (the connection dropped, or the
+    /// server took a channel away because its slot moved).
+    fn receive(&self, push: &PushInfo) -> bool {
+        match push.kind {
+            PushKind::Message | PushKind::SMessage => {
+                if let [_, redis::Value::BulkString(payload)] = push.data.as_slice() {
+                    self.dispatch(payload);
+                }
+                true
+            }
+            PushKind::Disconnection | PushKind::SUnsubscribe | PushKind::Unsubscribe => false,
+            _ => true,
         }
     }
 
@@ -437,54 +455,24 @@ impl Worker {
         }
     }
 
-    async fn apply(
-        &self,
-        command: Command,
-        sink: &mut redis::aio::PubSubSink,
-    ) -> Result<(), BusError> {
+    fn apply(&self, command: Command) {
         match command {
             Command::Subscribe { mailbox, done } => {
-                let mut new = Vec::new();
                 {
                     let mut watchers = self.watchers();
                     for id in &mailbox.ids {
-                        let watching = watchers.entry(*id).or_default();
-                        if watching.is_empty() {
-                            new.push(keys::progress(id));
-                        }
-                        watching.push(Arc::clone(&mailbox));
+                        watchers.entry(*id).or_default().push(Arc::clone(&mailbox));
                     }
                 }
                 self.count_channels();
-                let result = if new.is_empty() || self.shared.channels == Channels::Pattern {
-                    Ok(())
-                } else {
-                    sink.subscribe(&new).await.map_err(BusError::from)
-                };
-                let failed = result.as_ref().err().map(ToString::to_string);
-                if failed.is_some() {
-                    self.remove(mailbox.watcher, &mailbox.ids);
-                }
-                let _ = done.send(result);
-                match failed {
-                    Some(e) => Err(BusError::Unavailable(e)),
-                    None => Ok(()),
-                }
+                let _ = done.send(Ok(()));
             }
-            Command::Unsubscribe { watcher, ids } => {
-                let gone = self.remove(watcher, &ids);
-                if gone.is_empty() || self.shared.channels == Channels::Pattern {
-                    return Ok(());
-                }
-                let channels: Vec<String> = gone.iter().map(keys::progress).collect();
-                Ok(sink.unsubscribe(&channels).await?)
-            }
+            Command::Unsubscribe { watcher, ids } => self.remove(watcher, &ids),
         }
     }
 
-    /// Drops `watcher` from `ids`; returns the ids nobody watches any more.
-    fn remove(&self, watcher: u64, ids: &[Uuid]) -> Vec<Uuid> {
-        let mut gone = Vec::new();
+    /// Drops `watcher` from `ids`.
+    fn remove(&self, watcher: u64, ids: &[Uuid]) {
         {
             let mut watchers = self.watchers();
             for id in ids {
@@ -492,13 +480,11 @@ impl Worker {
                     watching.retain(|m| m.watcher != watcher);
                     if watching.is_empty() {
                         watchers.remove(id);
-                        gone.push(*id);
                     }
                 }
             }
         }
         self.count_channels();
-        gone
     }
 
     fn count_channels(&self) {
@@ -509,25 +495,19 @@ impl Worker {
             .store(channels, Ordering::Relaxed);
     }
 
-    fn dispatch(&self, channel: &str, payload: &[u8]) {
-        let mut watchers = self.watchers();
-        // With a pattern subscription most messages may be for images nobody here watches:
-        // those are dropped by their channel name, before decoding.
-        let Some(image_id) = keys::progress_image(channel).filter(|id| watchers.contains_key(id))
-        else {
-            return;
-        };
+    fn dispatch(&self, payload: &[u8]) {
         let notice = match Notice::decode(payload) {
-            Ok(n) if n.image_id() == image_id => n,
-            Ok(_) => {
-                tracing::warn!(channel, "progress message for another image ignored");
-                return;
-            }
+            Ok(n) => n,
             Err(e) => {
-                tracing::warn!(channel, error = %e, "undecodable progress message ignored");
+                tracing::warn!(error = %e, "undecodable progress message ignored");
                 return;
             }
         };
+        let image_id = notice.image_id();
+        let mut watchers = self.watchers();
+        if !watchers.contains_key(&image_id) {
+            return;
+        }
         let max_lag = self.shared.max_lag;
         let mut lagged = Vec::new();
         for mailbox in watchers.get(&image_id).into_iter().flatten() {
@@ -544,8 +524,7 @@ impl Worker {
                 lagged.push(Arc::clone(mailbox));
             }
         }
-        // Nothing more is delivered to it. A channel it alone watched stays subscribed (with no
-        // one to deliver to) until its `Subscription` is dropped, which unsubscribes it.
+        // Nothing more is delivered to it; its `Subscription`, dropped, unregisters the rest.
         for mailbox in lagged {
             self.shared.stats.lagged.fetch_add(1, Ordering::Relaxed);
             tracing::info!(

@@ -1,5 +1,5 @@
-//! Everything follow does with Valkey, in one place: key names, the two work streams
-//! (`image:jobs`, `image:result`) and their codec, the one consumer-group machinery around both,
+//! Everything follow does with Valkey (one node, or a Valkey Cluster), in one place: key names,
+//! the two work streams (`image:jobs`, `image:result`, each cut into partitions) and their codec, the one consumer-group machinery around both,
 //! progress reporting, the one-time upload guard, and health. Both services use this crate;
 //! neither builds a Valkey key or command by hand.
 //!
@@ -7,10 +7,11 @@
 //!
 //! | piece | what it does |
 //! |---|---|
-//! | [`keys`] | every key and channel name; the two queues ([`keys::RESULTS`], [`keys::JOBS`]) |
+//! | [`Valkey`] | one node or a cluster behind one handle; the [`Connection`]s it hands out |
+//! | [`keys`] | every key and channel name; the partitions; the two queues ([`keys::RESULTS`], [`keys::JOBS`]) |
 //! | [`ImageResult`], [`Job`] + [`codec`] | a stream entry ⇄ one string field per message field ([`StreamMessage`]) |
 //! | [`Producer`] | `XADD` of results and jobs (never trims: unacknowledged entries must survive) |
-//! | [`Consumer`] | `XREADGROUP` loop over a queue: own pending entries first, then new ones, idle ones of dead consumers (`XAUTOCLAIM`); ack / hand-off / retry / fail / dead-letter, with leases renewed while handling |
+//! | [`Consumer`] | `XREADGROUP` loop over a queue's partition: own pending entries first, then new ones, idle ones of dead consumers (`XAUTOCLAIM`); ack / hand-off / retry / fail / dead-letter, with leases renewed while handling |
 //! | [`DeadLetters`] | operators' list / show / replay / drop of a dead stream |
 //! | [`Trimmer`] | `XTRIM MINID` just below the oldest entry the group has not acknowledged |
 //! | [`ProgressTracker`] | stage hash + TTL + `PUBLISH`, one round trip, never moving backwards |
@@ -18,7 +19,7 @@
 //! | [`HealthChecker`] | `PING`, does the consumer group exist, a queue's backlog ([`QueueInfo`]) |
 //! | [`Backoff`] | the one retry delay |
 //! | [`RateLimiter`] | a rate limit shared by every instance (GCRA, one round trip) |
-//! | [`Hub`] | one pub/sub connection fanning `image:progress:{id}` out to many watchers |
+//! | [`Hub`] | one subscriber fanning the partitions' `image:progress:{pN}` out to many watchers |
 //! | [`acl`] | the Valkey users: each service may touch only its own keys and commands |
 //!
 //! Dead-lettered entries keep every original field and gain `dead_reason`, `dead_original_id`,
@@ -30,7 +31,7 @@ pub mod codec;
 mod connection;
 mod consumer;
 mod dead_letter;
-pub use dead_letter::{DeadEntry, DeadLetters};
+pub use dead_letter::{DeadEntry, DeadId, DeadLetters};
 mod error;
 mod guard;
 mod health;
@@ -45,14 +46,14 @@ mod trimmer;
 
 pub use backoff::Backoff;
 pub use codec::{DecodeError, StreamMessage};
-pub use connection::{Open, Valkey, ValkeyConfig};
+pub use connection::{Connection, Open, Pushes, Subscriber, Valkey, ValkeyConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, Outcome};
 pub use error::BusError;
 /// Key names and the ACL users live in `follow-keys`, the bus's ground floor.
 pub use follow_keys::{acl, keys};
 pub use guard::{GuardOutcome, GuardState, UploadGuard};
 pub use health::{Health, HealthChecker, QueueInfo};
-pub use hub::{Channels, Hub, HubEvent, HubStats, QUEUE as HUB_QUEUE, Subscription};
+pub use hub::{Hub, HubEvent, HubStats, QUEUE as HUB_QUEUE, Subscription};
 pub use model::{
     CONTENT_TYPES, Committed, ErrorCode, Failure, ImageResult, Job, Notice, Processed, Progress,
     ResultOutcome, Stage,

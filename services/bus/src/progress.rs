@@ -1,23 +1,27 @@
 use std::time::Duration;
 
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 use uuid::Uuid;
 
-use crate::{
+use crate::{Connection, 
     BusError, Committed, DecodeError, ErrorCode, Failure, Notice, Progress, Stage, Valkey,
     codec::{format_time, parse_time},
-    keys,
+    keys::{self, Partitions},
 };
 
-/// Writes `image:status:{id}` (stage, seq, updated_at, error fields), refreshes its TTL and
-/// publishes the [`Progress`] on `image:progress:{id}`: one script, so one round trip and no
+/// Writes `image:status:{pN}:{id}` (stage, seq, updated_at, error fields), refreshes its TTL and
+/// publishes the [`Progress`] on its partition's channel `image:progress:{pN}`: one script (the
+/// two share the partition's slot), so one round trip and no
 /// interleaving. A write whose `seq` is not above the stored one is dropped, so a late or
 /// duplicate report can never move an image backwards (say, `processing` after `failed`).
 #[derive(Clone, Debug)]
 pub struct ProgressTracker {
-    conn: ConnectionManager,
+    conn: Connection,
     script: Script,
     ttl: Duration,
+    partitions: Partitions,
+    /// `PUBLISH` or `SPUBLISH` ([`Valkey::publish_command`]).
+    publish: &'static str,
 }
 
 /// Whether a report was applied.
@@ -38,7 +42,7 @@ if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'error_code', ARGV[4], 'error_message', ARGV[5])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('PUBLISH', KEYS[2], ARGV[7])
+redis.call(ARGV[8], KEYS[2], ARGV[7])
 return 1
 ";
 
@@ -48,6 +52,8 @@ impl ProgressTracker {
             conn: valkey.connection()?,
             script: Script::new(RECORD),
             ttl: keys::STATUS_TTL,
+            partitions: valkey.partitions(),
+            publish: valkey.publish_command(),
         })
     }
 
@@ -58,8 +64,8 @@ impl ProgressTracker {
         let image_id = progress.image_id();
         let applied: i64 = self
             .script
-            .key(keys::status(image_id))
-            .key(keys::progress(image_id))
+            .key(self.partitions.status(image_id))
+            .key(self.partitions.progress(image_id))
             .arg(progress.stage().as_str())
             .arg(progress.seq())
             .arg(format_time(progress.at()))
@@ -67,6 +73,7 @@ impl ProgressTracker {
             .arg(message)
             .arg(self.ttl.as_secs())
             .arg(Notice::Progress(progress.clone()).encode())
+            .arg(self.publish)
             .invoke_async(&mut self.conn)
             .await?;
         Ok(if applied == 1 {
@@ -88,8 +95,8 @@ impl ProgressTracker {
     /// Publishes the API's [`Committed`] announcement on the image's channel (no hash write: it
     /// follows the gateway's final stage).
     pub async fn announce(&mut self, committed: Committed) -> Result<(), BusError> {
-        let channel = keys::progress(committed.image_id);
-        let _receivers: i64 = redis::cmd("PUBLISH")
+        let channel = self.partitions.progress(committed.image_id);
+        let _receivers: i64 = redis::cmd(self.publish)
             .arg(channel)
             .arg(Notice::Committed(Box::new(committed)).encode())
             .query_async(&mut self.conn)
@@ -100,7 +107,7 @@ impl ProgressTracker {
     /// The current status of an image, `None` when there is none (never written, or expired).
     pub async fn current(&mut self, image_id: Uuid) -> Result<Option<Progress>, BusError> {
         let fields: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(keys::status(image_id))
+            .arg(self.partitions.status(image_id))
             .query_async(&mut self.conn)
             .await?;
         if fields.is_empty() {

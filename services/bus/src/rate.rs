@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 
-use crate::{BusError, Valkey, keys};
+use crate::{Connection, BusError, Valkey, keys};
 
 /// KEYS[1]: the subject's key. ARGV: the interval per unit (ms), the burst tolerance (ms), the
 /// cost (units). Returns 0 (allowed, and counted) or how long to wait (ms) before it would be.
@@ -32,7 +32,7 @@ return 0
 /// One named limit (`action`), per subject.
 #[derive(Debug, Clone)]
 pub struct RateLimiter {
-    conn: ConnectionManager,
+    conn: Connection,
     script: Script,
     action: &'static str,
     interval_ms: u64,

@@ -1,11 +1,11 @@
 use std::time::Duration;
 
-use redis::{Value, aio::ConnectionManager};
+use redis::Value;
 
 use crate::{
-    BusError, ConsumerConfig, EntryId, Valkey,
+    BusError, Connection, ConsumerConfig, EntryId, Valkey,
     dead_letter::{Counted, drop_over_delivered, with_counts},
-    keys::Queue,
+    keys::QueuePartition,
     stream::{parse_entries, string},
 };
 
@@ -13,8 +13,8 @@ use crate::{
 /// delivered too often to the dead stream.
 #[derive(Debug)]
 pub(crate) struct Reclaimer {
-    conn: ConnectionManager,
-    queue: Queue,
+    conn: Connection,
+    queue: QueuePartition,
     consumer: String,
     min_idle: Duration,
     max_deliveries: u64,
@@ -26,7 +26,7 @@ impl Reclaimer {
     pub(crate) fn new(valkey: &Valkey, config: &ConsumerConfig) -> Result<Self, BusError> {
         Ok(Self {
             conn: valkey.connection()?,
-            queue: config.queue,
+            queue: config.queue.at(config.partition),
             consumer: config.consumer.clone(),
             min_idle: config.min_idle,
             max_deliveries: config.max_deliveries,
@@ -38,8 +38,8 @@ impl Reclaimer {
     /// the start), dead-lettering those delivered too often.
     pub(crate) async fn claim_page(&mut self, cursor: &EntryId) -> Result<ReclaimPage, BusError> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(self.queue.stream)
-            .arg(self.queue.group)
+            .arg(&self.queue.stream)
+            .arg(self.queue.group())
             .arg(&self.consumer)
             .arg(u64::try_from(self.min_idle.as_millis()).unwrap_or(u64::MAX))
             .arg(cursor.0.as_str())
@@ -55,12 +55,12 @@ impl Reclaimer {
         let next = EntryId(string(parts.next().unwrap_or(Value::Nil))?);
         let claimed = parse_entries(parts.next().unwrap_or(Value::Array(Vec::new())))?;
         if !claimed.is_empty() {
-            tracing::info!(stream = self.queue.stream, count = claimed.len(), consumer = %self.consumer, "reclaimed idle entries");
+            tracing::info!(stream = %self.queue.stream, count = claimed.len(), consumer = %self.consumer, "reclaimed idle entries");
         }
-        let claimed = with_counts(&mut self.conn, self.queue, claimed).await?;
+        let claimed = with_counts(&mut self.conn, &self.queue, claimed).await?;
         let (entries, dead_lettered) = drop_over_delivered(
             &mut self.conn,
-            self.queue,
+            &self.queue,
             &self.consumer,
             self.max_deliveries,
             claimed,

@@ -1,11 +1,13 @@
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
-use crate::{BusError, EntryId, Valkey, keys::Queue};
+use crate::{
+    BusError, Connection, EntryId, Valkey,
+    keys::{Partitions, Queue, QueuePartition},
+};
 
-/// Bounds a queue's stream without ever dropping an entry its group has not acknowledged.
+/// Bounds a queue's streams (each partition's) without ever dropping an entry its group has not acknowledged.
 ///
 /// Every entry at or below the group's last-delivered id that is not pending has been
 /// acknowledged; entries above it have not been delivered yet. So the cut is the oldest pending
@@ -13,8 +15,9 @@ use crate::{BusError, EntryId, Valkey, keys::Queue};
 /// from there on. Both bounds only grow, so reading them before trimming is race-free.
 #[derive(Debug)]
 pub struct Trimmer {
-    conn: ConnectionManager,
+    conn: Connection,
     queue: Queue,
+    partitions: Partitions,
 }
 
 impl Trimmer {
@@ -22,14 +25,18 @@ impl Trimmer {
         Ok(Self {
             conn: valkey.connection()?,
             queue,
+            partitions: valkey.partitions(),
         })
     }
 
     /// Trims every `every` until `cancel`; errors are logged and tried again next time.
     pub async fn run(mut self, every: Duration, cancel: CancellationToken) {
         loop {
-            if let Err(e) = self.trim().await {
-                tracing::warn!(stream = self.queue.stream, error = %e, "trimming failed");
+            for partition in self.partitions.all() {
+                let queue = self.queue.at(partition);
+                if let Err(e) = self.trim_partition(&queue).await {
+                    tracing::warn!(stream = %queue.stream, error = %e, "trimming failed");
+                }
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -38,32 +45,41 @@ impl Trimmer {
         }
     }
 
-    /// Trims once; returns how many entries were removed. Without the group nothing is trimmed.
+    /// Trims every partition once; returns how many entries were removed. Where the group does
+    /// not exist nothing is trimmed.
     pub async fn trim(&mut self) -> Result<u64, BusError> {
-        let Some(min_id) = self.keep_from().await? else {
+        let mut removed = 0;
+        for partition in self.partitions.all() {
+            removed += self.trim_partition(&self.queue.at(partition)).await?;
+        }
+        Ok(removed)
+    }
+
+    async fn trim_partition(&mut self, queue: &QueuePartition) -> Result<u64, BusError> {
+        let Some(min_id) = self.keep_from(queue).await? else {
             return Ok(0);
         };
         let removed: u64 = redis::cmd("XTRIM")
-            .arg(self.queue.stream)
+            .arg(&queue.stream)
             .arg("MINID")
             .arg(min_id.0.as_str())
             .query_async(&mut self.conn)
             .await?;
         if removed > 0 {
-            tracing::debug!(stream = self.queue.stream, removed, %min_id, "trimmed acknowledged entries");
+            tracing::debug!(stream = %queue.stream, removed, %min_id, "trimmed acknowledged entries");
         }
         Ok(removed)
     }
 
     /// The smallest id that must be kept, or `None` when the group does not exist.
-    async fn keep_from(&mut self) -> Result<Option<EntryId>, BusError> {
-        let Some(group) = crate::health::group(&mut self.conn, self.queue).await? else {
+    async fn keep_from(&mut self, queue: &QueuePartition) -> Result<Option<EntryId>, BusError> {
+        let Some(group) = crate::health::group(&mut self.conn, queue).await? else {
             return Ok(None);
         };
         if group.pending > 0 {
             let summary: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
-                .arg(self.queue.stream)
-                .arg(self.queue.group)
+                .arg(&queue.stream)
+                .arg(queue.group())
                 .query_async(&mut self.conn)
                 .await?;
             if let redis::streams::StreamPendingReply::Data(data) = summary {

@@ -27,16 +27,22 @@ async fn refusal(conn: &mut MultiplexedConnection, args: &[&str]) -> Option<Stri
 /// Both queues' streams and groups, as the services make them.
 async fn groups(admin: &mut MultiplexedConnection) {
     for queue in [keys::RESULTS, keys::JOBS] {
+        let queue = part(queue);
         let create = [
             "XGROUP",
             "CREATE",
-            queue.stream,
-            queue.group,
+            queue.stream.as_str(),
+            queue.group(),
             "0",
             "MKSTREAM",
         ];
         assert_eq!(refusal(admin, &create).await, None);
     }
+}
+
+/// A queue's keys on one partition (any: the rules are the same on all).
+fn part(queue: keys::Queue) -> keys::QueuePartition {
+    queue.at(keys::Partitions::DEFAULT.get(3).unwrap())
 }
 
 fn noperm() -> Option<String> {
@@ -45,13 +51,14 @@ fn noperm() -> Option<String> {
 
 #[tokio::test]
 async fn the_gateway_cannot_read_results_flush_or_reconfigure() {
+    let (results, jobs) = (part(keys::RESULTS), part(keys::JOBS));
     let server = ValkeyServer::start().await.unwrap();
     let mut admin = server.connection().await;
     groups(&mut admin).await;
     let mut gateway = connect(&server.url_as(User::Gateway)).await.unwrap();
     // What it needs: add results, read its own jobs.
     assert_eq!(
-        refusal(&mut gateway, &["XADD", keys::RESULTS.stream, "*", "f", "v"]).await,
+        refusal(&mut gateway, &["XADD", results.stream.as_str(), "*", "f", "v"]).await,
         None
     );
     let read_jobs = [
@@ -62,7 +69,7 @@ async fn the_gateway_cannot_read_results_flush_or_reconfigure() {
         "COUNT",
         "1",
         "STREAMS",
-        keys::JOBS.stream,
+        jobs.stream.as_str(),
         ">",
     ];
     assert_eq!(refusal(&mut gateway, &read_jobs).await, None);
@@ -75,13 +82,13 @@ async fn the_gateway_cannot_read_results_flush_or_reconfigure() {
         "COUNT",
         "1",
         "STREAMS",
-        keys::RESULTS.stream,
+        results.stream.as_str(),
         ">",
     ];
     for forbidden in [
         &read_results[..],
-        &["XRANGE", keys::RESULTS.stream, "-", "+"],
-        &["XRANGE", keys::RESULTS.dead, "-", "+"],
+        &["XRANGE", results.stream.as_str(), "-", "+"],
+        &["XRANGE", results.dead.as_str(), "-", "+"],
         &["GET", &keys::rate_limit("upload-tokens", "alice")],
         &["FLUSHALL"],
         &["FLUSHDB"],
@@ -101,7 +108,7 @@ async fn the_gateway_cannot_read_results_flush_or_reconfigure() {
     let script = ["EVAL", "return redis.call('FLUSHALL')", "0"];
     assert!(refusal(&mut gateway, &script).await.is_some());
     let len: usize = redis::cmd("XLEN")
-        .arg(keys::RESULTS.stream)
+        .arg(results.stream.as_str())
         .query_async(&mut admin)
         .await
         .unwrap();
@@ -110,6 +117,7 @@ async fn the_gateway_cannot_read_results_flush_or_reconfigure() {
 
 #[tokio::test]
 async fn the_api_cannot_take_jobs_or_flush() {
+    let jobs = part(keys::JOBS);
     let server = ValkeyServer::start().await.unwrap();
     let mut admin = server.connection().await;
     refusal(
@@ -117,7 +125,7 @@ async fn the_api_cannot_take_jobs_or_flush() {
         &[
             "XGROUP",
             "CREATE",
-            keys::JOBS.stream,
+            jobs.stream.as_str(),
             keys::JOBS.group,
             "0",
             "MKSTREAM",
@@ -126,7 +134,7 @@ async fn the_api_cannot_take_jobs_or_flush() {
     .await;
     let mut api = connect(&server.url_as(User::Api)).await.unwrap();
     assert_eq!(
-        refusal(&mut api, &["XADD", keys::JOBS.stream, "*", "f", "v"]).await,
+        refusal(&mut api, &["XADD", jobs.stream.as_str(), "*", "f", "v"]).await,
         None,
         "the reconciler queues jobs"
     );
@@ -138,12 +146,12 @@ async fn the_api_cannot_take_jobs_or_flush() {
         "COUNT",
         "1",
         "STREAMS",
-        keys::JOBS.stream,
+        jobs.stream.as_str(),
         ">",
     ];
     for forbidden in [
         &take_jobs[..],
-        &["XRANGE", keys::JOBS.dead, "-", "+"],
+        &["XRANGE", jobs.dead.as_str(), "-", "+"],
         &["FLUSHALL"],
         &["SHUTDOWN"],
         &["SET", "elsewhere", "1"],
@@ -192,17 +200,22 @@ async fn neither_service_can_do_more_than_add_to_the_others_stream() {
     let mut admin = server.connection().await;
     groups(&mut admin).await;
     for (user, theirs) in [(User::Gateway, keys::RESULTS), (User::Api, keys::JOBS)] {
+        let theirs = part(theirs);
         let mut conn = connect(&server.url_as(user)).await.unwrap();
         let added: String = redis::cmd("XADD")
-            .arg(theirs.stream)
+            .arg(&theirs.stream)
             .arg("*")
             .arg("f")
             .arg("v")
             .query_async(&mut conn)
             .await
             .unwrap();
-        let (stream, group, dead, failures) =
-            (theirs.stream, theirs.group, theirs.dead, theirs.failures);
+        let (stream, group, dead, failures) = (
+            theirs.stream.as_str(),
+            theirs.group(),
+            theirs.dead.as_str(),
+            theirs.failures.as_str(),
+        );
         let forbidden: Vec<Vec<&str>> = vec![
             vec!["DEL", stream],
             vec!["UNLINK", stream],

@@ -11,7 +11,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use common::*;
 use follow_bus::{
-    Channels, Committed, HUB_QUEUE, Hub, HubEvent, Notice, Progress, Stage, Subscription, keys,
+    Committed, HUB_QUEUE, Hub, HubEvent, Notice, Progress, Stage, Subscription,
 };
 use follow_testkit::{ValkeyServer, eventually_async};
 use tokio_util::sync::CancellationToken;
@@ -24,10 +24,10 @@ struct Running {
     worker: tokio::task::JoinHandle<()>,
 }
 
-async fn hub(channels: Channels, max_lag: Duration) -> Running {
+async fn hub(max_lag: Duration) -> Running {
     let (server, valkey) = valkey().await;
     let cancel = CancellationToken::new();
-    let hub = Hub::new(valkey, channels, max_lag);
+    let hub = Hub::new(valkey, max_lag);
     let worker = tokio::spawn(hub.worker(cancel.clone()));
     Running {
         server,
@@ -41,7 +41,7 @@ async fn publish(server: &ValkeyServer, notice: impl Into<Notice>) -> usize {
     let notice = notice.into();
     let mut conn = server.connection().await;
     redis::cmd("PUBLISH")
-        .arg(keys::progress(notice.image_id()))
+        .arg(partitions().progress(notice.image_id()))
         .arg(notice.encode())
         .query_async(&mut conn)
         .await
@@ -52,7 +52,7 @@ async fn subscribers(server: &ValkeyServer, image_id: Uuid) -> usize {
     let mut conn = server.connection().await;
     let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
         .arg("NUMSUB")
-        .arg(keys::progress(image_id))
+        .arg(partitions().progress(image_id))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -85,16 +85,8 @@ fn committed(image_id: Uuid) -> Notice {
     }))
 }
 
-async fn patterns(server: &ValkeyServer) -> usize {
-    let mut conn = server.connection().await;
-    redis::cmd("PUBSUB")
-        .arg("NUMPAT")
-        .query_async(&mut conn)
-        .await
-        .unwrap()
-}
-
-/// Waits until `image_id`'s channel has `n` subscribers (the hub (un)subscribes in the background).
+/// Waits until `image_id`'s partition's channel has `n` subscribers (the hub subscribes in the
+/// background).
 async fn subscribed(server: &ValkeyServer, image_id: Uuid, n: usize) {
     eventually_async(WITHIN, "the subscriber count", || async {
         (subscribers(server, image_id).await == n).then_some(())
@@ -110,24 +102,30 @@ async fn next(subscription: &mut Subscription) -> HubEvent {
 }
 
 #[tokio::test]
-async fn per_image_one_valkey_subscription_per_image_however_many_watchers() {
-    let running = hub(Channels::PerImage, Duration::from_secs(60)).await;
+async fn one_subscription_per_partition_and_nothing_in_valkey_per_watch() {
+    let running = hub(Duration::from_secs(60)).await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    subscribed(&running.server, a, 1).await;
     let first = running.hub.subscribe(&[a, b, a]).await.unwrap();
     let second = running.hub.subscribe(&[a]).await.unwrap();
     assert_eq!(subscribers(&running.server, a).await, 1);
-    assert_eq!(subscribers(&running.server, b).await, 1);
-
+    assert_eq!(running.hub.stats().channels.load(Ordering::Relaxed), 2);
     drop(first);
-    subscribed(&running.server, b, 0).await;
-    assert_eq!(subscribers(&running.server, a).await, 1, "still watched");
+    eventually_async(WITHIN, "b no longer watched", || async {
+        (running.hub.stats().channels.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
     drop(second);
-    subscribed(&running.server, a, 0).await;
+    eventually_async(WITHIN, "nothing watched", || async {
+        (running.hub.stats().channels.load(Ordering::Relaxed) == 0).then_some(())
+    })
+    .await;
+    assert_eq!(subscribers(&running.server, a).await, 1, "still subscribed");
 }
 
 #[tokio::test]
 async fn a_watcher_that_keeps_up_gets_every_message_in_order() {
-    let running = hub(Channels::default(), Duration::from_secs(60)).await;
+    let running = hub(Duration::from_secs(60)).await;
     let a = Uuid::new_v4();
     let mut watcher = running.hub.subscribe(&[a]).await.unwrap();
     let stages = &Stage::ALL[..8];
@@ -144,7 +142,7 @@ async fn a_watcher_that_keeps_up_gets_every_message_in_order() {
 
 #[tokio::test]
 async fn a_slow_watcher_gets_a_bounded_inbox_with_the_newest_message_per_image() {
-    let running = hub(Channels::default(), Duration::from_secs(60)).await;
+    let running = hub(Duration::from_secs(60)).await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let others: Vec<Uuid> = (0..HUB_QUEUE - 2).map(|_| Uuid::new_v4()).collect();
     let watched: Vec<Uuid> = [a, b].into_iter().chain(others.iter().copied()).collect();
@@ -187,7 +185,7 @@ async fn a_slow_watcher_gets_a_bounded_inbox_with_the_newest_message_per_image()
 #[tokio::test]
 async fn a_watcher_that_falls_behind_is_told_and_dropped_while_others_go_on() {
     // With no lag allowed, a second message arriving before the first was taken is too late.
-    let running = hub(Channels::PerImage, Duration::ZERO).await;
+    let running = hub(Duration::ZERO).await;
     let a = Uuid::new_v4();
     let mut lagging = running.hub.subscribe(&[a]).await.unwrap();
     let mut other = running.hub.subscribe(&[a]).await.unwrap();
@@ -212,46 +210,24 @@ async fn a_watcher_that_falls_behind_is_told_and_dropped_while_others_go_on() {
         "the other watcher goes on"
     );
 
-    // The lagged watcher no longer counts: the last other one leaving unsubscribes.
+    // The lagged watcher no longer counts: once the other one leaves, nobody watches a.
     drop(other);
-    subscribed(&running.server, a, 0).await;
+    eventually_async(WITHIN, "nobody watching", || async {
+        (running.hub.stats().channels.load(Ordering::Relaxed) == 0).then_some(())
+    })
+    .await;
     drop(lagging);
 }
 
 #[tokio::test]
-async fn pattern_one_psubscribe_and_nothing_in_valkey_per_watch() {
-    let running = hub(Channels::Pattern, Duration::from_secs(60)).await;
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let _first = running.hub.subscribe(&[a, b]).await.unwrap();
-    let _second = running.hub.subscribe(&[a]).await.unwrap();
-    assert_eq!(patterns(&running.server).await, 1);
-    assert_eq!(subscribers(&running.server, a).await, 0);
-    assert_eq!(running.hub.stats().channels.load(Ordering::Relaxed), 2);
-}
-
-#[tokio::test]
 async fn watchers_resync_after_valkey_restarts_and_end_when_the_hub_stops() {
-    for channels in [Channels::PerImage, Channels::Pattern] {
-        resync_and_end(channels).await;
-    }
-}
-
-async fn resync_and_end(channels: Channels) {
-    let mut running = hub(channels, Duration::from_secs(60)).await;
+    let mut running = hub(Duration::from_secs(60)).await;
     let a = Uuid::new_v4();
     let mut watcher = running.hub.subscribe(&[a]).await.unwrap();
     running.server.restart().await.unwrap();
     assert_eq!(next(&mut watcher).await, HubEvent::Resync);
     // Resubscribed: live messages flow again.
-    match channels {
-        Channels::PerImage => subscribed(&running.server, a, 1).await,
-        Channels::Pattern => {
-            eventually_async(WITHIN, "the pattern subscribed again", || async {
-                (patterns(&running.server).await == 1).then_some(())
-            })
-            .await;
-        }
-    }
+    subscribed(&running.server, a, 1).await;
     publish(&running.server, Progress::reached(a, Stage::Validating)).await;
     assert_eq!(
         summary(next(&mut watcher).await),
@@ -267,7 +243,7 @@ async fn resync_and_end(channels: Channels) {
 
 #[tokio::test]
 async fn a_new_worker_takes_over_after_one_fails_and_every_watcher_resyncs() {
-    let running = hub(Channels::PerImage, Duration::from_secs(60)).await;
+    let running = hub(Duration::from_secs(60)).await;
     let a = Uuid::new_v4();
     let mut watcher = running.hub.subscribe(&[a]).await.unwrap();
     // The worker dies (as if it panicked): nothing is delivered until another one runs.

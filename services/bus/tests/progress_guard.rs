@@ -18,7 +18,7 @@ use uuid::Uuid;
 async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() {
     let (server, valkey) = valkey().await;
     let image_id = Uuid::new_v4();
-    let mut messages = subscribe(&valkey, image_id).await;
+    let mut messages = subscribe(&server, image_id).await;
 
     let mut tracker = ProgressTracker::new(&valkey).unwrap();
     let stages = [
@@ -46,7 +46,7 @@ async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() 
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(msg.get_channel_name(), keys::progress(image_id));
+        assert_eq!(msg.get_channel_name(), partitions().progress(image_id));
         let Notice::Progress(p) = Notice::decode(msg.get_payload_bytes()).unwrap() else {
             panic!("a stage, not a commit")
         };
@@ -57,7 +57,7 @@ async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() 
 
     let mut conn = server.connection().await;
     let hash: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(keys::status(image_id))
+        .arg(partitions().status(image_id))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -66,7 +66,7 @@ async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() 
     assert!(hash["updated_at"].ends_with('Z'));
     assert!(!hash.contains_key("error_code"));
     let ttl: i64 = redis::cmd("TTL")
-        .arg(keys::status(image_id))
+        .arg(partitions().status(image_id))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -82,7 +82,7 @@ async fn progress_writes_the_hash_with_ttl_and_publishes_every_stage_in_order() 
 async fn a_failure_carries_its_code_and_a_late_stage_never_moves_it_back() {
     let (server, valkey) = valkey().await;
     let image_id = Uuid::new_v4();
-    let mut messages = subscribe(&valkey, image_id).await;
+    let mut messages = subscribe(&server, image_id).await;
     let mut tracker = ProgressTracker::new(&valkey).unwrap();
 
     tracker
@@ -118,7 +118,7 @@ async fn a_failure_carries_its_code_and_a_late_stage_never_moves_it_back() {
     assert_eq!(snapshot.failure(), Some(&failure));
     let mut conn = server.connection().await;
     let hash: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(keys::status(image_id))
+        .arg(partitions().status(image_id))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -128,7 +128,7 @@ async fn a_failure_carries_its_code_and_a_late_stage_never_moves_it_back() {
     // Exactly two messages were published: decoding, then failed; then nothing (checked by a
     // marker published after the stale writes).
     redis::cmd("PUBLISH")
-        .arg(keys::progress(image_id))
+        .arg(partitions().progress(image_id))
         .arg("marker")
         .query_async::<i64>(&mut conn)
         .await
@@ -153,7 +153,7 @@ async fn a_hostile_status_hash_is_a_typed_error() {
     let image_id = Uuid::new_v4();
     let mut conn = server.connection().await;
     redis::cmd("HSET")
-        .arg(keys::status(image_id))
+        .arg(partitions().status(image_id))
         .arg("stage")
         .arg("exploding")
         .arg("seq")
@@ -206,13 +206,13 @@ async fn the_upload_guard_is_acquired_exactly_once_under_100_concurrent_attempts
 
     let mut conn = server.connection().await;
     let ttl: i64 = redis::cmd("TTL")
-        .arg(keys::upload_guard(image_id))
+        .arg(partitions().upload_guard(image_id))
         .query_async(&mut conn)
         .await
         .unwrap();
     assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
     let holder: String = redis::cmd("GET")
-        .arg(keys::upload_guard(image_id))
+        .arg(partitions().upload_guard(image_id))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -252,7 +252,7 @@ async fn a_renewal_keeps_retakes_a_lost_guard_and_never_takes_anothers() {
     let mut admin = server.connection().await;
     let lose = async |admin: &mut redis::aio::MultiplexedConnection| {
         let _: () = redis::cmd("DEL")
-            .arg(keys::upload_guard(image_id))
+            .arg(partitions().upload_guard(image_id))
             .query_async(admin)
             .await
             .unwrap();

@@ -23,7 +23,7 @@ async fn produced_fields_are_readable_strings() {
     let id = producer.publish(&result).await.unwrap();
 
     let mut conn = server.connection().await;
-    let entries = xrange(&mut conn, "image:result").await;
+    let entries = xrange(&mut conn, "image:result:{p0}").await;
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].0, id.0);
     let fields: HashMap<_, _> = entries[0].1.iter().cloned().collect();
@@ -159,7 +159,7 @@ async fn retry_keeps_the_entry_without_redelivery_or_dead_lettering() {
     let mut conn = server.connection().await;
     drained(&conn).await;
     running.stop().await;
-    assert_eq!(xlen(&mut conn, "image:result:dead").await, 0);
+    assert_eq!(xlen(&mut conn, "image:result:dead:{p0}").await, 0);
     assert_eq!(stats.retried.load(std::sync::atomic::Ordering::Relaxed), 5);
 }
 
@@ -229,7 +229,7 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
     let running = spawn(consumer, handler);
     eventually_async(WITHIN, "the entry dead-lettered", || {
         let mut conn = conn.clone();
-        async move { (xlen(&mut conn, "image:result:dead").await == 1).then_some(()) }
+        async move { (xlen(&mut conn, "image:result:dead:{p0}").await == 1).then_some(()) }
     })
     .await;
     drained(&conn).await;
@@ -244,7 +244,7 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_reason() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
-    let dead = xrange(&mut conn, "image:result:dead").await;
+    let dead = xrange(&mut conn, "image:result:dead:{p0}").await;
     let fields: HashMap<_, _> = dead[0].1.iter().cloned().collect();
     assert_eq!(fields["dead_original_id"], id.0);
     assert_eq!(fields["dead_deliveries"], "5");
@@ -275,7 +275,7 @@ async fn restarts_are_not_failures_but_a_handler_failing_n_times_dead_letters() 
             .arg("api-workers")
             .arg("api-1")
             .arg("STREAMS")
-            .arg("image:result")
+            .arg("image:result:{p0}")
             .arg("0")
             .query_async(&mut conn)
             .await
@@ -300,7 +300,7 @@ async fn restarts_are_not_failures_but_a_handler_failing_n_times_dead_letters() 
     let running = spawn(consumer, handler);
     eventually_async(WITHIN, "the poison dead-lettered", || {
         let mut conn = conn.clone();
-        async move { (xlen(&mut conn, "image:result:dead").await == 1).then_some(()) }
+        async move { (xlen(&mut conn, "image:result:dead:{p0}").await == 1).then_some(()) }
     })
     .await;
     drained(&conn).await;
@@ -314,7 +314,7 @@ async fn restarts_are_not_failures_but_a_handler_failing_n_times_dead_letters() 
         [(fine.image_id, 0), (bad, 0), (bad, 1), (bad, 2)],
         "the fine one applied after ten restarts; the poison handed three times"
     );
-    let dead = xrange(&mut conn, "image:result:dead").await;
+    let dead = xrange(&mut conn, "image:result:dead:{p0}").await;
     let fields: HashMap<_, _> = dead[0].1.iter().cloned().collect();
     assert_eq!(fields["dead_original_id"], poison_id.0);
     assert_eq!(fields["dead_failures"], "3");
@@ -324,7 +324,7 @@ async fn restarts_are_not_failures_but_a_handler_failing_n_times_dead_letters() 
         fields["dead_reason"]
     );
     let counts: u64 = redis::cmd("HLEN")
-        .arg("image:result:failures")
+        .arg("image:result:failures:{p0}")
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -337,7 +337,7 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
     let mut conn = server.connection().await;
     // Poison: a required field missing, and a binary field name.
     redis::cmd("XADD")
-        .arg("image:result")
+        .arg("image:result:{p0}")
         .arg("*")
         .arg("image_id")
         .arg(Uuid::new_v4().to_string())
@@ -347,7 +347,7 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
         .await
         .unwrap();
     redis::cmd("XADD")
-        .arg("image:result")
+        .arg("image:result:{p0}")
         .arg("*")
         .arg(&[0xffu8, 0xfe][..])
         .arg(&[0x80u8][..])
@@ -381,13 +381,13 @@ async fn poison_and_handler_refusals_go_to_the_dead_stream_and_the_rest_is_appli
     );
     eventually_async(WITHIN, "three entries dead-lettered", || {
         let mut conn = conn.clone();
-        async move { (xlen(&mut conn, "image:result:dead").await == 3).then_some(()) }
+        async move { (xlen(&mut conn, "image:result:dead:{p0}").await == 3).then_some(()) }
     })
     .await;
     drained(&conn).await;
     running.stop().await;
     let reasons: RawEntries = redis::cmd("XRANGE")
-        .arg("image:result:dead")
+        .arg("image:result:dead:{p0}")
         .arg("-")
         .arg("+")
         .query_async(&mut conn)
@@ -439,7 +439,7 @@ async fn trimming_never_drops_an_unacknowledged_entry() {
         let id = id.to_owned();
         async move {
             redis::cmd("XACK")
-                .arg("image:result")
+                .arg("image:result:{p0}")
                 .arg("api-workers")
                 .arg(id)
                 .query_async::<u64>(&mut conn)
@@ -453,7 +453,7 @@ async fn trimming_never_drops_an_unacknowledged_entry() {
     // ids[2] is pending: it and everything after it must stay.
     assert_eq!(trimmer.trim().await.unwrap(), 2);
     let first: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg("image:result")
+        .arg("image:result:{p0}")
         .arg("-")
         .arg("+")
         .arg("COUNT")
@@ -462,12 +462,12 @@ async fn trimming_never_drops_an_unacknowledged_entry() {
         .await
         .unwrap();
     assert_eq!(first[0].0, ids[2]);
-    assert_eq!(xlen(&mut conn, "image:result").await, 8);
+    assert_eq!(xlen(&mut conn, "image:result:{p0}").await, 8);
 
     ack(&ids[2]).await;
     // Now ids[2] and ids[3] are acknowledged; 4.. were never delivered.
     assert_eq!(trimmer.trim().await.unwrap(), 2);
-    assert_eq!(xlen(&mut conn, "image:result").await, 6);
+    assert_eq!(xlen(&mut conn, "image:result:{p0}").await, 6);
     assert_eq!(trimmer.trim().await.unwrap(), 0);
 }
 
@@ -568,7 +568,7 @@ async fn a_crash_looping_entry_in_our_own_pending_list_is_dead_lettered_on_re_re
     drained(&conn).await;
     running.stop().await;
     assert!(rx.try_recv().is_err());
-    let dead = xrange(&mut conn, "image:result:dead").await;
+    let dead = xrange(&mut conn, "image:result:dead:{p0}").await;
     assert_eq!(dead.len(), 1);
     assert_eq!(
         dead[0]

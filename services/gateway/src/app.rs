@@ -7,12 +7,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use follow_bus::{
     BusError, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer, ProgressTracker,
-    UploadGuard, Valkey, ValkeyConfig, keys,
+    UploadGuard, Valkey, keys,
 };
 use follow_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
 use follow_service::{
     app::{self, Served, Shell},
-    config::ExposeSecret as _,
     limits::Tally,
     metrics::Registry,
     s3::Bucket,
@@ -57,7 +56,7 @@ pub struct Application {
 
 impl Application {
     pub fn build(config: Config, listener: TcpListener) -> Result<Self, StartError> {
-        let valkey = Valkey::new(ValkeyConfig::new(config.valkey_url.expose_secret()))?;
+        let valkey = Valkey::new(config.valkey.config())?;
         Ok(Self {
             listener,
             config,
@@ -102,8 +101,16 @@ impl Application {
             pipeline: config.pipeline,
             jobs: config.jobs.clone(),
             max_bytes: config.receive.max_upload_bytes,
+            slots: Arc::new(Semaphore::new(config.jobs.workers)),
         };
-        for n in 1..=config.jobs.workers {
+        // Images spread evenly over the partitions: ceil(workers / partitions) consumers on each
+        // keep every worker supplied, and each instance holds at most that many jobs per
+        // partition (the others stay for other instances).
+        let per_partition = config
+            .jobs
+            .workers
+            .div_ceil(usize::from(valkey.partitions().count()));
+        for n in 1..=per_partition {
             let consumer = ConsumerConfig {
                 batch_size: 1,
                 min_idle: config.jobs.lease,
@@ -115,11 +122,7 @@ impl Application {
             workers.consume("job-worker", &valkey, consumer, stats, handler.clone());
         }
         workers.trim("job-trimmer", &valkey, keys::JOBS);
-        let hub = Arc::new(Hub::new(
-            valkey.clone(),
-            Default::default(),
-            Hub::DEFAULT_MAX_LAG,
-        ));
+        let hub = Arc::new(Hub::new(valkey.clone(), Hub::DEFAULT_MAX_LAG));
         workers.hub(&hub);
         let queue = HealthChecker::new(&valkey, None)?;
         let probe = GatewayProbe {

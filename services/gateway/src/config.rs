@@ -5,7 +5,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use follow_service::config::{
-    ConfigError, Env, FromEnv, S3Config, SecretString, ServerConfig, token_leeway, valkey_url,
+    ConfigError, Env, FromEnv, S3Config, SecretString, ServerConfig, ValkeySettings, token_leeway,
 };
 use follow_token::VerifyingKeys;
 
@@ -54,7 +54,7 @@ pub struct JobConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
-    pub valkey_url: SecretString,
+    pub valkey: ValkeySettings,
     pub upload_keys: VerifyingKeys,
     pub token_leeway: Duration,
     pub s3: S3Config,
@@ -74,7 +74,7 @@ impl FromEnv for Config {
         let max_receiving = env.number("FOLLOW_MAX_RECEIVING", 256, 1..=100_000)?;
         Ok(Self {
             server: ServerConfig::from_env(&env, "FOLLOW_GATEWAY_LISTEN", "127.0.0.1:8081")?,
-            valkey_url: valkey_url(&env),
+            valkey: ValkeySettings::from_env(&env)?,
             upload_keys,
             token_leeway: token_leeway(&env)?,
             s3: S3Config::from_env(&env)?,

@@ -46,10 +46,16 @@ pub struct JobHandler {
     pub jobs: JobConfig,
     /// The largest original there can be.
     pub max_bytes: u64,
+    /// One permit per job processed at a time (`FOLLOW_PIPELINE_WORKERS`), shared by the
+    /// consumers of every partition: a job waits here, its lease renewed, until one is free.
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Handler<Job> for JobHandler {
     async fn handle(&mut self, batch: &[Delivery<Job>]) -> Vec<Outcome> {
+        let Ok(_slot) = Arc::clone(&self.slots).acquire_owned().await else {
+            return vec![Outcome::Retry; batch.len()];
+        };
         let mut outcomes = Vec::with_capacity(batch.len());
         for delivery in batch {
             let span = tracing::info_span!("job", image_id = %delivery.message.image_id, entry = %delivery.id);

@@ -73,7 +73,7 @@ async fn with_valkey_down_new_uploads_get_503_and_in_flight_results_arrive_after
         async move {
             redis::AsyncCommands::exists::<_, bool>(
                 &mut conn,
-                follow_bus::keys::upload_guard(image_id),
+                follow_bus::keys::Partitions::DEFAULT.upload_guard(image_id),
             )
             .await
             .ok()

@@ -100,7 +100,7 @@ async fn a_token_is_good_for_one_upload_even_when_100_race() {
     assert_eq!(status, 409);
     assert_eq!(answer["error_code"], "DUPLICATE_UPLOAD");
     let mut conn = gw.valkey_server.connection().await;
-    let exists: bool = redis::AsyncCommands::exists(&mut conn, keys::upload_guard(image_id))
+    let exists: bool = redis::AsyncCommands::exists(&mut conn, keys::Partitions::DEFAULT.upload_guard(image_id))
         .await
         .unwrap();
     assert!(exists);
@@ -474,7 +474,7 @@ async fn a_client_gone_half_way_releases_the_token() {
     eventually_async(WITHIN, "the guard taken", || {
         let mut conn = conn.clone();
         async move {
-            redis::AsyncCommands::exists::<_, bool>(&mut conn, keys::upload_guard(id))
+            redis::AsyncCommands::exists::<_, bool>(&mut conn, keys::Partitions::DEFAULT.upload_guard(id))
                 .await
                 .ok()
                 .filter(|e| *e)
@@ -485,7 +485,7 @@ async fn a_client_gone_half_way_releases_the_token() {
     eventually_async(WITHIN, "the guard released", || {
         let mut conn = conn.clone();
         async move {
-            (!redis::AsyncCommands::exists::<_, bool>(&mut conn, keys::upload_guard(id))
+            (!redis::AsyncCommands::exists::<_, bool>(&mut conn, keys::Partitions::DEFAULT.upload_guard(id))
                 .await
                 .ok()?)
             .then_some(())
@@ -508,8 +508,12 @@ async fn a_client_gone_half_way_releases_the_token() {
 async fn stages_arrive_in_order_on_the_progress_channel() {
     let gw = Gateway::start().await;
     let (id, token) = gw.token("image/jpeg", 10_000_000);
-    let (mut pubsub, _open) = gw.valkey.pubsub().await.unwrap();
-    pubsub.subscribe(keys::progress(id)).await.unwrap();
+    let mut pubsub = redis::Client::open(gw.valkey_server.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub.subscribe(keys::Partitions::DEFAULT.progress(id)).await.unwrap();
     let mut messages = pubsub.into_on_message();
     assert_eq!(gw.put(&token, "image/jpeg", jpeg(2500, 1200)).await.0, 202);
     let mut stages = Vec::new();

@@ -47,7 +47,10 @@ const COMMON: &[&str] = &[
     "+hincrby",
     "+hdel",
     "+publish",
+    "+spublish",
     "+subscribe",
+    "+ssubscribe",
+    "+sunsubscribe",
     "+unsubscribe",
     "+psubscribe",
     "+punsubscribe",
@@ -62,6 +65,10 @@ const COMMON: &[&str] = &[
     "+xtrim",
     "+xgroup|create",
     "+xinfo|groups",
+    // A cluster client learns the topology, and follows slots that move.
+    "+cluster|slots",
+    "+asking",
+    "+readonly",
 ];
 
 impl User {
@@ -78,32 +85,29 @@ impl User {
 
     /// The user's rules, after `reset`: keys (`~` read and write), channels (`&`) and
     /// commands, then a selector (`(…)`, its own keys and commands) for the one thing it may do
-    /// to the other service's stream: `XADD`. The root rules never name that stream, so no
-    /// other command (`DEL`, `XTRIM`, `XACK`, `XCLAIM`, `XREADGROUP`, …) reaches it.
+    /// to the other service's streams: `XADD`. The root rules never name those streams, so no
+    /// other command (`DEL`, `XTRIM`, `XACK`, `XCLAIM`, `XREADGROUP`, …) reaches them.
     pub fn rules(self) -> Vec<String> {
-        let both = |queue: keys::Queue| {
-            [queue.stream, queue.dead, queue.failures].map(|key| format!("~{key}"))
-        };
-        // The progress script names its channel as a key too.
+        // Scripts name a progress channel as a key too (so that it counts for its slot).
         let shared = [
-            format!("~{}", keys::upload_guard("*")),
-            format!("~{}", keys::status("*")),
+            format!("~{}", keys::UPLOAD_GUARD_PATTERN),
+            format!("~{}", keys::STATUS_PATTERN),
             format!("~{}", keys::PROGRESS_PATTERN),
             format!("&{}", keys::PROGRESS_PATTERN),
         ];
-        let (mut rules, adds_to): (Vec<String>, &str) = match self {
+        let (mut rules, adds_to): (Vec<String>, keys::Queue) = match self {
             User::Admin => return ["~*", "&*", "+@all"].map(String::from).to_vec(),
             // Consumes results and dead-letters them, counts upload-token rates (`TIME` in
             // the rate script), replays dead entries; queues jobs again (the reconciler).
             User::Api => (
-                both(keys::RESULTS)
-                    .into_iter()
-                    .chain([format!("~{}", keys::rate_limit("*", "*"))])
-                    .collect(),
-                keys::JOBS.stream,
+                vec![
+                    format!("~{}", keys::RESULTS.pattern()),
+                    format!("~{}", keys::rate_limit("*", "*")),
+                ],
+                keys::JOBS,
             ),
             // Consumes jobs and dead-letters them; publishes results.
-            User::Gateway => (both(keys::JOBS).into_iter().collect(), keys::RESULTS.stream),
+            User::Gateway => (vec![format!("~{}", keys::JOBS.pattern())], keys::RESULTS),
         };
         rules.extend(shared);
         rules.push("-@all".into());
@@ -111,7 +115,7 @@ impl User {
         if self == User::Api {
             rules.extend(["+time", "+xdel"].map(String::from));
         }
-        rules.push(format!("(%W~{adds_to} -@all +xadd)"));
+        rules.push(format!("(%W~{} -@all +xadd)", adds_to.streams_pattern()));
         rules
     }
 }
@@ -158,11 +162,11 @@ mod tests {
                 .iter()
                 .any(|r| r.trim_start_matches('%').trim_start_matches('W') == format!("~{key}"))
         };
-        assert!(gateway.contains(&"(%W~image:result -@all +xadd)".to_owned()));
-        assert!(!root_names(&gateway, "image:result"));
+        assert!(gateway.contains(&"(%W~image:result:{p* -@all +xadd)".to_owned()));
+        assert!(!root_names(&gateway, "image:result:*"));
         assert!(!gateway.iter().any(|r| r.starts_with("~ratelimit")));
         let api = User::Api.rules();
-        assert!(api.contains(&"(%W~image:jobs -@all +xadd)".to_owned()));
-        assert!(!root_names(&api, "image:jobs"));
+        assert!(api.contains(&"(%W~image:jobs:{p* -@all +xadd)".to_owned()));
+        assert!(!root_names(&api, "image:jobs:*"));
     }
 }

@@ -1,46 +1,202 @@
 //! Valkey key and channel names: the single source of them (docs/architecture.md, "Valkey
 //! keys").
+//!
+//! Everything about an image lives in one **partition** of [`Partitions`] (chosen from its id),
+//! and every key of a partition carries its hash tag `{pN}`: on a Valkey Cluster they share one
+//! hash slot, so the one-slot rule of scripts and `MULTI` holds for everything the platform does
+//! to one image (its guard and its job, its status hash and its progress channel, a job's
+//! acknowledgement and the result it hands off). On a single Valkey the tags change nothing.
 
-use std::{fmt::Display, time::Duration};
+use std::{fmt::Display, num::NonZeroU16, str::FromStr, time::Duration};
 
 use uuid::Uuid;
 
-/// A work stream with its consumer group, its dead-letter stream and its failure counts.
+/// How many partitions the work streams are cut into: every service of one platform must use
+/// the same count (changing it means draining the streams first: docs/operations.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partitions(NonZeroU16);
+
+impl Partitions {
+    /// The most partitions a platform may have.
+    pub const MAX: u16 = 1024;
+    pub const DEFAULT: Self = Self(NonZeroU16::new(16).expect("not zero"));
+
+    /// `None` unless `1..=MAX`.
+    pub fn new(count: u16) -> Option<Self> {
+        NonZeroU16::new(count)
+            .filter(|n| n.get() <= Self::MAX)
+            .map(Self)
+    }
+
+    pub fn count(self) -> u16 {
+        self.0.get()
+    }
+
+    /// The partition of `image_id`: its 128 bits modulo the count (the low bits of a v4 or v7
+    /// UUID are random, so images spread evenly).
+    pub fn of(self, image_id: Uuid) -> Partition {
+        let index = image_id.as_u128() % u128::from(self.0.get());
+        Partition(u16::try_from(index).unwrap_or_default())
+    }
+
+    /// The partition with this index, if there is one.
+    pub fn get(self, index: u16) -> Option<Partition> {
+        (index < self.0.get()).then_some(Partition(index))
+    }
+
+    /// Every partition, in order.
+    pub fn all(self) -> impl Iterator<Item = Partition> + Clone {
+        (0..self.0.get()).map(Partition)
+    }
+
+    /// `image:upload:{pN}:{image_id}`: the one-time upload guard (String, `SET NX EX`).
+    pub fn upload_guard(self, image_id: Uuid) -> String {
+        format!("image:upload:{}:{image_id}", self.of(image_id).tag())
+    }
+
+    /// `image:status:{pN}:{image_id}`: the current stage (Hash).
+    pub fn status(self, image_id: Uuid) -> String {
+        format!("image:status:{}:{image_id}", self.of(image_id).tag())
+    }
+
+    /// The progress channel `image_id`'s stage changes are published on: its partition's.
+    pub fn progress(self, image_id: Uuid) -> String {
+        self.of(image_id).progress()
+    }
+}
+
+impl Default for Partitions {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl FromStr for Partitions {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse::<u16>()
+            .ok()
+            .and_then(Self::new)
+            .ok_or_else(|| format!("`{s}` is not a partition count from 1 to {}", Self::MAX))
+    }
+}
+
+impl Display for Partitions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One partition: a hash tag `{pN}` shared by its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Partition(u16);
+
+impl Partition {
+    pub fn index(self) -> u16 {
+        self.0
+    }
+
+    /// `{pN}`.
+    pub fn tag(self) -> String {
+        format!("{{p{}}}", self.0)
+    }
+
+    /// `image:progress:{pN}`: live stage changes of the partition's images (a sharded Pub/Sub
+    /// channel on a cluster).
+    pub fn progress(self) -> String {
+        format!("image:progress:{}", self.tag())
+    }
+}
+
+impl Display for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "p{}", self.0)
+    }
+}
+
+/// A work stream with its consumer group, its dead-letter stream and its failure counts, one of
+/// each per partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Queue {
-    /// The stream (`XADD` by producers, `XREADGROUP` by the group).
-    pub stream: &'static str,
+    /// The streams' name before the partition's tag.
+    pub name: &'static str,
     pub group: &'static str,
-    /// Entries that could not be handled (poison, failed too often). For operators.
-    pub dead: &'static str,
+}
+
+impl Queue {
+    /// A partition's stream (`XADD` by producers, `XREADGROUP` by the group).
+    pub fn stream(self, partition: Partition) -> String {
+        format!("{}:{}", self.name, partition.tag())
+    }
+
+    /// Entries of a partition that could not be handled (poison, failed too often). For
+    /// operators.
+    pub fn dead(self, partition: Partition) -> String {
+        format!("{}:dead:{}", self.name, partition.tag())
+    }
+
     /// Hash: entry id → how many times the handler failed on it (while pending).
-    pub failures: &'static str,
+    pub fn failures(self, partition: Partition) -> String {
+        format!("{}:failures:{}", self.name, partition.tag())
+    }
+
+    /// The keys of one partition of this queue.
+    pub fn at(self, partition: Partition) -> QueuePartition {
+        QueuePartition {
+            queue: self,
+            partition,
+            stream: self.stream(partition),
+            dead: self.dead(partition),
+            failures: self.failures(partition),
+        }
+    }
+
+    /// A pattern matching every key of this queue (for the ACL).
+    pub fn pattern(self) -> String {
+        format!("{}:*", self.name)
+    }
+
+    /// A pattern matching every partition's stream and nothing else of this queue.
+    pub fn streams_pattern(self) -> String {
+        format!("{}:{{p*", self.name)
+    }
+}
+
+/// One partition of a [`Queue`]: its stream, dead stream and failure counts (one hash slot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePartition {
+    pub queue: Queue,
+    pub partition: Partition,
+    pub stream: String,
+    pub dead: String,
+    pub failures: String,
+}
+
+impl QueuePartition {
+    pub fn group(&self) -> &'static str {
+        self.queue.group
+    }
 }
 
 /// Processing results, written by the gateway, consumed by the API.
 pub const RESULTS: Queue = Queue {
-    stream: "image:result",
+    name: "image:result",
     group: "api-workers",
-    dead: "image:result:dead",
-    failures: "image:result:failures",
 };
 
 /// Accepted uploads (their originals are in S3) waiting to be processed by any gateway.
 pub const JOBS: Queue = Queue {
-    stream: "image:jobs",
+    name: "image:jobs",
     group: "gateway-workers",
-    dead: "image:jobs:dead",
-    failures: "image:jobs:failures",
 };
 
-/// Stream of processing results ([`RESULTS`]).
-pub const RESULT_STREAM: &str = RESULTS.stream;
-/// Results that could not be applied ([`RESULTS`]).
-pub const DEAD_STREAM: &str = RESULTS.dead;
-/// The API's consumer group on [`RESULT_STREAM`].
-pub const RESULT_GROUP: &str = RESULTS.group;
 /// Pattern matching every progress channel.
 pub const PROGRESS_PATTERN: &str = "image:progress:*";
+/// Pattern matching every upload guard.
+pub const UPLOAD_GUARD_PATTERN: &str = "image:upload:*";
+/// Pattern matching every status hash.
+pub const STATUS_PATTERN: &str = "image:status:*";
 
 /// How long the status hash lives after its last write.
 pub const STATUS_TTL: Duration = Duration::from_secs(3600);
@@ -50,44 +206,47 @@ pub fn rate_limit(action: &str, subject: &str) -> String {
     format!("ratelimit:{action}:{subject}")
 }
 
-/// `image:upload:{image_id}`: the one-time upload guard (String, `SET NX EX`).
-pub fn upload_guard(image_id: impl Display) -> String {
-    format!("image:upload:{image_id}")
-}
-
-/// `image:status:{image_id}`: the current stage (Hash).
-pub fn status(image_id: impl Display) -> String {
-    format!("image:status:{image_id}")
-}
-
-/// `image:progress:{image_id}`: live stage changes (Pub/Sub channel).
-pub fn progress(image_id: impl Display) -> String {
-    format!("image:progress:{image_id}")
-}
-
-/// The image of a [`progress`] channel; `None` for any other name.
-pub fn progress_image(channel: &str) -> Option<Uuid> {
-    channel
-        .strip_prefix("image:progress:")
-        .and_then(|id| Uuid::parse_str(id).ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn progress_image_inverts_progress_and_refuses_other_names() {
-        let id = Uuid::new_v4();
-        assert_eq!(progress_image(&progress(id)), Some(id));
-        for other in [
-            status(id).as_str(),
-            "image:progress:",
-            "image:progress:not-a-uuid",
-            "image:progress:*",
-            "",
-        ] {
-            assert_eq!(progress_image(other), None, "{other}");
+    fn an_images_keys_and_its_queues_share_its_partitions_tag() {
+        let partitions = Partitions::new(7).unwrap();
+        for _ in 0..100 {
+            let id = Uuid::new_v4();
+            let tag = partitions.of(id).tag();
+            assert!(partitions.of(id).index() < 7);
+            for key in [
+                partitions.upload_guard(id),
+                partitions.status(id),
+                partitions.progress(id),
+                JOBS.stream(partitions.of(id)),
+                RESULTS.stream(partitions.of(id)),
+                RESULTS.dead(partitions.of(id)),
+                JOBS.failures(partitions.of(id)),
+            ] {
+                assert_eq!(key.matches('{').count(), 1, "{key}");
+                assert!(key.contains(&tag), "{key} has {tag}");
+            }
+        }
+    }
+
+    #[test]
+    fn images_spread_over_every_partition() {
+        let partitions = Partitions::DEFAULT;
+        let mut seen = [0_u32; 16];
+        for _ in 0..1600 {
+            seen[usize::from(partitions.of(Uuid::now_v7()).index())] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn a_partition_count_is_from_1_to_the_maximum() {
+        assert_eq!("16".parse::<Partitions>(), Ok(Partitions::DEFAULT));
+        for bad in ["0", "1025", "-1", "x", ""] {
+            assert!(bad.parse::<Partitions>().is_err(), "{bad}");
         }
     }
 }

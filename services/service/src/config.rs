@@ -7,6 +7,7 @@
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 use follow_token::VerifyingKeys;
+use follow_bus::{ValkeyConfig, keys::Partitions};
 pub use secrecy::{ExposeSecret, SecretString};
 
 /// Why the configuration was refused; names the variable, never a secret's value.
@@ -234,10 +235,32 @@ pub fn token_leeway(env: &Env<'_>) -> Result<Duration, ConfigError> {
         .map(Duration::from_secs)
 }
 
-/// `FOLLOW_VALKEY_URL`.
-pub fn valkey_url(env: &Env<'_>) -> SecretString {
-    // The URL may carry a password: it is a secret.
-    SecretString::from(env.or("FOLLOW_VALKEY_URL", "redis://127.0.0.1:6379"))
+/// Where Valkey is, and how the work streams are cut.
+#[derive(Debug, Clone)]
+pub struct ValkeySettings {
+    /// `FOLLOW_VALKEY_URL`: one node's URL, or a cluster's seed nodes' URLs, comma-separated.
+    /// URLs may carry a password: a secret.
+    pub url: SecretString,
+    /// `FOLLOW_VALKEY_PARTITIONS`: the work streams' partition count (the same on every
+    /// service).
+    pub partitions: Partitions,
+}
+
+impl ValkeySettings {
+    pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            url: SecretString::from(env.or("FOLLOW_VALKEY_URL", "redis://127.0.0.1:6379")),
+            partitions: env.parsed("FOLLOW_VALKEY_PARTITIONS", "16")?,
+        })
+    }
+
+    /// The bus's configuration.
+    pub fn config(&self) -> ValkeyConfig {
+        ValkeyConfig {
+            partitions: self.partitions,
+            ..ValkeyConfig::new(self.url.expose_secret())
+        }
+    }
 }
 
 /// This host's name (for default consumer names).

@@ -60,10 +60,19 @@ impl ValkeyMetrics {
     }
 }
 
+/// The label of a per-partition metric (`partition="p3"`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: String,
+}
+
 /// The metrics of a work queue and of this process's consumers of it, under the service's
 /// registry: backlog (waiting, in progress, oldest), dead letters, and what the consumers did.
 #[derive(Debug)]
 pub struct QueueMetrics {
+    partition_waiting: Family<PartitionLabel, Gauge>,
+    partition_in_progress: Family<PartitionLabel, Gauge>,
+    partition_oldest_seconds: Family<PartitionLabel, Gauge<f64, AtomicU64>>,
     waiting: Gauge,
     in_progress: Gauge,
     oldest_seconds: Gauge<f64, AtomicU64>,
@@ -80,6 +89,9 @@ impl QueueMetrics {
     /// the help texts (`results`, `jobs`).
     pub fn register(registry: &mut Registry, prefix: &str, what: &str) -> Self {
         let m = Self {
+            partition_waiting: Family::default(),
+            partition_in_progress: Family::default(),
+            partition_oldest_seconds: Family::default(),
             waiting: Gauge::default(),
             in_progress: Gauge::default(),
             oldest_seconds: Gauge::default(),
@@ -117,6 +129,21 @@ impl QueueMetrics {
             m.oldest_dead_seconds.clone(),
         );
         registry.register(
+            name("partition_waiting"),
+            format!("{what} not taken by a consumer yet, by partition"),
+            m.partition_waiting.clone(),
+        );
+        registry.register(
+            name("partition_in_progress"),
+            format!("{what} taken and not acknowledged yet, by partition"),
+            m.partition_in_progress.clone(),
+        );
+        registry.register(
+            name("partition_oldest_seconds"),
+            format!("age of the oldest of the {what} not acknowledged yet, by partition"),
+            m.partition_oldest_seconds.clone(),
+        );
+        registry.register(
             name("handled"),
             format!("{what} handed to this instance's handler (each retry counts)"),
             m.handled.clone(),
@@ -139,17 +166,40 @@ impl QueueMetrics {
         m
     }
 
-    /// Asks Valkey for `queue`'s backlog (through `checker`) and takes it in with the consumers'
-    /// counters; without Valkey the backlog keeps its last values.
+    /// Asks Valkey for `queue`'s backlog on each partition (through `checker`) and takes it in
+    /// with the consumers' counters; without Valkey the backlog keeps its last values.
     pub async fn sample(&self, checker: &HealthChecker, queue: Queue, consumers: &ConsumerStats) {
-        let info = match checker.clone().queue_info(queue).await {
-            Ok(info) => info,
+        let partitions = match checker.clone().partitions_info(queue).await {
+            Ok(partitions) => partitions,
             Err(e) => {
-                tracing::debug!(stream = queue.stream, error = %e, "metrics: the queue is unavailable");
-                None
+                tracing::debug!(queue = queue.name, error = %e, "metrics: the queue is unavailable");
+                Vec::new()
             }
         };
-        self.take(info, consumers);
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for (partition, info) in &partitions {
+            let label = PartitionLabel {
+                partition: partition.to_string(),
+            };
+            let info = info.unwrap_or(QueueInfo {
+                pending: 0,
+                lag: None,
+                oldest: None,
+                dead: 0,
+                oldest_dead: None,
+            });
+            self.partition_waiting
+                .get_or_create(&label)
+                .set(gauge(info.lag.unwrap_or(0)));
+            self.partition_in_progress
+                .get_or_create(&label)
+                .set(gauge(info.pending));
+            self.partition_oldest_seconds
+                .get_or_create(&label)
+                .set(info.oldest.map_or(0.0, |age| age.as_secs_f64()));
+        }
+        let total = QueueInfo::total(partitions.into_iter().filter_map(|(_, info)| info));
+        self.take(total, consumers);
     }
 
     fn take(&self, queue: Option<QueueInfo>, consumers: &ConsumerStats) {

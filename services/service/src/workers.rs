@@ -104,8 +104,9 @@ impl Workers {
         );
     }
 
-    /// A consumer of `config.queue` feeding `handler`, made afresh on every (re)start: after a
-    /// panic the new one re-reads what the old one left pending.
+    /// A consumer of `config.queue` on each of its partitions, each feeding a clone of `handler`
+    /// and made afresh on every (re)start: after a panic the new one re-reads what the old one
+    /// left pending.
     pub fn consume<M, H>(
         &self,
         name: &'static str,
@@ -117,23 +118,27 @@ impl Workers {
         M: StreamMessage + Clone + Send + Sync + 'static,
         H: Handler<M> + Clone + 'static,
     {
-        let (valkey, cancel) = (valkey.clone(), self.cancel.clone());
-        self.supervise(name, move || {
-            let consumer = Consumer::<M>::new(&valkey, config.clone());
-            let (mut handler, stats, cancel) =
-                (handler.clone(), Arc::clone(&stats), cancel.clone());
-            async move {
-                match consumer {
-                    Ok(consumer) => {
-                        Box::pin(consumer.with_stats(stats).run(&mut handler, cancel)).await;
+        for partition in valkey.partitions().all() {
+            let (valkey, cancel, config) =
+                (valkey.clone(), self.cancel.clone(), config.on(partition));
+            let (handler, stats) = (handler.clone(), Arc::clone(&stats));
+            self.supervise(name, move || {
+                let consumer = Consumer::<M>::new(&valkey, config.clone());
+                let (mut handler, stats, cancel) =
+                    (handler.clone(), Arc::clone(&stats), cancel.clone());
+                async move {
+                    match consumer {
+                        Ok(consumer) => {
+                            Box::pin(consumer.with_stats(stats).run(&mut handler, cancel)).await;
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot create the consumer"),
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot create the consumer"),
                 }
-            }
-        });
+            });
+        }
     }
 
-    /// Trims `queue`'s stream below what its group has not acknowledged, every 30 s.
+    /// Trims `queue`'s streams below what its group has not acknowledged, every 30 s.
     pub fn trim(&self, name: &'static str, valkey: &Valkey, queue: Queue) {
         let (valkey, cancel) = (valkey.clone(), self.cancel.clone());
         self.supervise(name, move || {

@@ -13,9 +13,20 @@ use uuid::Uuid;
 
 pub const WITHIN: Duration = Duration::from_secs(15);
 
+/// The partitions of every test here: one.
+pub fn partitions() -> keys::Partitions {
+    keys::Partitions::new(1).expect("one partition")
+}
+
+/// A fresh Valkey, and a handle on it with one partition (so every image's entries are in
+/// `image:result:{p0}`, the stream these tests read).
 pub async fn valkey() -> (ValkeyServer, Valkey) {
     let server = ValkeyServer::start().await.expect("valkey-server starts");
-    let valkey = Valkey::new(ValkeyConfig::new(server.url())).expect("valid url");
+    let valkey = Valkey::new(ValkeyConfig {
+        partitions: partitions(),
+        ..ValkeyConfig::new(server.url())
+    })
+    .expect("valid url");
     (server, valkey)
 }
 
@@ -113,7 +124,7 @@ pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
 /// Pending count of the group.
 pub async fn pending(conn: &mut redis::aio::MultiplexedConnection, group: &str) -> u64 {
     let reply: redis::Value = redis::cmd("XPENDING")
-        .arg("image:result")
+        .arg("image:result:{p0}")
         .arg(group)
         .query_async(conn)
         .await
@@ -148,7 +159,7 @@ pub async fn read_raw(
         .arg("COUNT")
         .arg(count)
         .arg("STREAMS")
-        .arg("image:result")
+        .arg("image:result:{p0}")
         .arg(">")
         .query_async(conn)
         .await
@@ -163,7 +174,7 @@ pub async fn read_raw(
 pub async fn create_group(conn: &mut redis::aio::MultiplexedConnection) {
     redis::cmd("XGROUP")
         .arg("CREATE")
-        .arg("image:result")
+        .arg("image:result:{p0}")
         .arg("api-workers")
         .arg("0")
         .arg("MKSTREAM")
@@ -224,13 +235,21 @@ pub async fn xrange(
         .unwrap()
 }
 
-/// The messages of one image's progress channel, subscribed before this returns.
+/// The messages of one image's progress channel (its partition's), subscribed before this
+/// returns.
 pub async fn subscribe(
-    valkey: &Valkey,
+    server: &ValkeyServer,
     image_id: Uuid,
 ) -> impl futures_util::Stream<Item = redis::Msg> + use<> {
-    let (mut pubsub, _open) = valkey.pubsub().await.unwrap();
-    pubsub.subscribe(keys::progress(image_id)).await.unwrap();
+    let mut pubsub = redis::Client::open(server.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub
+        .subscribe(partitions().progress(image_id))
+        .await
+        .unwrap();
     pubsub.into_on_message()
 }
 
@@ -244,7 +263,7 @@ pub async fn redeliver(
 ) {
     for _ in 0..times {
         redis::cmd("XCLAIM")
-            .arg("image:result")
+            .arg("image:result:{p0}")
             .arg("api-workers")
             .arg(consumer)
             .arg(0)
