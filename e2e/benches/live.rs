@@ -193,7 +193,7 @@ async fn main() {
             pace.tick().await;
             published[image * SLOTS + *stage as usize]
                 .store(epoch.elapsed().as_micros() as u64, Relaxed);
-            publish(&mut valkey, id, seq, *stage, name).await;
+            publish(&mut valkey, platform.partitions, id, seq, *stage, name).await;
         }
     }
     let publish_s = started.elapsed().as_secs_f64();
@@ -300,11 +300,13 @@ async fn create_images(platform: &Platform, token: &str, n: usize) -> Vec<String
 /// in one transaction.
 async fn publish(
     valkey: &mut redis::aio::MultiplexedConnection,
+    partitions: follow_e2e::Partitions,
     id: &str,
     seq: usize,
     stage: Stage,
     name: &str,
 ) {
+    let uuid = follow_e2e::observe::uuid(id);
     let progress = ImageProgress {
         image_id: id.to_owned(),
         stage: stage as i32,
@@ -315,12 +317,12 @@ async fn publish(
     let _: () = redis::pipe()
         .atomic()
         .hset_multiple(
-            format!("image:status:{id}"),
+            partitions.status(uuid),
             &[("stage", name.to_owned()), ("seq", (seq + 2).to_string())],
         )
         .ignore()
         .publish(
-            format!("image:progress:{id}"),
+            partitions.progress(uuid),
             ProgressNotice {
                 notice: Some(progress_notice::Notice::Progress(progress)),
             }
@@ -421,7 +423,7 @@ async fn memory_per_stream(platform: &mut Platform, token: &str) {
             let idle = rss_bytes(pid);
             let (stage, name) = STAGES[round];
             for id in &ids {
-                publish(&mut valkey, id, round, stage, name).await;
+                publish(&mut valkey, platform.partitions, id, round, stage, name).await;
             }
             let sent = LEVELS[..round].iter().sum::<usize>() + level;
             tokio::time::timeout(Duration::from_secs(60), got.wait_for(|n| *n >= sent))

@@ -54,6 +54,7 @@ impl Project {
             api_url: format!("http://127.0.0.1:{api}"),
             gateway_url: format!("http://127.0.0.1:{gateway}"),
             valkey_url: format!("redis://default:{valkey_admin}@127.0.0.1:{valkey}"),
+            partitions: Platform::partitions_from_env()?,
             database_url: format!("postgres://follow:{pg_password}@127.0.0.1:{postgres}/follow"),
             user_signing_key: user.0,
             backend: Backend::Compose(project),

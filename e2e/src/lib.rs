@@ -25,6 +25,7 @@ pub mod user;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
+pub use follow_keys::keys::{self, Partitions};
 use follow_proto::{
     api::v1::{image_service_client::ImageServiceClient, route_service_client::RouteServiceClient},
     tonic::transport::{Channel, Endpoint},
@@ -46,6 +47,8 @@ pub struct Platform {
     pub api_url: String,
     pub gateway_url: String,
     pub valkey_url: String,
+    /// The partitions of the work streams (`FOLLOW_VALKEY_PARTITIONS`, as the services read it).
+    pub partitions: Partitions,
     pub database_url: String,
     user_signing_key: String,
     backend: Backend,
@@ -272,6 +275,14 @@ impl Platform {
         Ok(redis::Client::open(self.valkey_url.as_str())?
             .get_multiplexed_async_connection()
             .await?)
+    }
+
+    /// The partitions the services were started with: `FOLLOW_VALKEY_PARTITIONS`, else the
+    /// default.
+    pub(crate) fn partitions_from_env() -> anyhow::Result<Partitions> {
+        std::env::var("FOLLOW_VALKEY_PARTITIONS").map_or(Ok(Partitions::DEFAULT), |p| {
+            p.parse().map_err(anyhow::Error::msg)
+        })
     }
 
     pub async fn database(&self) -> anyhow::Result<sqlx::PgPool> {

@@ -52,6 +52,7 @@ pub(crate) fn platform() -> anyhow::Result<Platform> {
         api_url: var("FOLLOW_E2E_API_URL", "http://127.0.0.1:8080"),
         gateway_url: var("FOLLOW_E2E_GATEWAY_URL", "http://127.0.0.1:8081"),
         valkey_url: var_or_stack("FOLLOW_E2E_VALKEY_URL", "VALKEY")?,
+        partitions: Platform::partitions_from_env()?,
         database_url: var_or_stack("FOLLOW_E2E_DATABASE_URL", "DATABASE")?,
         user_signing_key,
         backend: Backend::Local,

@@ -9,8 +9,9 @@ use follow_proto::{
 };
 use futures_util::StreamExt as _;
 use redis::AsyncCommands as _;
+use uuid::Uuid;
 
-use crate::{Platform, user::WAIT};
+use crate::{Platform, keys, user::WAIT};
 
 /// The stages of an image that goes through, in order.
 pub const ALL_STAGES: [Stage; 7] = [
@@ -35,16 +36,21 @@ pub async fn progress_channel(
         .await
         .unwrap();
     pubsub
-        .subscribe(format!("image:progress:{image_id}"))
+        .subscribe(platform.partitions.progress(uuid(image_id)))
         .await
         .unwrap();
-    Box::pin(pubsub.into_on_message().filter_map(|m| async move {
-        match ProgressNotice::decode(m.get_payload_bytes())
+    // The partition's channel carries its other images too.
+    let image_id = image_id.to_owned();
+    Box::pin(pubsub.into_on_message().filter_map(move |m| {
+        let notice = ProgressNotice::decode(m.get_payload_bytes())
             .unwrap()
-            .notice
-        {
-            Some(progress_notice::Notice::Progress(p)) => Some(p),
-            _ => None,
+            .notice;
+        let image_id = image_id.clone();
+        async move {
+            match notice {
+                Some(progress_notice::Notice::Progress(p)) if p.image_id == image_id => Some(p),
+                _ => None,
+            }
         }
     }))
 }
@@ -63,11 +69,16 @@ pub async fn stages_until_final(
     stages
 }
 
-/// Field `name` of the `image:result` entries of `image_id`.
+/// An image id of the API's answers as a UUID.
+pub fn uuid(image_id: &str) -> Uuid {
+    image_id.parse().expect("image ids are UUIDs")
+}
+
+/// The `image:result` entries of `image_id` (on its partition).
 pub async fn results_of(platform: &Platform, image_id: &str) -> Vec<redis::streams::StreamId> {
     let mut valkey = platform.valkey().await.unwrap();
-    let entries: redis::streams::StreamRangeReply =
-        valkey.xrange_all("image:result").await.unwrap();
+    let stream = keys::RESULTS.stream(platform.partitions.of(uuid(image_id)));
+    let entries: redis::streams::StreamRangeReply = valkey.xrange_all(stream).await.unwrap();
     entries
         .ids
         .into_iter()
@@ -75,19 +86,42 @@ pub async fn results_of(platform: &Platform, image_id: &str) -> Vec<redis::strea
         .collect()
 }
 
-pub async fn pending_results(platform: &Platform) -> u64 {
+/// Entries of `queue` delivered and not acknowledged, on every partition.
+pub async fn pending(platform: &Platform, queue: keys::Queue) -> u64 {
     let mut valkey = platform.valkey().await.unwrap();
-    let reply: redis::streams::StreamPendingReply = valkey
-        .xpending("image:result", "api-workers")
-        .await
-        .unwrap_or(redis::streams::StreamPendingReply::Empty);
-    reply.count() as u64
+    let mut pending = 0;
+    for partition in platform.partitions.all() {
+        let reply: redis::streams::StreamPendingReply = valkey
+            .xpending(queue.stream(partition), queue.group)
+            .await
+            .unwrap_or(redis::streams::StreamPendingReply::Empty);
+        pending += reply.count() as u64;
+    }
+    pending
+}
+
+pub async fn pending_results(platform: &Platform) -> u64 {
+    pending(platform, keys::RESULTS).await
+}
+
+/// Every entry of the results' dead streams.
+pub async fn dead_results(platform: &Platform) -> Vec<redis::streams::StreamId> {
+    let mut valkey = platform.valkey().await.unwrap();
+    let mut dead = Vec::new();
+    for partition in platform.partitions.all() {
+        let entries: redis::streams::StreamRangeReply = valkey
+            .xrange_all(keys::RESULTS.dead(partition))
+            .await
+            .unwrap();
+        dead.extend(entries.ids);
+    }
+    dead
 }
 
 pub async fn status_field(platform: &Platform, image_id: &str, field: &str) -> Option<String> {
     let mut valkey = platform.valkey().await.unwrap();
     valkey
-        .hget(format!("image:status:{image_id}"), field)
+        .hget(platform.partitions.status(uuid(image_id)), field)
         .await
         .unwrap()
 }

@@ -153,6 +153,7 @@ impl Stack {
             api_url: api.url(),
             gateway_url: gateway.url(),
             valkey_url: valkey.url(),
+            partitions: Platform::partitions_from_env()?,
             database_url: postgres.url(),
             user_signing_key: user_private,
             backend: Backend::Spawn(Box::new(Self {

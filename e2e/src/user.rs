@@ -163,7 +163,11 @@ impl User {
         .await;
         let mut valkey = platform.valkey().await.unwrap();
         for id in &self.images {
-            let keys = [format!("image:status:{id}"), format!("image:upload:{id}")];
+            let id = crate::observe::uuid(id);
+            let keys = [
+                platform.partitions.status(id),
+                platform.partitions.upload_guard(id),
+            ];
             let _: () = valkey.del(&keys).await.unwrap();
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use follow_e2e::{
     Platform, Service,
     client::{jpeg, upload, upload_accepted},
-    every,
+    every, keys, observe,
     user::{User, WAIT},
 };
 use follow_proto::api::v1 as api;
@@ -71,12 +71,7 @@ async fn applied(platform: &Platform, url: &str, outcome: &str) -> f64 {
 }
 
 async fn pending_jobs(platform: &Platform) -> u64 {
-    let mut valkey = platform.valkey().await.unwrap();
-    let reply: redis::streams::StreamPendingReply = valkey
-        .xpending("image:jobs", "gateway-workers")
-        .await
-        .unwrap_or(redis::streams::StreamPendingReply::Empty);
-    reply.count() as u64
+    observe::pending(platform, keys::JOBS).await
 }
 
 /// The gateway paused at a failpoint (`FAILPOINTS=point=pause`), killed there, restarted.
@@ -132,7 +127,7 @@ async fn a_gateway_killed_at_any_step_loses_no_accepted_photo() {
                 "gateway-receiving" => {
                     let guard: Option<String> = valkey
                         .clone()
-                        .get(format!("image:upload:{image}"))
+                        .get(platform.partitions.upload_guard(observe::uuid(&image)))
                         .await
                         .unwrap();
                     guard.is_some()
@@ -151,7 +146,7 @@ async fn a_gateway_killed_at_any_step_loses_no_accepted_photo() {
                 "gateway-mid-pipeline" => {
                     let stage: Option<String> = valkey
                         .clone()
-                        .hget(format!("image:status:{image}"), "stage")
+                        .hget(platform.partitions.status(observe::uuid(&image)), "stage")
                         .await
                         .unwrap();
                     stage.as_deref() == Some("encoding")

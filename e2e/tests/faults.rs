@@ -8,12 +8,11 @@ use std::time::Duration;
 use follow_e2e::{
     Platform, Service, binary,
     client::{bearer, jpeg},
-    every,
+    every, keys, observe,
     user::{User, WAIT},
 };
 use follow_proto::{api::v1 as api, tonic::Code};
 use follow_testkit::eventually_async;
-use redis::AsyncCommands;
 
 /// The storage keys of `user`'s images, as the API assigned them.
 async fn storage_keys(platform: &Platform, image_ids: &[String]) -> Vec<(String, String)> {
@@ -53,8 +52,8 @@ async fn publish(platform: &Platform, images: &[(String, String)]) {
     for chunk in images.chunks(500) {
         let mut pipe = redis::pipe();
         for (id, key) in chunk {
-            pipe.xadd("image:result", "*", &processed_fields(id, key))
-                .ignore();
+            let stream = keys::RESULTS.stream(platform.partitions.of(observe::uuid(id)));
+            pipe.xadd(stream, "*", &processed_fields(id, key)).ignore();
         }
         let _: () = pipe.query_async(&mut valkey).await.unwrap();
     }
@@ -69,8 +68,7 @@ async fn count(platform: &Platform, sql: &'static str, ids: &[String]) -> i64 {
 }
 
 async fn dead_letters(platform: &Platform) -> u64 {
-    let mut valkey = platform.valkey().await.unwrap();
-    valkey.xlen("image:result:dead").await.unwrap()
+    observe::dead_results(platform).await.len() as u64
 }
 
 /// `n` routes of `waypoints(i)` waypoints for `user`, created `concurrency` at a time; their
@@ -287,20 +285,13 @@ async fn a_consumer_killed_every_second_dead_letters_nothing_but_true_poison() {
         platform.kill(Service::Api).await.unwrap();
         platform.start_service(Service::Api, &[]).await.unwrap();
     }
-    let mut valkey = platform.valkey().await.unwrap();
     eventually_async(WAIT, "the result stream drained", || async {
-        let reply: redis::streams::StreamPendingReply = valkey
-            .clone()
-            .xpending("image:result", "api-workers")
-            .await
-            .unwrap();
-        (reply.count() == 0).then_some(())
+        (observe::pending_results(&platform).await == 0).then_some(())
     })
     .await;
-    let dead: redis::streams::StreamRangeReply =
-        valkey.xrange_all("image:result:dead").await.unwrap();
-    assert_eq!(dead.ids.len(), 1, "only the forgery is dead");
-    let reason: String = dead.ids[0].get("dead_reason").unwrap();
+    let dead = observe::dead_results(&platform).await;
+    assert_eq!(dead.len(), 1, "only the forgery is dead");
+    let reason: String = dead[0].get("dead_reason").unwrap();
     assert!(reason.starts_with("poison"), "{reason}");
     user.clean_up(&platform).await;
 }

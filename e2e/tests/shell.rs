@@ -47,6 +47,7 @@ const BAD_SETTINGS: &[(&str, &str, &str)] = &[
         "FOLLOW_S3_SECRET_ACCESS_KEY",
     ),
     ("FOLLOW_CONSUMER_NAME", " ", "FOLLOW_CONSUMER_NAME"),
+    ("FOLLOW_VALKEY_PARTITIONS", "0", "FOLLOW_VALKEY_PARTITIONS"),
 ];
 
 /// Each service's own, beside the shared ones above.
@@ -58,7 +59,6 @@ const BAD_API_SETTINGS: &[(&str, &str)] = &[
     ("FOLLOW_GATEWAY_URL", "ftp://gateway"),
     ("FOLLOW_PREVIEW_URL_TTL_SECS", "99999999"),
     ("FOLLOW_RESULT_BATCH", "100000"),
-    ("FOLLOW_HUB_CHANNELS", "both"),
     ("FOLLOW_RECONCILE_INTERVAL_SECS", "0"),
 ];
 const BAD_GATEWAY_SETTINGS: &[(&str, &str)] = &[

@@ -1,6 +1,6 @@
 //! `./dev bench api`: how fast one API process applies results, on a PostgreSQL that really
 //! syncs (checked with `SHOW`, printed), with the production applier (announcements on
-//! `image:progress:{id}` and metrics) connected as the API's Valkey user.
+//! `image:progress:{pN}` and metrics) connected as the API's Valkey user.
 //!
 //! The work looks like production: routes of 1–10 waypoints, one result in 10 a failure, one in
 //! 20 delivered twice. Two measures:
@@ -22,7 +22,7 @@ use std::{
 
 use follow_api::{MIGRATOR, metrics::Metrics, results::ResultApplier};
 use follow_bus::{
-    Consumer, ConsumerConfig, ErrorCode, Failure, HealthChecker, ImageResult, Processed,
+    Consumer, ConsumerConfig, ErrorCode, Failure, HealthChecker, ImageResult, Notice, Processed,
     ProgressTracker, ResultOutcome, StreamMessage as _, Valkey, ValkeyConfig, acl::User, keys,
 };
 use follow_testkit::{PostgresServer, ValkeyServer, setting};
@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const TARGET_PER_SEC: f64 = 5_000.0;
+const PARTITIONS: keys::Partitions = keys::Partitions::new_const(1);
 
 #[tokio::main]
 async fn main() {
@@ -52,7 +53,12 @@ async fn main() {
         durability.push(format!("{name}={value}"));
     }
     MIGRATOR.run(&pool).await.unwrap();
-    let valkey = Valkey::new(ValkeyConfig::new(valkey_server.url_as(User::Api))).unwrap();
+    // One partition: one consumer, as one API instance on one stream.
+    let valkey = Valkey::new(ValkeyConfig {
+        partitions: PARTITIONS,
+        ..ValkeyConfig::new(valkey_server.url_as(User::Api))
+    })
+    .unwrap();
 
     println!("follow-api result applying, one API consumer");
     println!(
@@ -206,7 +212,8 @@ async fn add_all(server: &ValkeyServer, results: &[ImageResult]) -> f64 {
 
 fn xadd(result: &ImageResult) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
-    cmd.arg(keys::RESULT_STREAM).arg("*");
+    cmd.arg(keys::RESULTS.stream(PARTITIONS.of(result.image_id)))
+        .arg("*");
     for (name, value) in result.to_fields() {
         cmd.arg(name).arg(value);
     }
@@ -316,8 +323,10 @@ async fn steady(
         while let Ok(Some(message)) =
             tokio::time::timeout(Duration::from_secs(5), messages.next()).await
         {
-            if let Some(id) = keys::progress_image(message.get_channel_name()) {
-                first.entry(id).or_insert_with(SystemTime::now);
+            if let Ok(notice) = Notice::decode(message.get_payload_bytes()) {
+                first
+                    .entry(notice.image_id())
+                    .or_insert_with(SystemTime::now);
             }
         }
         first

@@ -119,10 +119,7 @@ impl Application {
         let metrics = Arc::new(Metrics::register(&mut registry));
         let progress = ProgressTracker::new(&valkey)?;
         let bucket = Bucket::new(&config.s3);
-        let hub = Arc::new(Hub::new(
-            valkey.clone(),
-            config.watch_max_lag,
-        ));
+        let hub = Arc::new(Hub::new(valkey.clone(), config.watch_max_lag));
         workers.hub(&hub);
         let (consumer_stats, queue) = result_workers(
             workers, &config, &pool, &valkey, &progress, &bucket, &metrics,

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use follow_service::config::{
-    ConfigError, Env, ExposeSecret as _, FromEnv, S3Config, SecretString, ServerConfig, invalid,
-    ValkeySettings, token_leeway,
+    ConfigError, Env, ExposeSecret as _, FromEnv, S3Config, SecretString, ServerConfig,
+    ValkeySettings, invalid, token_leeway,
 };
 use follow_token::{Claims as _, Kid, SigningKey, UploadClaims, VerifyingKeys};
 

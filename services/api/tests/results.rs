@@ -538,7 +538,10 @@ async fn a_result_for_a_final_image_announces_it_again() {
         .get_async_pubsub()
         .await
         .unwrap();
-    notices.subscribe(keys::Partitions::DEFAULT.progress(image)).await.unwrap();
+    notices
+        .subscribe(keys::Partitions::DEFAULT.progress(image))
+        .await
+        .unwrap();
     let mut notices = notices.into_on_message();
     let applier =
         ResultApplier::new(pool.clone()).with_announcer(ProgressTracker::new(&valkey).unwrap());

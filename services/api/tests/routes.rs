@@ -87,7 +87,7 @@ async fn create_stores_everything_queues_each_image_and_signs_upload_targets() {
         assert_eq!(claims.max_file_size, 1_000_000);
         assert!(claims.storage_key.contains(&image.id));
         // The status hash says queued, with its seq and a TTL.
-        let key = follow_bus::keys::Partitions::DEFAULT.status(&image.id);
+        let key = follow_bus::keys::Partitions::DEFAULT.status(image.id.parse().unwrap());
         let stage: String = valkey.hget(&key, "stage").await.unwrap();
         let seq: u64 = valkey.hget(&key, "seq").await.unwrap();
         let ttl: i64 = valkey.ttl(&key).await.unwrap();

@@ -55,16 +55,36 @@ async fn grpc_health(stack: &Stack) -> ServingStatus {
         .map_or(ServingStatus::ServiceUnknown, |r| r.into_inner().status())
 }
 
-/// Waits until `api-workers` has nothing pending.
+/// The services' partitions (the default).
+const PARTITIONS: keys::Partitions = keys::Partitions::DEFAULT;
+
+/// Entries in the results' dead streams.
+async fn dead_entries(valkey: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let mut dead = 0;
+    for partition in PARTITIONS.all() {
+        dead += valkey
+            .xlen::<_, u64>(keys::RESULTS.dead(partition))
+            .await
+            .unwrap();
+    }
+    dead
+}
+
+/// Waits until `api-workers` has nothing pending on any partition.
 async fn drained(valkey: &redis::aio::MultiplexedConnection) {
     eventually_async(WITHIN, "the group drained", || {
         let mut valkey = valkey.clone();
         async move {
-            let pending: redis::streams::StreamPendingReply = valkey
-                .xpending(keys::RESULT_STREAM, keys::RESULT_GROUP)
-                .await
-                .unwrap();
-            (pending.count() == 0).then_some(())
+            for partition in PARTITIONS.all() {
+                let pending: redis::streams::StreamPendingReply = valkey
+                    .xpending(keys::RESULTS.stream(partition), keys::RESULTS.group)
+                    .await
+                    .unwrap();
+                if pending.count() > 0 {
+                    return None;
+                }
+            }
+            Some(())
         }
     })
     .await;
@@ -144,7 +164,7 @@ async fn poison_goes_to_the_dead_stream_and_duplicates_apply_once() {
     let mut valkey = stack.valkey_server.connection().await;
     // Poison: no status, and garbage bytes.
     let _: String = redis::cmd("XADD")
-        .arg(keys::RESULT_STREAM)
+        .arg(keys::RESULTS.stream(PARTITIONS.of(images[0])))
         .arg("*")
         .arg("image_id")
         .arg(images[0].to_string())
@@ -166,7 +186,7 @@ async fn poison_goes_to_the_dead_stream_and_duplicates_apply_once() {
         .unwrap();
     eventually_async(WITHIN, "poison dead-lettered", || {
         let mut valkey = valkey.clone();
-        async move { (valkey.xlen::<_, u64>(keys::DEAD_STREAM).await.unwrap() == 1).then_some(()) }
+        async move { (dead_entries(&mut valkey).await == 1).then_some(()) }
     })
     .await;
     drained(&valkey).await;
@@ -196,10 +216,10 @@ async fn entries_read_but_not_acknowledged_before_a_restart_are_applied_after_it
     let mut valkey = stack.valkey_server.connection().await;
     let read: redis::Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
-        .arg(keys::RESULT_GROUP)
+        .arg(keys::RESULTS.group)
         .arg("api-test")
         .arg("STREAMS")
-        .arg(keys::RESULT_STREAM)
+        .arg(keys::RESULTS.stream(PARTITIONS.of(images[0])))
         .arg(">")
         .query_async(&mut valkey)
         .await
@@ -257,8 +277,11 @@ async fn while_postgres_is_down_results_wait_and_are_applied_after_it_returns() 
         .await;
     }
     let mut valkey = stack.valkey_server.connection().await;
-    let dead: u64 = valkey.xlen(keys::DEAD_STREAM).await.unwrap();
-    assert_eq!(dead, 0, "an outage never dead-letters");
+    assert_eq!(
+        dead_entries(&mut valkey).await,
+        0,
+        "an outage never dead-letters"
+    );
 }
 
 #[tokio::test]

@@ -117,12 +117,7 @@ async fn publishing_alone(server: &ValkeyServer, watched_share: f64, rate: usize
 }
 
 /// The hub under one traffic shape.
-async fn run(
-    server: &ValkeyServer,
-    watched_share: f64,
-    watches: usize,
-    rate: usize,
-) -> Figures {
+async fn run(server: &ValkeyServer, watched_share: f64, watches: usize, rate: usize) -> Figures {
     let valkey = Valkey::new(ValkeyConfig::new(server.url())).unwrap();
     let cancel = CancellationToken::new();
     let hub = Hub::new(valkey, Hub::DEFAULT_MAX_LAG);

@@ -189,7 +189,11 @@ impl Valkey {
     /// The command that publishes on a progress channel: `PUBLISH` on one node, `SPUBLISH` on
     /// a cluster (to the channel's shard only, where the hubs subscribed it).
     pub fn publish_command(&self) -> &'static str {
-        if self.is_cluster() { "SPUBLISH" } else { "PUBLISH" }
+        if self.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// The process's multiplexed connection for ordinary (non-blocking) commands: cheap to
@@ -263,7 +267,10 @@ fn connect(
                         .set_push_sender(pushes)
                         .set_automatic_resubscription();
                     let info = client.get_connection_info().clone();
-                    let redis = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+                    let redis = info
+                        .redis_settings()
+                        .clone()
+                        .set_protocol(ProtocolVersion::RESP3);
                     redis::Client::open(info.set_redis_settings(redis))?
                 }
             };

@@ -109,7 +109,10 @@ impl ConsumerConfig {
     pub fn new(queue: Queue, consumer: impl Into<String>) -> Self {
         Self {
             queue,
-            partition: Partitions::DEFAULT.all().next().expect("one partition at least"),
+            partition: Partitions::DEFAULT
+                .all()
+                .next()
+                .expect("one partition at least"),
             consumer: consumer.into(),
             batch_size: 64,
             block: Duration::from_secs(2),
@@ -500,7 +503,8 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         if let Some(result) = hand_off {
-            pipe.add_command(result_xadd(result, self.keys.partition)).ignore();
+            pipe.add_command(result_xadd(result, self.keys.partition))
+                .ignore();
         }
         ack_commands(&mut pipe, &self.keys, ids);
         pipe.query_async::<()>(&mut self.conn).await?;

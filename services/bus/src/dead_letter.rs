@@ -56,7 +56,8 @@ pub(crate) async fn dead_letter(
     let mut pipe = redis::pipe();
     pipe.atomic().add_command(xadd).ignore();
     if let Some(result) = hand_off {
-        pipe.add_command(result_xadd(result, queue.partition)).ignore();
+        pipe.add_command(result_xadd(result, queue.partition))
+            .ignore();
     }
     ack_commands(&mut pipe, queue, std::slice::from_ref(&entry.id));
     pipe.query_async::<()>(conn).await?;

@@ -55,7 +55,11 @@ impl HealthChecker {
                     let mut conn = self.conn.clone();
                     async move { group(&mut conn, &queue.at(p)).await }
                 });
-                Some(try_join_all(groups).await.is_ok_and(|groups| groups.iter().all(Option::is_some)))
+                Some(
+                    try_join_all(groups)
+                        .await
+                        .is_ok_and(|groups| groups.iter().all(Option::is_some)),
+                )
             }
         };
         Health {
@@ -68,7 +72,9 @@ impl HealthChecker {
     /// none.
     pub async fn queue_info(&mut self, queue: Queue) -> Result<Option<QueueInfo>, BusError> {
         let partitions = self.partitions_info(queue).await?;
-        Ok(QueueInfo::total(partitions.into_iter().filter_map(|(_, info)| info)))
+        Ok(QueueInfo::total(
+            partitions.into_iter().filter_map(|(_, info)| info),
+        ))
     }
 
     /// The backlog of each partition of `queue` (`None` where its group does not exist).
@@ -89,55 +95,55 @@ async fn partition_info(
     conn: &mut Connection,
     queue: &QueuePartition,
 ) -> Result<Option<QueueInfo>, BusError> {
-        let Some(group) = group(conn, queue).await? else {
-            return Ok(None);
-        };
-        let mut pipe = redis::pipe();
-        // The oldest pending entry, the oldest undelivered one, and the dead stream's size.
-        pipe.cmd("XPENDING")
-            .arg(&queue.stream)
-            .arg(queue.group())
-            .cmd("XRANGE")
-            .arg(&queue.stream)
-            .arg(format!("({}", group.last_delivered_id))
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .cmd("XLEN")
-            .arg(&queue.dead)
-            .cmd("XRANGE")
-            .arg(&queue.dead)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        type Entries = Vec<(String, redis::Value)>;
-        let (pending, undelivered, dead, oldest_dead): (
-            redis::streams::StreamPendingReply,
-            Entries,
-            u64,
-            Entries,
-        ) = pipe.query_async(conn).await?;
-        let oldest_pending = match pending {
-            redis::streams::StreamPendingReply::Data(data) => Some(EntryId(data.start_id)),
-            _ => None,
-        };
-        let oldest_undelivered = undelivered.into_iter().next().map(|(id, _)| EntryId(id));
-        let oldest = [oldest_pending, oldest_undelivered]
+    let Some(group) = group(conn, queue).await? else {
+        return Ok(None);
+    };
+    let mut pipe = redis::pipe();
+    // The oldest pending entry, the oldest undelivered one, and the dead stream's size.
+    pipe.cmd("XPENDING")
+        .arg(&queue.stream)
+        .arg(queue.group())
+        .cmd("XRANGE")
+        .arg(&queue.stream)
+        .arg(format!("({}", group.last_delivered_id))
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .cmd("XLEN")
+        .arg(&queue.dead)
+        .cmd("XRANGE")
+        .arg(&queue.dead)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1);
+    type Entries = Vec<(String, redis::Value)>;
+    let (pending, undelivered, dead, oldest_dead): (
+        redis::streams::StreamPendingReply,
+        Entries,
+        u64,
+        Entries,
+    ) = pipe.query_async(conn).await?;
+    let oldest_pending = match pending {
+        redis::streams::StreamPendingReply::Data(data) => Some(EntryId(data.start_id)),
+        _ => None,
+    };
+    let oldest_undelivered = undelivered.into_iter().next().map(|(id, _)| EntryId(id));
+    let oldest = [oldest_pending, oldest_undelivered]
+        .into_iter()
+        .flatten()
+        .filter_map(|id| age(&id))
+        .max();
+    Ok(Some(QueueInfo {
+        pending: group.pending,
+        lag: group.lag,
+        oldest,
+        dead,
+        oldest_dead: oldest_dead
             .into_iter()
-            .flatten()
-            .filter_map(|id| age(&id))
-            .max();
-        Ok(Some(QueueInfo {
-            pending: group.pending,
-            lag: group.lag,
-            oldest,
-            dead,
-            oldest_dead: oldest_dead
-                .into_iter()
-                .next()
-                .and_then(|(id, _)| age(&EntryId(id))),
-        }))
+            .next()
+            .and_then(|(id, _)| age(&EntryId(id))),
+    }))
 }
 
 /// The backlog of a queue (`XINFO GROUPS`, `XPENDING`, the dead stream).

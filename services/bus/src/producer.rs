@@ -1,7 +1,8 @@
 use std::time::Duration;
 
 use crate::{
-    BusError, Connection, EntryId, ImageResult, Job, StreamMessage, Valkey, guard::QUEUED,
+    BusError, Connection, EntryId, ImageResult, Job, StreamMessage, Valkey,
+    guard::QUEUED,
     keys::{self, Partitions},
 };
 

@@ -3,8 +3,9 @@ use std::time::Duration;
 use redis::Script;
 use uuid::Uuid;
 
-use crate::{Connection, 
-    BusError, Committed, DecodeError, ErrorCode, Failure, Notice, Progress, Stage, Valkey,
+use crate::{
+    BusError, Committed, Connection, DecodeError, ErrorCode, Failure, Notice, Progress, Stage,
+    Valkey,
     codec::{format_time, parse_time},
     keys::{self, Partitions},
 };

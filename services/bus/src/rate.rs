@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use crate::{Connection, BusError, Valkey, keys};
+use crate::{BusError, Connection, Valkey, keys};
 
 /// KEYS[1]: the subject's key. ARGV: the interval per unit (ms), the burst tolerance (ms), the
 /// cost (units). Returns 0 (allowed, and counted) or how long to wait (ms) before it would be.

@@ -58,7 +58,11 @@ async fn the_gateway_cannot_read_results_flush_or_reconfigure() {
     let mut gateway = connect(&server.url_as(User::Gateway)).await.unwrap();
     // What it needs: add results, read its own jobs.
     assert_eq!(
-        refusal(&mut gateway, &["XADD", results.stream.as_str(), "*", "f", "v"]).await,
+        refusal(
+            &mut gateway,
+            &["XADD", results.stream.as_str(), "*", "f", "v"]
+        )
+        .await,
         None
     );
     let read_jobs = [

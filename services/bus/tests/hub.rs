@@ -10,9 +10,7 @@ mod common;
 use std::{sync::atomic::Ordering, time::Duration};
 
 use common::*;
-use follow_bus::{
-    Committed, HUB_QUEUE, Hub, HubEvent, Notice, Progress, Stage, Subscription,
-};
+use follow_bus::{Committed, HUB_QUEUE, Hub, HubEvent, Notice, Progress, Stage, Subscription};
 use follow_testkit::{ValkeyServer, eventually_async};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -24,16 +24,21 @@ fn hex(bytes: &[u8]) -> String {
 
 async fn drop_guard(gw: &Gateway, image_id: Uuid) {
     let mut admin = gw.valkey_server.connection().await;
-    let _: () = redis::AsyncCommands::del(&mut admin, keys::Partitions::DEFAULT.upload_guard(image_id))
-        .await
-        .unwrap();
+    let _: () =
+        redis::AsyncCommands::del(&mut admin, keys::Partitions::DEFAULT.upload_guard(image_id))
+            .await
+            .unwrap();
 }
 
 async fn stage(gw: &Gateway, image_id: Uuid) -> Option<String> {
     let mut admin = gw.valkey_server.connection().await;
-    redis::AsyncCommands::hget(&mut admin, keys::Partitions::DEFAULT.status(image_id), "stage")
-        .await
-        .unwrap()
+    redis::AsyncCommands::hget(
+        &mut admin,
+        keys::Partitions::DEFAULT.status(image_id),
+        "stage",
+    )
+    .await
+    .unwrap()
 }
 
 /// The image's record, outputs and original as they are.

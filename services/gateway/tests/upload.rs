@@ -100,9 +100,10 @@ async fn a_token_is_good_for_one_upload_even_when_100_race() {
     assert_eq!(status, 409);
     assert_eq!(answer["error_code"], "DUPLICATE_UPLOAD");
     let mut conn = gw.valkey_server.connection().await;
-    let exists: bool = redis::AsyncCommands::exists(&mut conn, keys::Partitions::DEFAULT.upload_guard(image_id))
-        .await
-        .unwrap();
+    let exists: bool =
+        redis::AsyncCommands::exists(&mut conn, keys::Partitions::DEFAULT.upload_guard(image_id))
+            .await
+            .unwrap();
     assert!(exists);
 
     let (_, token) = gw.token("image/jpeg", 1_000_000);
@@ -217,11 +218,10 @@ async fn bad_tokens_are_refused_with_401_and_nothing_is_published() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let mut conn = gw.valkey_server.connection().await;
-    let results: u64 = redis::AsyncCommands::xlen(&mut conn, keys::RESULT_STREAM)
-        .await
-        .unwrap();
-    assert!(results <= 1, "refused tokens publish nothing");
+    assert!(
+        gw.results_count().await <= 1,
+        "refused tokens publish nothing"
+    );
 }
 
 #[tokio::test]
@@ -470,14 +470,17 @@ async fn a_client_gone_half_way_releases_the_token() {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&body[..body.len() / 2]).await.unwrap();
-    let mut conn = gw.valkey_server.connection().await;
+    let conn = gw.valkey_server.connection().await;
     eventually_async(WITHIN, "the guard taken", || {
         let mut conn = conn.clone();
         async move {
-            redis::AsyncCommands::exists::<_, bool>(&mut conn, keys::Partitions::DEFAULT.upload_guard(id))
-                .await
-                .ok()
-                .filter(|e| *e)
+            redis::AsyncCommands::exists::<_, bool>(
+                &mut conn,
+                keys::Partitions::DEFAULT.upload_guard(id),
+            )
+            .await
+            .ok()
+            .filter(|e| *e)
         }
     })
     .await;
@@ -485,9 +488,12 @@ async fn a_client_gone_half_way_releases_the_token() {
     eventually_async(WITHIN, "the guard released", || {
         let mut conn = conn.clone();
         async move {
-            (!redis::AsyncCommands::exists::<_, bool>(&mut conn, keys::Partitions::DEFAULT.upload_guard(id))
-                .await
-                .ok()?)
+            (!redis::AsyncCommands::exists::<_, bool>(
+                &mut conn,
+                keys::Partitions::DEFAULT.upload_guard(id),
+            )
+            .await
+            .ok()?)
             .then_some(())
         }
     })
@@ -498,10 +504,11 @@ async fn a_client_gone_half_way_releases_the_token() {
         gw.result(id).await.outcome,
         ResultOutcome::Processed(_)
     ));
-    let results: u64 = redis::AsyncCommands::xlen(&mut conn, keys::RESULT_STREAM)
-        .await
-        .unwrap();
-    assert_eq!(results, 1, "the cut transfer published nothing");
+    assert_eq!(
+        gw.results_count().await,
+        1,
+        "the cut transfer published nothing"
+    );
 }
 
 #[tokio::test]
@@ -513,7 +520,10 @@ async fn stages_arrive_in_order_on_the_progress_channel() {
         .get_async_pubsub()
         .await
         .unwrap();
-    pubsub.subscribe(keys::Partitions::DEFAULT.progress(id)).await.unwrap();
+    pubsub
+        .subscribe(keys::Partitions::DEFAULT.progress(id))
+        .await
+        .unwrap();
     let mut messages = pubsub.into_on_message();
     assert_eq!(gw.put(&token, "image/jpeg", jpeg(2500, 1200)).await.0, 202);
     let mut stages = Vec::new();

@@ -19,7 +19,16 @@ pub struct Partitions(NonZeroU16);
 impl Partitions {
     /// The most partitions a platform may have.
     pub const MAX: u16 = 1024;
-    pub const DEFAULT: Self = Self(NonZeroU16::new(16).expect("not zero"));
+    pub const DEFAULT: Self = Self::new_const(16);
+
+    /// `count` partitions, in a constant; panics (at compile time) unless `1..=MAX`.
+    pub const fn new_const(count: u16) -> Self {
+        assert!(count >= 1 && count <= Self::MAX, "1 to MAX partitions");
+        match NonZeroU16::new(count) {
+            Some(n) => Self(n),
+            None => panic!("not zero"),
+        }
+    }
 
     /// `None` unless `1..=MAX`.
     pub fn new(count: u16) -> Option<Self> {

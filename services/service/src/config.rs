@@ -6,8 +6,8 @@
 
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
-use follow_token::VerifyingKeys;
 use follow_bus::{ValkeyConfig, keys::Partitions};
+use follow_token::VerifyingKeys;
 pub use secrecy::{ExposeSecret, SecretString};
 
 /// Why the configuration was refused; names the variable, never a secret's value.

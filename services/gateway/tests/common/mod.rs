@@ -210,7 +210,8 @@ impl Gateway {
 
     /// Every result on `image:result` for `image_id`, as of now.
     pub async fn results_of(&self, image_id: Uuid) -> Vec<ImageResult> {
-        self.entries_of(keys::RESULT_STREAM, image_id)
+        let stream = keys::RESULTS.stream(self.valkey.partitions().of(image_id));
+        self.entries_of(&stream, image_id)
             .await
             .iter()
             .map(|fields| ImageResult::from_fields(fields).unwrap())
@@ -219,7 +220,21 @@ impl Gateway {
 
     /// How many jobs `image:jobs` holds for `image_id`.
     pub async fn jobs_of(&self, image_id: Uuid) -> usize {
-        self.entries_of(keys::JOBS.stream, image_id).await.len()
+        let stream = keys::JOBS.stream(self.valkey.partitions().of(image_id));
+        self.entries_of(&stream, image_id).await.len()
+    }
+
+    /// How many results `image:result` holds, on every partition.
+    pub async fn results_count(&self) -> u64 {
+        let mut conn = self.valkey_server.connection().await;
+        let mut count = 0;
+        for partition in self.valkey.partitions().all() {
+            count +=
+                redis::AsyncCommands::xlen::<_, u64>(&mut conn, keys::RESULTS.stream(partition))
+                    .await
+                    .unwrap();
+        }
+        count
     }
 
     async fn entries_of(&self, stream: &str, image_id: Uuid) -> Vec<Vec<(String, String)>> {
