@@ -301,7 +301,7 @@ async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance
         let _: () = valkey
             .clone()
             .publish(
-                platform.partitions.progress(observe::uuid(&image_id)),
+                platform.partitions.progress(observe::uuid(image_id)),
                 ProgressNotice {
                     notice: Some(progress_notice::Notice::Progress(stale.clone())),
                 }
