@@ -193,7 +193,7 @@ async fn main() {
             pace.tick().await;
             published[image * SLOTS + *stage as usize]
                 .store(epoch.elapsed().as_micros() as u64, Relaxed);
-            publish(&mut valkey, platform.partitions, id, seq, *stage, name).await;
+            publish(&mut valkey, &platform, id, seq, *stage, name).await;
         }
     }
     let publish_s = started.elapsed().as_secs_f64();
@@ -299,14 +299,14 @@ async fn create_images(platform: &Platform, token: &str, n: usize) -> Vec<String
 /// What a gateway does when image `id` enters `stage`: the status hash and the progress notice,
 /// in one transaction.
 async fn publish(
-    valkey: &mut redis::aio::MultiplexedConnection,
-    partitions: follow_e2e::Partitions,
+    valkey: &mut follow_e2e::ValkeyConnection,
+    platform: &Platform,
     id: &str,
     seq: usize,
     stage: Stage,
     name: &str,
 ) {
-    let uuid = follow_e2e::observe::uuid(id);
+    let (partitions, uuid) = (platform.partitions, follow_e2e::observe::uuid(id));
     let progress = ImageProgress {
         image_id: id.to_owned(),
         stage: stage as i32,
@@ -321,8 +321,9 @@ async fn publish(
             &[("stage", name.to_owned()), ("seq", (seq + 2).to_string())],
         )
         .ignore()
-        .publish(
-            partitions.progress(uuid),
+        .cmd(platform.publish_command())
+        .arg(partitions.progress(uuid))
+        .arg(
             ProgressNotice {
                 notice: Some(progress_notice::Notice::Progress(progress)),
             }
@@ -423,7 +424,7 @@ async fn memory_per_stream(platform: &mut Platform, token: &str) {
             let idle = rss_bytes(pid);
             let (stage, name) = STAGES[round];
             for id in &ids {
-                publish(&mut valkey, platform.partitions, id, round, stage, name).await;
+                publish(&mut valkey, &platform, id, round, stage, name).await;
             }
             let sent = LEVELS[..round].iter().sum::<usize>() + level;
             tokio::time::timeout(Duration::from_secs(60), got.wait_for(|n| *n >= sent))

@@ -21,6 +21,9 @@ pub mod observe;
 pub mod relay;
 mod spawn;
 pub mod user;
+mod valkey;
+
+pub use valkey::ValkeyConnection;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -180,6 +183,14 @@ impl Platform {
         Ok(url)
     }
 
+    /// The Valkey Cluster the platform runs on (spawn mode with `FOLLOW_E2E_VALKEY=cluster`).
+    pub fn valkey_cluster(&mut self) -> Option<&mut follow_testkit::ValkeyCluster> {
+        match &mut self.backend {
+            Backend::Spawn(stack) => stack.cluster(),
+            _ => None,
+        }
+    }
+
     /// The bucket the platform stores images in (spawn mode): a client and the bucket's name.
     pub fn bucket(&self) -> Option<(aws_sdk_s3::Client, String)> {
         match &self.backend {
@@ -271,10 +282,31 @@ impl Platform {
         ))
     }
 
-    pub async fn valkey(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        Ok(redis::Client::open(self.valkey_url.as_str())?
-            .get_multiplexed_async_connection()
-            .await?)
+    /// A connection to Valkey (one node, or the cluster) as its operator.
+    pub async fn valkey(&self) -> anyhow::Result<ValkeyConnection> {
+        valkey::connect(&self.valkey_url).await
+    }
+
+    /// Whether Valkey is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        valkey::is_cluster(&self.valkey_url)
+    }
+
+    /// The command the services publish progress with: `SPUBLISH` on a cluster.
+    pub fn publish_command(&self) -> &'static str {
+        if self.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// The payloads published on `channel` from now on.
+    pub async fn messages(
+        &self,
+        channel: String,
+    ) -> anyhow::Result<impl futures_util::Stream<Item = Vec<u8>> + Unpin + use<>> {
+        valkey::messages(&self.valkey_url, channel).await
     }
 
     /// The partitions the services were started with: `FOLLOW_VALKEY_PARTITIONS`, else the

@@ -6,13 +6,69 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use follow_testkit::ValkeyUser as User;
-use follow_testkit::{GarageServer, PostgresServer, ServiceProcess, ValkeyServer};
+use follow_testkit::{GarageServer, PostgresServer, ServiceProcess, ValkeyCluster, ValkeyServer};
 
 use crate::{Backend, Platform, Service, binary};
 
+/// The stack's Valkey: one node, or with `FOLLOW_E2E_VALKEY=cluster` a cluster of three
+/// primaries and three replicas. On a cluster, what a scenario does to "Valkey" (stop, kill,
+/// restart, pause) it does to every node.
+#[derive(Debug)]
+pub(crate) enum Valkey {
+    Node(ValkeyServer),
+    Cluster(ValkeyCluster),
+}
+
+impl Valkey {
+    async fn start() -> anyhow::Result<Self> {
+        Ok(match std::env::var("FOLLOW_E2E_VALKEY").as_deref() {
+            Ok("cluster") => Self::Cluster(ValkeyCluster::start().await?),
+            Ok("node") | Err(_) => Self::Node(ValkeyServer::start().await?),
+            Ok(other) => bail!("FOLLOW_E2E_VALKEY={other}: expected node or cluster"),
+        })
+    }
+
+    fn url_as(&self, user: User) -> String {
+        match self {
+            Self::Node(node) => node.url_as(user),
+            Self::Cluster(cluster) => cluster.urls_as(user),
+        }
+    }
+
+    fn nodes(&mut self) -> Vec<&mut ValkeyServer> {
+        match self {
+            Self::Node(node) => vec![node],
+            Self::Cluster(cluster) => cluster.nodes_mut().iter_mut().collect(),
+        }
+    }
+
+    fn signal(&self, stop: bool) {
+        let nodes: Vec<&ValkeyServer> = match self {
+            Self::Node(node) => vec![node],
+            Self::Cluster(cluster) => cluster.nodes().iter().collect(),
+        };
+        for node in nodes {
+            if stop { node.pause() } else { node.resume() }
+        }
+    }
+
+    async fn stop(&mut self) {
+        for node in self.nodes() {
+            node.stop().await;
+        }
+    }
+
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        for node in self.nodes() {
+            node.restart().await?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Stack {
-    valkey: ValkeyServer,
+    valkey: Valkey,
     _postgres: PostgresServer,
     garage: GarageServer,
     api: ServiceProcess,
@@ -89,7 +145,7 @@ async fn start_gateway(env: Vec<(String, String)>) -> anyhow::Result<ServiceProc
 impl Stack {
     pub(crate) async fn start() -> anyhow::Result<Platform> {
         let (valkey, postgres, garage, user, upload) = tokio::join!(
-            ValkeyServer::start(),
+            Valkey::start(),
             PostgresServer::start(),
             GarageServer::start(),
             keygen("user-e2e"),
@@ -152,7 +208,7 @@ impl Stack {
         Ok(Platform {
             api_url: api.url(),
             gateway_url: gateway.url(),
-            valkey_url: valkey.url(),
+            valkey_url: valkey.url_as(User::Admin),
             partitions: Platform::partitions_from_env()?,
             database_url: postgres.url(),
             user_signing_key: user_private,
@@ -198,6 +254,14 @@ impl Stack {
         Ok(url)
     }
 
+    /// The cluster, when Valkey is one.
+    pub(crate) fn cluster(&mut self) -> Option<&mut ValkeyCluster> {
+        match &mut self.valkey {
+            Valkey::Cluster(cluster) => Some(cluster),
+            Valkey::Node(_) => None,
+        }
+    }
+
     pub(crate) fn bucket(&self) -> (aws_sdk_s3::Client, String) {
         (self.garage.client(), self.garage.bucket().to_owned())
     }
@@ -208,8 +272,7 @@ impl Stack {
             (Service::Api, false) => self.api.resume(),
             (Service::Gateway, true) => self.gateway.pause(),
             (Service::Gateway, false) => self.gateway.resume(),
-            (Service::Valkey, true) => self.valkey.pause(),
-            (Service::Valkey, false) => self.valkey.resume(),
+            (Service::Valkey, stop) => self.valkey.signal(stop),
             (Service::Storage, true) => self.garage.pause(),
             (Service::Storage, false) => self.garage.resume(),
         }

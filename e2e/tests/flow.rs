@@ -5,6 +5,7 @@
 use follow_e2e::{
     Platform,
     client::{bearer, jpeg, png_with_alpha, upload, upload_accepted},
+    observe,
     observe::{ALL_STAGES, progress_channel, results_of, stages_until_final, status_field},
     user::{User, WAIT},
 };
@@ -111,7 +112,11 @@ async fn a_second_upload_with_the_same_token_is_a_conflict() {
     assert_eq!(answer["error_code"], "DUPLICATE_UPLOAD");
     let mut valkey = platform.valkey().await.unwrap();
     let guard: bool = valkey
-        .exists(format!("image:upload:{}", target.image_id))
+        .exists(
+            platform
+                .partitions
+                .upload_guard(observe::uuid(&target.image_id)),
+        )
         .await
         .unwrap();
     assert!(guard);

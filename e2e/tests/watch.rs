@@ -20,7 +20,6 @@ use follow_proto::{
     tonic::{Code, Streaming, transport::Endpoint},
 };
 use follow_testkit::eventually_async;
-use redis::AsyncCommands;
 
 /// The live watch, native gRPC and grpc-web side by side: progress, then processed with a
 /// preview URL.
@@ -298,15 +297,15 @@ async fn a_slow_watcher_holds_up_no_one_is_ended_and_resumes_on_another_instance
         ..Default::default()
     };
     eventually_async(WAIT, "the slow watcher ended for lagging", || async {
-        let _: () = valkey
-            .clone()
-            .publish(
-                platform.partitions.progress(observe::uuid(image_id)),
+        let _: () = redis::cmd(platform.publish_command())
+            .arg(platform.partitions.progress(observe::uuid(image_id)))
+            .arg(
                 ProgressNotice {
                     notice: Some(progress_notice::Notice::Progress(stale.clone())),
                 }
                 .encode_to_vec(),
             )
+            .query_async(&mut valkey.clone())
             .await
             .unwrap();
         (lagged().await >= 1.0).then_some(())

@@ -61,6 +61,15 @@ impl ValkeyCluster {
         self.urls_as(User::Admin)
     }
 
+    /// Every node, by index.
+    pub fn nodes(&self) -> &[ValkeyServer] {
+        &self.nodes
+    }
+
+    pub fn nodes_mut(&mut self) -> &mut [ValkeyServer] {
+        &mut self.nodes
+    }
+
     pub fn node(&self, index: usize) -> &ValkeyServer {
         &self.nodes[index]
     }
@@ -78,10 +87,16 @@ impl ValkeyCluster {
             .expect("the test cluster accepts connections")
     }
 
+    /// The hash slot of `key`.
+    pub async fn slot_of(&self, key: &str) -> Result<u16, TestkitError> {
+        let (mut conn, _) = self.any_node().await?;
+        query(&mut conn, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await
+    }
+
     /// The index of the node serving `key` now (the primary of its slot).
     pub async fn primary_for(&self, key: &str) -> Result<usize, TestkitError> {
+        let slot = self.slot_of(key).await?;
         let (mut conn, _) = self.any_node().await?;
-        let slot: u16 = query(&mut conn, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await?;
         let port = slot_owners(&mut conn)
             .await?
             .into_iter()

@@ -149,10 +149,11 @@ async fn health_follows_valkey_over_http_and_grpc_and_metrics_are_exposed() {
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
-    // One connection for every command of the process, one for the result consumer's blocking
-    // reads, one for the progress hub's subscription.
+    // One connection for every command of the process, one for each partition's result
+    // consumer's blocking reads, one for the progress hub's subscription.
+    let connections = 2 + PARTITIONS.count();
     assert!(
-        metrics.contains("\nfollow_api_valkey_connections 3\n"),
+        metrics.contains(&format!("\nfollow_api_valkey_connections {connections}\n")),
         "{metrics}"
     );
 }

@@ -248,18 +248,28 @@ impl Gateway {
     /// gateway that dies mid-body lets go of it on its own.
     async fn take_guard(&self, claims: &UploadClaims, holder: &str) -> Result<(), UploadError> {
         let mut guard = self.guard.clone();
-        match guard.acquire(claims.image_id, holder, self.lease()).await {
-            Ok(GuardOutcome::Acquired) => Ok(()),
-            Ok(GuardOutcome::Taken) => match guard.state(claims.image_id).await {
-                // Another upload of this token is arriving (or its gateway died): it may fail.
-                Ok(GuardState::Receiving) => Err(UploadError::InProgress(self.lease())),
-                _ => Err(UploadError::Duplicate),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "upload refused: the guard cannot be taken");
-                Err(UploadError::BusUnavailable)
+        let unavailable = |e: follow_bus::BusError| {
+            tracing::warn!(error = %e, "upload refused: the guard cannot be taken");
+            UploadError::BusUnavailable
+        };
+        // Twice at most: a guard whose lease runs out between the two reads is free again.
+        for _ in 0..2 {
+            match guard.acquire(claims.image_id, holder, self.lease()).await {
+                Ok(GuardOutcome::Acquired) => return Ok(()),
+                Ok(GuardOutcome::Taken) => match guard.state(claims.image_id).await {
+                    // Another upload of this token is arriving, or one whose answer was lost
+                    // (its gateway died, or could not hear from Valkey): it may fail.
+                    Ok(GuardState::Receiving) => return Err(UploadError::InProgress(self.lease())),
+                    Ok(GuardState::Queued | GuardState::Spent) => {
+                        return Err(UploadError::Duplicate);
+                    }
+                    Ok(GuardState::Free) => {}
+                    Err(e) => return Err(unavailable(e)),
+                },
+                Err(e) => return Err(unavailable(e)),
             }
         }
+        Err(UploadError::InProgress(self.lease()))
     }
 
     /// How long the guard of a body being received lives without news from its gateway.
