@@ -30,21 +30,14 @@ pub async fn progress_channel(
     platform: &Platform,
     image_id: &str,
 ) -> impl futures_util::Stream<Item = ImageProgress> + Unpin {
-    let mut pubsub = redis::Client::open(platform.valkey_url.as_str())
-        .unwrap()
-        .get_async_pubsub()
-        .await
-        .unwrap();
-    pubsub
-        .subscribe(platform.partitions.progress(uuid(image_id)))
+    let messages = platform
+        .messages(platform.partitions.progress(uuid(image_id)))
         .await
         .unwrap();
     // The partition's channel carries its other images too.
     let image_id = image_id.to_owned();
-    Box::pin(pubsub.into_on_message().filter_map(move |m| {
-        let notice = ProgressNotice::decode(m.get_payload_bytes())
-            .unwrap()
-            .notice;
+    Box::pin(messages.filter_map(move |payload| {
+        let notice = ProgressNotice::decode(payload.as_slice()).unwrap().notice;
         let image_id = image_id.clone();
         async move {
             match notice {

@@ -49,13 +49,21 @@ fn processed_fields(image_id: &str, storage_key: &str) -> Vec<(&'static str, Str
 /// Publishes results for `(image, storage key)` pairs, pipelined.
 async fn publish(platform: &Platform, images: &[(String, String)]) {
     let mut valkey = platform.valkey().await.unwrap();
-    for chunk in images.chunks(500) {
-        let mut pipe = redis::pipe();
-        for (id, key) in chunk {
-            let stream = keys::RESULTS.stream(platform.partitions.of(observe::uuid(id)));
-            pipe.xadd(stream, "*", &processed_fields(id, key)).ignore();
+    // One pipeline per partition: on a cluster a pipeline stays in one slot.
+    let mut by_partition: std::collections::BTreeMap<_, Vec<_>> = Default::default();
+    for (id, key) in images {
+        let partition = platform.partitions.of(observe::uuid(id));
+        by_partition.entry(partition).or_default().push((id, key));
+    }
+    for (partition, images) in by_partition {
+        let stream = keys::RESULTS.stream(partition);
+        for chunk in images.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (id, key) in chunk {
+                pipe.xadd(&stream, "*", &processed_fields(id, key)).ignore();
+            }
+            let _: () = pipe.query_async(&mut valkey).await.unwrap();
         }
-        let _: () = pipe.query_async(&mut valkey).await.unwrap();
     }
 }
 
