@@ -424,7 +424,7 @@ async fn memory_per_stream(platform: &mut Platform, token: &str) {
             let idle = rss_bytes(pid);
             let (stage, name) = STAGES[round];
             for id in &ids {
-                publish(&mut valkey, &platform, id, round, stage, name).await;
+                publish(&mut valkey, platform, id, round, stage, name).await;
             }
             let sent = LEVELS[..round].iter().sum::<usize>() + level;
             tokio::time::timeout(Duration::from_secs(60), got.wait_for(|n| *n >= sent))

@@ -15,7 +15,7 @@ use crate::{Backend, Platform, Service, binary};
 /// restart, pause) it does to every node.
 #[derive(Debug)]
 pub(crate) enum Valkey {
-    Node(ValkeyServer),
+    Node(Box<ValkeyServer>),
     Cluster(ValkeyCluster),
 }
 
@@ -23,7 +23,7 @@ impl Valkey {
     async fn start() -> anyhow::Result<Self> {
         Ok(match std::env::var("FOLLOW_E2E_VALKEY").as_deref() {
             Ok("cluster") => Self::Cluster(ValkeyCluster::start().await?),
-            Ok("node") | Err(_) => Self::Node(ValkeyServer::start().await?),
+            Ok("node") | Err(_) => Self::Node(Box::new(ValkeyServer::start().await?)),
             Ok(other) => bail!("FOLLOW_E2E_VALKEY={other}: expected node or cluster"),
         })
     }
@@ -37,14 +37,14 @@ impl Valkey {
 
     fn nodes(&mut self) -> Vec<&mut ValkeyServer> {
         match self {
-            Self::Node(node) => vec![node],
+            Self::Node(node) => vec![&mut **node],
             Self::Cluster(cluster) => cluster.nodes_mut().iter_mut().collect(),
         }
     }
 
     fn signal(&self, stop: bool) {
         let nodes: Vec<&ValkeyServer> = match self {
-            Self::Node(node) => vec![node],
+            Self::Node(node) => vec![&**node],
             Self::Cluster(cluster) => cluster.nodes().iter().collect(),
         };
         for node in nodes {
