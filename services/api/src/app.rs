@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use follow_bus::{
-    BusError, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer, ProgressTracker,
+    BusError, ConsumerConfig, ConsumerStats, Epochs, HealthChecker, Hub, Producer, ProgressTracker,
     RateLimiter, UploadGuard, Valkey, keys,
 };
 use follow_proto::api::v1::{
@@ -121,9 +121,15 @@ impl Application {
         let bucket = Bucket::new(&config.s3);
         let hub = Arc::new(Hub::new(valkey.clone(), config.watch_max_lag));
         workers.hub(&hub);
-        let (consumer_stats, queue) = result_workers(
-            workers, &config, &pool, &valkey, &progress, &bucket, &metrics,
-        )?;
+        let parts = Parts {
+            pool: &pool,
+            valkey: &valkey,
+            progress: &progress,
+            bucket: &bucket,
+            metrics: &metrics,
+            hub: &hub,
+        };
+        let (consumer_stats, queue) = result_workers(workers, &config, parts)?;
         let probe = ApiProbe {
             pool: pool.clone(),
             valkey: queue,
@@ -147,7 +153,6 @@ impl Application {
                 heartbeat: config.heartbeat,
                 recheck: config.watch_recheck,
                 preview_url_ttl: config.preview_url_ttl,
-                reconcile_interval: config.reconcile_interval,
                 expiry_grace: config.expiry_grace,
             },
             hub,
@@ -176,17 +181,32 @@ impl Application {
     }
 }
 
-/// The workers that carry results into PostgreSQL: the `image:result` consumer, its trimmer and
-/// the reconciler. Returns the consumer's counters and the result queue's checker.
+/// What the result workers share with the rest of the instance.
+struct Parts<'a> {
+    pool: &'a PgPool,
+    valkey: &'a Valkey,
+    progress: &'a ProgressTracker,
+    bucket: &'a Bucket,
+    metrics: &'a Arc<Metrics>,
+    /// Where the reconciler hears of uploads that begin, and of lost subscriptions.
+    hub: &'a Hub,
+}
+
+/// The workers that carry results into PostgreSQL: the `image:result` consumers, their trimmer
+/// and the reconciler. Returns the consumers' counters and the result queue's checker.
 fn result_workers(
     workers: &Workers,
     config: &Config,
-    pool: &PgPool,
-    valkey: &Valkey,
-    progress: &ProgressTracker,
-    bucket: &Bucket,
-    metrics: &Arc<Metrics>,
+    parts: Parts<'_>,
 ) -> Result<(Arc<ConsumerStats>, HealthChecker), StartError> {
+    let Parts {
+        pool,
+        valkey,
+        progress,
+        bucket,
+        metrics,
+        hub,
+    } = parts;
     let applier = ResultApplier::new(pool.clone())
         .with_announcer(progress.clone())
         .with_metrics(Arc::clone(metrics));
@@ -211,9 +231,12 @@ fn result_workers(
         producer: Producer::new(valkey)?,
         guard: UploadGuard::new(valkey)?,
         valkey: queue.clone(),
+        epochs: Epochs::new(valkey)?,
         applier,
         announcer: progress.clone(),
         metrics: Arc::clone(metrics),
+        hub: hub.stats(),
+        uploads: Arc::new(tokio::sync::Mutex::new(hub.uploads())),
         every: config.reconcile_interval,
         grace: config.expiry_grace,
     };

@@ -87,6 +87,9 @@ pub struct Metrics {
     rpc_errors: Family<RpcErrorLabels, Counter>,
     results: Family<OutcomeLabels, Counter>,
     reconciled: Family<ReconciledLabels, Counter>,
+    /// Requests the reconciler made to S3 (a `GET` of a result record, a `HEAD` of an original).
+    pub reconciler_s3_requests: Counter,
+    reconcile_sweeps: Counter,
     pub apply_seconds: Histogram,
     pub watchers: Gauge,
     /// Database reads made by watch streams (their opening, resyncs, route readiness).
@@ -106,6 +109,8 @@ impl Metrics {
             rpc_errors: Family::default(),
             results: Family::default(),
             reconciled: Family::default(),
+            reconciler_s3_requests: Counter::default(),
+            reconcile_sweeps: Counter::default(),
             apply_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             watchers: Gauge::default(),
             watch_db_reads: Counter::default(),
@@ -130,6 +135,17 @@ impl Metrics {
             "reconciled",
             "pending images the reconciler settled, by action (recovered, requeued, expired)",
             m.reconciled.clone(),
+        );
+        registry.register(
+            "reconciler_s3_requests",
+            "requests the reconciler made to S3 (result records read, originals looked for)",
+            m.reconciler_s3_requests.clone(),
+        );
+        registry.register(
+            "reconcile_sweeps",
+            "times this instance made every pending image due for a look, Valkey having maybe \
+             lost data",
+            m.reconcile_sweeps.clone(),
         );
         registry.register(
             "result_apply_seconds",
@@ -188,6 +204,10 @@ impl Metrics {
                 action: action.as_str(),
             })
             .inc();
+    }
+
+    pub fn reconcile_sweep(&self) {
+        self.reconcile_sweeps.inc();
     }
 
     /// Takes in the hub's and the consumer's counters and the result queue as of now.

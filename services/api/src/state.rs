@@ -34,21 +34,16 @@ pub struct Limits {
     /// A watch re-reads images the gateway is done with after this (`FOLLOW_WATCH_RECHECK_SECS`).
     pub recheck: Duration,
     pub preview_url_ttl: Duration,
-    /// How often the reconciler looks at a pending image, and the grace after its expiry.
-    pub reconcile_interval: Duration,
+    /// The grace after a token's expiry before its image, with nothing uploaded, expires.
     pub expiry_grace: Duration,
 }
 
 impl Limits {
-    /// When a new image's upload token expires, and when the reconciler first looks at it
-    /// (after one interval, or when it is due to expire if that is sooner).
+    /// When a new image's upload token expires, and when the reconciler first looks at it: at
+    /// its expiry (earlier only if its upload begins, or Valkey may have lost something).
     pub fn new_image_times(&self) -> (time::OffsetDateTime, time::OffsetDateTime) {
-        let now = time::OffsetDateTime::now_utc();
-        let expires_at = now + self.upload_token_ttl;
-        (
-            expires_at,
-            (now + self.reconcile_interval).min(expires_at + self.expiry_grace),
-        )
+        let expires_at = time::OffsetDateTime::now_utc() + self.upload_token_ttl;
+        (expires_at, expires_at + self.expiry_grace)
     }
 }
 

@@ -412,35 +412,101 @@ pub struct Unsettled {
     pub content_type: String,
     pub owner: String,
     pub expires_at: OffsetDateTime,
+    /// A look found its original in S3 already (it stays there until the image is processed).
+    pub original_seen: bool,
+    /// Made due by a sweep: Valkey may have lost its job or its result.
+    pub swept: bool,
 }
 
-/// Leases up to `limit` PENDING images due for a look, pushing their next look `every` later
-/// (but never past their expiry plus `grace`, when they are due to expire): instances running
-/// the reconciler at once take different images.
+/// Leases up to `limit` PENDING images due for a look, pushing their next look `lease` later
+/// (the look sets the one after): instances running the reconciler at once take different
+/// images, and an image whose look was cut short is looked at again.
 pub async fn lease_unsettled(
     pool: &PgPool,
-    every: std::time::Duration,
-    grace: std::time::Duration,
+    lease: std::time::Duration,
     limit: i64,
 ) -> Result<Vec<Unsettled>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE image.images i
-         SET next_check_at = LEAST(now() + make_interval(secs => $1),
-                                   GREATEST(i.expires_at + make_interval(secs => $2),
-                                            now() + interval '1 second'))
+         SET next_check_at = now() + make_interval(secs => $1)
          FROM route.routes r
          WHERE r.id = i.route_id
            AND i.id IN (SELECT id FROM image.images
                         WHERE status = 'PENDING' AND next_check_at <= now()
-                        ORDER BY next_check_at LIMIT $3
+                        ORDER BY next_check_at LIMIT $2
                         FOR UPDATE SKIP LOCKED)
-         RETURNING i.id, i.storage_key, i.content_type, r.owner, i.expires_at",
+         RETURNING i.id, i.storage_key, i.content_type, r.owner, i.expires_at, i.original_seen,
+                   i.swept",
     )
-    .bind(every.as_secs_f64())
-    .bind(grace.as_secs_f64())
+    .bind(lease.as_secs_f64())
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// After a look at a PENDING image: when the next one is due, and whether its original is
+/// known to be in S3.
+pub async fn look_later(
+    pool: &PgPool,
+    id: Uuid,
+    at: OffsetDateTime,
+    original_seen: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE image.images
+         SET next_check_at = $2, original_seen = original_seen OR $3, swept = false
+         WHERE id = $1 AND status = 'PENDING'",
+    )
+    .bind(id)
+    .bind(at)
+    .bind(original_seen)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// Brings the next look at `ids` (images whose upload began) forward to `after` from now, where
+/// it is later than that.
+pub async fn look_soon(
+    pool: &PgPool,
+    ids: &[Uuid],
+    after: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE image.images SET next_check_at = now() + make_interval(secs => $2)
+         WHERE id = ANY($1) AND status = 'PENDING'
+           AND next_check_at > now() + make_interval(secs => $2)",
+    )
+    .bind(ids)
+    .bind(after.as_secs_f64())
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// After Valkey may have lost data, first noticed at `noticed`: makes every PENDING image due
+/// for a look now, unless an instance already did since; returns how many it made due (`None`
+/// when another instance swept already).
+pub async fn sweep(pool: &PgPool, noticed: OffsetDateTime) -> Result<Option<u64>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let won = sqlx::query("UPDATE image.reconcile_sweeps SET swept_at = now() WHERE swept_at < $1")
+        .bind(noticed)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        == 1;
+    if !won {
+        return Ok(None);
+    }
+    let due = sqlx::query(
+        "UPDATE image.images SET next_check_at = now(), swept = true
+         WHERE status = 'PENDING'",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(Some(due))
 }
 
 /// Expires `id` if it is still PENDING and its token expired more than `grace` ago; its waypoint

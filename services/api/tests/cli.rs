@@ -107,7 +107,7 @@ async fn migrate_applies_and_reverts() {
         .await
         .unwrap()
     };
-    assert_eq!(tables(pool.clone()).await, 3);
+    assert_eq!(tables(pool.clone()).await, 4);
     stdout(&follow_api(&["migrate"], &env)); // idempotent
     // One migration at a time, back to nothing.
     while tables(pool.clone()).await > 0 {

@@ -59,6 +59,9 @@ struct Shared {
     watchers: Mutex<HashMap<Uuid, Vec<Arc<Mailbox>>>>,
     /// A worker has run before: the next one starts by telling every watcher to resync.
     started: AtomicBool,
+    /// Where the id of every image whose upload begins (`waiting_upload`) goes, if anyone
+    /// asked ([`Hub::uploads`]).
+    uploads: Mutex<Option<mpsc::UnboundedSender<Uuid>>>,
 }
 
 /// What the hub has done, for metrics.
@@ -71,6 +74,26 @@ pub struct HubStats {
     /// The worker holds a working pub/sub connection (for health: without one, watches are
     /// refused while Valkey itself may answer).
     pub connected: AtomicBool,
+    /// Times the subscription was lost and made again (a lost connection, a failover, moved
+    /// slots): each time, messages may have been missed, and Valkey may have lost writes.
+    pub resyncs: AtomicU64,
+    /// When the subscription was last lost (Unix milliseconds; 0: never).
+    pub lost_at_ms: AtomicU64,
+}
+
+impl HubStats {
+    /// When the subscription was last lost (the Unix epoch if never).
+    pub fn lost_at(&self) -> time::OffsetDateTime {
+        let ms = self.lost_at_ms.load(Ordering::Relaxed);
+        time::OffsetDateTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn lost(&self) {
+        let now = time::OffsetDateTime::now_utc() - time::OffsetDateTime::UNIX_EPOCH;
+        let ms = u64::try_from(now.whole_milliseconds()).unwrap_or_default();
+        self.lost_at_ms.store(ms, Ordering::Relaxed);
+        self.connected.store(false, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -225,6 +248,7 @@ impl Hub {
                 commands: tokio::sync::Mutex::new(receiver),
                 watchers: Mutex::default(),
                 started: AtomicBool::new(false),
+                uploads: Mutex::default(),
             }),
         }
     }
@@ -257,6 +281,18 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// The id of every image whose upload begins from now on (its `waiting_upload` stage), as
+    /// far as messages arrive (see [`HubStats::resyncs`] for when some may not have).
+    pub fn uploads(&self) -> mpsc::UnboundedReceiver<Uuid> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        *self
+            .shared
+            .uploads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(sender);
+        receiver
     }
 
     pub fn stats(&self) -> Arc<HubStats> {
@@ -338,7 +374,9 @@ impl Worker {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "progress hub: cannot subscribe; retrying");
-                        self.shared.stats.connected.store(false, Ordering::Relaxed);
+                        if self.shared.stats.connected.load(Ordering::Relaxed) {
+                            self.shared.stats.lost();
+                        }
                         if self.wait(backoff.delay(), commands, cancel).await {
                             return;
                         }
@@ -350,6 +388,7 @@ impl Worker {
             self.shared.stats.connected.store(true, Ordering::Relaxed);
             if !first {
                 tracing::info!("progress hub: (re)subscribed; watchers resync");
+                self.shared.stats.resyncs.fetch_add(1, Ordering::Relaxed);
                 self.resync_all();
             }
             first = false;
@@ -362,7 +401,7 @@ impl Worker {
                         Some(push) if self.receive(&push) => {}
                         _ => {
                             tracing::warn!("progress hub: subscription lost");
-                            self.shared.stats.connected.store(false, Ordering::Relaxed);
+                            self.shared.stats.lost();
                             break;
                         }
                     },
@@ -374,6 +413,7 @@ impl Worker {
                         match self.topology().await {
                             Ok(now) if now != topology => {
                                 tracing::info!("progress hub: the cluster's topology changed; subscribing afresh");
+                                self.shared.stats.lost();
                                 break;
                             }
                             Ok(_) => {}
@@ -504,6 +544,16 @@ impl Worker {
             }
         };
         let image_id = notice.image_id();
+        if let Notice::Progress(p) = &notice
+            && p.stage() == crate::Stage::WaitingUpload
+            && let Some(uploads) = &*self
+                .shared
+                .uploads
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        {
+            let _ = uploads.send(image_id);
+        }
         let mut watchers = self.watchers();
         if !watchers.contains_key(&image_id) {
             return;

@@ -16,6 +16,7 @@
 //! | [`Trimmer`] | `XTRIM MINID` just below the oldest entry the group has not acknowledged |
 //! | [`ProgressTracker`] | stage hash + TTL + `PUBLISH`, one round trip, never moving backwards |
 //! | [`UploadGuard`] | `SET NX EX`: one upload per token |
+//! | [`Epochs`] | one marker per partition whose absence says Valkey lost that partition's data |
 //! | [`HealthChecker`] | `PING`, does the consumer group exist, a queue's backlog ([`QueueInfo`]) |
 //! | [`Backoff`] | the one retry delay |
 //! | [`RateLimiter`] | a rate limit shared by every instance (GCRA, one round trip) |
@@ -31,6 +32,7 @@ pub mod codec;
 mod connection;
 mod consumer;
 mod dead_letter;
+mod epoch;
 pub use dead_letter::{DeadEntry, DeadId, DeadLetters};
 mod error;
 mod guard;
@@ -48,6 +50,7 @@ pub use backoff::Backoff;
 pub use codec::{DecodeError, StreamMessage};
 pub use connection::{Connection, Open, Pushes, Subscriber, Valkey, ValkeyConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, Outcome};
+pub use epoch::Epochs;
 pub use error::BusError;
 /// Key names and the ACL users live in `follow-keys`, the bus's ground floor.
 pub use follow_keys::{acl, keys};

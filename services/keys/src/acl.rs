@@ -98,11 +98,13 @@ impl User {
         let (mut rules, adds_to): (Vec<String>, keys::Queue) = match self {
             User::Admin => return ["~*", "&*", "+@all"].map(String::from).to_vec(),
             // Consumes results and dead-letters them, counts upload-token rates (`TIME` in
-            // the rate script), replays dead entries; queues jobs again (the reconciler).
+            // the rate script), replays dead entries; queues jobs again and keeps the epoch
+            // markers (the reconciler).
             User::Api => (
                 vec![
                     format!("~{}", keys::RESULTS.pattern()),
                     format!("~{}", keys::rate_limit("*", "*")),
+                    format!("~{}", keys::EPOCH_PATTERN),
                 ],
                 keys::JOBS,
             ),

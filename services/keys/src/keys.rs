@@ -111,6 +111,11 @@ impl Partition {
         format!("{{p{}}}", self.0)
     }
 
+    /// `image:epoch:{pN}`: a marker set once, whose absence says the partition lost its data.
+    pub fn epoch(self) -> String {
+        format!("image:epoch:{}", self.tag())
+    }
+
     /// `image:progress:{pN}`: live stage changes of the partition's images (a sharded Pub/Sub
     /// channel on a cluster).
     pub fn progress(self) -> String {
@@ -204,6 +209,8 @@ pub const JOBS: Queue = Queue {
 pub const PROGRESS_PATTERN: &str = "image:progress:*";
 /// Pattern matching every upload guard.
 pub const UPLOAD_GUARD_PATTERN: &str = "image:upload:*";
+/// Pattern matching every partition's epoch marker.
+pub const EPOCH_PATTERN: &str = "image:epoch:*";
 /// Pattern matching every status hash.
 pub const STATUS_PATTERN: &str = "image:status:*";
 

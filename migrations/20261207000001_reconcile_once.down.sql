@@ -1,0 +1,2 @@
+DROP TABLE image.reconcile_sweeps;
+ALTER TABLE image.images DROP COLUMN original_seen, DROP COLUMN swept;
