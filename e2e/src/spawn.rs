@@ -6,69 +6,25 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use follow_testkit::ValkeyUser as User;
-use follow_testkit::{GarageServer, PostgresServer, ServiceProcess, ValkeyCluster, ValkeyServer};
+use follow_testkit::{
+    GarageServer, PostgresServer, ServiceProcess, ValkeyCluster, ValkeyDeployment, ValkeyServer,
+};
 
 use crate::{Backend, Platform, Service, binary};
 
 /// The stack's Valkey: one node, or with `FOLLOW_E2E_VALKEY=cluster` a cluster of three
-/// primaries and three replicas. On a cluster, what a scenario does to "Valkey" (stop, kill,
-/// restart, pause) it does to every node.
-#[derive(Debug)]
-pub(crate) enum Valkey {
-    Node(Box<ValkeyServer>),
-    Cluster(ValkeyCluster),
-}
-
-impl Valkey {
-    async fn start() -> anyhow::Result<Self> {
-        Ok(match std::env::var("FOLLOW_E2E_VALKEY").as_deref() {
-            Ok("cluster") => Self::Cluster(ValkeyCluster::start().await?),
-            Ok("node") | Err(_) => Self::Node(Box::new(ValkeyServer::start().await?)),
-            Ok(other) => bail!("FOLLOW_E2E_VALKEY={other}: expected node or cluster"),
-        })
-    }
-
-    fn url_as(&self, user: User) -> String {
-        match self {
-            Self::Node(node) => node.url_as(user),
-            Self::Cluster(cluster) => cluster.urls_as(user),
-        }
-    }
-
-    fn nodes(&mut self) -> Vec<&mut ValkeyServer> {
-        match self {
-            Self::Node(node) => vec![&mut **node],
-            Self::Cluster(cluster) => cluster.nodes_mut().iter_mut().collect(),
-        }
-    }
-
-    fn signal(&self, stop: bool) {
-        let nodes: Vec<&ValkeyServer> = match self {
-            Self::Node(node) => vec![&**node],
-            Self::Cluster(cluster) => cluster.nodes().iter().collect(),
-        };
-        for node in nodes {
-            if stop { node.pause() } else { node.resume() }
-        }
-    }
-
-    async fn stop(&mut self) {
-        for node in self.nodes() {
-            node.stop().await;
-        }
-    }
-
-    async fn restart(&mut self) -> anyhow::Result<()> {
-        for node in self.nodes() {
-            node.restart().await?;
-        }
-        Ok(())
-    }
+/// primaries and three replicas.
+async fn start_valkey() -> anyhow::Result<ValkeyDeployment> {
+    Ok(match std::env::var("FOLLOW_E2E_VALKEY").as_deref() {
+        Ok("cluster") => ValkeyDeployment::Cluster(ValkeyCluster::start().await?),
+        Ok("node") | Err(_) => ValkeyDeployment::Node(Box::new(ValkeyServer::start().await?)),
+        Ok(other) => bail!("FOLLOW_E2E_VALKEY={other}: expected node or cluster"),
+    })
 }
 
 #[derive(Debug)]
 pub(crate) struct Stack {
-    valkey: Valkey,
+    valkey: ValkeyDeployment,
     _postgres: PostgresServer,
     garage: GarageServer,
     api: ServiceProcess,
@@ -145,7 +101,7 @@ async fn start_gateway(env: Vec<(String, String)>) -> anyhow::Result<ServiceProc
 impl Stack {
     pub(crate) async fn start() -> anyhow::Result<Platform> {
         let (valkey, postgres, garage, user, upload) = tokio::join!(
-            Valkey::start(),
+            start_valkey(),
             PostgresServer::start(),
             GarageServer::start(),
             keygen("user-e2e"),
@@ -256,10 +212,7 @@ impl Stack {
 
     /// The cluster, when Valkey is one.
     pub(crate) fn cluster(&mut self) -> Option<&mut ValkeyCluster> {
-        match &mut self.valkey {
-            Valkey::Cluster(cluster) => Some(cluster),
-            Valkey::Node(_) => None,
-        }
+        self.valkey.cluster()
     }
 
     pub(crate) fn bucket(&self) -> (aws_sdk_s3::Client, String) {

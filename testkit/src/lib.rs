@@ -25,7 +25,7 @@ pub use garage::GarageServer;
 pub use postgres::PostgresServer;
 pub use service::ServiceProcess;
 pub use valkey::ValkeyServer;
-pub use valkey_cluster::ValkeyCluster;
+pub use valkey_cluster::{ValkeyCluster, ValkeyDeployment};
 pub use wait::{eventually, eventually_async, stream_end};
 
 /// An S3 client for a test to inspect a bucket (path-style, static credentials).

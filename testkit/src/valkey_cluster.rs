@@ -370,3 +370,76 @@ fn not_ready(detail: String) -> TestkitError {
         detail,
     }
 }
+
+/// One Valkey node or a cluster, for what starts a platform on either (the end-to-end stack,
+/// `./dev up`): what it does to "Valkey" (stop, restart, pause) it does to every node.
+#[derive(Debug)]
+pub enum ValkeyDeployment {
+    Node(Box<ValkeyServer>),
+    Cluster(ValkeyCluster),
+}
+
+impl ValkeyDeployment {
+    /// How a service is pointed at it (`FOLLOW_VALKEY_URL`) as `user`: one URL, or every
+    /// node's, comma-separated.
+    pub fn url_as(&self, user: User) -> String {
+        match self {
+            Self::Node(node) => node.url_as(user),
+            Self::Cluster(cluster) => cluster.urls_as(user),
+        }
+    }
+
+    pub fn cluster(&mut self) -> Option<&mut ValkeyCluster> {
+        match self {
+            Self::Cluster(cluster) => Some(cluster),
+            Self::Node(_) => None,
+        }
+    }
+
+    fn nodes(&self) -> Vec<&ValkeyServer> {
+        match self {
+            Self::Node(node) => vec![&**node],
+            Self::Cluster(cluster) => cluster.nodes().iter().collect(),
+        }
+    }
+
+    fn nodes_mut(&mut self) -> Vec<&mut ValkeyServer> {
+        match self {
+            Self::Node(node) => vec![&mut **node],
+            Self::Cluster(cluster) => cluster.nodes_mut().iter_mut().collect(),
+        }
+    }
+
+    /// Freezes (`SIGSTOP`) or lets go on (`SIGCONT`) every node.
+    pub fn signal(&self, stop: bool) {
+        for node in self.nodes() {
+            if stop {
+                node.pause();
+            } else {
+                node.resume();
+            }
+        }
+    }
+
+    /// Kills every node (their data is gone).
+    pub async fn stop(&mut self) {
+        for node in self.nodes_mut() {
+            node.stop().await;
+        }
+    }
+
+    /// Starts every node again (empty).
+    pub async fn restart(&mut self) -> Result<(), TestkitError> {
+        for node in self.nodes_mut() {
+            node.restart().await?;
+        }
+        Ok(())
+    }
+
+    /// Stops every node so that it saves what it has (`SIGTERM`).
+    pub async fn shut_down(&mut self) {
+        for node in self.nodes_mut() {
+            node.shut_down().await;
+        }
+    }
+}

@@ -88,8 +88,8 @@ pub enum Settled {
 #[derive(Debug, Default)]
 pub struct Watch {
     resyncs: u64,
-    /// Since when Valkey could not be read, if it cannot now.
-    unreadable_since: Option<OffsetDateTime>,
+    /// Valkey could not be read at the last round.
+    unreadable: bool,
 }
 
 impl Reconciler {
@@ -97,7 +97,7 @@ impl Reconciler {
     pub async fn run(self, cancel: CancellationToken) {
         let mut watch = Watch {
             resyncs: self.hub.resyncs.load(Ordering::Relaxed),
-            unreadable_since: None,
+            unreadable: false,
         };
         loop {
             // A reconciler that fails at every start: how health's `workers: down` is tested.
@@ -144,10 +144,11 @@ impl Reconciler {
 
     /// Sweeps (makes every PENDING image due) when Valkey may have lost data since the last
     /// round: a partition's epoch marker was gone, this instance's hub lost its subscription,
-    /// or Valkey could not be read for a while (a job may not have been queued meanwhile).
+    /// or Valkey could not be read for a while (a job may not have been queued meanwhile). The
+    /// sweep is due once the trouble is over; another instance's sweep after that serves too.
     async fn notice_losses(&self, watch: &mut Watch) -> Result<(), sqlx::Error> {
         let now = OffsetDateTime::now_utc();
-        let mut noticed = None;
+        let mut over = None;
         match self.epochs.renew().await {
             Ok(0) => {}
             Ok(missing) => {
@@ -155,25 +156,24 @@ impl Reconciler {
                     missing,
                     "partitions lost their epoch marker: Valkey lost data"
                 );
-                noticed = Some(now);
+                over = Some(now);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "the epoch markers cannot be read");
-                watch.unreadable_since.get_or_insert(now);
+                watch.unreadable = true;
                 return Ok(());
             }
         }
-        if let Some(since) = watch.unreadable_since.take() {
-            noticed = noticed.or(Some(since));
+        if std::mem::take(&mut watch.unreadable) {
+            over = Some(now);
         }
         let resyncs = self.hub.resyncs.load(Ordering::Relaxed);
         if resyncs != watch.resyncs {
             watch.resyncs = resyncs;
-            let lost = self.hub.lost_at();
-            noticed = Some(noticed.map_or(lost, |n| n.min(lost)));
+            over = Some(over.map_or(self.hub.resynced_at(), |o| o.max(self.hub.resynced_at())));
         }
-        if let Some(noticed) = noticed
-            && let Some(due) = store::sweep(&self.pool, noticed).await?
+        if let Some(over) = over
+            && let Some(due) = store::sweep(&self.pool, over).await?
         {
             tracing::info!(
                 due,

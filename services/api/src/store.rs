@@ -484,13 +484,13 @@ pub async fn look_soon(
     .map(drop)
 }
 
-/// After Valkey may have lost data, first noticed at `noticed`: makes every PENDING image due
-/// for a look now, unless an instance already did since; returns how many it made due (`None`
-/// when another instance swept already).
-pub async fn sweep(pool: &PgPool, noticed: OffsetDateTime) -> Result<Option<u64>, sqlx::Error> {
+/// After Valkey may have lost data, the trouble being over at `over`: makes every PENDING image
+/// due for a look now, unless an instance did since `over`; returns how many it made due
+/// (`None` when another instance swept already).
+pub async fn sweep(pool: &PgPool, over: OffsetDateTime) -> Result<Option<u64>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let won = sqlx::query("UPDATE image.reconcile_sweeps SET swept_at = now() WHERE swept_at < $1")
-        .bind(noticed)
+        .bind(over)
         .execute(&mut *tx)
         .await?
         .rows_affected()

@@ -47,14 +47,21 @@ impl ValkeyConfig {
 #[derive(Clone)]
 pub enum Connection {
     Node(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Renewing),
 }
 
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Node(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => {
+                let (generation, mut conn) = c.current();
+                Box::pin(async move {
+                    let result = conn.req_packed_command(cmd).await;
+                    c.check(generation, &result);
+                    result
+                })
+            }
         }
     }
 
@@ -66,14 +73,74 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Node(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => {
+                let (generation, mut conn) = c.current();
+                Box::pin(async move {
+                    let result = conn.req_packed_commands(cmd, offset, count).await;
+                    c.check(generation, &result);
+                    result
+                })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Node(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(_) => 0,
+        }
+    }
+}
+
+/// A cluster connection that is made afresh (from the seed nodes) when it has lost every node:
+/// after the whole cluster went down at once, the client's own recovery can find no connection
+/// left to learn the topology from, and would never come back.
+#[derive(Clone)]
+pub struct Renewing(Arc<RenewingInner>);
+
+impl std::fmt::Debug for Renewing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Renewing").field(&self.current().0).finish()
+    }
+}
+
+struct RenewingInner {
+    make: Box<dyn Fn() -> ClusterConnection + Send + Sync>,
+    current: std::sync::RwLock<(u64, ClusterConnection)>,
+}
+
+impl Renewing {
+    fn new(make: impl Fn() -> ClusterConnection + Send + Sync + 'static) -> Self {
+        let first = make();
+        Self(Arc::new(RenewingInner {
+            make: Box::new(make),
+            current: std::sync::RwLock::new((0, first)),
+        }))
+    }
+
+    /// The connection now, with its generation.
+    fn current(&self) -> (u64, ClusterConnection) {
+        self.0
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the connection of `generation` (once) if `result` says it has no node left.
+    fn check<T>(&self, generation: u64, result: &redis::RedisResult<T>) {
+        let Err(e) = result else { return };
+        if e.kind() != redis::ErrorKind::ClusterConnectionNotFound {
+            return;
+        }
+        let mut current = self
+            .0
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0 == generation {
+            tracing::warn!("the cluster connection lost every node: connecting afresh");
+            *current = (generation + 1, (self.0.make)());
         }
     }
 }
@@ -100,7 +167,8 @@ impl Subscriber {
     pub async fn subscribe(&mut self, channels: &[String]) -> Result<(), BusError> {
         match &mut self.0 {
             Connection::Node(c) => c.subscribe(channels).await?,
-            Connection::Cluster(c) => c.ssubscribe(channels).await?,
+            // The hub connects afresh whenever its subscriptions fail.
+            Connection::Cluster(c) => c.current().1.ssubscribe(channels).await?,
         }
         Ok(())
     }
@@ -295,9 +363,9 @@ fn connect(
                 cluster = cluster.set_push_sender(pushes);
             }
             let client: ClusterClient = builder.build()?;
-            Ok(Connection::Cluster(
-                client.get_pending_async_connection_with_config(cluster),
-            ))
+            Ok(Connection::Cluster(Renewing::new(move || {
+                client.get_pending_async_connection_with_config(cluster.clone())
+            })))
         }
     }
 }

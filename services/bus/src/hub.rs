@@ -77,22 +77,23 @@ pub struct HubStats {
     /// Times the subscription was lost and made again (a lost connection, a failover, moved
     /// slots): each time, messages may have been missed, and Valkey may have lost writes.
     pub resyncs: AtomicU64,
-    /// When the subscription was last lost (Unix milliseconds; 0: never).
-    pub lost_at_ms: AtomicU64,
+    /// When the subscription was last made again after a loss (Unix milliseconds; 0: never).
+    pub resynced_at_ms: AtomicU64,
 }
 
 impl HubStats {
-    /// When the subscription was last lost (the Unix epoch if never).
-    pub fn lost_at(&self) -> time::OffsetDateTime {
-        let ms = self.lost_at_ms.load(Ordering::Relaxed);
+    /// When the subscription was last made again after a loss (the Unix epoch if never): what
+    /// was lost before then is what a sweep after then finds.
+    pub fn resynced_at(&self) -> time::OffsetDateTime {
+        let ms = self.resynced_at_ms.load(Ordering::Relaxed);
         time::OffsetDateTime::UNIX_EPOCH + Duration::from_millis(ms)
     }
 
-    fn lost(&self) {
+    fn resynced(&self) {
         let now = time::OffsetDateTime::now_utc() - time::OffsetDateTime::UNIX_EPOCH;
         let ms = u64::try_from(now.whole_milliseconds()).unwrap_or_default();
-        self.lost_at_ms.store(ms, Ordering::Relaxed);
-        self.connected.store(false, Ordering::Relaxed);
+        self.resynced_at_ms.store(ms, Ordering::Relaxed);
+        self.resyncs.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -374,9 +375,7 @@ impl Worker {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "progress hub: cannot subscribe; retrying");
-                        if self.shared.stats.connected.load(Ordering::Relaxed) {
-                            self.shared.stats.lost();
-                        }
+                        self.shared.stats.connected.store(false, Ordering::Relaxed);
                         if self.wait(backoff.delay(), commands, cancel).await {
                             return;
                         }
@@ -388,7 +387,7 @@ impl Worker {
             self.shared.stats.connected.store(true, Ordering::Relaxed);
             if !first {
                 tracing::info!("progress hub: (re)subscribed; watchers resync");
-                self.shared.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats.resynced();
                 self.resync_all();
             }
             first = false;
@@ -401,7 +400,7 @@ impl Worker {
                         Some(push) if self.receive(&push) => {}
                         _ => {
                             tracing::warn!("progress hub: subscription lost");
-                            self.shared.stats.lost();
+                            self.shared.stats.connected.store(false, Ordering::Relaxed);
                             break;
                         }
                     },
@@ -413,7 +412,6 @@ impl Worker {
                         match self.topology().await {
                             Ok(now) if now != topology => {
                                 tracing::info!("progress hub: the cluster's topology changed; subscribing afresh");
-                                self.shared.stats.lost();
                                 break;
                             }
                             Ok(_) => {}

@@ -10,6 +10,10 @@
 //! credentials of Valkey, PostgreSQL and S3, for `./dev` and the `local` end-to-end mode) and
 //! runs until SIGINT or SIGTERM, then stops everything, services first.
 //!
+//! With `FOLLOW_DEV_CLUSTER=1` (`./dev up --cluster`) Valkey is a cluster of three primaries and
+//! three replicas instead (on free ports, its data not kept), and two instances of each service
+//! run (the second ones on the ports after the first ones').
+//!
 //! | variable | default |
 //! |---|---|
 //! | `FOLLOW_HOME` | `.follow` |
@@ -27,7 +31,8 @@ use std::{
 
 use follow_testkit::ValkeyUser as User;
 use follow_testkit::{
-    GarageServer, PostgresServer, ServiceProcess, ValkeyServer, eventually_async,
+    GarageServer, PostgresServer, ServiceProcess, ValkeyCluster, ValkeyDeployment, ValkeyServer,
+    eventually_async,
 };
 
 fn port(name: &str, default: u16) -> u16 {
@@ -66,7 +71,8 @@ async fn up() -> Result<(), Error> {
     std::fs::create_dir_all(&run)?;
     let _ = std::fs::remove_file(run.join("stack.env"));
     let bucket = std::env::var("FOLLOW_S3_BUCKET").unwrap_or_else(|_| "follow-images".into());
-    let (mut valkey, mut postgres, mut garage) = servers(&home, &bucket).await?;
+    let cluster = std::env::var("FOLLOW_DEV_CLUSTER").is_ok_and(|v| v == "1");
+    let (mut valkey, mut postgres, mut garage) = servers(&home, &bucket, cluster).await?;
     migrate(&bin, &postgres)?;
     let upload = keys(&bin, &home.join("keys"), "upload")?;
     let user = keys(&bin, &home.join("keys"), "user")?;
@@ -93,41 +99,55 @@ async fn up() -> Result<(), Error> {
     };
     let gateway_port = port("FOLLOW_GATEWAY_PORT", 8081);
     let api_port = port("FOLLOW_API_PORT", 8080);
-    eprintln!("==> follow-image-gateway on 127.0.0.1:{gateway_port}, follow-api on :{api_port}");
-    let mut gateway = ServiceProcess::start_kept(
-        "follow-image-gateway",
-        &bin.join("follow-image-gateway"),
-        common(
-            User::Gateway,
-            &[
-                ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload.1.clone()),
-                ("FOLLOW_CONSUMER_NAME", "gateway-local".into()),
-            ],
-        ),
-        "FOLLOW_GATEWAY_LISTEN",
-        gateway_port,
-        &logs,
-    )
-    .await?;
-    let mut api = ServiceProcess::start_kept(
-        "follow-api",
-        &bin.join("follow-api"),
-        common(
-            User::Api,
-            &[
-                ("FOLLOW_DATABASE_URL", postgres.service_url()),
-                ("FOLLOW_USER_PUBLIC_KEYS", user.1.clone()),
-                ("FOLLOW_UPLOAD_SIGNING_KEY", upload.0.clone()),
-                ("FOLLOW_GATEWAY_URL", gateway.url()),
-                ("FOLLOW_CONSUMER_NAME", "api-local".into()),
-            ],
-        ),
-        "FOLLOW_API_LISTEN",
-        api_port,
-        &logs,
-    )
-    .await?;
-    for url in [api.url(), gateway.url()] {
+    let (mut apis, mut gateways) = (Vec::new(), Vec::new());
+    for n in 0..if cluster { 2 } else { 1 } {
+        let (gateway_port, api_port) = (gateway_port + 2 * n, api_port + 2 * n);
+        let name = |service: &str| format!("{service}-local-{}", n + 1);
+        // The first instances log where a single one does; the second ones beside them.
+        let logs = match n {
+            0 => logs.clone(),
+            _ => logs.join(format!("instance-{}", n + 1)),
+        };
+        eprintln!(
+            "==> follow-image-gateway on 127.0.0.1:{gateway_port}, follow-api on :{api_port}"
+        );
+        let gateway = ServiceProcess::start_kept(
+            "follow-image-gateway",
+            &bin.join("follow-image-gateway"),
+            common(
+                User::Gateway,
+                &[
+                    ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload.1.clone()),
+                    ("FOLLOW_CONSUMER_NAME", name("gateway")),
+                ],
+            ),
+            "FOLLOW_GATEWAY_LISTEN",
+            gateway_port,
+            &logs,
+        )
+        .await?;
+        let api = ServiceProcess::start_kept(
+            "follow-api",
+            &bin.join("follow-api"),
+            common(
+                User::Api,
+                &[
+                    ("FOLLOW_DATABASE_URL", postgres.service_url()),
+                    ("FOLLOW_USER_PUBLIC_KEYS", user.1.clone()),
+                    ("FOLLOW_UPLOAD_SIGNING_KEY", upload.0.clone()),
+                    ("FOLLOW_GATEWAY_URL", gateway.url()),
+                    ("FOLLOW_CONSUMER_NAME", name("api")),
+                ],
+            ),
+            "FOLLOW_API_LISTEN",
+            api_port,
+            &logs,
+        )
+        .await?;
+        gateways.push(gateway);
+        apis.push(api);
+    }
+    for url in apis.iter().chain(&gateways).map(ServiceProcess::url) {
         eventually_async(
             Duration::from_secs(60),
             &format!("{url}/health"),
@@ -138,7 +158,15 @@ async fn up() -> Result<(), Error> {
         )
         .await;
     }
-    write_stack_env(&run, &api, &gateway, &valkey, &postgres, &garage, &bucket)?;
+    write_stack_env(
+        &run,
+        &apis[0],
+        &gateways[0],
+        &valkey,
+        &postgres,
+        &garage,
+        &bucket,
+    )?;
     eprintln!(
         "==> up (data in {}, logs in {})",
         home.display(),
@@ -152,8 +180,9 @@ async fn up() -> Result<(), Error> {
     }
     eprintln!("==> stopping");
     let _ = std::fs::remove_file(run.join("stack.env"));
-    api.terminate(Duration::from_secs(30)).await;
-    gateway.terminate(Duration::from_secs(30)).await;
+    for service in apis.iter_mut().chain(&mut gateways) {
+        service.terminate(Duration::from_secs(30)).await;
+    }
     valkey.shut_down().await;
     postgres.stop().await;
     garage.stop().await;
@@ -185,7 +214,7 @@ fn write_stack_env(
     run: &Path,
     api: &ServiceProcess,
     gateway: &ServiceProcess,
-    valkey: &ValkeyServer,
+    valkey: &ValkeyDeployment,
     postgres: &PostgresServer,
     garage: &GarageServer,
     bucket: &str,
@@ -197,7 +226,7 @@ fn write_stack_env(
              AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
             api.url(),
             gateway.url(),
-            valkey.url(),
+            valkey.url_as(User::Admin),
             postgres.url(),
             garage.endpoint(),
             garage.access_key(),
@@ -207,12 +236,13 @@ fn write_stack_env(
     Ok(())
 }
 
-/// Valkey, PostgreSQL and Garage with their data kept under `home`, on their ports, with the
-/// bucket made.
+/// Valkey (one node, or a cluster), PostgreSQL and Garage with their data kept under `home`
+/// (but a cluster's), on their ports, with the bucket made.
 async fn servers(
     home: &Path,
     bucket: &str,
-) -> Result<(ValkeyServer, PostgresServer, GarageServer), Error> {
+    cluster: bool,
+) -> Result<(ValkeyDeployment, PostgresServer, GarageServer), Error> {
     let (valkey_port, pg_port) = (
         port("FOLLOW_VALKEY_PORT", 16379),
         port("FOLLOW_PG_PORT", 15432),
@@ -223,7 +253,12 @@ async fn servers(
         port("FOLLOW_GARAGE_ADMIN_PORT", 3903),
     ];
     eprintln!(
-        "==> Valkey on 127.0.0.1:{valkey_port}, PostgreSQL on :{pg_port}, Garage (S3) on :{}",
+        "==> Valkey on 127.0.0.1:{}, PostgreSQL on :{pg_port}, Garage (S3) on :{}",
+        if cluster {
+            "(a cluster of 3 + 3 on free ports)".to_owned()
+        } else {
+            valkey_port.to_string()
+        },
         s3_ports[0]
     );
     let dirs = (
@@ -231,8 +266,17 @@ async fn servers(
         home.join("postgres"),
         home.join("garage"),
     );
+    let valkey = async {
+        Ok::<_, follow_testkit::TestkitError>(if cluster {
+            ValkeyDeployment::Cluster(ValkeyCluster::start().await?)
+        } else {
+            ValkeyDeployment::Node(Box::new(
+                ValkeyServer::start_kept(&dirs.0, valkey_port).await?,
+            ))
+        })
+    };
     let (valkey, postgres, garage) = tokio::join!(
-        ValkeyServer::start_kept(&dirs.0, valkey_port),
+        valkey,
         PostgresServer::start_kept(&dirs.1, pg_port),
         GarageServer::start_kept(&dirs.2, s3_ports),
     );
