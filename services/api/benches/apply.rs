@@ -11,11 +11,16 @@
 //!   `FOLLOW_BENCH_STEADY_SECS`, 10 s); latency from a result's `XADD` to its commit
 //!   announcement arriving at a subscriber, p50 / p99 / max.
 //!
+//! - **cluster**: the drain again on a Valkey Cluster (3 primaries + 3 replicas, 16 partitions)
+//!   by 1, 2 and 3 API instances (in this process: each its own connections, consumers and
+//!   applier), with how busy the machine was, PostgreSQL's WAL syncs per second and Valkey
+//!   commands per batch of 64: what bounds the factor from 1 to 3.
+//!
 //! Figures are taken in one run on one machine; compare the ratios.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -25,7 +30,7 @@ use follow_bus::{
     Consumer, ConsumerConfig, ErrorCode, Failure, HealthChecker, ImageResult, Notice, Processed,
     ProgressTracker, ResultOutcome, StreamMessage as _, Valkey, ValkeyConfig, acl::User, keys,
 };
-use follow_testkit::{PostgresServer, ValkeyServer, setting};
+use follow_testkit::{PostgresServer, ValkeyCluster, ValkeyServer, setting};
 use futures_util::StreamExt as _;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -114,6 +119,7 @@ async fn main() {
         ms(0.99),
         ms(1.0)
     );
+    cluster_scaling(&pool, results).await;
 }
 
 /// Commits of one single-row UPDATE each, sequentially: the floor a per-result transaction
@@ -211,9 +217,15 @@ async fn add_all(server: &ValkeyServer, results: &[ImageResult]) -> f64 {
 }
 
 fn xadd(result: &ImageResult) -> redis::Cmd {
+    xadd_to(
+        &keys::RESULTS.stream(PARTITIONS.of(result.image_id)),
+        result,
+    )
+}
+
+fn xadd_to(stream: &str, result: &ImageResult) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
-    cmd.arg(keys::RESULTS.stream(PARTITIONS.of(result.image_id)))
-        .arg("*");
+    cmd.arg(stream).arg("*");
     for (name, value) in result.to_fields() {
         cmd.arg(name).arg(value);
     }
@@ -365,6 +377,156 @@ async fn steady(
     );
     latencies.sort();
     latencies
+}
+
+/// The same drain on a Valkey Cluster (3 primaries + 3 replicas, the default partitions) by 1,
+/// 2 and 3 API instances, each as the API runs: its own connections, a consumer per partition,
+/// its own applier. The instances run in this process (they share nothing but its cores).
+async fn cluster_scaling(pool: &PgPool, results: usize) {
+    let cluster = ValkeyCluster::start().await.unwrap();
+    let partitions = keys::Partitions::DEFAULT;
+    let mut admin = cluster.connection().await;
+    println!(
+        "cluster: {results} images' results pre-filled on a Valkey Cluster of 3 primaries + 3 \
+         replicas ({partitions} partitions), then applied by N API instances (batches of up to \
+         64, one consumer per partition each)"
+    );
+    println!(
+        "  {:<12} {:>12} {:>14} {:>16} {:>18}",
+        "instances", "applied /s", "machine busy", "fsyncs /s (WAL)", "Valkey cmds /batch"
+    );
+    let (mut first, mut last) = (0.0, 0.0);
+    for instances in 1..=3 {
+        let entries = prepare(pool, results).await;
+        for (partition, chunk) in by_partition(partitions, &entries) {
+            for part in chunk.chunks(256) {
+                let mut pipe = redis::pipe();
+                for result in part {
+                    pipe.add_command(xadd_to(&keys::RESULTS.stream(partition), result))
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut admin).await.unwrap();
+            }
+        }
+        let (cpu, syncs, commands) = (
+            machine_cpu(),
+            wal_syncs(pool).await,
+            cluster_commands(&cluster).await,
+        );
+        let stop = CancellationToken::new();
+        let started = Instant::now();
+        let mut running = Vec::new();
+        let mut valkeys = Vec::new();
+        for instance in 0..instances {
+            let valkey = Valkey::new(ValkeyConfig {
+                partitions,
+                ..ValkeyConfig::new(cluster.urls_as(User::Api))
+            })
+            .unwrap();
+            for partition in partitions.all() {
+                let config = ConsumerConfig {
+                    batch_size: 64,
+                    block: Duration::from_millis(100),
+                    ..ConsumerConfig::new(keys::RESULTS, format!("bench-{instance}"))
+                }
+                .on(partition);
+                let mut consumer = Consumer::new(&valkey, config).unwrap();
+                let mut applier = applier(&valkey, pool);
+                let stop = stop.clone();
+                running.push(tokio::spawn(async move {
+                    consumer.ensure_group().await.unwrap();
+                    consumer.run(&mut applier, stop).await;
+                }));
+            }
+            valkeys.push(valkey);
+        }
+        drained(&mut HealthChecker::new(&valkeys[0], Some(keys::RESULTS)).unwrap()).await;
+        let elapsed = started.elapsed();
+        let applied = rate(entries.len(), elapsed);
+        let busy = (machine_cpu() - cpu) / elapsed.as_secs_f64() / cores() as f64;
+        let syncs = (wal_syncs(pool).await - syncs) as f64 / elapsed.as_secs_f64();
+        let per_batch =
+            (cluster_commands(&cluster).await - commands) as f64 / (entries.len() as f64 / 64.0);
+        stop.cancel();
+        for task in running {
+            task.await.unwrap();
+        }
+        if instances == 1 {
+            first = applied;
+        }
+        last = applied;
+        println!(
+            "  {instances:<12} {applied:>12.0} {:>13.0}% {syncs:>16.0} {per_batch:>18.1}",
+            busy * 100.0
+        );
+    }
+    println!(
+        "  factor 3 / 1 instances: {:.2}x (the bound: the machine's {} cores when they are busy \
+         near 100%, else PostgreSQL's fsyncs)",
+        last / first,
+        cores()
+    );
+}
+
+/// The entries of each partition, in order.
+fn by_partition(
+    partitions: keys::Partitions,
+    entries: &[ImageResult],
+) -> BTreeMap<keys::Partition, Vec<&ImageResult>> {
+    let mut by = BTreeMap::<_, Vec<_>>::new();
+    for entry in entries {
+        by.entry(partitions.of(entry.image_id))
+            .or_default()
+            .push(entry);
+    }
+    by
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// CPU seconds the whole machine has spent busy (`/proc/stat`, all but idle and iowait).
+fn machine_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let busy: f64 =
+        ticks.iter().sum::<f64>() - ticks.get(3).unwrap_or(&0.0) - ticks.get(4).unwrap_or(&0.0);
+    busy / 100.0
+}
+
+/// WAL syncs PostgreSQL has made (`pg_stat_wal`).
+async fn wal_syncs(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// Commands the cluster's nodes have processed.
+async fn cluster_commands(cluster: &ValkeyCluster) -> u64 {
+    let mut total = 0;
+    // The first three are the primaries (nothing fails over here); replicas only apply writes.
+    for node in &cluster.nodes()[..3] {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut node.connection().await)
+            .await
+            .unwrap_or_default();
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
 }
 
 fn rate(n: usize, elapsed: Duration) -> f64 {
