@@ -259,38 +259,14 @@ impl ValkeyCluster {
             )
             .await?;
         }
-        eventually_async(SETTLE_WITHIN, "every replica to be in sync", || async {
-            for replica in &self.nodes[PRIMARIES..] {
-                let mut conn = connect(replica).await.ok()?;
-                let info: String = query(&mut conn, redis::cmd("INFO").arg("replication"))
-                    .await
-                    .ok()?;
-                if !info.contains("master_link_status:up") {
-                    return None;
-                }
-            }
-            Some(())
-        })
-        .await;
-        // The forming node's view settles last: wait until every node agrees.
-        let nodes = &self.nodes;
-        eventually_async(
-            SETTLE_WITHIN,
-            "the cluster to be ok on every node",
-            || async move {
-                for node in nodes {
-                    let mut conn = connect(node).await.ok()?;
-                    let info: String = query(&mut conn, redis::cmd("CLUSTER").arg("INFO"))
-                        .await
-                        .ok()?;
-                    if !info.contains("cluster_state:ok") {
-                        return None;
-                    }
-                }
-                Some(())
-            },
+        until_all_say(
+            &self.nodes[PRIMARIES..],
+            &["INFO", "replication"],
+            "master_link_status:up",
         )
         .await;
+        // The forming node's view settles last: wait until every node agrees.
+        until_all_say(&self.nodes, &["CLUSTER", "INFO"], "cluster_state:ok").await;
         Ok(())
     }
 
@@ -318,6 +294,24 @@ impl ValkeyCluster {
             .position(|n| n.port() == port)
             .ok_or_else(|| not_ready(format!("no node of the cluster has port {port}")))
     }
+}
+
+/// Waits until the answer of every one of `nodes` to `command` holds `needle`.
+async fn until_all_say(nodes: &[ValkeyServer], command: &[&str], needle: &str) {
+    let what = format!("every node's {} to say {needle}", command.join(" "));
+    eventually_async(SETTLE_WITHIN, &what, || async {
+        for node in nodes {
+            let mut conn = connect(node).await.ok()?;
+            let mut cmd = redis::cmd(command[0]);
+            cmd.arg(&command[1..]);
+            let answer: String = query(&mut conn, &cmd).await.ok()?;
+            if !answer.contains(needle) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
 }
 
 /// `(first slot, last slot, primary's port)` of every served range, as `conn`'s node sees it.
