@@ -93,6 +93,11 @@ impl Application {
         let pool = connect(&config).await?;
         crate::schema::check(&pool).await?;
         let valkey = Valkey::new(config.valkey.config())?;
+        match valkey.claim_partitions().await {
+            Err(e) if !e.is_unavailable() => return Err(e.into()),
+            Err(e) => tracing::warn!(error = %e, "the partition count could not be checked"),
+            Ok(()) => {}
+        }
         Ok(Self {
             listener,
             config,

@@ -16,7 +16,10 @@ use redis::{
     cluster_async::ClusterConnection,
 };
 
-use crate::{BusError, keys::Partitions};
+use crate::{
+    BusError,
+    keys::{self, Partitions},
+};
 
 /// How to reach Valkey.
 #[derive(Debug, Clone)]
@@ -247,6 +250,31 @@ impl Valkey {
     /// The partitions of the work streams, and so the keys of each image.
     pub fn partitions(&self) -> Partitions {
         self.config.partitions
+    }
+
+    /// Claims the platform's partition count for this service's (`SET NX`), or checks it is the
+    /// one claimed: services cutting the streams differently would each read streams the other
+    /// never writes. [`BusError::Invalid`] on a mismatch; Valkey unavailable is left for later
+    /// (the claim is made by whichever service starts first once it is back).
+    pub async fn claim_partitions(&self) -> Result<(), BusError> {
+        let mut conn = self.connection()?;
+        let ours = self.config.partitions.to_string();
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(keys::PARTITIONS)
+            .arg(&ours)
+            .arg("NX")
+            .arg("GET")
+            .query_async(&mut conn)
+            .await?;
+        match claimed {
+            Some(theirs) if theirs != ours => Err(BusError::Invalid(format!(
+                "FOLLOW_VALKEY_PARTITIONS is {ours} but the platform's streams are cut into \
+                 {theirs} ({}); set the same count on every service (docs/operations.md, \
+                 \"Partitions\")",
+                keys::PARTITIONS
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Whether this is a Valkey Cluster.

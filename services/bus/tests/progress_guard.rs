@@ -1,4 +1,5 @@
-//! Progress reporting and the one-time upload guard against a real Valkey.
+//! Progress reporting, the one-time upload guard, rate limits and the partition count's claim
+//! against a real Valkey.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -9,8 +10,9 @@ use std::collections::HashMap;
 use common::*;
 use follow_bus::{
     ErrorCode, Failure, GuardOutcome, GuardState, Notice, Progress, ProgressTracker, Recorded,
-    Stage, UploadGuard, keys,
+    Stage, UploadGuard, Valkey, ValkeyConfig, keys,
 };
+use follow_testkit::{ValkeyServer, ValkeyUser};
 use futures_util::StreamExt as _;
 use uuid::Uuid;
 
@@ -345,4 +347,32 @@ async fn the_rate_limit_is_shared_by_every_instance_allows_its_burst_and_says_ho
         .await
         .unwrap();
     assert!(ttl > 0 && ttl <= 10_001, "{ttl}");
+}
+
+#[tokio::test]
+async fn services_with_another_partition_count_are_refused() {
+    let server = ValkeyServer::start().await.unwrap();
+    let with = |user, count| {
+        Valkey::new(ValkeyConfig {
+            partitions: keys::Partitions::new(count).unwrap(),
+            ..ValkeyConfig::new(server.url_as(user))
+        })
+        .unwrap()
+    };
+    with(ValkeyUser::Api, 16).claim_partitions().await.unwrap();
+    with(ValkeyUser::Gateway, 16)
+        .claim_partitions()
+        .await
+        .unwrap();
+    let refused = with(ValkeyUser::Gateway, 8)
+        .claim_partitions()
+        .await
+        .unwrap_err();
+    assert!(!refused.is_unavailable(), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("FOLLOW_VALKEY_PARTITIONS is 8"),
+        "{refused}"
+    );
 }

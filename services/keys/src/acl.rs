@@ -90,6 +90,7 @@ impl User {
     pub fn rules(self) -> Vec<String> {
         // Scripts name a progress channel as a key too (so that it counts for its slot).
         let shared = [
+            format!("~{}", keys::PARTITIONS),
             format!("~{}", keys::UPLOAD_GUARD_PATTERN),
             format!("~{}", keys::STATUS_PATTERN),
             format!("~{}", keys::PROGRESS_PATTERN),

@@ -209,6 +209,10 @@ pub const JOBS: Queue = Queue {
 pub const PROGRESS_PATTERN: &str = "image:progress:*";
 /// Pattern matching every upload guard.
 pub const UPLOAD_GUARD_PATTERN: &str = "image:upload:*";
+/// The partition count the platform's streams are cut into, set by the first service to start
+/// (String): a service configured with another count refuses to start.
+pub const PARTITIONS: &str = "image:partitions";
+
 /// Pattern matching every partition's epoch marker.
 pub const EPOCH_PATTERN: &str = "image:epoch:*";
 /// Pattern matching every status hash.
