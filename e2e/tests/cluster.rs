@@ -61,10 +61,10 @@ fn collect(mut stream: Streaming<api::WatchImageStatusResponse>) -> JoinHandle<S
 /// Uploads each photo, trying again while the platform answers 503 (a shard failing over).
 async fn upload_all(targets: Vec<api::UploadTarget>) {
     for target in targets {
-        let until = tokio::time::Instant::now() + WAIT * 2;
-        let mut tries = Vec::new();
-        loop {
+        let tries = std::sync::Mutex::new(Vec::new());
+        eventually_async(WAIT * 2, "the upload accepted", || async {
             let answer = upload(&target.upload_url, "image/jpeg", jpeg(320, 240)).await;
+            let mut tries = tries.lock().unwrap();
             tries.push(match &answer {
                 Ok((status, answer)) => format!("{status} {answer}"),
                 Err(e) => format!("{e:#}"),
@@ -72,17 +72,19 @@ async fn upload_all(targets: Vec<api::UploadTarget>) {
             // An attempt whose answer was lost (a 503 while a shard failed over, say) may
             // still hold the token's lease for a few seconds: "in progress", try again.
             match answer {
-                Ok((202, _)) => break,
-                Ok((503, _)) | Err(_) => {}
+                Ok((202, _)) => Some(()),
+                Ok((503, _)) | Err(_) => None,
                 Ok((409, answer))
                     if answer["message"]
                         .as_str()
-                        .is_some_and(|m| m.contains("in progress")) => {}
+                        .is_some_and(|m| m.contains("in progress")) =>
+                {
+                    None
+                }
                 Ok(_) => panic!("{tries:?}"),
             }
-            assert!(tokio::time::Instant::now() < until, "{tries:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await;
     }
 }
 
