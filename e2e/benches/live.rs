@@ -1,10 +1,11 @@
-//! `./dev bench live`: live progress at scale, on one machine. A throwaway stack with two API
-//! instances (release builds); `FOLLOW_BENCH_STREAMS` watch streams (default 10,000) on the first
-//! instance and `FOLLOW_BENCH_STREAMS_B` (default 1,000) on the second, `FOLLOW_BENCH_WEB_PERCENT`
-//! (default 50) of each over grpc-web (HTTP/1.1, one connection per stream) and the rest over
-//! native gRPC (HTTP/2, up to 100 streams per connection). Each stream watches one image. A publisher then plays the gateways: every image
-//! goes through its six in-flight stages (`HSET image:status` + `PUBLISH image:progress`, as the
-//! gateway does) at `FOLLOW_BENCH_RATE` events/s (default 1,000).
+//! `./dev bench live`: live progress at scale, on one machine. A throwaway stack on one Valkey
+//! node with two API instances (release builds); `FOLLOW_BENCH_STREAMS` watch streams (default
+//! 10,000) on the first instance and `FOLLOW_BENCH_STREAMS_B` (default 1,000) on the second,
+//! `FOLLOW_BENCH_WEB_PERCENT` (default 50) of each over grpc-web (HTTP/1.1, one connection per
+//! stream) and the rest over native gRPC (HTTP/2, up to 100 streams per connection). Each stream
+//! watches one image. A publisher then plays the gateways: every image goes through its six
+//! in-flight stages (`HSET image:status` + `PUBLISH image:progress`, as the gateway does) at
+//! `FOLLOW_BENCH_RATE` events/s (default 1,000).
 //!
 //! Prints events published and delivered, delivered/s, publish → client latency p50/p99/max, and
 //! lost and duplicated events (each stream must see each stage of its image exactly once, in
@@ -18,6 +19,9 @@
 //! after traffic (every stream has been sent an event since), and the slope between steps. A
 //! step the process limit on open files cannot hold (grpc-web over HTTP/1.1 is a connection per
 //! stream) is printed as not run.
+//!
+//! Last, the first part again on a Valkey Cluster of three primaries and three replicas: the
+//! same streams spread evenly over three API instances, progress published with `SPUBLISH`.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::{
@@ -29,7 +33,7 @@ use std::{
 };
 
 use follow_e2e::{
-    Platform, channel,
+    Platform, ValkeyKind, channel,
     client::{bearer, watch_images},
     rss_bytes,
 };
@@ -71,15 +75,61 @@ async fn main() {
     }
     let streams_a = follow_testkit::setting("FOLLOW_BENCH_STREAMS", 10_000);
     let streams_b = follow_testkit::setting("FOLLOW_BENCH_STREAMS_B", 1_000);
-    let rate = follow_testkit::setting("FOLLOW_BENCH_RATE", 1_000);
-    let images = follow_testkit::setting("FOLLOW_BENCH_IMAGES", 2_000).max(1);
-    let web_percent = follow_testkit::setting("FOLLOW_BENCH_WEB_PERCENT", 50).min(100);
+    let load = Load {
+        rate: follow_testkit::setting("FOLLOW_BENCH_RATE", 1_000),
+        images: follow_testkit::setting("FOLLOW_BENCH_IMAGES", 2_000).max(1),
+        web_percent: follow_testkit::setting("FOLLOW_BENCH_WEB_PERCENT", 50).min(100),
+    };
 
-    let mut platform = Platform::start().await.unwrap();
+    let mut platform = Platform::start_on(ValkeyKind::Node).await.unwrap();
     let second = platform.add_api(&[]).await.unwrap();
     let token = platform.token("bench").await.unwrap();
+    println!("live progress: one Valkey node, two API instances, one machine (2 shared cores)");
+    let instances = [(platform.api_url.clone(), streams_a), (second, streams_b)];
+    live(&platform, &token, &instances, &load).await;
+    memory_per_stream(&mut platform, &token).await;
+    drop(platform);
 
-    let ids = create_images(&platform, &token, images).await;
+    // The same streams spread over three instances, the progress published with `SPUBLISH` on
+    // the shard of each image's partition.
+    let mut platform = Platform::start_on(ValkeyKind::Cluster).await.unwrap();
+    let mut instances = vec![platform.api_url.clone()];
+    for _ in 0..2 {
+        instances.push(platform.add_api(&[]).await.unwrap());
+    }
+    let token = platform.token("bench").await.unwrap();
+    let total = streams_a + streams_b;
+    let instances: Vec<(String, usize)> = instances
+        .into_iter()
+        .enumerate()
+        .map(|(i, url)| (url, total / 3 + usize::from(i < total % 3)))
+        .collect();
+    println!(
+        "live progress: a Valkey Cluster (3 primaries, 3 replicas, {} partitions), three API instances",
+        platform.partitions
+    );
+    live(&platform, &token, &instances, &load).await;
+}
+
+/// What the publisher plays, and how the streams are spread.
+struct Load {
+    /// Progress events published per second.
+    rate: usize,
+    /// Images watched (each stream watches one).
+    images: usize,
+    /// The share of streams over grpc-web (the rest native gRPC).
+    web_percent: usize,
+}
+
+/// Opens `n` watch streams on each `(url, n)` of `instances`, publishes every image's stages at
+/// the load's rate, and prints what the streams got.
+async fn live(platform: &Platform, token: &str, instances: &[(String, usize)], load: &Load) {
+    let Load {
+        rate,
+        images,
+        web_percent,
+    } = *load;
+    let ids = create_images(platform, token, images).await;
     let index: std::collections::HashMap<String, usize> = ids
         .iter()
         .cloned()
@@ -93,37 +143,33 @@ async fn main() {
     let published: Arc<Vec<AtomicU64>> =
         Arc::new((0..images * SLOTS).map(|_| AtomicU64::new(0)).collect());
 
-    let total = streams_a + streams_b;
     // How many streams got their snapshot (are live).
     let (ready, mut live) = tokio::sync::watch::channel(0usize);
     let ready = Arc::new(ready);
     // Streams wait for every other to be open before they time out on silence.
     let (go, going) = tokio::sync::watch::channel(false);
-    let mut channels: Vec<(String, Vec<Channel>)> = Vec::new();
-    for (url, n) in [
-        (platform.api_url.clone(), streams_a),
-        (second.clone(), streams_b),
-    ] {
+    let mut channels: Vec<Vec<Channel>> = Vec::new();
+    for (url, n) in instances {
         let mut list = Vec::new();
         for _ in 0..(n * (100 - web_percent) / 100).div_ceil(100).max(1) {
-            list.push(channel(&url).await.unwrap());
+            list.push(channel(url).await.unwrap());
         }
-        channels.push((url, list));
+        channels.push(list);
     }
     // Native streams first, then grpc-web ones.
     let opened = Instant::now();
-    let mut tasks = Vec::with_capacity(total);
+    let mut tasks = Vec::new();
     for phase_web in [false, true] {
-        for (instance, n) in [(0usize, streams_a), (1, streams_b)] {
-            for s in 0..n {
+        for (instance, (url, n)) in instances.iter().enumerate() {
+            for s in 0..*n {
                 let web = s % 100 < web_percent;
                 if web != phase_web {
                     continue;
                 }
                 let image = (s * 7919 + instance) % images;
                 let id = ids[image].clone();
-                let request = bearer(watch_images(&[&id]), &token);
-                let (url, list) = &channels[instance];
+                let request = bearer(watch_images(&[&id]), token);
+                let list = &channels[instance];
                 let native = list[s % list.len()].clone();
                 let url = url.clone();
                 let (ready, published, index) = (ready.clone(), published.clone(), index.clone());
@@ -193,7 +239,7 @@ async fn main() {
             pace.tick().await;
             published[image * SLOTS + *stage as usize]
                 .store(epoch.elapsed().as_micros() as u64, Relaxed);
-            publish(&mut valkey, &platform, id, seq, *stage, name).await;
+            publish(&mut valkey, platform, id, seq, *stage, name).await;
         }
     }
     let publish_s = started.elapsed().as_secs_f64();
@@ -213,9 +259,10 @@ async fn main() {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
             .map_or(0.0, |&us| us as f64 / 1000.0)
     };
-    println!("live progress: two API instances, one machine (2 shared cores)");
+    let spread: Vec<String> = instances.iter().map(|(_, n)| n.to_string()).collect();
     println!(
-        "  streams: {streams_a} on instance A + {streams_b} on B, {web_percent}% grpc-web; {images} images; opened in {open_s:.1} s"
+        "  streams: {} over the instances, {web_percent}% grpc-web; {images} images; opened in {open_s:.1} s",
+        spread.join(" + ")
     );
     println!(
         "  published {events} events in {publish_s:.1} s ({:.0}/s, target rate {rate}/s)",
@@ -232,8 +279,6 @@ async fn main() {
         pct(1.0)
     );
     println!("  lost {lost}, duplicated {duplicated} (target 0 and 0)");
-
-    memory_per_stream(&mut platform, &token).await;
 }
 
 /// The connection a watch stream goes over.

@@ -64,13 +64,41 @@ enum Backend {
     Local,
 }
 
+/// The Valkey a spawned stack runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValkeyKind {
+    /// One node.
+    Node,
+    /// A cluster of three primaries and three replicas.
+    Cluster,
+}
+
+impl ValkeyKind {
+    /// `FOLLOW_E2E_VALKEY`: `node` (the default) or `cluster`.
+    pub fn from_env() -> anyhow::Result<Self> {
+        match std::env::var("FOLLOW_E2E_VALKEY").as_deref() {
+            Ok("cluster") => Ok(Self::Cluster),
+            Ok("node") | Err(_) => Ok(Self::Node),
+            Ok(other) => bail!("FOLLOW_E2E_VALKEY={other}: expected node or cluster"),
+        }
+    }
+}
+
 impl Platform {
-    /// Starts (or finds) the stack for `FOLLOW_E2E_MODE` and waits until both services'
-    /// `/health` say ok.
+    /// Starts (or finds) the stack for `FOLLOW_E2E_MODE` (and `FOLLOW_E2E_VALKEY`) and waits
+    /// until both services' `/health` say ok.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_on(ValkeyKind::from_env()?).await
+    }
+
+    /// [`Platform::start`] on the Valkey `kind` (which only a spawned stack can choose).
+    pub async fn start_on(kind: ValkeyKind) -> anyhow::Result<Self> {
         let mode = std::env::var("FOLLOW_E2E_MODE").unwrap_or_else(|_| "spawn".into());
+        if mode != "spawn" && kind == ValkeyKind::Cluster {
+            bail!("FOLLOW_E2E_MODE={mode} cannot start a Valkey Cluster (spawn mode does)");
+        }
         let platform = match mode.as_str() {
-            "spawn" => spawn::Stack::start().await?,
+            "spawn" => spawn::Stack::start(kind).await?,
             "local" => local::platform()?,
             "compose" => compose::Project::up().await?,
             other => bail!("FOLLOW_E2E_MODE={other}: expected spawn, local or compose"),

@@ -10,15 +10,13 @@ use follow_testkit::{
     GarageServer, PostgresServer, ServiceProcess, ValkeyCluster, ValkeyDeployment, ValkeyServer,
 };
 
-use crate::{Backend, Platform, Service, binary};
+use crate::{Backend, Platform, Service, ValkeyKind, binary};
 
-/// The stack's Valkey: one node, or with `FOLLOW_E2E_VALKEY=cluster` a cluster of three
-/// primaries and three replicas.
-async fn start_valkey() -> anyhow::Result<ValkeyDeployment> {
-    Ok(match std::env::var("FOLLOW_E2E_VALKEY").as_deref() {
-        Ok("cluster") => ValkeyDeployment::Cluster(ValkeyCluster::start().await?),
-        Ok("node") | Err(_) => ValkeyDeployment::Node(Box::new(ValkeyServer::start().await?)),
-        Ok(other) => bail!("FOLLOW_E2E_VALKEY={other}: expected node or cluster"),
+/// The stack's Valkey: one node, or a cluster of three primaries and three replicas.
+async fn start_valkey(kind: ValkeyKind) -> anyhow::Result<ValkeyDeployment> {
+    Ok(match kind {
+        ValkeyKind::Cluster => ValkeyDeployment::Cluster(ValkeyCluster::start().await?),
+        ValkeyKind::Node => ValkeyDeployment::Node(Box::new(ValkeyServer::start().await?)),
     })
 }
 
@@ -99,9 +97,9 @@ async fn start_gateway(env: Vec<(String, String)>) -> anyhow::Result<ServiceProc
 }
 
 impl Stack {
-    pub(crate) async fn start() -> anyhow::Result<Platform> {
+    pub(crate) async fn start(kind: ValkeyKind) -> anyhow::Result<Platform> {
         let (valkey, postgres, garage, user, upload) = tokio::join!(
-            start_valkey(),
+            start_valkey(kind),
             PostgresServer::start(),
             GarageServer::start(),
             keygen("user-e2e"),

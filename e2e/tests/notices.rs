@@ -150,23 +150,29 @@ async fn watchers_learn_outcomes_whose_committer_died_before_announcing() {
     let images = image_ids(&created);
     let watches = watch_all(&platform, &survivor, &user, &route_id, &images).await;
 
-    // The survivor frozen, only the committer reads results: it commits the first it reads and
-    // is held at the failpoint, its announcement not made.
+    // The survivor frozen, only the committer reads results: it commits each it reads and is
+    // held at the failpoint, its announcements not made. It dies once every image is committed:
+    // a result it had read and not committed would wait out its lease before the survivor took
+    // it over, and then the survivor, not the restarted committer, would re-read them all.
     signal(survivor_pid, "-STOP");
     for target in &created.upload_targets {
         upload_accepted(&target.upload_url, "image/jpeg", jpeg(320, 240)).await;
     }
     let db = platform.database().await.unwrap();
-    eventually_async(WAIT, "a commit held before its announcement", || async {
-        let processed: i64 = sqlx::query_scalar(
+    eventually_async(
+        WAIT,
+        "every commit held before its announcement",
+        || async {
+            let processed: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM image.images WHERE id::text = ANY($1) AND status = 'PROCESSED'",
         )
         .bind(&images)
         .fetch_one(&db)
         .await
         .unwrap();
-        (processed > 0).then_some(())
-    })
+            (processed == i64::try_from(images.len()).unwrap()).then_some(())
+        },
+    )
     .await;
     platform.kill(Service::Api).await.unwrap();
     let resumed = Instant::now();

@@ -98,10 +98,19 @@ pub(crate) async fn run(what: &'static str, command: &mut Command) -> Result<Str
     }
 }
 
+/// The last 20 lines of `log` on one line, for an error message.
 pub(crate) fn tail(log: &Path) -> String {
+    last_lines(log, 20).join(" | ")
+}
+
+/// The last `n` lines of `log`.
+pub(crate) fn last_lines(log: &Path, n: usize) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join(" | ")
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| (*l).to_owned())
+        .collect()
 }
 
 /// A server process that dies with its handle (even when a test panics).

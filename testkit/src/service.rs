@@ -177,3 +177,20 @@ impl ServiceProcess {
         Ok(())
     }
 }
+
+impl Drop for ServiceProcess {
+    /// A failing test shows what the service was doing: its log dies with its directory.
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.dir.is_kept() {
+            eprintln!(
+                "---- {} on port {}: the last {LOG_LINES_ON_FAILURE} lines of its log ----\n{}",
+                self.what,
+                self.port,
+                crate::process::last_lines(&self.log_path(), LOG_LINES_ON_FAILURE).join("\n")
+            );
+        }
+    }
+}
+
+/// How much of a service's log a failing test prints.
+const LOG_LINES_ON_FAILURE: usize = 300;

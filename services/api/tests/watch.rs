@@ -338,7 +338,9 @@ async fn idle_watches_get_heartbeats_and_unused_tokens_expire_the_image() {
     let stack = Stack::start_with(
         Vars::from([
             ("FOLLOW_WATCH_HEARTBEAT_SECS", "1".into()),
-            ("FOLLOW_UPLOAD_TOKEN_TTL_SECS", "1".into()),
+            // Long enough beside the heartbeat's second for a watch of a fresh image to get
+            // a heartbeat before its image expires, even on a loaded machine.
+            ("FOLLOW_UPLOAD_TOKEN_TTL_SECS", "3".into()),
             ("FOLLOW_EXPIRY_GRACE_SECS", "0".into()),
             ("FOLLOW_RECONCILE_INTERVAL_SECS", "1".into()),
         ]),
