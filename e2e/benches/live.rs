@@ -186,34 +186,7 @@ async fn live(platform: &Platform, token: &str, instances: &[(String, usize)], l
                     assert!(matches!(first.event, Some(Event::ImageProgress(_))));
                     ready.send_modify(|n| *n += 1);
                     going.wait_for(|go| *go).await.unwrap();
-                    let mut seen = Seen::default();
-                    let mut last = Stage::Queued as i32;
-                    while let Ok(Ok(Some(message))) =
-                        tokio::time::timeout(Duration::from_secs(5), stream.message()).await
-                    {
-                        let Some(Event::ImageProgress(p)) = message.event else {
-                            continue;
-                        };
-                        let now = epoch.elapsed().as_micros() as u64;
-                        let stage = p.stage;
-                        if stage <= last {
-                            seen.duplicated += 1;
-                            continue;
-                        }
-                        seen.lost += (stage - last - 1) as u64;
-                        last = stage;
-                        seen.delivered += 1;
-                        let image = index[&p.image_id];
-                        let at = published[image * SLOTS + stage as usize].load(Relaxed);
-                        if at > 0 {
-                            seen.latencies_us.push(now.saturating_sub(at) as u32);
-                        }
-                        if stage == Stage::UploadingToStorage as i32 {
-                            break;
-                        }
-                    }
-                    seen.lost += (Stage::UploadingToStorage as i32 - last).max(0) as u64;
-                    seen
+                    follow(stream, epoch, &published, &index).await
                 }));
             }
         }
@@ -227,21 +200,8 @@ async fn live(platform: &Platform, token: &str, instances: &[(String, usize)], l
     let open_s = opened.elapsed().as_secs_f64();
     go.send_replace(true);
 
-    // The gateways: every image through its stages, paced at `rate` events per second.
-    let mut valkey = platform.valkey().await.unwrap();
-    let events = images * STAGES.len();
-    let started = Instant::now();
-    // A fixed rate: a late tick is made up at once (`Burst`), as a schedule would.
-    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    for (seq, (stage, name)) in STAGES.iter().enumerate() {
-        for (image, id) in ids.iter().enumerate() {
-            pace.tick().await;
-            published[image * SLOTS + *stage as usize]
-                .store(epoch.elapsed().as_micros() as u64, Relaxed);
-            publish(&mut valkey, platform, id, seq, *stage, name).await;
-        }
-    }
+    let (events, started) = (images * STAGES.len(), Instant::now());
+    play(platform, &ids, rate, epoch, &published).await;
     let publish_s = started.elapsed().as_secs_f64();
 
     let mut all = Vec::new();
@@ -255,10 +215,6 @@ async fn live(platform: &Platform, token: &str, instances: &[(String, usize)], l
     }
     let deliver_s = started.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |&us| us as f64 / 1000.0)
-    };
     let spread: Vec<String> = instances.iter().map(|(_, n)| n.to_string()).collect();
     println!(
         "  streams: {} over the instances, {web_percent}% grpc-web; {images} images; opened in {open_s:.1} s",
@@ -272,6 +228,10 @@ async fn live(platform: &Platform, token: &str, instances: &[(String, usize)], l
         "  delivered {delivered} events to clients in {deliver_s:.1} s ({:.0}/s)",
         delivered as f64 / deliver_s
     );
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |&us| us as f64 / 1000.0)
+    };
     println!(
         "  latency publish -> client: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < 50 ms)",
         pct(0.50),
@@ -279,6 +239,66 @@ async fn live(platform: &Platform, token: &str, instances: &[(String, usize)], l
         pct(1.0)
     );
     println!("  lost {lost}, duplicated {duplicated} (target 0 and 0)");
+}
+
+/// The gateways: every image of `ids` through its stages, paced at `rate` events per second,
+/// each event's time noted in `published` (µs since `epoch`).
+async fn play(
+    platform: &Platform,
+    ids: &[String],
+    rate: usize,
+    epoch: Instant,
+    published: &[AtomicU64],
+) {
+    let mut valkey = platform.valkey().await.unwrap();
+    // A fixed rate: a late tick is made up at once (`Burst`), as a schedule would.
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for (seq, (stage, name)) in STAGES.iter().enumerate() {
+        for (image, id) in ids.iter().enumerate() {
+            pace.tick().await;
+            published[image * SLOTS + *stage as usize]
+                .store(epoch.elapsed().as_micros() as u64, Relaxed);
+            publish(&mut valkey, platform, id, seq, *stage, name).await;
+        }
+    }
+}
+
+/// Reads a live stream of one image until its last in-flight stage (or 5 s of silence): what
+/// it got, lost and got twice, and each stage's latency from `published` (µs since `epoch`).
+async fn follow(
+    mut stream: Streaming<api::WatchImageStatusResponse>,
+    epoch: Instant,
+    published: &[AtomicU64],
+    index: &std::collections::HashMap<String, usize>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let mut last = Stage::Queued as i32;
+    while let Ok(Ok(Some(message))) =
+        tokio::time::timeout(Duration::from_secs(5), stream.message()).await
+    {
+        let Some(Event::ImageProgress(p)) = message.event else {
+            continue;
+        };
+        let now = epoch.elapsed().as_micros() as u64;
+        let stage = p.stage;
+        if stage <= last {
+            seen.duplicated += 1;
+            continue;
+        }
+        seen.lost += (stage - last - 1) as u64;
+        last = stage;
+        seen.delivered += 1;
+        let at = published[index[&p.image_id] * SLOTS + stage as usize].load(Relaxed);
+        if at > 0 {
+            seen.latencies_us.push(now.saturating_sub(at) as u32);
+        }
+        if stage == Stage::UploadingToStorage as i32 {
+            break;
+        }
+    }
+    seen.lost += (Stage::UploadingToStorage as i32 - last).max(0) as u64;
+    seen
 }
 
 /// The connection a watch stream goes over.

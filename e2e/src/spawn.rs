@@ -110,18 +110,11 @@ impl Stack {
         let common = |user: User, extra: &[(&str, String)]| {
             let mut env: Vec<(String, String)> = [
                 ("FOLLOW_VALKEY_URL", valkey.url_as(user)),
-                ("FOLLOW_S3_ENDPOINT", garage.endpoint()),
-                ("FOLLOW_S3_REGION", garage.region().to_owned()),
-                ("FOLLOW_S3_BUCKET", garage.bucket().to_owned()),
-                ("FOLLOW_S3_ACCESS_KEY_ID", garage.access_key().to_owned()),
-                (
-                    "FOLLOW_S3_SECRET_ACCESS_KEY",
-                    garage.secret_key().to_owned(),
-                ),
                 ("FOLLOW_LOG_FORMAT", "text".to_owned()),
                 ("FOLLOW_LOG", "info".to_owned()),
             ]
             .into_iter()
+            .chain(garage.service_env())
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
             env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));

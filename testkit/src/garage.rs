@@ -125,6 +125,17 @@ api_bind_addr = "127.0.0.1:{admin}"
         &self.secret_key
     }
 
+    /// The `FOLLOW_S3_*` settings that point a service at this server.
+    pub fn service_env(&self) -> [(&'static str, String); 5] {
+        [
+            ("FOLLOW_S3_ENDPOINT", self.endpoint()),
+            ("FOLLOW_S3_REGION", REGION.to_owned()),
+            ("FOLLOW_S3_BUCKET", BUCKET.to_owned()),
+            ("FOLLOW_S3_ACCESS_KEY_ID", self.access_key.clone()),
+            ("FOLLOW_S3_SECRET_ACCESS_KEY", self.secret_key.clone()),
+        ]
+    }
+
     /// Makes bucket `name` (unless it exists) and lets this server's key read and write it.
     pub async fn ensure_bucket(&self, name: &str) -> Result<(), TestkitError> {
         if run(

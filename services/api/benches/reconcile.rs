@@ -120,18 +120,7 @@ async fn waiting_images(pool: &PgPool, count: usize) {
 }
 
 fn bucket(garage: &GarageServer) -> Bucket {
-    let vars: HashMap<&str, String> = [
-        ("FOLLOW_S3_ENDPOINT", garage.endpoint()),
-        ("FOLLOW_S3_REGION", garage.region().to_owned()),
-        ("FOLLOW_S3_BUCKET", garage.bucket().to_owned()),
-        ("FOLLOW_S3_ACCESS_KEY_ID", garage.access_key().to_owned()),
-        (
-            "FOLLOW_S3_SECRET_ACCESS_KEY",
-            garage.secret_key().to_owned(),
-        ),
-    ]
-    .into_iter()
-    .collect();
+    let vars: HashMap<&str, String> = garage.service_env().into_iter().collect();
     let lookup = |name: &str| vars.get(name).cloned();
     Bucket::new(&S3Config::from_env(&Env::new(&lookup)).unwrap())
 }

@@ -185,23 +185,13 @@ async fn run(server: &ValkeyServer, watched_share: f64, watches: usize, rate: us
 
     let closing = Instant::now();
     drop(subscriptions);
-    // Per-image unsubscribes are sent by the worker: done when Valkey has no channel left.
-    let conn = server.connection().await;
-    eventually_async(
-        Duration::from_secs(60),
-        "every channel unsubscribed",
-        || {
-            let mut conn = conn.clone();
-            async move {
-                let channels: Vec<String> = redis::cmd("PUBSUB")
-                    .arg("CHANNELS")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                channels.is_empty().then_some(())
-            }
-        },
-    )
+    // Unsubscribing is the worker's: done when the hub watches no image (its channels, one per
+    // partition, stay subscribed).
+    let stats = hub.stats();
+    eventually_async(Duration::from_secs(60), "every watch closed", || {
+        let open = stats.channels.load(std::sync::atomic::Ordering::Relaxed);
+        std::future::ready((open == 0).then_some(()))
+    })
     .await;
     let close_ms = closing.elapsed().as_secs_f64() * 1000.0;
     cancel.cancel();
@@ -235,7 +225,7 @@ async fn main() {
     let rate = setting("FOLLOW_BENCH_RATE", 5_000);
     let server = ValkeyServer::start().await.unwrap();
     println!(
-        "progress hub: per-image SUBSCRIBE vs one PSUBSCRIBE ({watches} watches, one image each; {rate} events/s for 4 s; one Valkey, 2 shared cores)"
+        "progress hub: one subscription per partition channel ({watches} watches, one image each; {rate} events/s for 4 s; one Valkey, 2 shared cores)"
     );
     println!(
         "  {:<38} {:>10} {:>11} {:>8} {:>8} {:>13} {:>13} {:>9}",

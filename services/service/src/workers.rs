@@ -7,7 +7,7 @@
 //! `workers: down` until a run of it lasts [`STEADY`]. An operator sees it; nothing hides it.
 
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     future::Future,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -32,7 +32,41 @@ pub const DOWN_AFTER: u32 = 3;
 pub struct Workers {
     tracker: TaskTracker,
     cancel: CancellationToken,
-    down: Arc<Mutex<BTreeSet<&'static str>>>,
+    down: Down,
+}
+
+/// How many workers of each name are reported down (the consumers of a queue, one per
+/// partition, share their name): a name is down while any of its workers is.
+#[derive(Debug, Clone, Default)]
+struct Down(Arc<Mutex<BTreeMap<&'static str, usize>>>);
+
+impl Down {
+    /// One worker of `name` is down or up again; `reported` is what it said last.
+    fn report(&self, name: &'static str, reported: &mut bool, is_down: bool) {
+        if *reported == is_down {
+            return;
+        }
+        *reported = is_down;
+        let mut down = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = down.entry(name).or_default();
+        if is_down {
+            *count += 1;
+        } else {
+            *count -= 1;
+            if *count == 0 {
+                down.remove(name);
+            }
+        }
+    }
+
+    fn names(&self) -> Vec<&'static str> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect()
+    }
 }
 
 impl Workers {
@@ -40,7 +74,7 @@ impl Workers {
         Self {
             tracker: TaskTracker::new(),
             cancel,
-            down: Arc::default(),
+            down: Down::default(),
         }
     }
 
@@ -56,20 +90,13 @@ impl Workers {
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let (cancel, down) = (self.cancel.clone(), Arc::clone(&self.down));
-        let mark = move |is_down: bool| {
-            let mut down = down.lock().unwrap_or_else(PoisonError::into_inner);
-            if is_down {
-                down.insert(name);
-            } else {
-                down.remove(name);
-            }
-        };
+        let (cancel, down) = (self.cancel.clone(), self.down.clone());
+        let mark = move |reported: &mut bool, is_down: bool| down.report(name, reported, is_down);
         let span = tracing::info_span!("worker", worker = name);
         self.tracker.spawn(
             async move {
                 let mut pause = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-                let mut early_ends = 0;
+                let (mut early_ends, mut reported) = (0, false);
                 loop {
                     let mut run = tokio::spawn(make().in_current_span());
                     let outcome = tokio::select! {
@@ -77,7 +104,7 @@ impl Workers {
                         () = tokio::time::sleep(STEADY) => {
                             early_ends = 0;
                             pause.reset();
-                            mark(false);
+                            mark(&mut reported, false);
                             run.await
                         }
                     };
@@ -91,7 +118,7 @@ impl Workers {
                     early_ends += 1;
                     if early_ends >= DOWN_AFTER {
                         tracing::error!(early_ends, "worker keeps failing: reported down");
-                        mark(true);
+                        mark(&mut reported, true);
                     }
                     tokio::select! {
                         () = cancel.cancelled() => break,
@@ -179,12 +206,7 @@ impl Workers {
 
     /// Workers that keep failing (see the module's doc).
     pub fn down(&self) -> Vec<&'static str> {
-        self.down
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .copied()
-            .collect()
+        self.down.names()
     }
 
     /// Cancels and waits until every worker has stopped.
@@ -192,5 +214,25 @@ impl Workers {
         self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_name_is_down_while_any_of_its_workers_is() {
+        let down = Down::default();
+        let (mut first, mut second, mut trimmer) = (false, false, false);
+        down.report("consumer", &mut first, true);
+        down.report("consumer", &mut second, true);
+        down.report("consumer", &mut second, false);
+        // A worker that was never down changes nothing when it runs steadily.
+        down.report("trimmer", &mut trimmer, false);
+        down.report("consumer", &mut second, false);
+        assert_eq!(down.names(), ["consumer"]);
+        down.report("consumer", &mut first, false);
+        assert!(down.names().is_empty());
     }
 }

@@ -61,116 +61,111 @@ fn main() -> ExitCode {
 
 type Error = Box<dyn std::error::Error>;
 
-async fn up() -> Result<(), Error> {
-    let home = PathBuf::from(std::env::var("FOLLOW_HOME").unwrap_or_else(|_| ".follow".into()));
-    let bin =
-        PathBuf::from(std::env::var("FOLLOW_BIN_DIR").unwrap_or_else(|_| "target/debug".into()));
-    let logs = home.join("logs");
-    let run = home.join("run");
-    std::fs::create_dir_all(&logs)?;
-    std::fs::create_dir_all(&run)?;
-    let _ = std::fs::remove_file(run.join("stack.env"));
-    let bucket = std::env::var("FOLLOW_S3_BUCKET").unwrap_or_else(|_| "follow-images".into());
-    let cluster = std::env::var("FOLLOW_DEV_CLUSTER").is_ok_and(|v| v == "1");
-    let (mut valkey, mut postgres, mut garage) = servers(&home, &bucket, cluster).await?;
-    migrate(&bin, &postgres)?;
-    let upload = keys(&bin, &home.join("keys"), "upload")?;
-    let user = keys(&bin, &home.join("keys"), "user")?;
-    let common = |user: User, extra: &[(&str, String)]| -> Vec<(String, String)> {
+/// Where the local platform keeps its data, logs and run files, and finds its binaries.
+struct Dirs {
+    home: PathBuf,
+    bin: PathBuf,
+    logs: PathBuf,
+    run: PathBuf,
+}
+
+impl Dirs {
+    fn from_env() -> Result<Self, Error> {
+        let home = PathBuf::from(std::env::var("FOLLOW_HOME").unwrap_or_else(|_| ".follow".into()));
+        let bin = PathBuf::from(
+            std::env::var("FOLLOW_BIN_DIR").unwrap_or_else(|_| "target/debug".into()),
+        );
+        let (logs, run) = (home.join("logs"), home.join("run"));
+        std::fs::create_dir_all(&logs)?;
+        std::fs::create_dir_all(&run)?;
+        Ok(Self {
+            home,
+            bin,
+            logs,
+            run,
+        })
+    }
+}
+
+/// The servers the services run on, and the bucket they use.
+struct Servers {
+    valkey: ValkeyDeployment,
+    postgres: PostgresServer,
+    garage: GarageServer,
+    bucket: String,
+}
+
+impl Servers {
+    /// What every service is given: its Valkey user, S3 and the log format, then `extra`.
+    fn env(&self, user: User, extra: &[(&str, String)]) -> Vec<(String, String)> {
+        let s3 = self.garage.service_env().map(|(k, v)| match k {
+            "FOLLOW_S3_BUCKET" => (k, self.bucket.clone()),
+            _ => (k, v),
+        });
         [
-            ("FOLLOW_VALKEY_URL", valkey.url_as(user)),
-            ("FOLLOW_S3_ENDPOINT", garage.endpoint()),
-            ("FOLLOW_S3_REGION", garage.region().to_owned()),
-            ("FOLLOW_S3_BUCKET", bucket.clone()),
-            ("FOLLOW_S3_ACCESS_KEY_ID", garage.access_key().to_owned()),
-            (
-                "FOLLOW_S3_SECRET_ACCESS_KEY",
-                garage.secret_key().to_owned(),
-            ),
+            ("FOLLOW_VALKEY_URL", self.valkey.url_as(user)),
             (
                 "FOLLOW_LOG_FORMAT",
                 std::env::var("FOLLOW_LOG_FORMAT").unwrap_or_else(|_| "json".into()),
             ),
         ]
         .into_iter()
+        .chain(s3)
         .chain(extra.iter().cloned())
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
-    };
-    let gateway_port = port("FOLLOW_GATEWAY_PORT", 8081);
-    let api_port = port("FOLLOW_API_PORT", 8080);
-    let (mut apis, mut gateways) = (Vec::new(), Vec::new());
-    for n in 0..if cluster { 2 } else { 1 } {
-        let (gateway_port, api_port) = (gateway_port + 2 * n, api_port + 2 * n);
-        let name = |service: &str| format!("{service}-local-{}", n + 1);
-        // The first instances log where a single one does; the second ones beside them.
-        let logs = match n {
-            0 => logs.clone(),
-            _ => logs.join(format!("instance-{}", n + 1)),
-        };
-        eprintln!(
-            "==> follow-image-gateway on 127.0.0.1:{gateway_port}, follow-api on :{api_port}"
-        );
-        let gateway = ServiceProcess::start_kept(
-            "follow-image-gateway",
-            &bin.join("follow-image-gateway"),
-            common(
-                User::Gateway,
-                &[
-                    ("FOLLOW_UPLOAD_PUBLIC_KEYS", upload.1.clone()),
-                    ("FOLLOW_CONSUMER_NAME", name("gateway")),
-                ],
-            ),
-            "FOLLOW_GATEWAY_LISTEN",
-            gateway_port,
-            &logs,
-        )
-        .await?;
-        let api = ServiceProcess::start_kept(
-            "follow-api",
-            &bin.join("follow-api"),
-            common(
-                User::Api,
-                &[
-                    ("FOLLOW_DATABASE_URL", postgres.service_url()),
-                    ("FOLLOW_USER_PUBLIC_KEYS", user.1.clone()),
-                    ("FOLLOW_UPLOAD_SIGNING_KEY", upload.0.clone()),
-                    ("FOLLOW_GATEWAY_URL", gateway.url()),
-                    ("FOLLOW_CONSUMER_NAME", name("api")),
-                ],
-            ),
-            "FOLLOW_API_LISTEN",
-            api_port,
-            &logs,
-        )
-        .await?;
-        gateways.push(gateway);
-        apis.push(api);
     }
-    for url in apis.iter().chain(&gateways).map(ServiceProcess::url) {
+
+    async fn stop(mut self) {
+        self.valkey.shut_down().await;
+        self.postgres.stop().await;
+        self.garage.stop().await;
+    }
+}
+
+/// The `(private, public)` key pairs the services sign and verify with.
+struct Keys {
+    upload: (String, String),
+    user: (String, String),
+}
+
+/// One gateway and one API, instance `n` (0 for the first).
+struct Instance {
+    gateway: ServiceProcess,
+    api: ServiceProcess,
+}
+
+async fn up() -> Result<(), Error> {
+    let dirs = Dirs::from_env()?;
+    let _ = std::fs::remove_file(dirs.run.join("stack.env"));
+    let bucket = std::env::var("FOLLOW_S3_BUCKET").unwrap_or_else(|_| "follow-images".into());
+    let cluster = std::env::var("FOLLOW_DEV_CLUSTER").is_ok_and(|v| v == "1");
+    let servers = servers(&dirs.home, bucket, cluster).await?;
+    migrate(&dirs.bin, &servers.postgres)?;
+    let keys = Keys {
+        upload: keys(&dirs.bin, &dirs.home.join("keys"), "upload")?,
+        user: keys(&dirs.bin, &dirs.home.join("keys"), "user")?,
+    };
+    let mut instances = Vec::new();
+    for n in 0..if cluster { 2 } else { 1 } {
+        instances.push(start_instance(n, &dirs, &servers, &keys).await?);
+    }
+    for url in instances
+        .iter()
+        .flat_map(|i| [i.api.url(), i.gateway.url()])
+    {
         eventually_async(
             Duration::from_secs(60),
             &format!("{url}/health"),
-            || async {
-                let ok = answers_health(&url).await;
-                ok.then_some(())
-            },
+            || async { answers_health(&url).await.then_some(()) },
         )
         .await;
     }
-    write_stack_env(
-        &run,
-        &apis[0],
-        &gateways[0],
-        &valkey,
-        &postgres,
-        &garage,
-        &bucket,
-    )?;
+    write_stack_env(&dirs.run, &instances[0], &servers)?;
     eprintln!(
         "==> up (data in {}, logs in {})",
-        home.display(),
-        logs.display()
+        dirs.home.display(),
+        dirs.logs.display()
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -179,15 +174,66 @@ async fn up() -> Result<(), Error> {
         _ = term.recv() => {}
     }
     eprintln!("==> stopping");
-    let _ = std::fs::remove_file(run.join("stack.env"));
-    for service in apis.iter_mut().chain(&mut gateways) {
-        service.terminate(Duration::from_secs(30)).await;
+    let _ = std::fs::remove_file(dirs.run.join("stack.env"));
+    for mut instance in instances {
+        instance.api.terminate(Duration::from_secs(30)).await;
+        instance.gateway.terminate(Duration::from_secs(30)).await;
     }
-    valkey.shut_down().await;
-    postgres.stop().await;
-    garage.stop().await;
-    eprintln!("==> stopped; data kept in {}", home.display());
+    servers.stop().await;
+    eprintln!("==> stopped; data kept in {}", dirs.home.display());
     Ok(())
+}
+
+/// Instance `n` of the gateway and the API, on the ports after instance `n - 1`'s; the first
+/// logs in the logs directory, the others in `instance-N` beside it.
+async fn start_instance(
+    n: u16,
+    dirs: &Dirs,
+    servers: &Servers,
+    keys: &Keys,
+) -> Result<Instance, Error> {
+    let gateway_port = port("FOLLOW_GATEWAY_PORT", 8081) + 2 * n;
+    let api_port = port("FOLLOW_API_PORT", 8080) + 2 * n;
+    let name = |service: &str| format!("{service}-local-{}", n + 1);
+    let logs = match n {
+        0 => dirs.logs.clone(),
+        _ => dirs.logs.join(format!("instance-{}", n + 1)),
+    };
+    eprintln!("==> follow-image-gateway on 127.0.0.1:{gateway_port}, follow-api on :{api_port}");
+    let gateway = ServiceProcess::start_kept(
+        "follow-image-gateway",
+        &dirs.bin.join("follow-image-gateway"),
+        servers.env(
+            User::Gateway,
+            &[
+                ("FOLLOW_UPLOAD_PUBLIC_KEYS", keys.upload.1.clone()),
+                ("FOLLOW_CONSUMER_NAME", name("gateway")),
+            ],
+        ),
+        "FOLLOW_GATEWAY_LISTEN",
+        gateway_port,
+        &logs,
+    )
+    .await?;
+    let api = ServiceProcess::start_kept(
+        "follow-api",
+        &dirs.bin.join("follow-api"),
+        servers.env(
+            User::Api,
+            &[
+                ("FOLLOW_DATABASE_URL", servers.postgres.service_url()),
+                ("FOLLOW_USER_PUBLIC_KEYS", keys.user.1.clone()),
+                ("FOLLOW_UPLOAD_SIGNING_KEY", keys.upload.0.clone()),
+                ("FOLLOW_GATEWAY_URL", gateway.url()),
+                ("FOLLOW_CONSUMER_NAME", name("api")),
+            ],
+        ),
+        "FOLLOW_API_LISTEN",
+        api_port,
+        &logs,
+    )
+    .await?;
+    Ok(Instance { gateway, api })
 }
 
 /// `GET {url}/health` says 200 (a plain HTTP/1.1 exchange: no client library needed).
@@ -207,25 +253,22 @@ async fn answers_health(url: &str) -> bool {
     stream.read_exact(&mut head).await.is_ok() && head.ends_with(b"200")
 }
 
-/// The `kid=private` / `kid=public` pair `name` in `dir`, made once with `follow-api keygen`.
 /// `run/stack.env` (mode 0600): the addresses, with the operators' credentials of Valkey,
 /// PostgreSQL and S3, for `./dev` and the `local` end-to-end mode.
-fn write_stack_env(
-    run: &Path,
-    api: &ServiceProcess,
-    gateway: &ServiceProcess,
-    valkey: &ValkeyDeployment,
-    postgres: &PostgresServer,
-    garage: &GarageServer,
-    bucket: &str,
-) -> Result<(), Error> {
+fn write_stack_env(run: &Path, first: &Instance, servers: &Servers) -> Result<(), Error> {
+    let Servers {
+        valkey,
+        postgres,
+        garage,
+        bucket,
+    } = servers;
     write_private(
         &run.join("stack.env"),
         &format!(
             "API={}\nGATEWAY={}\nVALKEY={}\nDATABASE={}\nS3={}\nS3_BUCKET={bucket}\n\
              AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
-            api.url(),
-            gateway.url(),
+            first.api.url(),
+            first.gateway.url(),
             valkey.url_as(User::Admin),
             postgres.url(),
             garage.endpoint(),
@@ -238,11 +281,7 @@ fn write_stack_env(
 
 /// Valkey (one node, or a cluster), PostgreSQL and Garage with their data kept under `home`
 /// (but a cluster's), on their ports, with the bucket made.
-async fn servers(
-    home: &Path,
-    bucket: &str,
-    cluster: bool,
-) -> Result<(ValkeyDeployment, PostgresServer, GarageServer), Error> {
+async fn servers(home: &Path, bucket: String, cluster: bool) -> Result<Servers, Error> {
     let (valkey_port, pg_port) = (
         port("FOLLOW_VALKEY_PORT", 16379),
         port("FOLLOW_PG_PORT", 15432),
@@ -281,8 +320,13 @@ async fn servers(
         GarageServer::start_kept(&dirs.2, s3_ports),
     );
     let (valkey, postgres, garage) = (valkey?, postgres?, garage?);
-    garage.ensure_bucket(bucket).await?;
-    Ok((valkey, postgres, garage))
+    garage.ensure_bucket(&bucket).await?;
+    Ok(Servers {
+        valkey,
+        postgres,
+        garage,
+        bucket,
+    })
 }
 
 /// Runs `bin/follow-api args` with `env` added; its standard output, or its error.
@@ -315,6 +359,7 @@ fn migrate(bin: &Path, postgres: &PostgresServer) -> Result<(), Error> {
     follow_api(bin, &["migrate"], &env).map(drop)
 }
 
+/// The `kid=private` / `kid=public` pair `name` in `dir`, made once with `follow-api keygen`.
 fn keys(bin: &Path, dir: &Path, name: &str) -> Result<(String, String), Error> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(dir)?;

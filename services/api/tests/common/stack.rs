@@ -82,11 +82,7 @@ impl Stack {
             ("FOLLOW_MAX_FILE_SIZE", "10000000".into()),
         ]);
         if let Some(g) = &garage {
-            vars.insert("FOLLOW_S3_ENDPOINT", g.endpoint());
-            vars.insert("FOLLOW_S3_REGION", g.region().into());
-            vars.insert("FOLLOW_S3_BUCKET", g.bucket().into());
-            vars.insert("FOLLOW_S3_ACCESS_KEY_ID", g.access_key().into());
-            vars.insert("FOLLOW_S3_SECRET_ACCESS_KEY", g.secret_key().into());
+            vars.extend(g.service_env());
         }
         vars.extend(overrides);
         // As in production: the owner migrates, the service runs as its own role.

@@ -64,11 +64,6 @@ impl Gateway {
                 "FOLLOW_UPLOAD_PUBLIC_KEYS",
                 format!("upload-1={}", key.verifying_key().to_base64()),
             ),
-            ("FOLLOW_S3_ENDPOINT", garage.endpoint()),
-            ("FOLLOW_S3_REGION", garage.region().into()),
-            ("FOLLOW_S3_BUCKET", garage.bucket().into()),
-            ("FOLLOW_S3_ACCESS_KEY_ID", garage.access_key().into()),
-            ("FOLLOW_S3_SECRET_ACCESS_KEY", garage.secret_key().into()),
             (
                 "FOLLOW_SPOOL_DIR",
                 std::env::temp_dir()
@@ -80,6 +75,7 @@ impl Gateway {
             ("FOLLOW_S3_OPERATION_TIMEOUT_SECS", "4".into()),
             ("FOLLOW_OPS_TOKEN", OPS_TOKEN.into()),
         ]);
+        vars.extend(garage.service_env());
         vars.extend(overrides);
         let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
