@@ -16,6 +16,7 @@ use follow_service::{
     metrics::Registry,
     s3::Bucket,
     serve::ServeError,
+    workers::Workers,
 };
 use follow_token::Verifier;
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use crate::{
-    config::Config,
+    config::{Config, JobConfig},
     http::{self, GatewayProbe},
     metrics::Metrics,
     service::GatewayService,
@@ -108,24 +109,7 @@ impl Application {
             max_bytes: config.receive.max_upload_bytes,
             slots: Arc::new(Semaphore::new(config.jobs.workers)),
         };
-        // Images spread evenly over the partitions: ceil(workers / partitions) consumers on each
-        // keep every worker supplied, and each instance holds at most that many jobs per
-        // partition (the others stay for other instances).
-        let per_partition = config
-            .jobs
-            .workers
-            .div_ceil(usize::from(valkey.partitions().count()));
-        for n in 1..=per_partition {
-            let consumer = ConsumerConfig {
-                batch_size: 1,
-                min_idle: config.jobs.lease,
-                reclaim_interval: (config.jobs.lease / 2).max(Duration::from_secs(1)),
-                max_failures: config.jobs.max_failures,
-                ..ConsumerConfig::new(keys::JOBS, format!("{}-{n}", config.jobs.consumer_name))
-            };
-            let stats = Arc::clone(&consumers);
-            workers.consume("job-worker", &valkey, consumer, stats, handler.clone());
-        }
+        consume_jobs(workers, &valkey, &config.jobs, &consumers, &handler);
         workers.trim("job-trimmer", &valkey, keys::JOBS);
         let hub = Arc::new(Hub::new(valkey.clone(), Hub::DEFAULT_MAX_LAG));
         workers.hub(&hub);
@@ -158,5 +142,36 @@ impl Application {
         };
         let served = shell.serve(listener, &config.server, served).await;
         Ok(served?)
+    }
+}
+
+/// The job consumers. Images spread evenly over the partitions: ceil(workers / partitions)
+/// consumers on each keep every worker supplied, and each instance holds at most that many jobs
+/// per partition (the others stay for other instances).
+fn consume_jobs(
+    workers: &Workers,
+    valkey: &Valkey,
+    jobs: &JobConfig,
+    stats: &Arc<ConsumerStats>,
+    handler: &JobHandler,
+) {
+    let per_partition = jobs
+        .workers
+        .div_ceil(usize::from(valkey.partitions().count()));
+    for n in 1..=per_partition {
+        let consumer = ConsumerConfig {
+            batch_size: 1,
+            min_idle: jobs.lease,
+            reclaim_interval: (jobs.lease / 2).max(Duration::from_secs(1)),
+            max_failures: jobs.max_failures,
+            ..ConsumerConfig::new(keys::JOBS, format!("{}-{n}", jobs.consumer_name))
+        };
+        workers.consume(
+            "job-worker",
+            valkey,
+            consumer,
+            Arc::clone(stats),
+            handler.clone(),
+        );
     }
 }
