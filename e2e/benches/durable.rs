@@ -30,9 +30,10 @@ async fn main() {
     let images = setting("FOLLOW_BENCH_IMAGES", 200).max(1);
     let mut platform = Platform::start().await.unwrap();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let garage = std::env::var("FOLLOW_GARAGE").unwrap_or_else(|_| "garage on PATH".into());
     println!(
         "durable uploads: release builds, one machine ({cores} cores shared by every server, \
-         the clients and the bench), Garage on loopback"
+         the clients and the bench), Garage on loopback ({garage})"
     );
 
     accept_latency(&platform, repeats).await;

@@ -225,7 +225,7 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
         let mut cursor = Cursor::start();
         let mut group_ready = false;
-        let mut next_reclaim = Instant::now();
+        let (mut next_reclaim, mut failing) = (Instant::now(), false);
         let (stream, consumer) = (self.keys.stream.clone(), self.config.consumer.clone());
         tracing::info!(stream, %consumer, "consumer started");
         while !cancel.is_cancelled() {
@@ -239,7 +239,13 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
                 )
                 .await;
             match step {
-                Ok(()) => backoff.reset(),
+                Ok(()) => {
+                    backoff.reset();
+                    if failing {
+                        failing = false;
+                        tracing::info!(stream, "consumer: the bus answers again");
+                    }
+                }
                 Err(e) => {
                     // Whatever was half done is still pending: re-read it once the bus is back.
                     cursor = Cursor::start();
@@ -251,7 +257,13 @@ impl<M: StreamMessage + Clone + Send + Sync> Consumer<M> {
                         group_ready = false;
                         continue;
                     }
-                    tracing::warn!(stream, error = %e, "consumer: bus error; retrying");
+                    // Once per outage: every partition's consumer retries about every second.
+                    if failing {
+                        tracing::debug!(stream, error = %e, "consumer: bus error; retrying");
+                    } else {
+                        tracing::warn!(stream, error = %e, "consumer: bus error; retrying");
+                    }
+                    failing = true;
                     if sleep_or_cancel(backoff.delay(), &cancel).await {
                         break;
                     }
