@@ -93,11 +93,7 @@ impl Application {
         let pool = connect(&config).await?;
         crate::schema::check(&pool).await?;
         let valkey = Valkey::new(config.valkey.config())?;
-        match valkey.claim_partitions().await {
-            Err(e) if !e.is_unavailable() => return Err(e.into()),
-            Err(e) => tracing::warn!(error = %e, "the partition count could not be checked"),
-            Ok(()) => {}
-        }
+        valkey.claim_partitions().await?;
         Ok(Self {
             listener,
             config,

@@ -254,18 +254,27 @@ impl Valkey {
 
     /// Claims the platform's partition count for this service's (`SET NX`), or checks it is the
     /// one claimed: services cutting the streams differently would each read streams the other
-    /// never writes. [`BusError::Invalid`] on a mismatch; Valkey unavailable is left for later
-    /// (the claim is made by whichever service starts first once it is back).
+    /// never writes. [`BusError::Invalid`] on a mismatch; Valkey unavailable is logged and left
+    /// for later (the claim is made by whichever service starts first once it is back).
     pub async fn claim_partitions(&self) -> Result<(), BusError> {
         let mut conn = self.connection()?;
         let ours = self.config.partitions.to_string();
-        let claimed: Option<String> = redis::cmd("SET")
+        let claimed: Option<String> = match redis::cmd("SET")
             .arg(keys::PARTITIONS)
             .arg(&ours)
             .arg("NX")
             .arg("GET")
             .query_async(&mut conn)
-            .await?;
+            .await
+            .map_err(BusError::from)
+        {
+            Ok(claimed) => claimed,
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "the partition count could not be checked");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         match claimed {
             Some(theirs) if theirs != ours => Err(BusError::Invalid(format!(
                 "FOLLOW_VALKEY_PARTITIONS is {ours} but the platform's streams are cut into \

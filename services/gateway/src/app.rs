@@ -73,11 +73,7 @@ impl Application {
     /// Serves until `cancel`, then stops gracefully (see the module doc).
     pub async fn run(self, cancel: CancellationToken) -> Result<(), StartError> {
         let (listener, valkey, config) = (self.listener, self.valkey, self.config);
-        match valkey.claim_partitions().await {
-            Err(e) if !e.is_unavailable() => return Err(e.into()),
-            Err(e) => tracing::warn!(error = %e, "the partition count could not be checked"),
-            Ok(()) => {}
-        }
+        valkey.claim_partitions().await?;
         let shell = Shell::new("follow-image-gateway", cancel.clone());
         let workers = &shell.workers;
         let mut registry = Registry::with_prefix("follow_gateway");
