@@ -9,6 +9,7 @@ use std::{collections::BTreeMap, time::Instant};
 use follow_e2e::{
     Platform, Service,
     client::{bearer, jpeg, upload_accepted, watch_images},
+    observe::{results_of, uuid},
     user::{User, WAIT},
 };
 use follow_proto::{
@@ -150,27 +151,41 @@ async fn watchers_learn_outcomes_whose_committer_died_before_announcing() {
     let images = image_ids(&created);
     let watches = watch_all(&platform, &survivor, &user, &route_id, &images).await;
 
-    // The survivor frozen, only the committer reads results: it commits each it reads and is
-    // held at the failpoint, its announcements not made. It dies once every image is committed:
-    // a result it had read and not committed would wait out its lease before the survivor took
-    // it over, and then the survivor, not the restarted committer, would re-read them all.
+    // The survivor frozen, only the committer reads results: each of its consumers (one per
+    // partition) commits what it read and is held at the failpoint, its announcements not made.
+    // Two images may share a partition: the second then stays unread until the survivor reads it
+    // after the kill (and announces it itself). So the committer dies once every result is on
+    // its stream and each partition's consumer has committed: a result it had read and not
+    // committed would wait out its lease before the survivor took it over, and the restarted
+    // committer would then have nothing to re-read.
     signal(survivor_pid, "-STOP");
     for target in &created.upload_targets {
         upload_accepted(&target.upload_url, "image/jpeg", jpeg(320, 240)).await;
     }
     let db = platform.database().await.unwrap();
+    let of = platform.partitions;
+    let partition = |id: &String| of.of(uuid(id));
     eventually_async(
         WAIT,
-        "every commit held before its announcement",
+        "every result on its stream, each partition's first committed and held",
         || async {
-            let processed: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM image.images WHERE id::text = ANY($1) AND status = 'PROCESSED'",
-        )
-        .bind(&images)
-        .fetch_one(&db)
-        .await
-        .unwrap();
-            (processed == i64::try_from(images.len()).unwrap()).then_some(())
+            for id in &images {
+                if results_of(&platform, id).await.is_empty() {
+                    return None;
+                }
+            }
+            let processed: Vec<String> = sqlx::query_scalar(
+                "SELECT id::text FROM image.images WHERE id::text = ANY($1) AND status = 'PROCESSED'",
+            )
+            .bind(&images)
+            .fetch_all(&db)
+            .await
+            .unwrap();
+            let held: Vec<_> = processed.iter().map(partition).collect();
+            images
+                .iter()
+                .all(|id| held.contains(&partition(id)))
+                .then_some(())
         },
     )
     .await;
@@ -178,9 +193,12 @@ async fn watchers_learn_outcomes_whose_committer_died_before_announcing() {
     let resumed = Instant::now();
     signal(survivor_pid, "-CONT");
     all_told(watches, "the committer killed").await;
+    let partitions: std::collections::HashSet<_> = images.iter().map(partition).collect();
     eprintln!(
-        "every watcher on the survivor told within {:?} of its resumption",
-        resumed.elapsed()
+        "every watcher on the survivor told within {:?} of its resumption ({} images on {} partitions)",
+        resumed.elapsed(),
+        images.len(),
+        partitions.len()
     );
 
     // The killed instance back under its name: it re-reads what it left pending, finds the
