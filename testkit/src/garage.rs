@@ -269,7 +269,7 @@ fn random_hex(bytes: usize) -> String {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut buf))
         .expect("/dev/urandom is readable");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(buf)
 }
 
 fn find_binary() -> Result<PathBuf, TestkitError> {

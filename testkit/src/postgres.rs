@@ -140,7 +140,7 @@ impl PostgresServer {
     pub fn service_password(&self) -> String {
         use sha2::Digest as _;
         let digest = sha2::Sha256::digest(format!("{SERVICE_ROLE}:{}", self.password));
-        digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+        hex::encode(&digest[..16])
     }
 
     /// `postgres://follow_api:PASSWORD@127.0.0.1:PORT/follow`: the service's least-privilege

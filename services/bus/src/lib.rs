@@ -43,6 +43,7 @@ mod producer;
 mod progress;
 mod rate;
 mod reclaimer;
+mod resumable;
 mod stream;
 mod trimmer;
 
@@ -65,5 +66,6 @@ pub use producer::Producer;
 pub use progress::{ProgressTracker, Recorded};
 pub use rate::RateLimiter;
 pub(crate) use reclaimer::Reclaimer;
+pub use resumable::{Part, Resumable, Resumables};
 pub use stream::{Entry, EntryId};
 pub use trimmer::Trimmer;

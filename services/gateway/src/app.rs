@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use follow_bus::{
     BusError, ConsumerConfig, ConsumerStats, HealthChecker, Hub, Producer, ProgressTracker,
-    UploadGuard, Valkey, keys,
+    Resumables, UploadGuard, Valkey, keys,
 };
 use follow_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
 use follow_service::{
@@ -29,7 +29,7 @@ use crate::{
     metrics::Metrics,
     service::GatewayService,
     spool::Spool,
-    upload::Gateway,
+    upload::{Gateway, Sweeper},
     worker::JobHandler,
 };
 
@@ -92,7 +92,15 @@ impl Application {
             spool: Spool::open(&config.receive.spool_dir)?,
             metrics: Arc::clone(&metrics),
             holder: config.jobs.consumer_name.clone(),
+            resumables: Resumables::new(&valkey)?,
             config: config.clone(),
+        });
+        let sweeper = Sweeper {
+            gateway: Arc::clone(&gateway),
+        };
+        let cancel_sweep = cancel.clone();
+        workers.supervise("resumable-sweeper", move || {
+            sweeper.clone().run(cancel_sweep.clone())
         });
 
         let consumers = Arc::new(ConsumerStats::default());

@@ -84,6 +84,24 @@ pub enum UploadError {
     BusUnavailable,
     #[error("storage is unavailable; retry in a moment with the same token")]
     StorageUnavailable,
+    /// A resumable upload's request without `Tus-Resumable: 1.0.0`: 412.
+    #[error("this server speaks tus 1.0.0 (`Tus-Resumable: 1.0.0`)")]
+    TusVersion,
+    /// No resumable upload at this URL (never, finished, or abandoned): 404.
+    #[error("no such upload")]
+    UnknownUpload,
+    /// The resumable upload expired; its bytes are gone: 410.
+    #[error("the upload expired; start again with a valid token")]
+    UploadExpired,
+    /// An append at another offset than the upload's: 409.
+    #[error("the upload is at offset {0}; append there (HEAD tells the offset)")]
+    OffsetMismatch(u64),
+    /// Another append to this upload is running: 423.
+    #[error("another request is appending to this upload; retry in a moment")]
+    Locked,
+    /// The caller (`sub`) has as many unfinished resumable uploads as it may.
+    #[error("you have {0} unfinished uploads; finish or abandon one, or wait until one expires")]
+    TooManyOpen(u32),
     #[error("internal error")]
     Internal,
 }
@@ -99,6 +117,13 @@ pub enum RefusalCode {
     RateLimited,
     /// The request itself is malformed (400); nothing was spent.
     BadRequest,
+    /// No such resumable upload (404), or no longer (410).
+    UploadNotFound,
+    UploadExpired,
+    /// An append at the wrong offset (409): HEAD, then append there.
+    OffsetMismatch,
+    /// Another append runs (423): retry.
+    UploadLocked,
 }
 
 impl RefusalCode {
@@ -108,6 +133,10 @@ impl RefusalCode {
             Self::Unavailable => "UNAVAILABLE",
             Self::RateLimited => "RATE_LIMITED",
             Self::BadRequest => "BAD_REQUEST",
+            Self::UploadNotFound => "UPLOAD_NOT_FOUND",
+            Self::UploadExpired => "UPLOAD_EXPIRED",
+            Self::OffsetMismatch => "OFFSET_MISMATCH",
+            Self::UploadLocked => "UPLOAD_LOCKED",
         }
     }
 }
@@ -118,7 +147,12 @@ impl UploadError {
         use RefusalCode::{BadRequest, Pipeline, RateLimited, Unavailable};
         match self {
             Self::BadRequest(_) | Self::InvalidToken(_) => Pipeline(ErrorCode::InvalidToken),
-            Self::Malformed(_) => BadRequest,
+            Self::Malformed(_) | Self::TusVersion => BadRequest,
+            Self::UnknownUpload => RefusalCode::UploadNotFound,
+            Self::UploadExpired => RefusalCode::UploadExpired,
+            Self::OffsetMismatch(_) => RefusalCode::OffsetMismatch,
+            Self::Locked => RefusalCode::UploadLocked,
+            Self::TooManyOpen(_) => RateLimited,
             Self::TokenExpired => Pipeline(ErrorCode::TokenExpired),
             Self::Duplicate | Self::InProgress(_) => Pipeline(ErrorCode::DuplicateUpload),
             Self::TooLarge(_) => Pipeline(ErrorCode::PayloadTooLarge),
@@ -147,7 +181,12 @@ impl UploadError {
             | Self::BodyTypeMismatch { .. }
             | Self::Image(PipelineError::InvalidImage(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooSlow => StatusCode::REQUEST_TIMEOUT,
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited(_) | Self::TooManyOpen(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::TusVersion => StatusCode::PRECONDITION_FAILED,
+            Self::UnknownUpload => StatusCode::NOT_FOUND,
+            Self::UploadExpired => StatusCode::GONE,
+            Self::OffsetMismatch(_) => StatusCode::CONFLICT,
+            Self::Locked => StatusCode::LOCKED,
             Self::Overloaded | Self::BusUnavailable | Self::StorageUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -164,7 +203,13 @@ impl IntoResponse for UploadError {
         let mut response =
             (status, error_body(self.code().as_str(), &self.to_string())).into_response();
         let headers = response.headers_mut();
-        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        if self == Self::TusVersion {
+            headers.insert("tus-version", HeaderValue::from_static("1.0.0"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::LOCKED
+        {
             headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
@@ -173,7 +218,9 @@ impl IntoResponse for UploadError {
         // The body may be unread: the connection must not be reused for a next request.
         if matches!(
             self,
-            Self::TooLarge(_)
+            Self::OffsetMismatch(_)
+                | Self::Locked
+                | Self::TooLarge(_)
                 | Self::Image(_)
                 | Self::BodyTypeMismatch { .. }
                 | Self::TooSlow
@@ -191,6 +238,8 @@ impl From<UploadError> for Status {
         match e {
             UploadError::BadRequest(_)
             | UploadError::Malformed(_)
+            | UploadError::TusVersion
+            | UploadError::OffsetMismatch(_)
             | UploadError::ContentTypeMismatch { .. }
             | UploadError::BodyTypeMismatch { .. }
             | UploadError::TooLarge(_)
@@ -201,7 +250,12 @@ impl From<UploadError> for Status {
                 Status::unauthenticated(message)
             }
             UploadError::Duplicate | UploadError::InProgress(_) => Status::already_exists(message),
-            UploadError::RateLimited(_) => Status::resource_exhausted(message),
+            UploadError::RateLimited(_) | UploadError::TooManyOpen(_) => {
+                Status::resource_exhausted(message)
+            }
+            UploadError::UnknownUpload => Status::not_found(message),
+            UploadError::UploadExpired => Status::failed_precondition(message),
+            UploadError::Locked => Status::aborted(message),
             UploadError::Overloaded
             | UploadError::BusUnavailable
             | UploadError::StorageUnavailable => Status::unavailable(message),

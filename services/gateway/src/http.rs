@@ -3,7 +3,11 @@
 
 use std::sync::Arc;
 
-use axum::{Router, response::Response, routing::put};
+use axum::{
+    Router,
+    response::Response,
+    routing::{patch, put},
+};
 use follow_bus::{ConsumerStats, HealthChecker, HubStats};
 use follow_service::{
     health::{self, Checks, Probe},
@@ -11,7 +15,9 @@ use follow_service::{
     workers::Workers,
 };
 
-use crate::upload::{Gateway, put_upload};
+use crate::upload::{
+    Gateway, delete_upload, head_upload, options_upload, patch_upload, post_upload, put_upload,
+};
 
 /// What `/health`, `grpc.health.v1` and `/metrics` ask.
 #[derive(Debug, Clone)]
@@ -46,9 +52,17 @@ impl Probe for GatewayProbe {
     }
 }
 
-/// `PUT /upload`.
+/// `PUT /upload` (a whole image), and resumable uploads: `OPTIONS`/`POST /upload`,
+/// `HEAD`/`PATCH`/`DELETE /upload/{id}`.
 pub fn public(gateway: Arc<Gateway>) -> Router {
     Router::new()
-        .route("/upload", put(put_upload))
+        .route(
+            "/upload",
+            put(put_upload).post(post_upload).options(options_upload),
+        )
+        .route(
+            "/upload/{id}",
+            patch(patch_upload).head(head_upload).delete(delete_upload),
+        )
         .with_state(gateway)
 }

@@ -106,7 +106,7 @@ pub fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), PipelineE
 }
 
 /// [`check_complete`] fed a body piece by piece as it arrives.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JpegEnd {
     /// The last byte seen (a marker may straddle two pieces).
     last: Option<u8>,

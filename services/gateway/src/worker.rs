@@ -173,7 +173,7 @@ impl JobHandler {
                 started,
             ));
         };
-        let sha256 = crate::upload::hex(&Sha256::digest(&original));
+        let sha256 = hex::encode(Sha256::digest(&original));
         let output = self.pipeline_of(original, format, reporter).await;
         let mut output = match output {
             Ok(output) => output,

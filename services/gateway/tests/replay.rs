@@ -16,10 +16,7 @@ use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 fn hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(bytes))
 }
 
 async fn drop_guard(gw: &Gateway, image_id: Uuid) {

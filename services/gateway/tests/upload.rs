@@ -39,10 +39,7 @@ async fn jpeg_png_and_webp_are_processed_stored_and_reported() {
         ("image/webp", webp(500, 250), "image/jpeg"),
     ] {
         let (image_id, token) = gw.token(content_type, 10_000_000);
-        let sha = Sha256::digest(&body)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
+        let sha = hex::encode(Sha256::digest(&body));
         let (status, answer) = gw.put(&token, content_type, body).await;
         assert_eq!(status, 202, "{content_type}: {answer}");
         let result = gw.result(image_id).await;
@@ -311,10 +308,7 @@ async fn a_202_means_the_original_is_stored_and_its_job_queued() {
     let (id, token) = gw.token("image/jpeg", 1_000_000);
     let (status, receipt) = gw.put(&token, "image/jpeg", body.clone()).await;
     assert_eq!(status, 202, "{receipt}");
-    let sha = Sha256::digest(&body)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
+    let sha = hex::encode(Sha256::digest(&body));
     assert_eq!(receipt["image_id"], id.to_string());
     assert_eq!(receipt["sha256"], sha);
     assert_eq!(receipt["bytes"], body.len());

@@ -110,13 +110,36 @@ impl User {
                 keys::JOBS,
             ),
             // Consumes jobs and dead-letters them; publishes results.
-            User::Gateway => (vec![format!("~{}", keys::JOBS.pattern())], keys::RESULTS),
+            // Consumes jobs and dead-letters them; publishes results; keeps resumable uploads.
+            User::Gateway => (
+                vec![
+                    format!("~{}", keys::JOBS.pattern()),
+                    format!("~{}", keys::RESUMABLE_PATTERN),
+                ],
+                keys::RESULTS,
+            ),
         };
         rules.extend(shared);
         rules.push("-@all".into());
         rules.extend(COMMON.iter().map(|c| (*c).to_owned()));
-        if self == User::Api {
-            rules.extend(["+time", "+xdel"].map(String::from));
+        match self {
+            User::Api => rules.extend(["+time", "+xdel"].map(String::from)),
+            // Resumable uploads: their expiries and each user's open ones.
+            User::Gateway => rules.extend(
+                [
+                    "+pexpire",
+                    "+pexpireat",
+                    "+exists",
+                    "+zadd",
+                    "+zrem",
+                    "+zrange",
+                    "+zremrangebyscore",
+                    "+zscore",
+                    "+zcard",
+                ]
+                .map(String::from),
+            ),
+            User::Admin => {}
         }
         rules.push(format!("(%W~{} -@all +xadd)", adds_to.streams_pattern()));
         rules
@@ -131,8 +154,9 @@ pub fn acl_file(password: impl Fn(User) -> String) -> String {
         let hash = Sha256::digest(password(user).as_bytes());
         let _ = writeln!(
             file,
-            "user {} reset on #{hash:x} {}",
+            "user {} reset on #{} {}",
             user.name(),
+            hex::encode(hash),
             user.rules().join(" ")
         );
     }

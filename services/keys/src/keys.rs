@@ -68,6 +68,18 @@ impl Partitions {
         format!("image:status:{}:{image_id}", self.of(image_id).tag())
     }
 
+    /// `image:resumable:{pN}:{image_id}`: the state of a resumable upload of the image
+    /// (String, JSON; expires with the upload).
+    pub fn resumable(self, image_id: Uuid) -> String {
+        format!("image:resumable:{}:{image_id}", self.of(image_id).tag())
+    }
+
+    /// `image:resumable:{pN}:{image_id}:lock`: who is appending to the image's resumable
+    /// upload (String, `SET NX PX`: a lease its gateway renews while bytes come).
+    pub fn resumable_lock(self, image_id: Uuid) -> String {
+        format!("{}:lock", self.resumable(image_id))
+    }
+
     /// The progress channel `image_id`'s stage changes are published on: its partition's.
     pub fn progress(self, image_id: Uuid) -> String {
         self.of(image_id).progress()
@@ -114,6 +126,12 @@ impl Partition {
     /// `image:epoch:{pN}`: a marker set once, whose absence says the partition lost its data.
     pub fn epoch(self) -> String {
         format!("image:epoch:{}", self.tag())
+    }
+
+    /// `image:resumable:expiries:{pN}`: the partition's resumable uploads by expiry (Sorted
+    /// Set: image id → Unix ms); the sweepers of expired uploads take them from here.
+    pub fn resumable_expiries(self) -> String {
+        format!("image:resumable:expiries:{}", self.tag())
     }
 
     /// `image:progress:{pN}`: live stage changes of the partition's images (a sharded Pub/Sub
@@ -218,6 +236,18 @@ pub const EPOCH_PATTERN: &str = "image:epoch:*";
 /// Pattern matching every status hash.
 pub const STATUS_PATTERN: &str = "image:status:*";
 
+/// Pattern matching every key of resumable uploads.
+pub const RESUMABLE_PATTERN: &str = "image:resumable:*";
+
+/// `image:resumable:user:{h}`: the open resumable uploads of one user (Sorted Set: image id →
+/// expiry, Unix ms), `h` the first 16 bytes of the SHA-256 of the user's `sub`, in hex (its own
+/// hash slot: any `sub` fits).
+pub fn resumable_of_user(sub: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(sub.as_bytes());
+    format!("image:resumable:user:{{{}}}", hex::encode(&digest[..16]))
+}
+
 /// How long the status hash lives after its last write.
 pub const STATUS_TTL: Duration = Duration::from_secs(3600);
 
@@ -240,6 +270,9 @@ mod tests {
             for key in [
                 partitions.upload_guard(id),
                 partitions.status(id),
+                partitions.resumable(id),
+                partitions.resumable_lock(id),
+                partitions.of(id).resumable_expiries(),
                 partitions.progress(id),
                 JOBS.stream(partitions.of(id)),
                 RESULTS.stream(partitions.of(id)),

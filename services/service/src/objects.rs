@@ -31,6 +31,13 @@ pub fn original_key(storage_key: &str) -> String {
     format!("{storage_key}.original")
 }
 
+/// The bytes of a resumable upload received after its last stored part (fewer than a part),
+/// one object per append that left some (`partial/` apart: a bucket lifecycle rule can expire
+/// what a lost Valkey record left behind).
+pub fn partial_key(storage_key: &str, name: &str) -> String {
+    format!("partial/{storage_key}/{name}")
+}
+
 /// The `ImageResult` as JSON, written before the hand-off: what recovers a result Valkey lost.
 pub fn record_key(storage_key: &str) -> String {
     format!("{storage_key}.result.json")

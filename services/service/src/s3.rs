@@ -19,6 +19,9 @@ use secrecy::ExposeSecret as _;
 
 use crate::config::S3Config;
 
+mod multipart;
+pub use multipart::StoredPart;
+
 /// Bytes per read when a file is sent to S3.
 const FILE_READ_BLOCK: usize = 256 << 10;
 
@@ -126,21 +129,13 @@ impl Bucket {
         content_type: &str,
         sha256: &[u8; 32],
     ) -> Result<(), S3Error> {
-        // Read in large blocks: each read of a file is a trip to tokio's blocking pool (at the
-        // default 4 KiB, 5,000 trips for a 20 MB original).
-        let body = ByteStream::read_from()
-            .path(path)
-            .buffer_size(FILE_READ_BLOCK)
-            .build()
-            .await
-            .map_err(|e| S3Error::Unavailable(format!("reading {}: {e}", path.display())))?;
-        use base64::Engine as _;
+        let body = Self::file_body(path).await?;
         self.client
             .put_object()
             .bucket(&self.name)
             .key(key)
             .content_type(content_type)
-            .checksum_sha256(base64::engine::general_purpose::STANDARD.encode(sha256))
+            .checksum_sha256(base64_of(sha256))
             .if_none_match("*")
             .body(body)
             .customize()
@@ -149,6 +144,17 @@ impl Bucket {
             .await
             .map(|_| ())
             .map_err(classify)
+    }
+
+    /// The file at `path` as a request body, read in large blocks: each read of a file is a trip
+    /// to tokio's blocking pool (at the default 4 KiB, 5,000 trips for a 20 MB original).
+    async fn file_body(path: &Path) -> Result<ByteStream, S3Error> {
+        ByteStream::read_from()
+            .path(path)
+            .buffer_size(FILE_READ_BLOCK)
+            .build()
+            .await
+            .map_err(|e| S3Error::Unavailable(format!("reading {}: {e}", path.display())))
     }
 
     /// The object at `key`, refused past `max_bytes`.
@@ -235,6 +241,12 @@ impl Bucket {
             }
         }
     }
+}
+
+/// A SHA-256 as S3's checksum headers carry it.
+pub fn base64_of(sha256: &[u8; 32]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(sha256)
 }
 
 /// An SDK error as one line with its causes, for logs (never for clients).

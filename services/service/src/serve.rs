@@ -281,10 +281,24 @@ fn cors(origins: &[String]) -> CorsLayer {
     let header = HeaderName::from_static;
     CorsLayer::new()
         .allow_origin(allow_origin)
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::OPTIONS])
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         .allow_headers([
             header("authorization"),
             header("content-type"),
+            // Resumable uploads (tus).
+            header("tus-resumable"),
+            header("upload-length"),
+            header("upload-offset"),
+            header("upload-metadata"),
+            header("x-requested-with"),
             header("x-grpc-web"),
             header("x-user-agent"),
             header("grpc-timeout"),
@@ -296,6 +310,14 @@ fn cors(origins: &[String]) -> CorsLayer {
             header("grpc-message"),
             header("grpc-status-details-bin"),
             header("retry-after"),
+            header("location"),
+            header("tus-resumable"),
+            header("tus-version"),
+            header("tus-extension"),
+            header("tus-max-size"),
+            header("upload-offset"),
+            header("upload-length"),
+            header("upload-expires"),
         ])
         .max_age(Duration::from_secs(3600))
 }

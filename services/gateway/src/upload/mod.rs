@@ -46,8 +46,12 @@ use crate::{
 };
 
 mod check;
+mod resumable;
 
 use check::BodyCheck;
+pub use resumable::{
+    Sweeper, delete_upload, head_upload, options_upload, patch_upload, post_upload,
+};
 
 /// Beyond the body idle timeout, how long a receiving guard outlives its last renewal.
 const RENEW_SLACK: Duration = Duration::from_secs(5);
@@ -73,6 +77,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// This instance's name: the prefix of its uploads' names in the guard (who took one).
     pub holder: String,
+    /// Resumable uploads' shared state.
+    pub resumables: follow_bus::Resumables,
 }
 
 pub async fn put_upload(
@@ -148,6 +154,20 @@ struct Received {
     bytes: u64,
 }
 
+/// Where the bytes of an original are before the commit.
+enum Original<'a> {
+    /// In a local file, whole, with its SHA-256.
+    File {
+        path: &'a std::path::Path,
+        sha256: &'a [u8; 32],
+    },
+    /// In the parts of an S3 multipart upload (each checked against its SHA-256).
+    Parts {
+        upload: &'a str,
+        parts: &'a [follow_service::s3::StoredPart],
+    },
+}
+
 /// Why receiving a body stopped.
 enum Refused {
     /// Nothing was spent: the guard is released, the token may be used again.
@@ -219,7 +239,7 @@ impl Gateway {
         // This upload's own name in the guard: after the guard was lost (Valkey lost its data)
         // and taken again by a replay, this upload no longer holds it, even on this instance.
         let holder = format!("{}/{}", self.holder, Uuid::new_v4().simple());
-        self.take_guard(&claims, &holder).await?;
+        self.take_guard(&claims, &holder, self.lease()).await?;
         let started = Instant::now();
         let outcome = self.store(&claims, &holder, format, limit, body).await;
         match outcome {
@@ -246,7 +266,12 @@ impl Gateway {
 
     /// The one-time guard: a short lease while the body arrives (renewed as bytes come), so a
     /// gateway that dies mid-body lets go of it on its own.
-    async fn take_guard(&self, claims: &UploadClaims, holder: &str) -> Result<(), UploadError> {
+    async fn take_guard(
+        &self,
+        claims: &UploadClaims,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<(), UploadError> {
         let mut guard = self.guard.clone();
         let unavailable = |e: follow_bus::BusError| {
             tracing::warn!(error = %e, "upload refused: the guard cannot be taken");
@@ -254,7 +279,7 @@ impl Gateway {
         };
         // Twice at most: a guard whose lease runs out between the two reads is free again.
         for _ in 0..2 {
-            match guard.acquire(claims.image_id, holder, self.lease()).await {
+            match guard.acquire(claims.image_id, holder, lease).await {
                 Ok(GuardOutcome::Acquired) => return Ok(()),
                 Ok(GuardOutcome::Taken) => match guard.state(claims.image_id).await {
                     // Another upload of this token is arriving, or one whose answer was lost
@@ -328,11 +353,15 @@ impl Gateway {
         }
         reporter.finish().await;
         let received = received?;
-        self.commit(claims, holder, &received).await?;
+        let original = Original::File {
+            path: received.file.path(),
+            sha256: &received.sha256,
+        };
+        self.commit(claims, holder, self.lease(), original).await?;
         self.enqueue(claims).await;
         Ok(Receipt {
             image_id: claims.image_id,
-            sha256: hex(&received.sha256),
+            sha256: hex::encode(received.sha256),
             bytes: received.bytes,
             status: "accepted",
         })
@@ -353,12 +382,13 @@ impl Gateway {
     }
 
     /// The commit point: the received body stored as the image's original, if the image is
-    /// still this upload's.
+    /// still this upload's (`holder` still holds its guard, renewed for `lease`).
     async fn commit(
         &self,
         claims: &UploadClaims,
         holder: &str,
-        received: &Received,
+        lease: Duration,
+        original_body: Original<'_>,
     ) -> Result<(), Refused> {
         let (original, record) = (
             original_key(&claims.storage_key),
@@ -370,22 +400,25 @@ impl Gateway {
         match self
             .guard
             .clone()
-            .renew(claims.image_id, holder, self.lease())
+            .renew(claims.image_id, holder, lease)
             .await
         {
             Ok(true) => {}
             Ok(false) => return Err(Refused::Transfer(UploadError::Duplicate)),
             Err(e) => tracing::warn!(error = %e, "the upload guard could not be checked"),
         }
-        let stored = self
-            .bucket
-            .put_new_file(
-                &original,
-                received.file.path(),
-                &claims.content_type,
-                &received.sha256,
-            )
-            .await;
+        let stored = match original_body {
+            Original::File { path, sha256 } => {
+                self.bucket
+                    .put_new_file(&original, path, &claims.content_type, sha256)
+                    .await
+            }
+            Original::Parts { upload, parts } => {
+                self.bucket
+                    .complete_multipart(&original, upload, parts)
+                    .await
+            }
+        };
         match stored {
             Ok(()) => {}
             Err(S3Error::Exists) => return Err(Refused::Used),
@@ -532,7 +565,11 @@ impl Gateway {
                 crate::error::RefusalCode::Pipeline(code) => code,
                 crate::error::RefusalCode::Unavailable
                 | crate::error::RefusalCode::RateLimited
-                | crate::error::RefusalCode::BadRequest => follow_bus::ErrorCode::Internal,
+                | crate::error::RefusalCode::BadRequest
+                | crate::error::RefusalCode::UploadNotFound
+                | crate::error::RefusalCode::UploadExpired
+                | crate::error::RefusalCode::OffsetMismatch
+                | crate::error::RefusalCode::UploadLocked => follow_bus::ErrorCode::Internal,
             },
             message: error.to_string(),
         };
@@ -590,8 +627,4 @@ fn content_type(headers: &HeaderMap) -> String {
                 .to_ascii_lowercase()
         })
         .unwrap_or_default()
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

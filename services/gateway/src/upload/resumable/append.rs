@@ -1,0 +1,470 @@
+//! One append to a resumable upload, under its lock: the bytes after the last stored part (the
+//! tail, read back from S3) and the body go through the upload's [`BodyCheck`] into a spool
+//! file; each time it holds a part (`FOLLOW_RESUMABLE_PART_BYTES`) the part is stored and the
+//! record saved. When the body ends, what is left is stored too (as a part if S3 takes one that
+//! small, else as a new tail object) before the offset is saved and answered: an acknowledged
+//! offset is durable. The last byte commits the upload as a single `PUT` does (the original
+//! complete in S3, then the job).
+//!
+//! A body cut off or too slow keeps what arrived (the client resumes from there); a bad body
+//! fails the image as a bad `PUT` does, and the upload's parts go.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::body::Body;
+use follow_bus::{Part as RecordedPart, Resumable, Stage};
+use follow_service::{
+    objects::{original_key, partial_key},
+    s3::StoredPart,
+};
+use futures_util::StreamExt as _;
+use sha2::{Digest as _, Sha256};
+use tempfile::NamedTempFile;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use uuid::Uuid;
+
+use super::{Gateway, claims_of, guard_holder};
+use crate::{
+    error::UploadError,
+    report::Reporter,
+    sniff,
+    upload::{BodyCheck, Original, RATE_GRACE, Refused},
+};
+
+/// S3's smallest part but the last.
+const MIN_PART: u64 = 5 << 20;
+
+/// The bytes after the last stored part, in a spool file, with their SHA-256 so far.
+struct Pending {
+    file: NamedTempFile,
+    out: tokio::fs::File,
+    bytes: u64,
+    hasher: Sha256,
+}
+
+impl Pending {
+    fn new(gateway: &Gateway) -> Result<Self, UploadError> {
+        let file = gateway.spool.file().map_err(internal)?;
+        let out = tokio::fs::File::from_std(file.reopen().map_err(internal)?);
+        Ok(Self {
+            file,
+            out,
+            bytes: 0,
+            hasher: Sha256::new(),
+        })
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), UploadError> {
+        self.out.write_all(bytes).await.map_err(internal)?;
+        self.hasher.update(bytes);
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Everything written is in the file; its SHA-256.
+    async fn seal(&mut self) -> Result<[u8; 32], UploadError> {
+        self.out.flush().await.map_err(internal)?;
+        Ok(self.hasher.clone().finalize().into())
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> UploadError {
+    tracing::error!(error = %e, "spooling failed");
+    UploadError::Internal
+}
+
+/// What an append did: where the upload is now, and when it expires (if unfinished).
+pub(in crate::upload) struct Appended {
+    pub offset: u64,
+    pub expires: Option<i64>,
+}
+
+impl Gateway {
+    /// Appends `body` to `record`, whose lock `holder` holds, then lets the lock go.
+    pub(super) async fn append_locked(
+        self: &Arc<Self>,
+        record: Resumable,
+        holder: &str,
+        body: Body,
+    ) -> Result<Appended, UploadError> {
+        let image_id = record.image_id;
+        let appended = self.append(record, holder, body).await;
+        if let Err(e) = self.resumables.unlock(image_id, holder).await {
+            tracing::warn!(error = %e, "an upload's lock could not be released; it expires");
+        }
+        appended
+    }
+
+    async fn append(
+        &self,
+        mut record: Resumable,
+        holder: &str,
+        body: Body,
+    ) -> Result<Appended, UploadError> {
+        let _mine = self.uploads_per_user.take(&record.owner).ok_or_else(|| {
+            tracing::warn!("append refused: the user's share of receiving is in use");
+            UploadError::RateLimited(self.uploads_per_user.max())
+        })?;
+        let _receiving = Arc::clone(&self.receiving)
+            .try_acquire_owned()
+            .map_err(|_| UploadError::Overloaded)?;
+        let format =
+            sniff::format_of_content_type(&record.content_type).ok_or(UploadError::Internal)?;
+        let max_pixels = self.config.pipeline.max_pixels;
+        let mut check = BodyCheck::resume(&record.check, format, record.length, max_pixels)
+            .ok_or_else(|| internal("an upload record's checks do not read back"))?;
+        let mut pending = self.pending_of(&record).await?;
+        let reporter = Reporter::start(&self.progress, &self.metrics, record.image_id);
+        reporter.stage(Stage::WaitingUpload);
+        self.metrics.receiving.inc();
+        let started = Instant::now();
+        let received = self
+            .receive_parts(&mut record, holder, &mut check, &mut pending, body)
+            .await;
+        self.metrics.receiving.dec();
+        let complete = check.bytes() == record.length;
+        if complete && received.is_ok() {
+            reporter.stage(Stage::Validating);
+        }
+        reporter.finish().await;
+        match received {
+            Err(Refused::Body(e)) => return Err(self.refuse_body(&record, e, started).await),
+            Err(Refused::Used) => return Err(UploadError::Duplicate),
+            Err(Refused::Transfer(UploadError::Locked)) => return Err(UploadError::Locked),
+            // What arrived is kept: the client resumes from there.
+            Err(Refused::Transfer(e)) => {
+                self.keep(&mut record, holder, &check, &mut pending).await?;
+                return Err(e);
+            }
+            Ok(()) => {}
+        }
+        if !complete {
+            self.keep(&mut record, holder, &check, &mut pending).await?;
+            return Ok(Appended {
+                offset: record.offset,
+                expires: Some(record.expires),
+            });
+        }
+        self.complete(record, check, pending, started).await
+    }
+
+    /// The spool of an append: the upload's tail, read back from S3.
+    async fn pending_of(&self, record: &Resumable) -> Result<Pending, UploadError> {
+        let mut pending = Pending::new(self)?;
+        if let Some(tail) = record.tail_key.as_deref().filter(|_| record.tail > 0) {
+            self.bucket
+                .read_into(tail, record.tail, &mut pending.out)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "an upload's tail could not be read");
+                    UploadError::StorageUnavailable
+                })?;
+            pending.out.flush().await.map_err(internal)?;
+            let mut file = tokio::fs::File::from_std(pending.file.reopen().map_err(internal)?);
+            let mut block = vec![0; 64 << 10];
+            loop {
+                let n = file.read(&mut block).await.map_err(internal)?;
+                if n == 0 {
+                    break;
+                }
+                pending.hasher.update(&block[..n]);
+                pending.bytes += n as u64;
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Streams `body` through `check` into `pending`, storing a part each time it holds one.
+    async fn receive_parts(
+        &self,
+        record: &mut Resumable,
+        holder: &str,
+        check: &mut BodyCheck,
+        pending: &mut Pending,
+        body: Body,
+    ) -> Result<(), Refused> {
+        let config = &self.config.receive;
+        let part_bytes = self.config.resumable.part_bytes;
+        let mut stream = body.into_data_stream();
+        let (started, deadline) = (Instant::now(), Instant::now() + config.body_timeout);
+        let (first, mut renewed) = (check.bytes(), Instant::now());
+        loop {
+            let wait = config
+                .body_idle_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
+            let chunk = match tokio::time::timeout(wait, stream.next()).await {
+                Err(_) => return Err(Refused::Transfer(UploadError::TooSlow)),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => {
+                    tracing::info!(error = %e, bytes = check.bytes(), "the body was cut off");
+                    return Err(Refused::Transfer(UploadError::Incomplete));
+                }
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            if check.bytes() + chunk.len() as u64 > record.length {
+                return Err(Refused::Transfer(UploadError::BadRequest(
+                    "more bytes than `Upload-Length`".into(),
+                )));
+            }
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let room = usize::try_from(part_bytes - pending.bytes).unwrap_or(usize::MAX);
+                let (now, later) = rest.split_at(room.min(rest.len()));
+                check.feed(now).map_err(Refused::Body)?;
+                pending.write(now).await.map_err(Refused::Transfer)?;
+                rest = later;
+                if pending.bytes == part_bytes && check.bytes() < record.length {
+                    self.store_part(record, holder, check, pending)
+                        .await
+                        .map_err(Refused::Transfer)?;
+                    renewed = Instant::now();
+                }
+            }
+            if renewed.elapsed() > self.lease() / 3 {
+                renewed = Instant::now();
+                match self
+                    .resumables
+                    .renew(record.image_id, holder, self.lease())
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => return Err(Refused::Transfer(UploadError::Locked)),
+                    Err(e) => tracing::warn!(error = %e, "an upload's lock could not be renewed"),
+                }
+            }
+            let elapsed = started.elapsed();
+            if elapsed > RATE_GRACE
+                && ((check.bytes() - first) as f64)
+                    < config.min_upload_rate as f64 * elapsed.as_secs_f64()
+            {
+                return Err(Refused::Transfer(UploadError::TooSlow));
+            }
+        }
+    }
+
+    /// Stores `pending` as the upload's next part and saves the record at its end.
+    async fn store_part(
+        &self,
+        record: &mut Resumable,
+        holder: &str,
+        check: &BodyCheck,
+        pending: &mut Pending,
+    ) -> Result<(), UploadError> {
+        let stored = self.upload_part(record, pending).await?;
+        record.parts.push(RecordedPart {
+            etag: stored.etag,
+            bytes: pending.bytes,
+            sha256: stored.sha256,
+        });
+        let old_tail = record.tail_key.take();
+        record.tail = 0;
+        self.save(record, holder, check).await?;
+        if let Some(tail) = old_tail {
+            self.remove(&tail).await;
+        }
+        *pending = Pending::new(self)?;
+        Ok(())
+    }
+
+    /// Stores `pending` as part `parts + 1` of the upload's multipart upload (started if need be).
+    async fn upload_part(
+        &self,
+        record: &mut Resumable,
+        pending: &mut Pending,
+    ) -> Result<StoredPart, UploadError> {
+        let sha256 = pending.seal().await?;
+        let original = original_key(&record.storage_key);
+        let unavailable = |e: follow_service::s3::S3Error| {
+            tracing::warn!(error = %e, "a part could not be stored");
+            UploadError::StorageUnavailable
+        };
+        let upload = match &record.multipart {
+            Some(upload) => upload.clone(),
+            None => {
+                let upload = self
+                    .bucket
+                    .start_multipart(&original, &record.content_type)
+                    .await
+                    .map_err(unavailable)?;
+                record.multipart = Some(upload.clone());
+                upload
+            }
+        };
+        let number = record.parts.len() + 1;
+        self.bucket
+            .upload_part(&original, &upload, number, pending.file.path(), &sha256)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Makes what arrived durable and saves the record at the new offset: a part if S3 takes
+    /// one that small, else a new tail object (the old one removed once the record names it).
+    async fn keep(
+        &self,
+        record: &mut Resumable,
+        holder: &str,
+        check: &BodyCheck,
+        pending: &mut Pending,
+    ) -> Result<(), UploadError> {
+        if check.bytes() == record.offset {
+            return Ok(());
+        }
+        if pending.bytes >= MIN_PART {
+            return self.store_part(record, holder, check, pending).await;
+        }
+        pending.seal().await?;
+        let tail = partial_key(
+            &record.storage_key,
+            &format!("{}-{}", check.bytes(), Uuid::new_v4().simple()),
+        );
+        if let Err(e) = self.bucket.put_file(&tail, pending.file.path()).await {
+            tracing::warn!(error = %e, "an upload's tail could not be stored");
+            return Err(UploadError::StorageUnavailable);
+        }
+        let old_tail = record.tail_key.replace(tail.clone());
+        record.tail = pending.bytes;
+        if let Err(e) = self.save(record, holder, check).await {
+            self.remove(&tail).await;
+            return Err(e);
+        }
+        if let Some(old) = old_tail {
+            self.remove(&old).await;
+        }
+        Ok(())
+    }
+
+    /// Saves the record at `check`'s offset (and a later expiry, the guard's life with it),
+    /// if this append still holds the upload's lock.
+    async fn save(
+        &self,
+        record: &mut Resumable,
+        holder: &str,
+        check: &BodyCheck,
+    ) -> Result<(), UploadError> {
+        record.offset = check.bytes();
+        record.check = check.save();
+        record.expires = self.resumable_expiry(record.token_expires);
+        match self.resumables.save(record, holder).await {
+            Ok(true) => {}
+            Ok(false) => return Err(UploadError::Locked),
+            Err(e) => return Err(super::bus_unavailable(&e)),
+        }
+        let lease = Self::until(record.expires);
+        let guard = guard_holder(&record.nonce);
+        if let Err(e) = self
+            .guard
+            .clone()
+            .renew(record.image_id, &guard, lease)
+            .await
+        {
+            tracing::warn!(error = %e, "an upload's guard could not be renewed");
+        }
+        Ok(())
+    }
+
+    /// The last byte arrived: the last checks, the original complete in S3, the job queued.
+    /// Nothing of this append is saved before: if the commit fails, the client sends its last
+    /// bytes again.
+    async fn complete(
+        &self,
+        record: Resumable,
+        check: BodyCheck,
+        mut pending: Pending,
+        started: Instant,
+    ) -> Result<Appended, UploadError> {
+        let claims = claims_of(&record);
+        let mut check = check;
+        // A header that did not fit in the checked prefix is left to the pipeline, which
+        // checks it before decoding anyway.
+        if let Err(e) = check.ended() {
+            return Err(self.refuse_body(&record, e, started).await);
+        }
+        let (sha256, bytes) = match check.finish() {
+            Ok(done) => done,
+            Err(e) => return Err(self.refuse_body(&record, e, started).await),
+        };
+        let mut record = record;
+        let last = match record.multipart {
+            Some(_) => Some(self.upload_part(&mut record, &mut pending).await?),
+            None => {
+                pending.seal().await?;
+                None
+            }
+        };
+        let mut parts: Vec<StoredPart> = record
+            .parts
+            .iter()
+            .map(|p| StoredPart {
+                etag: p.etag.clone(),
+                sha256: p.sha256.clone(),
+            })
+            .collect();
+        parts.extend(last);
+        let original = match &record.multipart {
+            Some(upload) => Original::Parts {
+                upload,
+                parts: &parts,
+            },
+            None => Original::File {
+                path: pending.file.path(),
+                sha256: &sha256,
+            },
+        };
+        let guard = guard_holder(&record.nonce);
+        match self
+            .commit(&claims, &guard, Self::until(record.expires), original)
+            .await
+        {
+            Ok(()) => {}
+            Err(Refused::Used) => {
+                self.spend_guard(&claims).await;
+                self.abandon(&record).await.ok();
+                return Err(UploadError::Duplicate);
+            }
+            Err(Refused::Transfer(e) | Refused::Body(e)) => return Err(e),
+        }
+        self.enqueue(&claims).await;
+        self.forget(&record).await;
+        tracing::info!(
+            bytes,
+            sha256 = %hex::encode(sha256),
+            parts = parts.len(),
+            "resumable upload accepted"
+        );
+        Ok(Appended {
+            offset: bytes,
+            expires: None,
+        })
+    }
+
+    /// A bad body spent the token: the image fails as a bad `PUT`'s does, and the upload's
+    /// parts go.
+    async fn refuse_body(
+        &self,
+        record: &Resumable,
+        error: UploadError,
+        started: Instant,
+    ) -> UploadError {
+        let error = self.fail(&claims_of(record), error, started).await;
+        if let Err(e) = self.abandon(record).await {
+            tracing::warn!(error = %e, "a refused upload's parts stay for the sweeper");
+        }
+        error
+    }
+
+    /// Forgets a finished upload: its tail, its record, its place among its owner's.
+    async fn forget(&self, record: &Resumable) {
+        if let Some(tail) = &record.tail_key {
+            self.remove(tail).await;
+        }
+        let forgot = async {
+            self.resumables
+                .close(&record.owner, record.image_id)
+                .await?;
+            self.resumables.remove(record.image_id).await
+        };
+        if let Err(e) = forgot.await {
+            tracing::warn!(error = %e, "a finished upload's record stays until it expires");
+        }
+    }
+}
