@@ -85,12 +85,29 @@ pub async fn serve(
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
     // (A method fallback replaces a route's own, layers included: it is set before CORS.)
-    let app = grpc
+    let public = grpc
         .merge(surface.public)
         .method_not_allowed_fallback(wrong_method)
-        .layer(cors(&config.cors_origins))
-        .merge(surface.ops.method_not_allowed_fallback(wrong_method))
         .fallback(no_route);
+    // CORS answers every `OPTIONS` itself; one that is no preflight (a tus client asking what
+    // the server speaks) goes to the routes.
+    let with_cors = public.clone().layer(cors(&config.cors_origins));
+    let steer = tower::service_fn(move |request: axum::extract::Request| {
+        let preflight = request.method() == Method::OPTIONS
+            && request
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        let to = if preflight || request.method() != Method::OPTIONS {
+            with_cors.clone()
+        } else {
+            public.clone()
+        };
+        tower::ServiceExt::oneshot(to, request)
+    });
+    let app = surface
+        .ops
+        .method_not_allowed_fallback(wrong_method)
+        .fallback_service(steer);
     tracing::info!(addr = ?listener.local_addr().ok(), "serving");
     let (http2, accepted) = mpsc::channel(64);
     let grpc = Server::builder()
