@@ -8,7 +8,13 @@
 //!    up, `FOLLOW_BENCH_REPEATS` times each (default 20): p50 and p99, and the ratio.
 //! 2. **Memory**: `FOLLOW_BENCH_SLOW` uploads (default 200) of 10 MB held open, each having sent
 //!    64 KiB: the gateway's RSS growth per upload in flight.
-//! 3. **Throughput**: `FOLLOW_BENCH_IMAGES` photos (default 200, 2 MP JPEGs) uploaded 16 at a time
+//! 3. **Resumable**: a 20 MiB photo in 5 MiB chunks, `FOLLOW_BENCH_RESUMABLE` times (default 5)
+//!    after one warm-up, interleaved: resumable (`POST`, then one `PATCH` per chunk, on one
+//!    keep-alive connection), a single `PUT` of the whole photo, and the floor: a bare S3
+//!    multipart upload of the same parts to the same Garage (create, one part per chunk,
+//!    complete, with the SDK). First byte to last answer, p50, and the ratios. Then the memory of
+//!    `FOLLOW_BENCH_SLOW` appends held open, as in 2.
+//! 4. **Throughput**: `FOLLOW_BENCH_IMAGES` photos (default 200, 2 MP JPEGs) uploaded 16 at a time
 //!    through two gateways, from the first byte to the last route READY; beside it, the same
 //!    images' pipeline time alone (the gateways' decode + processing + encode stage seconds).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -37,7 +43,9 @@ async fn main() {
     );
 
     accept_latency(&platform, repeats).await;
-    memory_per_upload(&mut platform, slow).await;
+    memory_per_upload(&mut platform, slow, false).await;
+    resumable(&platform, setting("FOLLOW_BENCH_RESUMABLE", 5).max(1)).await;
+    memory_per_upload(&mut platform, slow, true).await;
     throughput(&mut platform, images).await;
 }
 
@@ -163,7 +171,142 @@ async fn accept_latency(platform: &Platform, repeats: usize) {
     user.clean_up(platform).await;
 }
 
-async fn memory_per_upload(platform: &mut Platform, slow: usize) {
+/// A JPEG of exactly `bytes`: a photo of about two thirds of that, then a trailer after its end
+/// (as some cameras write).
+fn padded_photo(bytes: usize) -> Vec<u8> {
+    let mut body = photo_of(bytes * 2 / 3);
+    body.resize(bytes, 0x3C);
+    body
+}
+
+async fn resumable(platform: &Platform, repeats: usize) {
+    const CHUNK: usize = 5 << 20;
+    let (s3, bucket) = platform.bucket().unwrap();
+    let mut user = User::new(platform).await;
+    let body = padded_photo(20 << 20);
+    let created = user
+        .create_route_sized(platform, &vec![(0.5, 0.5); 2 * (repeats + 1)], 25_000_000)
+        .await;
+    let client = reqwest::Client::new();
+    let (mut tus, mut single, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    for (n, pair) in created.upload_targets.chunks(2).enumerate() {
+        let started = Instant::now();
+        let made = client
+            .post(&pair[0].upload_url)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-length", body.len().to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(made.status(), 201);
+        let location = made.headers()["location"].to_str().unwrap().to_owned();
+        let url = format!("{}{location}", platform.gateway_url);
+        for (i, chunk) in body.chunks(CHUNK).enumerate() {
+            let sent = client
+                .patch(&url)
+                .header("tus-resumable", "1.0.0")
+                .header("upload-offset", (i * CHUNK).to_string())
+                .header("content-type", "application/offset+octet-stream")
+                .body(chunk.to_vec())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(sent.status(), 204);
+        }
+        let resumable = started.elapsed();
+        let started = Instant::now();
+        let put = client
+            .put(&pair[1].upload_url)
+            .header("content-type", "image/jpeg")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 202);
+        let whole = started.elapsed();
+        let started = Instant::now();
+        bare_multipart(&s3, &bucket, &format!("bench/parts-{n}"), &body, CHUNK).await;
+        let bare = started.elapsed();
+        if n >= 1 {
+            tus.push(resumable);
+            single.push(whole);
+            floor.push(bare);
+        }
+    }
+    for times in [&mut tus, &mut single, &mut floor] {
+        times.sort();
+    }
+    let ms = |d: &[Duration]| percentile(d, 0.5).as_secs_f64() * 1e3;
+    println!(
+        "\n3. a {} MiB photo in {} MiB chunks, first byte -> last answer, p50 of {repeats} after a \
+         warm-up, interleaved:\n   resumable (POST + {} PATCHes) {:.0} ms = {:.2}x the floor; single \
+         PUT {:.0} ms = {:.2}x; bare S3 multipart of the same parts (the floor) {:.0} ms",
+        body.len() >> 20,
+        CHUNK >> 20,
+        body.len().div_ceil(CHUNK),
+        ms(&tus),
+        ms(&tus) / ms(&floor),
+        ms(&single),
+        ms(&single) / ms(&floor),
+        ms(&floor)
+    );
+    user.clean_up(platform).await;
+}
+
+/// `body` stored at `key` as an S3 multipart upload of `chunk`-byte parts.
+async fn bare_multipart(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    body: &[u8],
+    chunk: usize,
+) {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let upload = s3
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    let id = upload.upload_id().unwrap();
+    let mut parts = Vec::new();
+    for (n, part) in body.chunks(chunk).enumerate() {
+        let number = i32::try_from(n + 1).unwrap();
+        let stored = s3
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(id)
+            .part_number(number)
+            .body(part.to_vec().into())
+            .send()
+            .await
+            .unwrap();
+        parts.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .e_tag(stored.e_tag().unwrap())
+                .build(),
+        );
+    }
+    s3.complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+}
+
+/// `slow` bodies of 10 MB held open, 64 KiB of each sent: single `PUT`s, or `PATCH`es of
+/// resumable uploads.
+async fn memory_per_upload(platform: &mut Platform, slow: usize, resumable: bool) {
     // Slow clients are not cut for their rate here, nor one user's share: they must all stay in
     // flight while measured.
     platform.stop(follow_e2e::Service::Gateway).await.unwrap();
@@ -175,6 +318,7 @@ async fn memory_per_upload(platform: &mut Platform, slow: usize) {
                 ("FOLLOW_BODY_IDLE_TIMEOUT_SECS", Some("120")),
                 ("FOLLOW_MAX_RECEIVING", Some("1000")),
                 ("FOLLOW_MAX_UPLOADS_PER_USER", Some("1000")),
+                ("FOLLOW_RESUMABLE_PER_USER", Some("1000")),
             ],
         )
         .await
@@ -190,17 +334,42 @@ async fn memory_per_upload(platform: &mut Platform, slow: usize) {
         targets.extend(created.upload_targets);
     }
     let start = photo_of(64 << 10);
+    let client = reqwest::Client::new();
+    let mut created = Vec::new();
+    if resumable {
+        for target in &targets {
+            let made = client
+                .post(&target.upload_url)
+                .header("tus-resumable", "1.0.0")
+                .header("upload-length", (10 << 20).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(made.status(), 201);
+            created.push(made.headers()["location"].to_str().unwrap().to_owned());
+        }
+    }
     let before = rss_bytes(pid);
     let mut held = Vec::with_capacity(slow);
-    for target in &targets {
+    for (n, target) in targets.iter().enumerate() {
         let rest = target.upload_url.strip_prefix("http://").unwrap();
         let (authority, path) = rest.split_at(rest.find('/').unwrap());
         let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
-        let head = format!(
-            "PUT {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: image/jpeg\r\n\
-             content-length: {}\r\n\r\n",
-            10 << 20
-        );
+        let head = if resumable {
+            format!(
+                "PATCH {} HTTP/1.1\r\nhost: {authority}\r\ntus-resumable: 1.0.0\r\n\
+                 upload-offset: 0\r\ncontent-type: application/offset+octet-stream\r\n\
+                 content-length: {}\r\n\r\n",
+                created[n],
+                10 << 20
+            )
+        } else {
+            format!(
+                "PUT {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: image/jpeg\r\n\
+                 content-length: {}\r\n\r\n",
+                10 << 20
+            )
+        };
         stream.write_all(head.as_bytes()).await.unwrap();
         stream.write_all(&start[..64 << 10]).await.unwrap();
         held.push(stream);
@@ -219,9 +388,14 @@ async fn memory_per_upload(platform: &mut Platform, slow: usize) {
     )
     .await;
     let after = rss_bytes(pid);
+    let (section, what) = if resumable {
+        ("3b", "resumable appends (PATCH)")
+    } else {
+        ("2", "uploads (PUT)")
+    };
     println!(
-        "\n2. {slow} uploads of 10 MB held open (64 KiB of each sent): gateway RSS {:.1} -> {:.1} MiB, \
-         {:.1} KiB per upload in flight (target <= 256 KiB)",
+        "\n{section}. {slow} {what} of 10 MB held open (64 KiB of each sent): gateway RSS {:.1} -> \
+         {:.1} MiB, {:.1} KiB per upload in flight (target <= 128 KiB)",
         before as f64 / f64::from(1 << 20),
         after as f64 / f64::from(1 << 20),
         after.saturating_sub(before) as f64 / 1024.0 / slow as f64
@@ -279,7 +453,7 @@ async fn throughput(platform: &mut Platform, images: usize) {
     let pipeline =
         pipeline_seconds(platform, &[&platform.gateway_url, &second]).await - pipeline_before;
     println!(
-        "\n3. {images} photos of {:.0} KiB (1600x1200) through two gateways, 16 uploads at a time:\n   \
+        "\n4. {images} photos of {:.0} KiB (1600x1200) through two gateways, 16 uploads at a time:\n   \
          first byte -> every route READY {:.1} s = {:.1} images/s; the pipeline alone (decode + \
          resize + encode, summed over both gateways) {:.2} s = {:.1} images/s per core",
         photo.len() as f64 / 1024.0,

@@ -108,6 +108,40 @@ async fn the_web_page_in_chromium_shows_every_photo_processed() {
     user.clean_up(&platform).await;
 }
 
+/// The demo page's resumable upload in headless Chromium, its connection cut a third of the way
+/// (by a TCP proxy): the upload resumes where the gateway had stored up to and the photo ends
+/// processed, the route READY.
+#[tokio::test]
+async fn the_web_pages_upload_resumes_after_its_connection_is_cut() {
+    let platform = Platform::start().await.unwrap();
+    let user = User::new(&platform).await;
+    let dir = tempfile::tempdir().unwrap();
+    let photo = dir.path().join("big.jpg");
+    let mut body = std::fs::read(repo().join("demo/photo.jpg")).unwrap();
+    body.resize(6_000_000, 0x3C);
+    std::fs::write(&photo, &body).unwrap();
+    let summary = node(
+        "web/test/resume.mjs",
+        [
+            platform.api_url.as_ref(),
+            user.token.as_ref(),
+            photo.as_os_str(),
+        ],
+    )
+    .await;
+    assert_eq!(summary["route"], "READY", "{summary}");
+    assert_eq!(summary["stage"], "DONE", "{summary}");
+    let tus = &summary["tus"];
+    assert_eq!(tus["POST"], 1, "never started over: {summary}");
+    assert_eq!(tus["cut"], 1, "the connection was cut: {summary}");
+    assert!(tus["HEAD"].as_u64().unwrap() >= 1, "{summary}");
+    assert!(
+        !tus["resumedAt"].as_array().unwrap().is_empty(),
+        "resumed at a non-zero offset: {summary}"
+    );
+    user.clean_up(&platform).await;
+}
+
 /// The dev token the page is served with (config.json of `./dev up`) is only ever sent to its own
 /// loopback API: not to an API named by `?api=`, nor to one typed into the page.
 #[tokio::test]

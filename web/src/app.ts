@@ -1,9 +1,10 @@
-// The follow demo page: one route with a waypoint per chosen photo, uploads with progress bars,
-// every stage of every image live (WatchImageStatus over grpc-web), previews when processed.
+// The follow demo page: one route with a waypoint per chosen photo, resumable uploads (tus) with
+// progress bars, every stage of every image live (WatchImageStatus over grpc-web), previews when
+// processed.
 // Settings come from `?api=…&token=…`, else from `config.json` beside the page (`./dev up` writes
 // it), else the defaults of `./dev up`. The dev token of `config.json` is bound to its own API on
 // loopback: it is never sent anywhere else, whatever `?api=` or the API field say.
-import { ConnectError, Stage, followClients } from "../../sdk/typescript/src/index.js";
+import { ConnectError, Stage, followClients, uploadResumable } from "../../sdk/typescript/src/index.js";
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 const apiInput = $<HTMLInputElement>("api");
@@ -58,21 +59,14 @@ function showError(error: unknown) {
   $("error").textContent = message;
 }
 
-/** PUT with progress events (fetch cannot report upload progress). */
+/** A resumable upload (tus, through the SDK) that shows its progress: a dropped connection resumes. */
 function upload(url: string, file: File, progress: HTMLProgressElement): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const request = new XMLHttpRequest();
-    request.open("PUT", url);
-    request.setRequestHeader("content-type", file.type);
-    request.upload.onprogress = (e) => {
-      if (e.lengthComputable) progress.value = e.loaded / e.total;
-    };
-    request.onload = () => {
-      progress.value = 1;
-      request.status === 202 ? resolve() : reject(new Error(`upload ${request.status}: ${request.responseText}`));
-    };
-    request.onerror = () => reject(new Error("upload failed: network error"));
-    request.send(file);
+  return uploadResumable(url, file, {
+    onProgress: (sent, total) => {
+      progress.value = total > 0 ? sent / total : 0;
+    },
+  }).then(() => {
+    progress.value = 1;
   });
 }
 

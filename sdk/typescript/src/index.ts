@@ -6,10 +6,12 @@
  * const follow = followClients("http://127.0.0.1:8080", () => token);
  * const { route, uploadTargets } = await follow.routes.createRouteWithWaypoints({ ... });
  * for await (const update of follow.images.watchImageStatus({ target: { case: "routeId", value: route!.id } })) { ... }
+ * await uploadResumable(uploadTargets[0].uploadUrl, file, { onProgress: (sent, total) => ... });
  * ```
  */
 import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { Upload } from "tus-js-client";
 import { ImageService } from "./gen/follow/api/v1/image_service_pb.js";
 import { RouteService } from "./gen/follow/api/v1/route_service_pb.js";
 import { GatewayService } from "./gen/follow/gateway/v1/gateway_service_pb.js";
@@ -64,4 +66,56 @@ export async function upload(
     throw new Error(`upload refused: ${response.status} ${answer.error_code}: ${answer.message}`);
   }
   return answer;
+}
+
+/** What {@link uploadResumable} may be told. */
+export interface ResumableOptions {
+  /** Called as bytes go out, with the bytes the gateway has and the total. */
+  onProgress?: (sent: number, total: number) => void;
+  /** Bytes per request (default: the whole photo in one, resumed where it was cut). */
+  chunkSize?: number;
+  /** The waits (ms) before each retry after a failure; the default retries for about a minute. */
+  retryDelays?: number[];
+  /** Abandons the upload (the gateway drops what it has; the token may start again). */
+  signal?: AbortSignal;
+}
+
+/** What {@link uploadResumable} uploads: a `Blob`/`File` in browsers, a `Buffer` or stream in Node. */
+export type ResumableInput = ConstructorParameters<typeof Upload>[0];
+
+/**
+ * Uploads a photo to its upload URL with the tus resumable-upload protocol: a dropped connection
+ * or a gateway that dies is resumed where the gateway had stored up to (on any instance), after a
+ * reload too. Resolves once the original is stored and its job queued, as a `PUT`'s `202`.
+ */
+export function uploadResumable(
+  uploadUrl: string,
+  photo: ResumableInput,
+  options: ResumableOptions = {},
+): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const type = typeof Blob !== "undefined" && photo instanceof Blob ? photo.type : "";
+    const upload = new Upload(photo, {
+      endpoint: uploadUrl,
+      // An option given as `undefined` replaces tus-js-client's default: only set when set.
+      ...(options.chunkSize === undefined ? {} : { chunkSize: options.chunkSize }),
+      retryDelays: options.retryDelays ?? [0, 500, 1000, 2000, 4000, 8000, 15000, 30000],
+      metadata: type ? { filetype: type } : {},
+      removeFingerprintOnSuccess: true,
+      onProgress: (sent, total) => options.onProgress?.(sent, total),
+      onSuccess: () => resolve(),
+      onError: (error) => reject(error),
+    });
+    options.signal?.addEventListener("abort", () => {
+      upload.abort(true).catch(() => undefined);
+      reject(new Error("upload abandoned"));
+    });
+    upload
+      .findPreviousUploads()
+      .then((previous) => {
+        if (previous.length > 0) upload.resumeFromPreviousUpload(previous[0]);
+        upload.start();
+      })
+      .catch(reject);
+  });
 }
