@@ -308,6 +308,7 @@ impl Reconciler {
             content_type: image.content_type.clone(),
             owner: image.owner.clone(),
             accepted_at: OffsetDateTime::now_utc(),
+            sha256: None,
         };
         self.producer
             .clone()

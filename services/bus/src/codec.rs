@@ -147,6 +147,9 @@ impl StreamMessage for Job {
             (field::OWNER, self.owner.clone()),
             (field::ACCEPTED_AT, format_time(self.accepted_at)),
         ]
+        .into_iter()
+        .chain(self.sha256.clone().map(|sha| (field::SHA256, sha)))
+        .collect()
     }
 
     fn from_fields<N, V>(fields: &[(N, V)]) -> Result<Self, DecodeError>
@@ -162,6 +165,10 @@ impl StreamMessage for Job {
             content_type: fields.required(field::CONTENT_TYPE)?.to_owned(),
             owner: fields.required(field::OWNER)?.to_owned(),
             accepted_at: parse_time(field::ACCEPTED_AT, fields.required(field::ACCEPTED_AT)?)?,
+            sha256: match fields.required(field::SHA256) {
+                Ok(_) => Some(fields.sha256()?),
+                Err(_) => None,
+            },
         })
     }
 }

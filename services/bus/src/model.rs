@@ -259,6 +259,9 @@ pub struct Job {
     /// The route owner (the token's `sub`).
     pub owner: String,
     pub accepted_at: OffsetDateTime,
+    /// The SHA-256 of the original (hex), taken as it arrived; absent when queued again by the
+    /// reconciler (the worker then takes it from the original).
+    pub sha256: Option<String>,
 }
 
 /// One stage change of one image: what the status hash holds and what its progress channel

@@ -39,6 +39,9 @@ pub struct ReceiveConfig {
     pub body_idle_timeout: Duration,
     pub body_timeout: Duration,
     pub min_upload_rate: u64,
+    /// The size of the parts a large original is stored in while its bytes arrive (S3's
+    /// smallest is 5 MiB).
+    pub part_bytes: u64,
 }
 
 /// Resumable (tus) uploads.
@@ -48,9 +51,6 @@ pub struct ResumableConfig {
     pub expiry: Duration,
     /// Unfinished uploads one user may have open at once, on every instance together.
     pub per_user: u32,
-    /// The size of the parts the original is stored in as its bytes arrive (S3's smallest is
-    /// 5 MiB).
-    pub part_bytes: u64,
     /// How often each instance looks for expired uploads to remove.
     pub sweep_every: Duration,
 }
@@ -114,15 +114,11 @@ impl FromEnv for Config {
                 body_idle_timeout: env.secs("FOLLOW_BODY_IDLE_TIMEOUT_SECS", 15)?,
                 body_timeout: env.secs("FOLLOW_BODY_TIMEOUT_SECS", 300)?,
                 min_upload_rate: env.number("FOLLOW_MIN_UPLOAD_RATE", 16_384, 0..=1 << 30)?,
+                part_bytes: env.number("FOLLOW_UPLOAD_PART_BYTES", 8 << 20, 5 << 20..=1 << 30)?,
             },
             resumable: ResumableConfig {
                 expiry: env.secs("FOLLOW_RESUMABLE_EXPIRY_SECS", 3600)?,
                 per_user: env.number("FOLLOW_RESUMABLE_PER_USER", 20, 1..=10_000)?,
-                part_bytes: env.number(
-                    "FOLLOW_RESUMABLE_PART_BYTES",
-                    8 << 20,
-                    5 << 20..=1 << 30,
-                )?,
                 sweep_every: env.secs("FOLLOW_RESUMABLE_SWEEP_SECS", 30)?,
             },
             jobs: JobConfig {

@@ -173,7 +173,12 @@ impl JobHandler {
                 started,
             ));
         };
-        let sha256 = hex::encode(Sha256::digest(&original));
+        // Taken as the bytes arrived (and S3 checked them against it) when the gateway queued
+        // the job; from the original when the reconciler did.
+        let sha256 = job
+            .sha256
+            .clone()
+            .unwrap_or_else(|| hex::encode(Sha256::digest(&original)));
         let output = self.pipeline_of(original, format, reporter).await;
         let mut output = match output {
             Ok(output) => output,

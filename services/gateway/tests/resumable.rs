@@ -99,7 +99,7 @@ async fn objects_under(gw: &Gateway, prefix: &str) -> usize {
 }
 
 fn small_parts() -> Vars {
-    Vars::from([("FOLLOW_RESUMABLE_PART_BYTES", (5 << 20).to_string())])
+    Vars::from([("FOLLOW_UPLOAD_PART_BYTES", (5 << 20).to_string())])
 }
 
 #[tokio::test]

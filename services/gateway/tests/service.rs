@@ -123,6 +123,7 @@ async fn with_valkey_down_new_uploads_get_503_and_in_flight_results_arrive_after
         content_type: "image/jpeg".into(),
         owner: "alice".into(),
         accepted_at: time::OffsetDateTime::now_utc(),
+        sha256: None,
     };
     eventually_async(WITHIN, "the job queued again", || async {
         let mut producer = follow_bus::Producer::new(&gw.valkey).unwrap();

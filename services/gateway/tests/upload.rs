@@ -323,6 +323,48 @@ async fn a_202_means_the_original_is_stored_and_its_job_queued() {
     assert_eq!(follow_bus::ImageResult::from_json(&record).unwrap(), result);
 }
 
+/// A body larger than a part is stored in parts while it arrives: the original is the body,
+/// byte for byte, with its SHA-256; a bad large body (a JPEG that never ends) leaves no parts.
+#[tokio::test]
+async fn a_large_body_is_stored_in_parts_as_it_arrives_and_a_bad_one_leaves_none() {
+    let gw = Gateway::start_with(Vars::from([
+        ("FOLLOW_KEEP_ORIGINALS", "true".to_owned()),
+        ("FOLLOW_UPLOAD_PART_BYTES", (5 << 20).to_string()),
+    ]))
+    .await;
+    let mut body = jpeg(640, 480);
+    body.resize(12_000_000, 0x5A);
+    let (id, token) = gw.token("image/jpeg", 20_000_000);
+    let (status, receipt) = gw.put(&token, "image/jpeg", body.clone()).await;
+    assert_eq!(status, 202, "{receipt}");
+    let sha = hex::encode(Sha256::digest(&body));
+    assert_eq!(receipt["sha256"], sha);
+    let key = gw.storage_key(id);
+    let (_, original) = gw.object(&objects::original_key(&key)).await;
+    assert!(original == body, "the original is the body, byte for byte");
+    assert_eq!(processed(&gw.result(id).await).sha256, sha);
+
+    let mut truncated = jpeg(640, 480);
+    truncated.truncate(truncated.len() - 2);
+    truncated.resize(12_000_000, 0x5A);
+    let (bad, token) = gw.token("image/jpeg", 20_000_000);
+    let (status, answer) = gw.put(&token, "image/jpeg", truncated).await;
+    assert_eq!(status, 415, "{answer}");
+    assert_eq!(failure_code(&gw.result(bad).await), ErrorCode::InvalidImage);
+    let uploads = gw
+        .s3
+        .list_multipart_uploads()
+        .bucket(gw.garage.bucket())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uploads.uploads().len(), 0, "no parts left: {uploads:?}");
+    assert!(
+        !gw.exists(&objects::original_key(&gw.storage_key(bad)))
+            .await
+    );
+}
+
 #[tokio::test]
 async fn after_valkey_loses_its_data_a_used_token_is_refused_and_the_objects_stay() {
     let mut gw = Gateway::start().await;

@@ -1,5 +1,7 @@
-//! `PUT /upload`: verify the token, take the one-time guard, receive the body into a spool file
-//! while checking it, store it as the image's original in S3, queue the job, answer `202`.
+//! `PUT /upload`: verify the token, take the one-time guard, receive the body while checking it
+//! (spooled; a large one stored in S3 in parts as it arrives, so that only its last part is left
+//! after its last byte), store it as the image's original, queue the job, answer `202`.
+//! Resumable uploads ([`resumable`]) share the guard, the checks and the commit ([`commit`]).
 //!
 //! The commit point is S3: a `202` is sent only once the original is stored, and from then on
 //! the photo is safe whatever happens to this process (docs/architecture.md, "Failure handling").
@@ -13,7 +15,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -23,21 +25,15 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use follow_bus::{
-    Failure, GuardOutcome, GuardState, ImageResult, Job, Producer, ProgressTracker, ResultOutcome,
-    Stage, UploadGuard,
-};
+use follow_bus::{Producer, ProgressTracker, Stage, UploadGuard};
 use follow_service::{
     auth::bearer_of,
     limits::Tally,
-    objects::{self, original_key, parse_storage_key, record_key},
-    s3::{Bucket, S3Error},
+    objects::{original_key, parse_storage_key},
+    s3::Bucket,
 };
 use follow_token::{TokenError, UploadClaims, Verifier};
-use futures_util::StreamExt;
 use image::ImageFormat;
-use tempfile::NamedTempFile;
-use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -46,18 +42,19 @@ use crate::{
 };
 
 mod check;
+mod commit;
+mod parts;
 mod resumable;
 
 use check::BodyCheck;
+use commit::Original;
+use parts::{Pace, Parts, Pending, Stored};
 pub use resumable::{
     Sweeper, delete_upload, head_upload, options_upload, patch_upload, post_upload,
 };
 
 /// Beyond the body idle timeout, how long a receiving guard outlives its last renewal.
 const RENEW_SLACK: Duration = Duration::from_secs(5);
-
-/// After this long a body must keep up `FOLLOW_MIN_UPLOAD_RATE` on average.
-const RATE_GRACE: Duration = Duration::from_secs(10);
 
 /// Everything the upload handler needs.
 #[derive(Debug)]
@@ -147,25 +144,13 @@ pub struct Receipt {
     status: &'static str,
 }
 
-/// A body received in full, checked as far as it can be before decoding, in its spool file.
+/// A body received in full, checked as far as it can be before decoding: in its spool file, or
+/// (a large one) in the parts stored while it arrived and the last part, spooled.
 struct Received {
-    file: NamedTempFile,
+    last: Pending,
+    parts: Option<Stored>,
     sha256: [u8; 32],
     bytes: u64,
-}
-
-/// Where the bytes of an original are before the commit.
-enum Original<'a> {
-    /// In a local file, whole, with its SHA-256.
-    File {
-        path: &'a std::path::Path,
-        sha256: &'a [u8; 32],
-    },
-    /// In the parts of an S3 multipart upload (each checked against its SHA-256).
-    Parts {
-        upload: &'a str,
-        parts: &'a [follow_service::s3::StoredPart],
-    },
 }
 
 /// Why receiving a body stopped.
@@ -264,73 +249,6 @@ impl Gateway {
         }
     }
 
-    /// The one-time guard: a short lease while the body arrives (renewed as bytes come), so a
-    /// gateway that dies mid-body lets go of it on its own.
-    async fn take_guard(
-        &self,
-        claims: &UploadClaims,
-        holder: &str,
-        lease: Duration,
-    ) -> Result<(), UploadError> {
-        let mut guard = self.guard.clone();
-        let unavailable = |e: follow_bus::BusError| {
-            tracing::warn!(error = %e, "upload refused: the guard cannot be taken");
-            UploadError::BusUnavailable
-        };
-        // Twice at most: a guard whose lease runs out between the two reads is free again.
-        for _ in 0..2 {
-            match guard.acquire(claims.image_id, holder, lease).await {
-                Ok(GuardOutcome::Acquired) => return Ok(()),
-                Ok(GuardOutcome::Taken) => match guard.state(claims.image_id).await {
-                    // Another upload of this token is arriving, or one whose answer was lost
-                    // (its gateway died, or could not hear from Valkey): it may fail.
-                    Ok(GuardState::Receiving) => return Err(UploadError::InProgress(self.lease())),
-                    Ok(GuardState::Queued | GuardState::Spent) => {
-                        return Err(UploadError::Duplicate);
-                    }
-                    Ok(GuardState::Free) => {}
-                    Err(e) => return Err(unavailable(e)),
-                },
-                Err(e) => return Err(unavailable(e)),
-            }
-        }
-        Err(UploadError::InProgress(self.lease()))
-    }
-
-    /// How long the guard of a body being received lives without news from its gateway.
-    fn lease(&self) -> Duration {
-        self.config.receive.body_idle_timeout + RENEW_SLACK
-    }
-
-    /// How long a used token's guard lives: until the token expires, plus the longest a body
-    /// may take and the clock leeway (a slow upload started just before expiry is covered).
-    fn spent_for(&self, claims: &UploadClaims) -> Duration {
-        let remaining = claims
-            .expires_at()
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        remaining + self.config.receive.body_timeout + self.config.token_leeway
-    }
-
-    /// Marks the token used until it expires, so later replays are refused by the guard.
-    async fn spend_guard(&self, claims: &UploadClaims) {
-        if let Err(e) = self
-            .guard
-            .clone()
-            .spend(claims.image_id, self.spent_for(claims))
-            .await
-        {
-            tracing::warn!(error = %e, "the spent token could not be marked");
-        }
-    }
-
-    async fn release_guard(&self, image_id: Uuid, holder: &str) {
-        if let Err(e) = self.guard.clone().release(image_id, holder).await {
-            // It expires on its own; until then a retry gets 409.
-            tracing::warn!(error = %e, "could not release the upload guard");
-        }
-    }
-
     /// From the guard to the `202`: the durable check, the body, the original, the job.
     async fn store(
         &self,
@@ -344,21 +262,37 @@ impl Gateway {
         let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
         reporter.stage(Stage::WaitingUpload);
         self.metrics.receiving.inc();
-        let received = self
-            .receive(claims.image_id, holder, format, limit, body)
-            .await;
+        let received = self.receive(claims, holder, format, limit, body).await;
         self.metrics.receiving.dec();
         if received.is_ok() {
             reporter.stage(Stage::Validating);
         }
         reporter.finish().await;
         let received = received?;
-        let original = Original::File {
-            path: received.file.path(),
-            sha256: &received.sha256,
+        let key = original_key(&claims.storage_key);
+        let committed = match &received.parts {
+            None => {
+                let original = Original::File {
+                    path: received.last.file.path(),
+                    sha256: &received.sha256,
+                };
+                self.commit(claims, holder, self.lease(), original).await
+            }
+            Some(stored) => {
+                let upload = stored.upload.as_deref().unwrap_or_default();
+                let original = Original::Parts {
+                    upload,
+                    parts: &stored.parts,
+                };
+                let committed = self.commit(claims, holder, self.lease(), original).await;
+                if committed.is_err() {
+                    stored.abort(&self.bucket, &key).await;
+                }
+                committed
+            }
         };
-        self.commit(claims, holder, self.lease(), original).await?;
-        self.enqueue(claims).await;
+        committed?;
+        self.enqueue(claims, &received.sha256).await;
         Ok(Receipt {
             image_id: claims.image_id,
             sha256: hex::encode(received.sha256),
@@ -367,250 +301,129 @@ impl Gateway {
         })
     }
 
-    /// After Valkey lost its data the guard is no proof: S3 is. An original or a result record
-    /// means this token was used.
-    async fn unused(&self, storage_key: &str) -> Result<(), Refused> {
-        let (original, record) = (original_key(storage_key), record_key(storage_key));
-        match tokio::try_join!(self.bucket.exists(&original), self.bucket.exists(&record)) {
-            Ok((false, false)) => Ok(()),
-            Ok(_) => Err(Refused::Used),
-            Err(e) => {
-                tracing::warn!(error = %e, "upload refused: storage unavailable");
-                Err(Refused::Transfer(UploadError::StorageUnavailable))
-            }
-        }
-    }
-
-    /// The commit point: the received body stored as the image's original, if the image is
-    /// still this upload's (`holder` still holds its guard, renewed for `lease`).
-    async fn commit(
-        &self,
-        claims: &UploadClaims,
-        holder: &str,
-        lease: Duration,
-        original_body: Original<'_>,
-    ) -> Result<(), Refused> {
-        let (original, record) = (
-            original_key(&claims.storage_key),
-            record_key(&claims.storage_key),
-        );
-        // Still this upload's? A replay that took the guard after it was lost has the image now
-        // (S3 servers that ignore `If-None-Match` would let the second original overwrite the
-        // first). Valkey away: the lease outlasts short outages, and S3 checks follow.
-        match self
-            .guard
-            .clone()
-            .renew(claims.image_id, holder, lease)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => return Err(Refused::Transfer(UploadError::Duplicate)),
-            Err(e) => tracing::warn!(error = %e, "the upload guard could not be checked"),
-        }
-        let stored = match original_body {
-            Original::File { path, sha256 } => {
-                self.bucket
-                    .put_new_file(&original, path, &claims.content_type, sha256)
-                    .await
-            }
-            Original::Parts { upload, parts } => {
-                self.bucket
-                    .complete_multipart(&original, upload, parts)
-                    .await
-            }
-        };
-        match stored {
-            Ok(()) => {}
-            Err(S3Error::Exists) => return Err(Refused::Used),
-            Err(e) => {
-                tracing::warn!(error = %e, "upload refused: the original could not be stored");
-                return Err(Refused::Transfer(UploadError::StorageUnavailable));
-            }
-        }
-        // Another upload of this token may have been stored, processed and its original
-        // removed while this body arrived (or a bad one may have failed the image): its record
-        // is the image's outcome, and this original goes.
-        match self.bucket.exists(&record).await {
-            Ok(false) => Ok(()),
-            Ok(true) => {
-                self.remove(&original).await;
-                Err(Refused::Used)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "upload refused: storage unavailable after the original was stored");
-                self.remove(&original).await;
-                Err(Refused::Transfer(UploadError::StorageUnavailable))
-            }
-        }
-    }
-
-    /// Queues the job of an accepted upload (and marks its guard `queued`).
-    async fn enqueue(&self, claims: &UploadClaims) {
-        let job = Job {
-            image_id: claims.image_id,
-            storage_key: claims.storage_key.clone(),
-            content_type: claims.content_type.clone(),
-            owner: claims.sub.clone(),
-            accepted_at: OffsetDateTime::now_utc(),
-        };
-        follow_service::failpoint("gateway-before-enqueue");
-        if let Err(e) = self
-            .producer
-            .clone()
-            .enqueue(&job, self.spent_for(claims))
-            .await
-        {
-            // The original is durable: the API's reconciler queues its job once Valkey is back.
-            tracing::warn!(error = %e, "the job could not be queued; the reconciler will");
-        }
-    }
-
-    /// Streams the body into a spool file through its [`BodyCheck`], keeping the guard and
-    /// the body's pace: a body too slow, cut off or no longer holding the guard spends nothing.
+    /// Streams the body through its [`BodyCheck`] into spool files, storing each full part in
+    /// S3 while the rest arrives, keeping the guard and the body's pace: a body too slow, cut off
+    /// or no longer holding the guard spends nothing.
     async fn receive(
         &self,
-        image_id: Uuid,
+        claims: &UploadClaims,
         holder: &str,
         expected: ImageFormat,
         limit: u64,
         body: Body,
     ) -> Result<Received, Refused> {
-        let config = &self.config.receive;
-        let internal = |e: std::io::Error| {
-            tracing::error!(error = %e, "spooling failed");
-            Refused::Transfer(UploadError::Internal)
-        };
-        let file = self.spool.file().map_err(internal)?;
-        let mut out = tokio::fs::File::from_std(file.reopen().map_err(internal)?);
         let max_pixels = self.config.pipeline.max_pixels;
+        let part_bytes = self.config.receive.part_bytes;
         let mut check = BodyCheck::new(expected, limit, max_pixels);
-        let mut stream = body.into_data_stream();
-        let (started, deadline) = (Instant::now(), Instant::now() + config.body_timeout);
-        let mut renewed = Instant::now();
-        loop {
-            let wait = config
-                .body_idle_timeout
-                .min(deadline.saturating_duration_since(Instant::now()));
-            let chunk = match tokio::time::timeout(wait, stream.next()).await {
-                Err(_) => return Err(Refused::Transfer(UploadError::TooSlow)),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    tracing::info!(error = %e, bytes = check.bytes(), "the body was cut off");
-                    return Err(Refused::Transfer(UploadError::Incomplete));
-                }
-                Ok(Some(Ok(chunk))) => chunk,
-            };
-            check.feed(&chunk).map_err(Refused::Body)?;
-            tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
+        let mut pending = Pending::new(&self.spool).map_err(Refused::Transfer)?;
+        let mut parts: Option<Parts> = None;
+        let received = async {
+            let mut stream = body.into_data_stream();
+            let pace = Pace::new(&self.config.receive);
+            let mut renewed = Instant::now();
+            while let Some(piece) = pace
+                .next(&mut stream, check.bytes())
                 .await
-                .map_err(internal)?;
-            follow_service::failpoint("gateway-receiving");
-            if renewed.elapsed() > self.lease() / 3 {
-                renewed = Instant::now();
-                match self
-                    .guard
-                    .clone()
-                    .renew(image_id, holder, self.lease())
-                    .await
-                {
-                    Ok(true) => {}
-                    Ok(false) => return Err(Refused::Transfer(UploadError::Duplicate)),
-                    // Valkey away: the lease is long enough to outlast a short outage.
-                    Err(e) => tracing::warn!(error = %e, "the upload guard could not be renewed"),
+                .map_err(Refused::Transfer)?
+            {
+                let mut rest = &piece[..];
+                while !rest.is_empty() {
+                    let room = usize::try_from(part_bytes - pending.bytes).unwrap_or(usize::MAX);
+                    let (now, later) = rest.split_at(room.min(rest.len()));
+                    check.feed(now).map_err(Refused::Body)?;
+                    pending.write(now).await.map_err(Refused::Transfer)?;
+                    rest = later;
+                    if pending.bytes == part_bytes {
+                        let full = std::mem::replace(
+                            &mut pending,
+                            Pending::new(&self.spool).map_err(Refused::Transfer)?,
+                        );
+                        let parts = parts.get_or_insert_with(|| {
+                            Parts::start(
+                                self.bucket.clone(),
+                                original_key(&claims.storage_key),
+                                claims.content_type.clone(),
+                            )
+                        });
+                        parts.push(full).await.map_err(Refused::Transfer)?;
+                    }
+                }
+                follow_service::failpoint("gateway-receiving");
+                if renewed.elapsed() > self.lease() / 3 {
+                    renewed = Instant::now();
+                    self.renew_guard(claims.image_id, holder).await?;
                 }
             }
-            let elapsed = started.elapsed();
-            if elapsed > RATE_GRACE
-                && (check.bytes() as f64) < config.min_upload_rate as f64 * elapsed.as_secs_f64()
-            {
-                return Err(Refused::Transfer(UploadError::TooSlow));
+            Ok(())
+        }
+        .await;
+        let stored = match parts {
+            Some(parts) => {
+                if received.is_ok() && pending.bytes > 0 {
+                    let last = std::mem::replace(
+                        &mut pending,
+                        Pending::new(&self.spool).map_err(Refused::Transfer)?,
+                    );
+                    parts.push(last).await.ok();
+                }
+                Some(parts.finish().await)
             }
-        }
-        tokio::io::AsyncWriteExt::flush(&mut out)
-            .await
-            .map_err(internal)?;
-        drop(out);
-        if !check.ended().map_err(Refused::Body)? {
-            // The header did not fit in the prefix kept in memory: read it from the file.
-            let header = {
-                let file = file.reopen().map_err(internal)?;
-                tokio::task::spawn_blocking(move || sniff::check_header_of(&file, max_pixels))
+            None => None,
+        };
+        let checked = match (received, &stored) {
+            (Err(refused), _) => Err(refused),
+            (Ok(()), Some(Stored { error: Some(e), .. })) => {
+                tracing::warn!(error = %e, "upload refused: a part could not be stored");
+                Err(Refused::Transfer(UploadError::StorageUnavailable))
+            }
+            (Ok(()), _) => {
+                self.whole_checks(check, &mut pending, stored.is_some())
                     .await
-                    .map_err(|_| Refused::Transfer(UploadError::Internal))?
-            };
-            check::whole_header(header).map_err(Refused::Body)?;
-        }
-        let (sha256, bytes) = check.finish().map_err(Refused::Body)?;
+            }
+        };
+        let (sha256, bytes) = match checked {
+            Ok(checked) => checked,
+            Err(refused) => {
+                if let Some(stored) = &stored {
+                    stored
+                        .abort(&self.bucket, &original_key(&claims.storage_key))
+                        .await;
+                }
+                return Err(refused);
+            }
+        };
         Ok(Received {
-            file,
+            last: pending,
+            parts: stored,
             sha256,
             bytes,
         })
     }
 
-    /// A bad body spent the token: the image fails, its `failed` result recorded in S3 first
-    /// and then published, and its status says why; the client gets `error`. Unless the image
-    /// has its upload (another upload of this token, after the guard was lost, stored its
-    /// original): that one wins, and the client gets `409` with nothing changed. Storage that
-    /// does not answer cannot have taken another upload's original either: the result is then
-    /// published without its record (with S3 and Valkey both down the image is left to expire).
-    async fn fail(
+    /// The checks of a whole body: its type if shorter than the magic bytes, its header's
+    /// dimensions (read from the spool file when they were past the prefix kept in memory; a
+    /// body stored in parts leaves that to the pipeline, which checks it before decoding), a
+    /// JPEG's end; then its SHA-256 and size.
+    async fn whole_checks(
         &self,
-        claims: &UploadClaims,
-        error: UploadError,
-        started: Instant,
-    ) -> UploadError {
-        let failure = Failure {
-            code: match error.code() {
-                crate::error::RefusalCode::Pipeline(code) => code,
-                crate::error::RefusalCode::Unavailable
-                | crate::error::RefusalCode::RateLimited
-                | crate::error::RefusalCode::BadRequest
-                | crate::error::RefusalCode::UploadNotFound
-                | crate::error::RefusalCode::UploadExpired
-                | crate::error::RefusalCode::OffsetMismatch
-                | crate::error::RefusalCode::UploadLocked => follow_bus::ErrorCode::Internal,
-            },
-            message: error.to_string(),
-        };
-        tracing::info!(code = %failure.code, message = %failure.message, "upload refused: bad body");
-        self.spend_guard(claims).await;
-        let result = ImageResult {
-            image_id: claims.image_id,
-            outcome: ResultOutcome::Failed(failure.clone()),
-            produced_at: OffsetDateTime::now_utc(),
-            processing_ms: started.elapsed().as_millis() as u64,
-        };
-        // An upload that stored its original first wins: checked before the record is written,
-        // and again after (an upload storing its original meanwhile checks for this record).
-        let original = original_key(&claims.storage_key);
-        if self.bucket.exists(&original).await.unwrap_or(false) {
-            return UploadError::Duplicate;
+        mut check: BodyCheck,
+        pending: &mut Pending,
+        in_parts: bool,
+    ) -> Result<([u8; 32], u64), Refused> {
+        pending.seal().await.map_err(Refused::Transfer)?;
+        if !check.ended().map_err(Refused::Body)? && !in_parts {
+            let max_pixels = self.config.pipeline.max_pixels;
+            let file = pending
+                .file
+                .reopen()
+                .map_err(|_| Refused::Transfer(UploadError::Internal))?;
+            let header =
+                tokio::task::spawn_blocking(move || sniff::check_header_of(&file, max_pixels))
+                    .await
+                    .map_err(|_| Refused::Transfer(UploadError::Internal))?;
+            check::whole_header(header).map_err(Refused::Body)?;
         }
-        match objects::write_record(&self.bucket, &claims.storage_key, &result).await {
-            Ok(()) => {}
-            Err(S3Error::Exists) => return UploadError::Duplicate,
-            Err(e) => tracing::warn!(error = %e, "the failed result could not be recorded"),
-        }
-        if self.bucket.exists(&original).await.unwrap_or(false) {
-            self.remove(&record_key(&claims.storage_key)).await;
-            return UploadError::Duplicate;
-        }
-        self.metrics.failed(failure.code);
-        let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
-        reporter.failed(failure);
-        if let Err(e) = self.producer.clone().publish(&result).await {
-            tracing::warn!(error = %e, "the failed result could not be published; the reconciler will apply its record");
-        }
-        reporter.finish().await;
-        error
-    }
-
-    /// Deletes an object this upload wrote and must not leave.
-    async fn remove(&self, key: &str) {
-        if let Err(e) = self.bucket.delete(key).await {
-            tracing::warn!(error = %e, key, "an object of a refused upload could not be removed");
-        }
+        check.finish().map_err(Refused::Body)
     }
 }
 

@@ -17,9 +17,7 @@ use follow_service::{
     objects::{original_key, partial_key},
     s3::StoredPart,
 };
-use futures_util::StreamExt as _;
-use sha2::{Digest as _, Sha256};
-use tempfile::NamedTempFile;
+use sha2::Digest as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use uuid::Uuid;
 
@@ -28,45 +26,11 @@ use crate::{
     error::UploadError,
     report::Reporter,
     sniff,
-    upload::{BodyCheck, Original, RATE_GRACE, Refused},
+    upload::{
+        BodyCheck, Original, Refused,
+        parts::{MIN_PART, Pace, Pending},
+    },
 };
-
-/// S3's smallest part but the last.
-const MIN_PART: u64 = 5 << 20;
-
-/// The bytes after the last stored part, in a spool file, with their SHA-256 so far.
-struct Pending {
-    file: NamedTempFile,
-    out: tokio::fs::File,
-    bytes: u64,
-    hasher: Sha256,
-}
-
-impl Pending {
-    fn new(gateway: &Gateway) -> Result<Self, UploadError> {
-        let file = gateway.spool.file().map_err(internal)?;
-        let out = tokio::fs::File::from_std(file.reopen().map_err(internal)?);
-        Ok(Self {
-            file,
-            out,
-            bytes: 0,
-            hasher: Sha256::new(),
-        })
-    }
-
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), UploadError> {
-        self.out.write_all(bytes).await.map_err(internal)?;
-        self.hasher.update(bytes);
-        self.bytes += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// Everything written is in the file; its SHA-256.
-    async fn seal(&mut self) -> Result<[u8; 32], UploadError> {
-        self.out.flush().await.map_err(internal)?;
-        Ok(self.hasher.clone().finalize().into())
-    }
-}
 
 fn internal(e: impl std::fmt::Display) -> UploadError {
     tracing::error!(error = %e, "spooling failed");
@@ -150,7 +114,7 @@ impl Gateway {
 
     /// The spool of an append: the upload's tail, read back from S3.
     async fn pending_of(&self, record: &Resumable) -> Result<Pending, UploadError> {
-        let mut pending = Pending::new(self)?;
+        let mut pending = Pending::new(&self.spool)?;
         if let Some(tail) = record.tail_key.as_deref().filter(|_| record.tail > 0) {
             self.bucket
                 .read_into(tail, record.tail, &mut pending.out)
@@ -183,30 +147,21 @@ impl Gateway {
         pending: &mut Pending,
         body: Body,
     ) -> Result<(), Refused> {
-        let config = &self.config.receive;
-        let part_bytes = self.config.resumable.part_bytes;
+        let part_bytes = self.config.receive.part_bytes;
         let mut stream = body.into_data_stream();
-        let (started, deadline) = (Instant::now(), Instant::now() + config.body_timeout);
+        let pace = Pace::new(&self.config.receive);
         let (first, mut renewed) = (check.bytes(), Instant::now());
-        loop {
-            let wait = config
-                .body_idle_timeout
-                .min(deadline.saturating_duration_since(Instant::now()));
-            let chunk = match tokio::time::timeout(wait, stream.next()).await {
-                Err(_) => return Err(Refused::Transfer(UploadError::TooSlow)),
-                Ok(None) => return Ok(()),
-                Ok(Some(Err(e))) => {
-                    tracing::info!(error = %e, bytes = check.bytes(), "the body was cut off");
-                    return Err(Refused::Transfer(UploadError::Incomplete));
-                }
-                Ok(Some(Ok(chunk))) => chunk,
-            };
-            if check.bytes() + chunk.len() as u64 > record.length {
+        while let Some(piece) = pace
+            .next(&mut stream, check.bytes() - first)
+            .await
+            .map_err(Refused::Transfer)?
+        {
+            if check.bytes() + piece.len() as u64 > record.length {
                 return Err(Refused::Transfer(UploadError::BadRequest(
                     "more bytes than `Upload-Length`".into(),
                 )));
             }
-            let mut rest = &chunk[..];
+            let mut rest = &piece[..];
             while !rest.is_empty() {
                 let room = usize::try_from(part_bytes - pending.bytes).unwrap_or(usize::MAX);
                 let (now, later) = rest.split_at(room.min(rest.len()));
@@ -232,14 +187,8 @@ impl Gateway {
                     Err(e) => tracing::warn!(error = %e, "an upload's lock could not be renewed"),
                 }
             }
-            let elapsed = started.elapsed();
-            if elapsed > RATE_GRACE
-                && ((check.bytes() - first) as f64)
-                    < config.min_upload_rate as f64 * elapsed.as_secs_f64()
-            {
-                return Err(Refused::Transfer(UploadError::TooSlow));
-            }
         }
+        Ok(())
     }
 
     /// Stores `pending` as the upload's next part and saves the record at its end.
@@ -262,7 +211,7 @@ impl Gateway {
         if let Some(tail) = old_tail {
             self.remove(&tail).await;
         }
-        *pending = Pending::new(self)?;
+        *pending = Pending::new(&self.spool)?;
         Ok(())
     }
 
@@ -423,7 +372,7 @@ impl Gateway {
             }
             Err(Refused::Transfer(e) | Refused::Body(e)) => return Err(e),
         }
-        self.enqueue(&claims).await;
+        self.enqueue(&claims, &sha256).await;
         self.forget(&record).await;
         tracing::info!(
             bytes,
