@@ -8,7 +8,7 @@
 // get there within the deadline.
 import { join } from "node:path";
 import { tmpdir } from "node:os";
-import { launchChromium, serveDist } from "./harness.mjs";
+import { launchChromium, serveDist, waitForEveryPhotoProcessed } from "./harness.mjs";
 
 const [api, token, ...photos] = process.argv.slice(2);
 if (!api || !token || photos.length === 0) {
@@ -29,21 +29,7 @@ try {
   await page.setInputFiles("#files", photos);
   await page.click("#start");
   try {
-    await page.waitForFunction(
-      (n) => {
-        const rows = [...document.querySelectorAll(".image-row")];
-        return (
-          document.querySelector("#route-status")?.textContent === "READY" &&
-          rows.length === n &&
-          rows.every((row) => {
-            const img = row.querySelector("img.preview");
-            return row.querySelector(".stage")?.textContent === "DONE" && img?.complete && img.naturalWidth > 0;
-          })
-        );
-      },
-      photos.length,
-      { timeout: 60_000, polling: 100 },
-    );
+    await waitForEveryPhotoProcessed(page, photos.length);
   } catch (e) {
     failed = true;
     const shot = join(tmpdir(), `follow-browser-${Date.now()}.png`);

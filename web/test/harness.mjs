@@ -1,5 +1,6 @@
 // What the browser tests share: dist/ served on a free loopback port (with extra files, such as
-// a config.json), and Debian's Chromium (/usr/bin/chromium, or $CHROMIUM) through Playwright.
+// a config.json), Debian's Chromium (/usr/bin/chromium, or $CHROMIUM) through Playwright, and
+// the wait for the page to show every photo processed.
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import { extname, join } from "node:path";
@@ -37,4 +38,24 @@ export function launchChromium() {
       "--disable-background-networking", "--disable-component-update", "--disable-sync",
     ],
   });
+}
+
+/** Waits until the page shows `n` images, every one DONE with its preview loaded, and the route
+ * READY; rejects after 60 s. */
+export function waitForEveryPhotoProcessed(page, n) {
+  return page.waitForFunction(
+    (n) => {
+      const rows = [...document.querySelectorAll(".image-row")];
+      return (
+        document.querySelector("#route-status")?.textContent === "READY" &&
+        rows.length === n &&
+        rows.every((row) => {
+          const img = row.querySelector("img.preview");
+          return row.querySelector(".stage")?.textContent === "DONE" && img?.complete && img.naturalWidth > 0;
+        })
+      );
+    },
+    n,
+    { timeout: 60_000, polling: 100 },
+  );
 }

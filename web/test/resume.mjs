@@ -12,7 +12,7 @@ import { createServer, connect } from "node:net";
 import { statSync } from "node:fs";
 import { join } from "node:path";
 import { tmpdir } from "node:os";
-import { launchChromium, listen, serveDist } from "./harness.mjs";
+import { launchChromium, listen, serveDist, waitForEveryPhotoProcessed } from "./harness.mjs";
 
 const [api, token, photo] = process.argv.slice(2);
 if (!api || !token || !photo) {
@@ -71,20 +71,7 @@ try {
   await page.setInputFiles("#files", [photo]);
   await page.click("#start");
   try {
-    await page.waitForFunction(
-      () => {
-        const row = document.querySelector(".image-row");
-        const img = row?.querySelector("img.preview");
-        return (
-          document.querySelector("#route-status")?.textContent === "READY" &&
-          row?.querySelector(".stage")?.textContent === "DONE" &&
-          img?.complete &&
-          img.naturalWidth > 0
-        );
-      },
-      null,
-      { timeout: 60_000, polling: 100 },
-    );
+    await waitForEveryPhotoProcessed(page, 1);
   } catch (e) {
     failed = true;
     const shot = join(tmpdir(), `follow-resume-${Date.now()}.png`);
