@@ -20,7 +20,7 @@ use secrecy::ExposeSecret as _;
 use crate::config::S3Config;
 
 mod multipart;
-pub use multipart::StoredPart;
+pub use multipart::{Range, StoredPart};
 
 /// Bytes per read when a file is sent to S3.
 const FILE_READ_BLOCK: usize = 256 << 10;

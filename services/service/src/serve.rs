@@ -218,12 +218,19 @@ async fn protocol(stream: &TcpStream) -> Option<Protocol> {
     }
 }
 
+/// The most an HTTP/1.1 connection buffers of what its client sent (a request's head must fit).
+const HTTP1_MAX_BUF: usize = 32 * 1024;
+
 /// Serves one HTTP/1.1 connection until it closes; after `cancel`, until the request it is in
 /// has been answered.
 async fn serve_http1(stream: TcpStream, app: Router, cancel: &CancellationToken) {
     let connection = hyper::server::conn::http1::Builder::new()
         // A timer makes hyper enforce its limit on the time a request's head may take.
         .timer(TokioTimer::new())
+        // hyper's read buffer grows with what a body sends at once (to ~400 KiB by default) and
+        // stays that large for the connection's life: a slow upload would hold it for minutes.
+        // 32 KiB still takes any request head follow expects.
+        .max_buf_size(HTTP1_MAX_BUF)
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
     let mut connection = pin!(connection);
     let served = tokio::select! {

@@ -326,13 +326,12 @@ impl Gateway {
                 .await
                 .map_err(Refused::Transfer)?
             {
-                let mut rest = &piece[..];
+                let mut rest = piece;
                 while !rest.is_empty() {
                     let room = usize::try_from(part_bytes - pending.bytes).unwrap_or(usize::MAX);
-                    let (now, later) = rest.split_at(room.min(rest.len()));
-                    check.feed(now).map_err(Refused::Body)?;
+                    let now = rest.split_to(room.min(rest.len()));
+                    check.feed(&now).map_err(Refused::Body)?;
                     pending.write(now).await.map_err(Refused::Transfer)?;
-                    rest = later;
                     if pending.bytes == part_bytes {
                         let full = std::mem::replace(
                             &mut pending,
@@ -410,7 +409,6 @@ impl Gateway {
         pending: &mut Pending,
         in_parts: bool,
     ) -> Result<([u8; 32], u64), Refused> {
-        pending.seal().await.map_err(Refused::Transfer)?;
         if !check.ended().map_err(Refused::Body)? && !in_parts {
             let max_pixels = self.config.pipeline.max_pixels;
             let file = pending

@@ -2,14 +2,17 @@
 //! spooled since the last part ([`Pending`]), and parts stored in S3 in the background while the
 //! body still arrives ([`Parts`]), so that little is left to store after its last byte.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::body::{BodyDataStream, Bytes};
 use follow_service::s3::{Bucket, S3Error, StoredPart};
 use futures_util::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
-use tokio::{io::AsyncWriteExt as _, sync::mpsc, task::JoinHandle};
+use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{config::ReceiveConfig, error::UploadError, spool::Spool};
 
@@ -71,18 +74,19 @@ impl Pace {
     }
 }
 
-/// Bytes in a spool file with their SHA-256 so far.
+/// Bytes in a spool file with their SHA-256 so far. Each piece is written by the blocking pool
+/// as it came (no buffer of its own kept between pieces: a slow upload holds none).
 pub(super) struct Pending {
     pub(super) file: NamedTempFile,
-    pub(super) out: tokio::fs::File,
+    out: Arc<std::fs::File>,
     pub(super) bytes: u64,
-    pub(super) hasher: Sha256,
+    hasher: Sha256,
 }
 
 impl Pending {
     pub(super) fn new(spool: &Spool) -> Result<Self, UploadError> {
         let file = spool.file().map_err(internal)?;
-        let out = tokio::fs::File::from_std(file.reopen().map_err(internal)?);
+        let out = Arc::new(file.reopen().map_err(internal)?);
         Ok(Self {
             file,
             out,
@@ -91,17 +95,19 @@ impl Pending {
         })
     }
 
-    pub(super) async fn write(&mut self, bytes: &[u8]) -> Result<(), UploadError> {
-        self.out.write_all(bytes).await.map_err(internal)?;
-        self.hasher.update(bytes);
-        self.bytes += bytes.len() as u64;
-        Ok(())
+    pub(super) async fn write(&mut self, piece: Bytes) -> Result<(), UploadError> {
+        self.hasher.update(&piece);
+        self.bytes += piece.len() as u64;
+        let out = Arc::clone(&self.out);
+        tokio::task::spawn_blocking(move || std::io::Write::write_all(&mut &*out, &piece))
+            .await
+            .map_err(internal)?
+            .map_err(internal)
     }
 
-    /// Everything written is in the file; its SHA-256.
-    pub(super) async fn seal(&mut self) -> Result<[u8; 32], UploadError> {
-        self.out.flush().await.map_err(internal)?;
-        Ok(self.hasher.clone().finalize().into())
+    /// The SHA-256 of everything written (all of it in the file).
+    pub(super) fn sha256(&self) -> [u8; 32] {
+        self.hasher.clone().finalize().into()
     }
 }
 
@@ -158,8 +164,8 @@ impl Parts {
 
     /// Queues `part` (waiting while the one before is being stored);
     /// [`UploadError::StorageUnavailable`] once storing failed.
-    pub(super) async fn push(&self, mut part: Pending) -> Result<(), UploadError> {
-        let sha256 = part.seal().await?;
+    pub(super) async fn push(&self, part: Pending) -> Result<(), UploadError> {
+        let sha256 = part.sha256();
         self.queue
             .send((part, sha256))
             .await

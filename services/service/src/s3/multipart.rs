@@ -3,8 +3,11 @@
 
 use std::path::Path;
 
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
-use tokio::io::AsyncWriteExt as _;
+use aws_sdk_s3::{
+    primitives::ByteStream,
+    types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart},
+};
+use axum::body::Bytes;
 
 use super::{Bucket, S3Error, base64_of, classify};
 
@@ -135,13 +138,9 @@ impl Bucket {
             .map_err(classify)
     }
 
-    /// Appends the first `bytes` of the object at `key` to `out`, streamed (never all in memory).
-    pub async fn read_into(
-        &self,
-        key: &str,
-        bytes: u64,
-        out: &mut tokio::fs::File,
-    ) -> Result<(), S3Error> {
+    /// The first `bytes` of the object at `key`, to be read piece by piece (never all in
+    /// memory).
+    pub async fn read_range(&self, key: &str, bytes: u64) -> Result<Range, S3Error> {
         let object = self
             .client
             .get_object()
@@ -151,23 +150,37 @@ impl Bucket {
             .send()
             .await
             .map_err(classify)?;
-        let mut body = object.body;
-        let mut read = 0_u64;
-        let unavailable = |e: String| S3Error::Unavailable(format!("reading {key}: {e}"));
-        while let Some(chunk) = body
-            .try_next()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?
-        {
-            let take = usize::try_from((bytes - read).min(chunk.len() as u64)).unwrap_or(0);
-            out.write_all(&chunk[..take])
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
-            read += take as u64;
+        Ok(Range {
+            key: key.to_owned(),
+            body: object.body,
+            left: bytes,
+        })
+    }
+}
+
+/// The start of an object being read ([`Bucket::read_range`]).
+#[derive(Debug)]
+pub struct Range {
+    key: String,
+    body: ByteStream,
+    left: u64,
+}
+
+impl Range {
+    /// The next piece; `None` once every byte asked for has come (fewer is an error).
+    pub async fn next(&mut self) -> Result<Option<Bytes>, S3Error> {
+        if self.left == 0 {
+            return Ok(None);
         }
-        if read < bytes {
-            return Err(unavailable(format!("{read} of {bytes} bytes")));
+        let unavailable = |e: String| S3Error::Unavailable(format!("reading {}: {e}", self.key));
+        match self.body.try_next().await {
+            Ok(Some(mut piece)) => {
+                piece.truncate(usize::try_from(self.left).unwrap_or(usize::MAX));
+                self.left -= piece.len() as u64;
+                Ok(Some(piece))
+            }
+            Ok(None) => Err(unavailable(format!("{} bytes missing", self.left))),
+            Err(e) => Err(unavailable(e.to_string())),
         }
-        Ok(())
     }
 }

@@ -17,8 +17,6 @@ use follow_service::{
     objects::{original_key, partial_key},
     s3::StoredPart,
 };
-use sha2::Digest as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use uuid::Uuid;
 
 use super::{Gateway, claims_of, guard_holder};
@@ -116,23 +114,17 @@ impl Gateway {
     async fn pending_of(&self, record: &Resumable) -> Result<Pending, UploadError> {
         let mut pending = Pending::new(&self.spool)?;
         if let Some(tail) = record.tail_key.as_deref().filter(|_| record.tail > 0) {
-            self.bucket
-                .read_into(tail, record.tail, &mut pending.out)
+            let unavailable = |e: follow_service::s3::S3Error| {
+                tracing::warn!(error = %e, "an upload's tail could not be read");
+                UploadError::StorageUnavailable
+            };
+            let mut range = self
+                .bucket
+                .read_range(tail, record.tail)
                 .await
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "an upload's tail could not be read");
-                    UploadError::StorageUnavailable
-                })?;
-            pending.out.flush().await.map_err(internal)?;
-            let mut file = tokio::fs::File::from_std(pending.file.reopen().map_err(internal)?);
-            let mut block = vec![0; 64 << 10];
-            loop {
-                let n = file.read(&mut block).await.map_err(internal)?;
-                if n == 0 {
-                    break;
-                }
-                pending.hasher.update(&block[..n]);
-                pending.bytes += n as u64;
+                .map_err(unavailable)?;
+            while let Some(piece) = range.next().await.map_err(unavailable)? {
+                pending.write(piece).await?;
             }
         }
         Ok(pending)
@@ -161,13 +153,12 @@ impl Gateway {
                     "more bytes than `Upload-Length`".into(),
                 )));
             }
-            let mut rest = &piece[..];
+            let mut rest = piece;
             while !rest.is_empty() {
                 let room = usize::try_from(part_bytes - pending.bytes).unwrap_or(usize::MAX);
-                let (now, later) = rest.split_at(room.min(rest.len()));
-                check.feed(now).map_err(Refused::Body)?;
+                let now = rest.split_to(room.min(rest.len()));
+                check.feed(&now).map_err(Refused::Body)?;
                 pending.write(now).await.map_err(Refused::Transfer)?;
-                rest = later;
                 if pending.bytes == part_bytes && check.bytes() < record.length {
                     self.store_part(record, holder, check, pending)
                         .await
@@ -221,7 +212,7 @@ impl Gateway {
         record: &mut Resumable,
         pending: &mut Pending,
     ) -> Result<StoredPart, UploadError> {
-        let sha256 = pending.seal().await?;
+        let sha256 = pending.sha256();
         let original = original_key(&record.storage_key);
         let unavailable = |e: follow_service::s3::S3Error| {
             tracing::warn!(error = %e, "a part could not be stored");
@@ -261,7 +252,6 @@ impl Gateway {
         if pending.bytes >= MIN_PART {
             return self.store_part(record, holder, check, pending).await;
         }
-        pending.seal().await?;
         let tail = partial_key(
             &record.storage_key,
             &format!("{}-{}", check.bytes(), Uuid::new_v4().simple()),
@@ -335,10 +325,7 @@ impl Gateway {
         let mut record = record;
         let last = match record.multipart {
             Some(_) => Some(self.upload_part(&mut record, &mut pending).await?),
-            None => {
-                pending.seal().await?;
-                None
-            }
+            None => None,
         };
         let mut parts: Vec<StoredPart> = record
             .parts
