@@ -313,49 +313,12 @@ impl Gateway {
         body: Body,
     ) -> Result<Received, Refused> {
         let max_pixels = self.config.pipeline.max_pixels;
-        let part_bytes = self.config.receive.part_bytes;
         let mut check = BodyCheck::new(expected, limit, max_pixels);
         let mut pending = Pending::new(&self.spool).map_err(Refused::Transfer)?;
         let mut parts: Option<Parts> = None;
-        let received = async {
-            let mut stream = body.into_data_stream();
-            let pace = Pace::new(&self.config.receive);
-            let mut renewed = Instant::now();
-            while let Some(piece) = pace
-                .next(&mut stream, check.bytes())
-                .await
-                .map_err(Refused::Transfer)?
-            {
-                let mut rest = piece;
-                while !rest.is_empty() {
-                    let room = usize::try_from(part_bytes - pending.bytes).unwrap_or(usize::MAX);
-                    let now = rest.split_to(room.min(rest.len()));
-                    check.feed(&now).map_err(Refused::Body)?;
-                    pending.write(now).await.map_err(Refused::Transfer)?;
-                    if pending.bytes == part_bytes {
-                        let full = std::mem::replace(
-                            &mut pending,
-                            Pending::new(&self.spool).map_err(Refused::Transfer)?,
-                        );
-                        let parts = parts.get_or_insert_with(|| {
-                            Parts::start(
-                                self.bucket.clone(),
-                                original_key(&claims.storage_key),
-                                claims.content_type.clone(),
-                            )
-                        });
-                        parts.push(full).await.map_err(Refused::Transfer)?;
-                    }
-                }
-                follow_service::failpoint("gateway-receiving");
-                if renewed.elapsed() > self.lease() / 3 {
-                    renewed = Instant::now();
-                    self.renew_guard(claims.image_id, holder).await?;
-                }
-            }
-            Ok(())
-        }
-        .await;
+        let received = self
+            .receive_into(claims, holder, body, &mut check, &mut pending, &mut parts)
+            .await;
         let stored = match parts {
             Some(parts) => {
                 if received.is_ok() && pending.bytes > 0 {
@@ -397,6 +360,54 @@ impl Gateway {
             sha256,
             bytes,
         })
+    }
+
+    /// The body's pieces, checked, into `pending`; each full part handed to `parts` (started at
+    /// the first).
+    async fn receive_into(
+        &self,
+        claims: &UploadClaims,
+        holder: &str,
+        body: Body,
+        check: &mut BodyCheck,
+        pending: &mut Pending,
+        parts: &mut Option<Parts>,
+    ) -> Result<(), Refused> {
+        let part_bytes = self.config.receive.part_bytes;
+        let mut stream = body.into_data_stream();
+        let pace = Pace::new(&self.config.receive);
+        let mut renewed = Instant::now();
+        while let Some(piece) = pace
+            .next(&mut stream, check.bytes())
+            .await
+            .map_err(Refused::Transfer)?
+        {
+            let mut rest = piece;
+            while !rest.is_empty() {
+                let room = usize::try_from(part_bytes - pending.bytes).unwrap_or(usize::MAX);
+                let now = rest.split_to(room.min(rest.len()));
+                check.feed(&now).map_err(Refused::Body)?;
+                pending.write(now).await.map_err(Refused::Transfer)?;
+                if pending.bytes == part_bytes {
+                    let next = Pending::new(&self.spool).map_err(Refused::Transfer)?;
+                    let full = std::mem::replace(pending, next);
+                    let parts = parts.get_or_insert_with(|| {
+                        Parts::start(
+                            self.bucket.clone(),
+                            original_key(&claims.storage_key),
+                            claims.content_type.clone(),
+                        )
+                    });
+                    parts.push(full).await.map_err(Refused::Transfer)?;
+                }
+            }
+            follow_service::failpoint("gateway-receiving");
+            if renewed.elapsed() > self.lease() / 3 {
+                renewed = Instant::now();
+                self.renew_guard(claims.image_id, holder).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The checks of a whole body: its type if shorter than the magic bytes, its header's

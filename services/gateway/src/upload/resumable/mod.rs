@@ -241,47 +241,14 @@ impl Gateway {
         headers: &HeaderMap,
         body: Body,
     ) -> Result<Response, UploadError> {
-        let format = sniff::format_of_content_type(&claims.content_type).ok_or_else(|| {
-            UploadError::InvalidToken("the token's content type is not accepted".into())
-        })?;
-        let length = header_u64(headers, &UPLOAD_LENGTH).ok_or(UploadError::Malformed(
-            "`Upload-Length` is required (a deferred length is not supported)",
-        ))??;
-        let limit = claims
-            .max_file_size
-            .min(self.config.receive.max_upload_bytes);
-        if length > limit {
-            return Err(UploadError::TooLarge(limit));
-        }
-        if length == 0 {
-            return Err(UploadError::Malformed("an image is at least one byte"));
-        }
         let appends = headers.contains_key(header::CONTENT_TYPE);
         if appends && super::content_type(headers) != OFFSET_STREAM {
             return Err(content_type_refused(headers));
         }
-        let token_expires = i64::try_from(claims.exp).unwrap_or(i64::MAX);
-        let expires = self.resumable_expiry(token_expires);
+        let record = self.new_upload(&claims, headers)?;
+        let expires = record.expires;
         let expires_at =
             OffsetDateTime::from_unix_timestamp(expires).map_err(|_| UploadError::TokenExpired)?;
-        let nonce = Uuid::new_v4().simple().to_string();
-        let max_pixels = self.config.pipeline.max_pixels;
-        let record = Resumable {
-            image_id: claims.image_id,
-            nonce: nonce.clone(),
-            owner: claims.sub.clone(),
-            storage_key: claims.storage_key.clone(),
-            content_type: claims.content_type.clone(),
-            length,
-            token_expires,
-            offset: 0,
-            expires,
-            multipart: None,
-            parts: Vec::new(),
-            tail: 0,
-            tail_key: None,
-            check: BodyCheck::new(format, length, max_pixels).save(),
-        };
         let per_user = self.config.resumable.per_user;
         match self
             .resumables
@@ -299,7 +266,7 @@ impl Gateway {
             }
             return Err(e);
         }
-        tracing::info!(length, "resumable upload created");
+        tracing::info!(length = record.length, "resumable upload created");
         let mut response = StatusCode::CREATED.into_response();
         let id = upload_id(&record);
         if let Ok(value) = HeaderValue::from_str(&format!("/upload/{id}")) {
@@ -314,6 +281,47 @@ impl Gateway {
         let (record, holder) = self.locked(&id, 0).await?;
         let done = self.append_locked(record, &holder, body).await?;
         Ok(appended(response, &done))
+    }
+
+    /// The upload a `POST` asks for, if its length is one the token allows.
+    fn new_upload(
+        &self,
+        claims: &UploadClaims,
+        headers: &HeaderMap,
+    ) -> Result<Resumable, UploadError> {
+        let format = sniff::format_of_content_type(&claims.content_type).ok_or_else(|| {
+            UploadError::InvalidToken("the token's content type is not accepted".into())
+        })?;
+        let length = header_u64(headers, &UPLOAD_LENGTH).ok_or(UploadError::Malformed(
+            "`Upload-Length` is required (a deferred length is not supported)",
+        ))??;
+        let limit = claims
+            .max_file_size
+            .min(self.config.receive.max_upload_bytes);
+        if length > limit {
+            return Err(UploadError::TooLarge(limit));
+        }
+        if length == 0 {
+            return Err(UploadError::Malformed("an image is at least one byte"));
+        }
+        let token_expires = i64::try_from(claims.exp).unwrap_or(i64::MAX);
+        let max_pixels = self.config.pipeline.max_pixels;
+        Ok(Resumable {
+            image_id: claims.image_id,
+            nonce: Uuid::new_v4().simple().to_string(),
+            owner: claims.sub.clone(),
+            storage_key: claims.storage_key.clone(),
+            content_type: claims.content_type.clone(),
+            length,
+            token_expires,
+            offset: 0,
+            expires: self.resumable_expiry(token_expires),
+            multipart: None,
+            parts: Vec::new(),
+            tail: 0,
+            tail_key: None,
+            check: BodyCheck::new(format, length, max_pixels).save(),
+        })
     }
 
     /// The guard for the upload's life, the image not uploaded yet, the record written.
