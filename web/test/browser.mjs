@@ -6,9 +6,7 @@
 //
 // Prints a JSON summary; exits non-zero (with a screenshot in $TMPDIR) when the page does not
 // get there within the deadline.
-import { join } from "node:path";
-import { tmpdir } from "node:os";
-import { launchChromium, serveDist, waitForEveryPhotoProcessed } from "./harness.mjs";
+import { consoleOf, launchChromium, reportFailure, serveDist, waitForEveryPhotoProcessed } from "./harness.mjs";
 
 const [api, token, ...photos] = process.argv.slice(2);
 if (!api || !token || photos.length === 0) {
@@ -22,9 +20,7 @@ const browser = await launchChromium();
 let failed = false;
 try {
   const page = await browser.newPage();
-  const console_lines = [];
-  page.on("console", (m) => console_lines.push(`${m.type()}: ${m.text()}`));
-  page.on("pageerror", (e) => console_lines.push(`pageerror: ${e.message}`));
+  const lines = consoleOf(page);
   await page.goto(page_url);
   await page.setInputFiles("#files", photos);
   await page.click("#start");
@@ -32,9 +28,7 @@ try {
     await waitForEveryPhotoProcessed(page, photos.length);
   } catch (e) {
     failed = true;
-    const shot = join(tmpdir(), `follow-browser-${Date.now()}.png`);
-    await page.screenshot({ path: shot, fullPage: true });
-    console.error(`the page did not show every image processed: ${e.message}\nscreenshot: ${shot}\n${console_lines.join("\n")}`);
+    await reportFailure(page, "browser", e, lines);
   }
   const summary = await page.evaluate(() => ({
     route: document.querySelector("#route-status")?.textContent,

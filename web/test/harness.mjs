@@ -4,6 +4,7 @@
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import { extname, join } from "node:path";
+import { tmpdir } from "node:os";
 import { chromium } from "playwright-core";
 
 const dist = new URL("../dist/", import.meta.url).pathname;
@@ -38,6 +39,21 @@ export function launchChromium() {
       "--disable-background-networking", "--disable-component-update", "--disable-sync",
     ],
   });
+}
+
+/** Collects the page's console lines and errors, for a failure's report. */
+export function consoleOf(page) {
+  const lines = [];
+  page.on("console", (m) => lines.push(`${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => lines.push(`pageerror: ${e.message}`));
+  return lines;
+}
+
+/** Reports why the page did not get there: the error, a screenshot in $TMPDIR, its console. */
+export async function reportFailure(page, name, error, lines) {
+  const shot = join(tmpdir(), `follow-${name}-${Date.now()}.png`);
+  await page.screenshot({ path: shot, fullPage: true });
+  console.error(`the page did not show every image processed: ${error.message}\nscreenshot: ${shot}\n${lines.join("\n")}`);
 }
 
 /** Waits until the page shows `n` images, every one DONE with its preview loaded, and the route

@@ -10,9 +10,7 @@
 // get there within the deadline.
 import { createServer, connect } from "node:net";
 import { statSync } from "node:fs";
-import { join } from "node:path";
-import { tmpdir } from "node:os";
-import { launchChromium, listen, serveDist, waitForEveryPhotoProcessed } from "./harness.mjs";
+import { consoleOf, launchChromium, listen, reportFailure, serveDist, waitForEveryPhotoProcessed } from "./harness.mjs";
 
 const [api, token, photo] = process.argv.slice(2);
 if (!api || !token || !photo) {
@@ -64,9 +62,7 @@ try {
       return route.continue({ url: target.toString() });
     },
   );
-  const console_lines = [];
-  page.on("console", (m) => console_lines.push(`${m.type()}: ${m.text()}`));
-  page.on("pageerror", (e) => console_lines.push(`pageerror: ${e.message}`));
+  const lines = consoleOf(page);
   await page.goto(page_url);
   await page.setInputFiles("#files", [photo]);
   await page.click("#start");
@@ -74,9 +70,7 @@ try {
     await waitForEveryPhotoProcessed(page, 1);
   } catch (e) {
     failed = true;
-    const shot = join(tmpdir(), `follow-resume-${Date.now()}.png`);
-    await page.screenshot({ path: shot, fullPage: true });
-    console.error(`the page did not show the image processed: ${e.message}\nscreenshot: ${shot}\n${console_lines.join("\n")}`);
+    await reportFailure(page, "resume", e, lines);
   }
   const summary = await page.evaluate(() => ({
     route: document.querySelector("#route-status")?.textContent,

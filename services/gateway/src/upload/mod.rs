@@ -384,10 +384,7 @@ impl Gateway {
         {
             let mut rest = piece;
             while !rest.is_empty() {
-                let room = usize::try_from(part_bytes - pending.bytes).unwrap_or(usize::MAX);
-                let now = rest.split_to(room.min(rest.len()));
-                check.feed(&now).map_err(Refused::Body)?;
-                pending.write(now).await.map_err(Refused::Transfer)?;
+                pending.fill(&mut rest, part_bytes, check).await?;
                 if pending.bytes == part_bytes {
                     let next = Pending::new(&self.spool).map_err(Refused::Transfer)?;
                     let full = std::mem::replace(pending, next);

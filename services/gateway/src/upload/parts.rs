@@ -14,6 +14,7 @@ use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 use tokio::{sync::mpsc, task::JoinHandle};
 
+use super::{BodyCheck, Refused};
 use crate::{config::ReceiveConfig, error::UploadError, spool::Spool};
 
 /// S3's smallest part but the last.
@@ -103,6 +104,20 @@ impl Pending {
             .await
             .map_err(internal)?
             .map_err(internal)
+    }
+
+    /// Takes from the front of `rest` what fits in this part (of `part_bytes`) through `check`
+    /// into the file: a bad body is refused as soon as its bytes show it.
+    pub(super) async fn fill(
+        &mut self,
+        rest: &mut Bytes,
+        part_bytes: u64,
+        check: &mut BodyCheck,
+    ) -> Result<(), Refused> {
+        let room = usize::try_from(part_bytes - self.bytes).unwrap_or(usize::MAX);
+        let now = rest.split_to(room.min(rest.len()));
+        check.feed(&now).map_err(Refused::Body)?;
+        self.write(now).await.map_err(Refused::Transfer)
     }
 
     /// The SHA-256 of everything written (all of it in the file).
