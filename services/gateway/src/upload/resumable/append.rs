@@ -193,12 +193,7 @@ impl Gateway {
             bytes: pending.bytes,
             sha256: stored.sha256,
         });
-        let old_tail = record.tail_key.take();
-        record.tail = 0;
-        self.save(record, holder, check).await?;
-        if let Some(tail) = old_tail {
-            self.remove(&tail).await;
-        }
+        self.save_with_tail(record, holder, check, None).await?;
         *pending = Pending::new(&self.spool)?;
         Ok(())
     }
@@ -257,16 +252,30 @@ impl Gateway {
             tracing::warn!(error = %e, "an upload's tail could not be stored");
             return Err(UploadError::StorageUnavailable);
         }
-        let old_tail = record.tail_key.replace(tail.clone());
-        record.tail = pending.bytes;
-        if let Err(e) = self.save(record, holder, check).await {
-            self.remove(&tail).await;
-            return Err(e);
+        self.save_with_tail(record, holder, check, Some((tail, pending.bytes)))
+            .await
+    }
+
+    /// Saves the record with its new tail (`None`: the parts hold every byte), then removes the
+    /// old tail; if the record could not be saved, the new tail goes instead.
+    async fn save_with_tail(
+        &self,
+        record: &mut Resumable,
+        holder: &str,
+        check: &BodyCheck,
+        tail: Option<(String, u64)>,
+    ) -> Result<(), UploadError> {
+        let (new_key, bytes) = tail.unzip();
+        let old = std::mem::replace(&mut record.tail_key, new_key.clone());
+        record.tail = bytes.unwrap_or(0);
+        let (keep, drop) = match self.save(record, holder, check).await {
+            Ok(()) => (Ok(()), old),
+            Err(e) => (Err(e), new_key),
+        };
+        if let Some(key) = drop {
+            self.remove(&key).await;
         }
-        if let Some(old) = old_tail {
-            self.remove(&old).await;
-        }
-        Ok(())
+        keep
     }
 
     /// Saves the record at `check`'s offset (and a later expiry, the guard's life with it),
