@@ -14,7 +14,7 @@
 //!    multipart upload of the same parts to the same Garage (create, one part per chunk,
 //!    complete, with the SDK). First byte to last answer, p50, and the ratios. Then the memory of
 //!    `FOLLOW_BENCH_SLOW` appends held open, as in 2.
-//! 4. **Throughput**: `FOLLOW_BENCH_IMAGES` photos (default 200, 2 MP JPEGs) uploaded 16 at a time
+//! 4. **Throughput** (and the S3 requests each photo cost, from the services' counters): `FOLLOW_BENCH_IMAGES` photos (default 200, 2 MP JPEGs) uploaded 16 at a time
 //!    through two gateways, from the first byte to the last route READY; beside it, the same
 //!    images' pipeline time alone (the gateways' decode + processing + encode stage seconds).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -423,6 +423,8 @@ async fn throughput(platform: &mut Platform, images: usize) {
         targets.extend(created.upload_targets);
     }
     let photo = jpeg(1600, 1200);
+    let services = [&platform.gateway_url, &second, &platform.api_url];
+    let s3_before = s3_requests(platform, &services).await;
     let pipeline_before = pipeline_seconds(platform, &[&platform.gateway_url, &second]).await;
     let started = Instant::now();
     let urls: Vec<String> = targets
@@ -462,7 +464,49 @@ async fn throughput(platform: &mut Platform, images: usize) {
         pipeline,
         images as f64 / pipeline
     );
+    let s3_after = s3_requests(platform, &services).await;
+    let per_photo: Vec<String> = s3_after
+        .iter()
+        .zip(&s3_before)
+        .filter(|((_, after), (_, before))| after > before)
+        .map(|((op, after), (_, before))| format!("{op} {:.2}", (after - before) / images as f64))
+        .collect();
+    let total: f64 = s3_after.iter().map(|(_, n)| n).sum::<f64>()
+        - s3_before.iter().map(|(_, n)| n).sum::<f64>();
+    println!(
+        "   S3 requests per photo (gateways and API, from upload to READY): {:.2} ({})",
+        total / images as f64,
+        per_photo.join(", ")
+    );
     user.clean_up(platform).await;
+}
+
+/// The S3 requests the services at `urls` made so far, by operation.
+async fn s3_requests(platform: &Platform, urls: &[&String]) -> Vec<(&'static str, f64)> {
+    let mut counts = Vec::new();
+    for op in [
+        "head",
+        "get",
+        "put",
+        "delete",
+        "start_multipart",
+        "upload_part",
+        "complete_multipart",
+        "abort_multipart",
+    ] {
+        let mut total = 0.0;
+        for url in urls {
+            let prefix = if url.as_str() == platform.api_url {
+                "follow_api"
+            } else {
+                "follow_gateway"
+            };
+            let name = format!("{prefix}_s3_requests_total{{op=\"{op}\"}}");
+            total += platform.metric(url, &name).await.unwrap_or(0.0);
+        }
+        counts.push((op, total));
+    }
+    counts
 }
 
 /// The seconds the gateways at `urls` spent decoding, processing and encoding, so far.

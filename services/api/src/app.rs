@@ -120,6 +120,7 @@ impl Application {
         let metrics = Arc::new(Metrics::register(&mut registry));
         let progress = ProgressTracker::new(&valkey)?;
         let bucket = Bucket::new(&config.s3);
+        bucket.register(&mut registry);
         let hub = Arc::new(Hub::new(valkey.clone(), config.watch_max_lag));
         workers.hub(&hub);
         let parts = Parts {

@@ -79,6 +79,7 @@ impl Application {
         let mut registry = Registry::with_prefix("follow_gateway");
         let metrics = Arc::new(Metrics::register(&mut registry));
         let bucket = Bucket::new(&config.s3);
+        bucket.register(&mut registry);
         let progress = ProgressTracker::new(&valkey)?;
         let gateway = Arc::new(Gateway {
             verifier: Verifier::new(config.upload_keys.clone())

@@ -17,7 +17,10 @@ use aws_sdk_s3::{
 };
 use secrecy::ExposeSecret as _;
 
-use crate::config::S3Config;
+use crate::{
+    config::S3Config,
+    metrics::{Counter, EncodeLabelSet, Family, Registry},
+};
 
 mod multipart;
 pub use multipart::{Range, StoredPart};
@@ -49,6 +52,14 @@ pub struct Bucket {
     /// the service's own).
     presigner: Client,
     name: String,
+    /// Requests made, by operation (an SDK retry counts once).
+    requests: Family<OpLabel, Counter>,
+}
+
+/// An S3 operation, for [`Bucket::register`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
 }
 
 impl Bucket {
@@ -63,7 +74,22 @@ impl Bucket {
             client,
             presigner,
             name: config.bucket.clone(),
+            requests: Family::default(),
         }
+    }
+
+    /// Registers the count of requests made, by operation (`…_s3_requests_total{op}`): what
+    /// each photo costs in S3 calls.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "s3_requests",
+            "S3 requests made, by operation (an SDK retry counts once)",
+            self.requests.clone(),
+        );
+    }
+
+    fn count(&self, op: &'static str) {
+        self.requests.get_or_create(&OpLabel { op }).inc();
     }
 
     fn client(config: &S3Config, endpoint: &str) -> Client {
@@ -104,6 +130,7 @@ impl Bucket {
         bytes: Vec<u8>,
         content_type: &str,
     ) -> Result<(), S3Error> {
+        self.count("put");
         self.client
             .put_object()
             .bucket(&self.name)
@@ -129,6 +156,7 @@ impl Bucket {
         content_type: &str,
         sha256: &[u8; 32],
     ) -> Result<(), S3Error> {
+        self.count("put");
         let body = Self::file_body(path).await?;
         self.client
             .put_object()
@@ -159,6 +187,7 @@ impl Bucket {
 
     /// The object at `key`, refused past `max_bytes`.
     pub async fn get(&self, key: &str, max_bytes: u64) -> Result<Vec<u8>, S3Error> {
+        self.count("get");
         let object = self
             .client
             .get_object()
@@ -185,6 +214,7 @@ impl Bucket {
 
     /// Whether an object is at `key`.
     pub async fn exists(&self, key: &str) -> Result<bool, S3Error> {
+        self.count("head");
         match self
             .client
             .head_object()
@@ -202,6 +232,7 @@ impl Bucket {
 
     /// Deletes `key` (nothing there is fine).
     pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
+        self.count("delete");
         self.client
             .delete_object()
             .bucket(&self.name)

@@ -22,6 +22,7 @@ pub struct StoredPart {
 impl Bucket {
     /// Starts storing `key` in parts (each checked against its SHA-256); the upload's id.
     pub async fn start_multipart(&self, key: &str, content_type: &str) -> Result<String, S3Error> {
+        self.count("start_multipart");
         let started = self
             .client
             .create_multipart_upload()
@@ -48,6 +49,7 @@ impl Bucket {
         path: &Path,
         sha256: &[u8; 32],
     ) -> Result<StoredPart, S3Error> {
+        self.count("upload_part");
         let number = i32::try_from(number)
             .map_err(|_| S3Error::Unavailable(format!("part number {number}")))?;
         let sha256 = base64_of(sha256);
@@ -80,6 +82,7 @@ impl Bucket {
         upload: &str,
         parts: &[StoredPart],
     ) -> Result<(), S3Error> {
+        self.count("complete_multipart");
         let parts = parts
             .iter()
             .zip(1..)
@@ -110,6 +113,7 @@ impl Bucket {
 
     /// Drops `upload` and its parts (one already gone is fine).
     pub async fn abort_multipart(&self, key: &str, upload: &str) -> Result<(), S3Error> {
+        self.count("abort_multipart");
         match self
             .client
             .abort_multipart_upload()
@@ -127,6 +131,7 @@ impl Bucket {
 
     /// Stores the file at `path` at `key`, replacing what is there.
     pub async fn put_file(&self, key: &str, path: &Path) -> Result<(), S3Error> {
+        self.count("put");
         self.client
             .put_object()
             .bucket(&self.name)
@@ -141,6 +146,7 @@ impl Bucket {
     /// The first `bytes` of the object at `key`, to be read piece by piece (never all in
     /// memory).
     pub async fn read_range(&self, key: &str, bytes: u64) -> Result<Range, S3Error> {
+        self.count("get");
         let object = self
             .client
             .get_object()
