@@ -1,6 +1,6 @@
 //! One append to a resumable upload, under its lock: the bytes after the last stored part (the
 //! tail, read back from S3) and the body go through the upload's [`BodyCheck`] into a spool
-//! file; each time it holds a part (`FOLLOW_RESUMABLE_PART_BYTES`) the part is stored and the
+//! file; each time it holds a part (`FOLLOW_UPLOAD_PART_BYTES`) the part is stored and the
 //! record saved. When the body ends, what is left is stored too (as a part if S3 takes one that
 //! small, else as a new tail object) before the offset is saved and answered: an acknowledged
 //! offset is durable. The last byte commits the upload as a single `PUT` does (the original
