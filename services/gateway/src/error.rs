@@ -53,6 +53,11 @@ pub enum UploadError {
     TokenExpired,
     #[error("this upload token was already used")]
     Duplicate,
+    /// A resumable upload of this token is open (until it ends, is abandoned or expires).
+    #[error(
+        "a resumable upload of this token is open: continue it at its URL (HEAD tells where), or DELETE it to start again"
+    )]
+    ResumableOpen,
     /// Another upload of this token is arriving; if it fails, the token is free again.
     #[error("an upload with this token is in progress; if it fails, retry after {} s", .0.as_secs())]
     InProgress(std::time::Duration),
@@ -154,7 +159,9 @@ impl UploadError {
             Self::Locked => RefusalCode::UploadLocked,
             Self::TooManyOpen(_) => RateLimited,
             Self::TokenExpired => Pipeline(ErrorCode::TokenExpired),
-            Self::Duplicate | Self::InProgress(_) => Pipeline(ErrorCode::DuplicateUpload),
+            Self::Duplicate | Self::InProgress(_) | Self::ResumableOpen => {
+                Pipeline(ErrorCode::DuplicateUpload)
+            }
             Self::TooLarge(_) => Pipeline(ErrorCode::PayloadTooLarge),
             Self::ContentTypeMismatch { .. } | Self::BodyTypeMismatch { .. } => {
                 Pipeline(ErrorCode::ContentTypeMismatch)
@@ -174,7 +181,7 @@ impl UploadError {
         match self {
             Self::BadRequest(_) | Self::Malformed(_) | Self::Incomplete => StatusCode::BAD_REQUEST,
             Self::InvalidToken(_) | Self::TokenExpired => StatusCode::UNAUTHORIZED,
-            Self::Duplicate | Self::InProgress(_) => StatusCode::CONFLICT,
+            Self::Duplicate | Self::InProgress(_) | Self::ResumableOpen => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Image(PipelineError::ImageTooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ContentTypeMismatch { .. }
@@ -249,7 +256,9 @@ impl From<UploadError> for Status {
             UploadError::InvalidToken(_) | UploadError::TokenExpired => {
                 Status::unauthenticated(message)
             }
-            UploadError::Duplicate | UploadError::InProgress(_) => Status::already_exists(message),
+            UploadError::Duplicate | UploadError::InProgress(_) | UploadError::ResumableOpen => {
+                Status::already_exists(message)
+            }
             UploadError::RateLimited(_) | UploadError::TooManyOpen(_) => {
                 Status::resource_exhausted(message)
             }

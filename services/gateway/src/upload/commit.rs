@@ -50,9 +50,15 @@ impl Gateway {
             match guard.acquire(claims.image_id, holder, lease).await {
                 Ok(GuardOutcome::Acquired) => return Ok(()),
                 Ok(GuardOutcome::Taken) => match guard.state(claims.image_id).await {
-                    // Another upload of this token is arriving, or one whose answer was lost
-                    // (its gateway died, or could not hear from Valkey): it may fail.
-                    Ok(GuardState::Receiving) => return Err(UploadError::InProgress(self.lease())),
+                    // A resumable upload of this token is open, or another upload is arriving,
+                    // or one whose answer was lost (its gateway died, or could not hear from
+                    // Valkey): it may fail.
+                    Ok(GuardState::Receiving) => {
+                        return Err(match self.resumables.load(claims.image_id).await {
+                            Ok(Some(_)) => UploadError::ResumableOpen,
+                            _ => UploadError::InProgress(self.lease()),
+                        });
+                    }
                     Ok(GuardState::Queued | GuardState::Spent) => {
                         return Err(UploadError::Duplicate);
                     }
