@@ -62,11 +62,6 @@ impl Resumable {
     pub fn is_expired(&self) -> bool {
         self.expires_at() <= OffsetDateTime::now_utc()
     }
-
-    /// Bytes in stored parts.
-    pub fn in_parts(&self) -> u64 {
-        self.parts.iter().map(|p| p.bytes).sum()
-    }
 }
 
 /// KEYS: record, expiries. ARGV: record JSON, record TTL (ms), image id, expiry (Unix ms).
