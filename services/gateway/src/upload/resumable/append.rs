@@ -366,7 +366,9 @@ impl Gateway {
             Err(Refused::Transfer(e) | Refused::Body(e)) => return Err(e),
         }
         self.enqueue(&claims, &sha256).await;
-        self.forget(&record).await;
+        if let Err(e) = self.forget(&record).await {
+            tracing::warn!(error = %e, "a finished upload's record stays until it expires");
+        }
         tracing::info!(
             bytes,
             sha256 = %hex::encode(sha256),
@@ -394,19 +396,14 @@ impl Gateway {
         error
     }
 
-    /// Forgets a finished upload: its tail, its record, its place among its owner's.
-    async fn forget(&self, record: &Resumable) {
+    /// Forgets an upload that ended: its tail, its record, its place among its owner's.
+    pub(super) async fn forget(&self, record: &Resumable) -> Result<(), follow_bus::BusError> {
         if let Some(tail) = &record.tail_key {
             self.remove(tail).await;
         }
-        let forgot = async {
-            self.resumables
-                .close(&record.owner, record.image_id)
-                .await?;
-            self.resumables.remove(record.image_id).await
-        };
-        if let Err(e) = forgot.await {
-            tracing::warn!(error = %e, "a finished upload's record stays until it expires");
-        }
+        self.resumables
+            .close(&record.owner, record.image_id)
+            .await?;
+        self.resumables.remove(record.image_id).await
     }
 }

@@ -449,18 +449,9 @@ impl Gateway {
             tracing::warn!(error = %e, "an abandoned upload's parts could not be removed");
             return Err(UploadError::StorageUnavailable);
         }
-        if let Some(tail) = &record.tail_key {
-            self.remove(tail).await;
-        }
         self.release_guard(record.image_id, &guard_holder(&record.nonce))
             .await;
-        let forgot = async {
-            self.resumables
-                .close(&record.owner, record.image_id)
-                .await?;
-            self.resumables.remove(record.image_id).await
-        };
-        forgot.await.map_err(|e| bus_unavailable(&e))
+        self.forget(record).await.map_err(|e| bus_unavailable(&e))
     }
 }
 
