@@ -323,46 +323,58 @@ async fn a_202_means_the_original_is_stored_and_its_job_queued() {
     assert_eq!(follow_bus::ImageResult::from_json(&record).unwrap(), result);
 }
 
-/// A body larger than a part is stored in parts while it arrives: the original is the body,
-/// byte for byte, with its SHA-256; a bad large body (a JPEG that never ends) leaves no parts.
+/// A large body is stored whole and byte for byte, with its SHA-256, whether its length is
+/// declared (sent on to S3 in one `PUT` as it arrives) or not (stored in parts as it arrives);
+/// a bad one (a JPEG that never ends, refused only at its last byte) leaves nothing in S3.
 #[tokio::test]
-async fn a_large_body_is_stored_in_parts_as_it_arrives_and_a_bad_one_leaves_none() {
+async fn a_large_body_goes_to_s3_as_it_arrives_and_a_bad_one_leaves_nothing() {
     let gw = Gateway::start_with(Vars::from([
         ("FOLLOW_KEEP_ORIGINALS", "true".to_owned()),
         ("FOLLOW_UPLOAD_PART_BYTES", (5 << 20).to_string()),
     ]))
     .await;
-    let mut body = jpeg(640, 480);
-    body.resize(12_000_000, 0x5A);
-    let (id, token) = gw.token("image/jpeg", 20_000_000);
-    let (status, receipt) = gw.put(&token, "image/jpeg", body.clone()).await;
-    assert_eq!(status, 202, "{receipt}");
-    let sha = hex::encode(Sha256::digest(&body));
-    assert_eq!(receipt["sha256"], sha);
-    let key = gw.storage_key(id);
-    let (_, original) = gw.object(&objects::original_key(&key)).await;
-    assert!(original == body, "the original is the body, byte for byte");
-    assert_eq!(processed(&gw.result(id).await).sha256, sha);
+    let gw = &gw;
+    for chunked in [false, true] {
+        let put = |token: String, body: Vec<u8>| async move {
+            if chunked {
+                gw.put_chunked(&token, "image/jpeg", body).await
+            } else {
+                gw.put(&token, "image/jpeg", body).await
+            }
+        };
+        let mut body = jpeg(640, 480);
+        body.resize(12_000_000, 0x5A);
+        let (id, token) = gw.token("image/jpeg", 20_000_000);
+        let (status, receipt) = put(token, body.clone()).await;
+        assert_eq!(status, 202, "chunked {chunked}: {receipt}");
+        let sha = hex::encode(Sha256::digest(&body));
+        assert_eq!(receipt["sha256"], sha);
+        let key = gw.storage_key(id);
+        let (_, original) = gw.object(&objects::original_key(&key)).await;
+        assert!(original == body, "the original is the body, byte for byte");
+        assert_eq!(processed(&gw.result(id).await).sha256, sha);
 
-    let mut truncated = jpeg(640, 480);
-    truncated.truncate(truncated.len() - 2);
-    truncated.resize(12_000_000, 0x5A);
-    let (bad, token) = gw.token("image/jpeg", 20_000_000);
-    let (status, answer) = gw.put(&token, "image/jpeg", truncated).await;
-    assert_eq!(status, 415, "{answer}");
-    assert_eq!(failure_code(&gw.result(bad).await), ErrorCode::InvalidImage);
-    let uploads = gw
-        .s3
-        .list_multipart_uploads()
-        .bucket(gw.garage.bucket())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(uploads.uploads().len(), 0, "no parts left: {uploads:?}");
-    assert!(
-        !gw.exists(&objects::original_key(&gw.storage_key(bad)))
+        let mut truncated = jpeg(640, 480);
+        truncated.truncate(truncated.len() - 2);
+        truncated.resize(12_000_000, 0x5A);
+        let (bad, token) = gw.token("image/jpeg", 20_000_000);
+        let (status, answer) = put(token, truncated).await;
+        assert_eq!(status, 415, "chunked {chunked}: {answer}");
+        assert_eq!(failure_code(&gw.result(bad).await), ErrorCode::InvalidImage);
+        let uploads = gw
+            .s3
+            .list_multipart_uploads()
+            .bucket(gw.garage.bucket())
+            .send()
             .await
-    );
+            .unwrap();
+        assert_eq!(uploads.uploads().len(), 0, "no parts left: {uploads:?}");
+        assert!(
+            !gw.exists(&objects::original_key(&gw.storage_key(bad)))
+                .await,
+            "chunked {chunked}: no original of a bad body"
+        );
+    }
 }
 
 #[tokio::test]

@@ -23,7 +23,9 @@ use crate::{
 };
 
 mod multipart;
+mod streamed;
 pub use multipart::{Range, StoredPart};
+pub use streamed::StreamedPut;
 
 /// Bytes per read when a file is sent to S3.
 const FILE_READ_BLOCK: usize = 256 << 10;
@@ -39,6 +41,9 @@ pub enum S3Error {
     /// The object is larger than the caller accepts.
     #[error("the object is larger than {0} bytes")]
     TooLarge(u64),
+    /// Storage stored other bytes than those sent: the object must go.
+    #[error("storage stored other bytes: {0}")]
+    Corrupted(String),
     /// Storage did not answer, answered an error, or timed out: worth retrying later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -54,6 +59,14 @@ pub struct Bucket {
     name: String,
     /// Requests made, by operation (an SDK retry counts once).
     requests: Family<OpLabel, Counter>,
+    timeouts: Timeouts,
+}
+
+/// The configured timeouts, for requests that set their own.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    connect: Duration,
+    attempt: Duration,
 }
 
 /// An S3 operation, for [`Bucket::register`].
@@ -75,6 +88,10 @@ impl Bucket {
             presigner,
             name: config.bucket.clone(),
             requests: Family::default(),
+            timeouts: Timeouts {
+                connect: config.connect_timeout,
+                attempt: config.attempt_timeout,
+            },
         }
     }
 

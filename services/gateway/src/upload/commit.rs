@@ -5,10 +5,11 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use axum::body::Bytes;
 use follow_bus::{Failure, GuardOutcome, GuardState, ImageResult, Job, ResultOutcome};
 use follow_service::{
     objects::{self, original_key, record_key},
-    s3::S3Error,
+    s3::{S3Error, StreamedPut},
 };
 use follow_token::UploadClaims;
 use time::OffsetDateTime;
@@ -29,6 +30,8 @@ pub(super) enum Original<'a> {
         upload: &'a str,
         parts: &'a [follow_service::s3::StoredPart],
     },
+    /// In a `PUT` still open, all but its `last` piece sent.
+    Streamed { put: StreamedPut, last: Bytes },
 }
 
 impl Gateway {
@@ -156,10 +159,16 @@ impl Gateway {
                     .complete_multipart(&original, upload, parts)
                     .await
             }
+            Original::Streamed { put, last } => put.finish(last).await,
         };
         match stored {
             Ok(()) => {}
             Err(S3Error::Exists) => return Err(Refused::Used),
+            Err(e @ S3Error::Corrupted(_)) => {
+                tracing::error!(error = %e, "upload refused: the original was stored wrong");
+                self.remove(&original).await;
+                return Err(Refused::Transfer(UploadError::StorageUnavailable));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "upload refused: the original could not be stored");
                 return Err(Refused::Transfer(UploadError::StorageUnavailable));

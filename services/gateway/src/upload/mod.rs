@@ -20,7 +20,7 @@ use std::{
 
 use axum::{
     Json,
-    body::Body,
+    body::{Body, Bytes},
     extract::{RawQuery, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
@@ -30,7 +30,7 @@ use follow_service::{
     auth::bearer_of,
     limits::Tally,
     objects::{original_key, parse_storage_key},
-    s3::Bucket,
+    s3::{Bucket, StreamedPut},
 };
 use follow_token::{TokenError, UploadClaims, Verifier};
 use image::ImageFormat;
@@ -45,6 +45,7 @@ mod check;
 mod commit;
 mod parts;
 mod resumable;
+mod stream;
 
 use check::BodyCheck;
 use commit::Original;
@@ -144,13 +145,21 @@ pub struct Receipt {
     status: &'static str,
 }
 
-/// A body received in full, checked as far as it can be before decoding: in its spool file, or
-/// (a large one) in the parts stored while it arrived and the last part, spooled.
+/// A body received in full, checked as far as it can be before decoding.
 struct Received {
-    last: Pending,
-    parts: Option<Stored>,
+    arrived: Arrived,
     sha256: [u8; 32],
     bytes: u64,
+}
+
+/// Where a received body is before the commit.
+enum Arrived {
+    /// Whole in its spool file.
+    Spooled(Pending),
+    /// In the parts stored while it arrived (a large body without a declared length).
+    Parts(Stored),
+    /// Sent on to its `PUT` as it arrived, all but its last piece ([`stream`]).
+    Streamed(StreamedPut, Bytes),
 }
 
 /// Why receiving a body stopped.
@@ -226,7 +235,9 @@ impl Gateway {
         let holder = format!("{}/{}", self.holder, Uuid::new_v4().simple());
         self.take_guard(&claims, &holder, self.lease()).await?;
         let started = Instant::now();
-        let outcome = self.store(&claims, &holder, format, limit, body).await;
+        let outcome = self
+            .store(&claims, &holder, format, limit, body, declared)
+            .await;
         match outcome {
             Ok(receipt) => {
                 tracing::info!(
@@ -249,7 +260,9 @@ impl Gateway {
         }
     }
 
-    /// From the guard to the `202`: the durable check, the body, the original, the job.
+    /// From the guard to the `202`: the durable check, the body, the original, the job. A body
+    /// of a declared length goes on to S3 as it arrives; one without is spooled (in parts when
+    /// large).
     async fn store(
         &self,
         claims: &UploadClaims,
@@ -257,46 +270,74 @@ impl Gateway {
         format: ImageFormat,
         limit: u64,
         body: Body,
+        declared: Option<u64>,
     ) -> Result<Receipt, Refused> {
-        self.unused(&claims.storage_key).await?;
         let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
-        reporter.stage(Stage::WaitingUpload);
         self.metrics.receiving.inc();
-        let received = self.receive(claims, holder, format, limit, body).await;
-        self.metrics.receiving.dec();
-        if received.is_ok() {
-            reporter.stage(Stage::Validating);
-        }
-        reporter.finish().await;
-        let received = received?;
-        let key = original_key(&claims.storage_key);
-        let committed = match &received.parts {
-            None => {
-                let original = Original::File {
-                    path: received.last.file.path(),
-                    sha256: &received.sha256,
-                };
-                self.commit(claims, holder, self.lease(), original).await
+        let received = match declared {
+            Some(length) if length > 0 => {
+                self.receive_streamed(claims, holder, format, length, body, &reporter)
+                    .await
             }
-            Some(stored) => {
-                let upload = stored.upload.as_deref().unwrap_or_default();
-                let original = Original::Parts {
-                    upload,
-                    parts: &stored.parts,
-                };
-                let committed = self.commit(claims, holder, self.lease(), original).await;
-                if committed.is_err() {
-                    stored.abort(&self.bucket, &key).await;
+            _ => match self.unused(&claims.storage_key).await {
+                Ok(()) => {
+                    reporter.stage(Stage::WaitingUpload);
+                    self.receive(claims, holder, format, limit, body).await
                 }
-                committed
+                Err(refused) => Err(refused),
+            },
+        };
+        self.metrics.receiving.dec();
+        let Received {
+            arrived,
+            sha256,
+            bytes,
+        } = match received {
+            Ok(received) => received,
+            Err(refused) => {
+                reporter.finish().await;
+                return Err(refused);
             }
         };
+        reporter.stage(Stage::Validating);
+        let key = original_key(&claims.storage_key);
+        let lease = self.lease();
+        let commit = async {
+            match arrived {
+                Arrived::Spooled(file) => {
+                    let path = file.file.path();
+                    let original = Original::File {
+                        path,
+                        sha256: &sha256,
+                    };
+                    self.commit(claims, holder, lease, original).await
+                }
+                Arrived::Parts(stored) => {
+                    let upload = stored.upload.as_deref().unwrap_or_default();
+                    let original = Original::Parts {
+                        upload,
+                        parts: &stored.parts,
+                    };
+                    let committed = self.commit(claims, holder, lease, original).await;
+                    if committed.is_err() {
+                        stored.abort(&self.bucket, &key).await;
+                    }
+                    committed
+                }
+                Arrived::Streamed(put, last) => {
+                    let original = Original::Streamed { put, last };
+                    self.commit(claims, holder, lease, original).await
+                }
+            }
+        };
+        // Its stages written before the job's (the worker's must not be overtaken).
+        let (committed, ()) = tokio::join!(commit, reporter.finish());
         committed?;
-        self.enqueue(claims, &received.sha256).await;
+        self.enqueue(claims, &sha256).await;
         Ok(Receipt {
             image_id: claims.image_id,
-            sha256: hex::encode(received.sha256),
-            bytes: received.bytes,
+            sha256: hex::encode(sha256),
+            bytes,
             status: "accepted",
         })
     }
@@ -338,10 +379,8 @@ impl Gateway {
                 tracing::warn!(error = %e, "upload refused: a part could not be stored");
                 Err(Refused::Transfer(UploadError::StorageUnavailable))
             }
-            (Ok(()), _) => {
-                self.whole_checks(check, &mut pending, stored.is_some())
-                    .await
-            }
+            (Ok(()), Some(_)) => self.whole_checks(check, None).await,
+            (Ok(()), None) => self.whole_checks(check, Some(&pending)).await,
         };
         let (sha256, bytes) = match checked {
             Ok(checked) => checked,
@@ -355,8 +394,10 @@ impl Gateway {
             }
         };
         Ok(Received {
-            last: pending,
-            parts: stored,
+            arrived: match stored {
+                Some(stored) => Arrived::Parts(stored),
+                None => Arrived::Spooled(pending),
+            },
             sha256,
             bytes,
         })
@@ -399,27 +440,26 @@ impl Gateway {
                 }
             }
             follow_service::failpoint("gateway-receiving");
-            if renewed.elapsed() > self.lease() / 3 {
-                renewed = Instant::now();
-                self.renew_guard(claims.image_id, holder).await?;
-            }
+            self.keep_guard(claims.image_id, holder, &mut renewed)
+                .await?;
         }
         Ok(())
     }
 
     /// The checks of a whole body: its type if shorter than the magic bytes, its header's
-    /// dimensions (read from the spool file when they were past the prefix kept in memory; a
-    /// body stored in parts leaves that to the pipeline, which checks it before decoding), a
-    /// JPEG's end; then its SHA-256 and size.
+    /// dimensions (read from its spool file when they were past the prefix kept in memory; a body
+    /// not spooled whole leaves that to the pipeline, which checks it before decoding), a JPEG's
+    /// end; then its SHA-256 and size.
     async fn whole_checks(
         &self,
         mut check: BodyCheck,
-        pending: &mut Pending,
-        in_parts: bool,
+        spooled: Option<&Pending>,
     ) -> Result<([u8; 32], u64), Refused> {
-        if !check.ended().map_err(Refused::Body)? && !in_parts {
+        if !check.ended().map_err(Refused::Body)?
+            && let Some(spooled) = spooled
+        {
             let max_pixels = self.config.pipeline.max_pixels;
-            let file = pending
+            let file = spooled
                 .file
                 .reopen()
                 .map_err(|_| Refused::Transfer(UploadError::Internal))?;
@@ -430,6 +470,20 @@ impl Gateway {
             check::whole_header(header).map_err(Refused::Body)?;
         }
         check.finish().map_err(Refused::Body)
+    }
+
+    /// Renews the guard when a third of its lease has passed since `renewed`.
+    async fn keep_guard(
+        &self,
+        image_id: Uuid,
+        holder: &str,
+        renewed: &mut Instant,
+    ) -> Result<(), Refused> {
+        if renewed.elapsed() > self.lease() / 3 {
+            *renewed = Instant::now();
+            self.renew_guard(image_id, holder).await?;
+        }
+        Ok(())
     }
 }
 

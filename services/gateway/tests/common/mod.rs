@@ -160,6 +160,29 @@ impl Gateway {
         content_type: &str,
         body: Vec<u8>,
     ) -> (u16, serde_json::Value) {
+        self.put_body(token, content_type, body.into()).await
+    }
+
+    /// [`Gateway::put`] without a declared length (`Transfer-Encoding: chunked`), in pieces of
+    /// 64 KiB.
+    pub async fn put_chunked(
+        &self,
+        token: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (u16, serde_json::Value) {
+        let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+            body.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
+        let body = reqwest::Body::wrap_stream(futures_util::stream::iter(pieces));
+        self.put_body(token, content_type, body).await
+    }
+
+    async fn put_body(
+        &self,
+        token: &str,
+        content_type: &str,
+        body: reqwest::Body,
+    ) -> (u16, serde_json::Value) {
         let response = reqwest::Client::new()
             .put(format!("{}/upload?token={token}", self.url()))
             .header("content-type", content_type)
