@@ -276,13 +276,13 @@ impl Gateway {
         self.metrics.receiving.inc();
         let received = match declared {
             Some(length) if length > 0 => {
-                self.receive_streamed(claims, holder, format, length, body, &reporter)
+                Box::pin(self.receive_streamed(claims, holder, format, length, body, &reporter))
                     .await
             }
             _ => match self.unused(&claims.storage_key).await {
                 Ok(()) => {
                     reporter.stage(Stage::WaitingUpload);
-                    self.receive(claims, holder, format, limit, body).await
+                    Box::pin(self.receive(claims, holder, format, limit, body)).await
                 }
                 Err(refused) => Err(refused),
             },
