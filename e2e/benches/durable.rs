@@ -7,7 +7,8 @@
 //!    once, the clock started when the last byte is handed to the socket), interleaved, warmed
 //!    up, `FOLLOW_BENCH_REPEATS` times each (default 20): p50 and p99, and the ratio.
 //! 2. **Memory**: `FOLLOW_BENCH_SLOW` uploads (default 200) of 10 MB held open, each having sent
-//!    64 KiB: the gateway's RSS growth per upload in flight.
+//!    64 KiB: the growth per upload in flight of the gateway's heap (its allocator's count,
+//!    `follow_gateway_heap_bytes`) and RSS.
 //! 3. **Resumable**: a 20 MiB photo in 5 MiB chunks, `FOLLOW_BENCH_RESUMABLE` times (default 5)
 //!    after one warm-up, interleaved: resumable (`POST`, then one `PATCH` per chunk, on one
 //!    keep-alive connection), a single `PUT` of the whole photo, and the floor: a bare S3
@@ -349,7 +350,13 @@ async fn memory_per_upload(platform: &mut Platform, slow: usize, resumable: bool
             created.push(made.headers()["location"].to_str().unwrap().to_owned());
         }
     }
-    let before = rss_bytes(pid);
+    let heap = || async {
+        platform
+            .metric(&platform.gateway_url, "follow_gateway_heap_bytes")
+            .await
+            .unwrap()
+    };
+    let (before, heap_before) = (rss_bytes(pid), heap().await);
     let mut held = Vec::with_capacity(slow);
     for (n, target) in targets.iter().enumerate() {
         let rest = target.upload_url.strip_prefix("http://").unwrap();
@@ -387,18 +394,22 @@ async fn memory_per_upload(platform: &mut Platform, slow: usize, resumable: bool
         },
     )
     .await;
-    let after = rss_bytes(pid);
+    let (after, heap_after) = (rss_bytes(pid), heap().await);
     let (section, what) = if resumable {
         ("3b", "resumable appends (PATCH)")
     } else {
         ("2", "uploads (PUT)")
     };
     println!(
-        "\n{section}. {slow} {what} of 10 MB held open (64 KiB of each sent): gateway RSS {:.1} -> \
-         {:.1} MiB, {:.1} KiB per upload in flight (target <= 128 KiB)",
+        "\n{section}. {slow} {what} of 10 MB held open (64 KiB of each sent), per upload in flight \
+         (target <= 128 KiB): heap {:.1} KiB (allocator's count, {:.1} -> {:.1} MiB), RSS {:.1} KiB \
+         ({:.1} -> {:.1} MiB)",
+        (heap_after - heap_before) / 1024.0 / slow as f64,
+        heap_before / f64::from(1 << 20),
+        heap_after / f64::from(1 << 20),
+        after.saturating_sub(before) as f64 / 1024.0 / slow as f64,
         before as f64 / f64::from(1 << 20),
         after as f64 / f64::from(1 << 20),
-        after.saturating_sub(before) as f64 / 1024.0 / slow as f64
     );
     drop(held);
     user.clean_up(platform).await;

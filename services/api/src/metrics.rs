@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 
 use follow_bus::{ConsumerStats, HealthChecker, HubStats, keys};
 use follow_service::metrics::{
-    Counter, EncodeLabelSet, EncodeLabelValue, Family, Gauge, Histogram, QueueMetrics, Registry,
-    ValkeyMetrics, exponential_buckets,
+    Counter, EncodeLabelSet, EncodeLabelValue, Family, Gauge, Histogram, ProcessMetrics,
+    QueueMetrics, Registry, exponential_buckets,
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,7 +99,7 @@ pub struct Metrics {
     watchers_lagged: Counter,
     hub_channels: Gauge,
     results_queue: QueueMetrics,
-    valkey: ValkeyMetrics,
+    valkey: ProcessMetrics,
 }
 
 impl Metrics {
@@ -119,7 +119,7 @@ impl Metrics {
             hub_channels: Gauge::default(),
             // `image:result` as the API consumes it (dead: `follow-api dead list`).
             results_queue: QueueMetrics::register(registry, "results", "results"),
-            valkey: ValkeyMetrics::register(registry),
+            valkey: ProcessMetrics::register(registry),
         };
         registry.register(
             "rpc_errors",

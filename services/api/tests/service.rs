@@ -146,6 +146,7 @@ async fn health_follows_valkey_over_http_and_grpc_and_metrics_are_exposed() {
         "follow_api_results_dead",
         "follow_api_results_oldest_dead_seconds",
         "follow_api_watchers_active",
+        "follow_api_heap_bytes",
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use follow_bus::{ConsumerStats, ErrorCode, HealthChecker, Stage, keys};
 use follow_service::metrics::{
-    Counter, EncodeLabelSet, Family, Gauge, Histogram, QueueMetrics, Registry, ValkeyMetrics,
+    Counter, EncodeLabelSet, Family, Gauge, Histogram, ProcessMetrics, QueueMetrics, Registry,
     exponential_buckets,
 };
 
@@ -37,7 +37,7 @@ pub struct Metrics {
     failed: Family<CodeLabel, Counter>,
     failed_total: AtomicU64,
     jobs: QueueMetrics,
-    valkey: ValkeyMetrics,
+    valkey: ProcessMetrics,
 }
 
 impl Metrics {
@@ -55,7 +55,7 @@ impl Metrics {
             failed_total: AtomicU64::new(0),
             // `image:jobs`, as every gateway shares it, and this instance's workers.
             jobs: QueueMetrics::register(registry, "jobs", "jobs"),
-            valkey: ValkeyMetrics::register(registry),
+            valkey: ProcessMetrics::register(registry),
         };
         registry.register(
             "uploads",

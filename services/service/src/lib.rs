@@ -13,7 +13,8 @@
 //! | [`failpoint`] | failpoints for the crash tests |
 //! | [`health`] | `/health`, `/metrics` and `grpc.health.v1`, from one probe |
 //! | [`stream`] | server-streaming responses pulled from a source (no task, no queue) |
-//! | [`metrics`] | serving a Prometheus registry; the metrics of a work queue |
+//! | [`metrics`] | serving a Prometheus registry; the metrics of a work queue and of the process |
+//! | [`heap`] | the global allocator, counting the heap in use |
 //! | [`auth`] | the bearer-token parser |
 //! | [`limits`] | per-subject concurrency caps |
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod auth;
 pub mod config;
 mod failpoint;
 pub mod health;
+pub mod heap;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -35,14 +35,16 @@ pub fn response(registry: &Registry) -> Response {
         .into_response()
 }
 
-/// The connections to Valkey this process holds (`valkey_connections`): the one shared by
-/// every ordinary command, and each blocking reader's and subscriber's.
+/// What this process holds: its connections to Valkey (`valkey_connections`: the one shared by
+/// every ordinary command, and each blocking reader's and subscriber's) and its heap
+/// (`heap_bytes`, counted by the allocator: [`crate::heap`]).
 #[derive(Debug, Default)]
-pub struct ValkeyMetrics {
+pub struct ProcessMetrics {
     connections: Gauge,
+    heap: Gauge,
 }
 
-impl ValkeyMetrics {
+impl ProcessMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         registry.register(
@@ -51,12 +53,19 @@ impl ValkeyMetrics {
              one per blocking reader (consumer) and per subscriber (the progress hub)",
             m.connections.clone(),
         );
+        registry.register(
+            "heap_bytes",
+            "bytes allocated on the heap and not yet freed (counted by the allocator)",
+            m.heap.clone(),
+        );
         m
     }
 
     pub fn sample(&self, valkey: &HealthChecker) {
         self.connections
             .set(i64::try_from(valkey.open_connections()).unwrap_or(i64::MAX));
+        self.heap
+            .set(i64::try_from(crate::heap::in_use()).unwrap_or(i64::MAX));
     }
 }
 
