@@ -325,6 +325,22 @@ async fn memory_per_upload(platform: &mut Platform, slow: usize, resumable: bool
         .await
         .unwrap();
     let pid = platform.gateway_pid().unwrap();
+    // The photos of the sections before are processed first: their decoding would be counted.
+    follow_testkit::eventually_async(
+        Duration::from_secs(600),
+        "the jobs before processed",
+        || async {
+            let mut left = 0.0;
+            for name in [
+                "follow_gateway_jobs_waiting",
+                "follow_gateway_jobs_in_progress",
+            ] {
+                left += platform.metric(&platform.gateway_url, name).await.ok()?;
+            }
+            (left == 0.0).then_some(())
+        },
+    )
+    .await;
     let mut user = User::new(platform).await;
     let mut targets = Vec::new();
     while targets.len() < slow {

@@ -43,6 +43,10 @@ pub struct Resumable {
     pub tail_key: Option<String>,
     /// The body's checks as of `offset` (opaque here: the gateway's).
     pub check: String,
+    /// The upload ended with its photo accepted: kept (without its parts) until the token
+    /// expires, so that a client that lost the last answer learns so.
+    #[serde(default)]
+    pub completed: bool,
 }
 
 /// One stored part of a multipart upload.
@@ -118,6 +122,14 @@ redis.call('PEXPIREAT', KEYS[1], tonumber(last[2]) + 60000)
 return 1
 ";
 
+/// KEYS: record, expiries. ARGV: record JSON, record TTL (ms), image id.
+const FINISH: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 1
+";
+
 /// KEYS: record, lock, expiries. ARGV: image id.
 const REMOVE: &str = r"
 redis.call('DEL', KEYS[1], KEYS[2])
@@ -136,6 +148,7 @@ pub struct Resumables {
     unlock: Script,
     due: Script,
     open: Script,
+    finish: Script,
     remove: Script,
 }
 
@@ -158,6 +171,7 @@ impl Resumables {
             unlock: Script::new(UNLOCK),
             due: Script::new(DUE),
             open: Script::new(OPEN),
+            finish: Script::new(FINISH),
             remove: Script::new(REMOVE),
         })
     }
@@ -265,6 +279,22 @@ impl Resumables {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(saved == 1)
+    }
+
+    /// Marks the image's upload completed for `keep` (its record replaced by `record`, which
+    /// says so, and out of the expiries: no sweeper looks at it again).
+    pub async fn finish(&self, record: &Resumable, keep: Duration) -> Result<(), BusError> {
+        let id = record.image_id;
+        let _: i64 = self
+            .finish
+            .key(self.partitions.resumable(id))
+            .key(self.partitions.of(id).resumable_expiries())
+            .arg(Self::encode(record)?)
+            .arg(millis(keep))
+            .arg(id.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
     }
 
     /// Forgets the image's upload (its record, lock and place among the expiries).

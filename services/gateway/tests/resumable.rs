@@ -134,7 +134,22 @@ async fn a_photo_sent_in_chunks_is_stored_in_parts_and_processed_once_with_its_s
     };
     assert_eq!(processed.sha256, hex::encode(Sha256::digest(&body)));
     assert_eq!(gw.jobs_of(id).await, 1, "queued once");
-    assert_eq!(tus.head(&path).await.status(), 404, "finished: gone");
+    // A client that lost the last answer learns the upload completed, and cannot undo it.
+    let head = tus.head(&path).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(header(&head, "upload-offset"), body.len().to_string());
+    assert_eq!(
+        header(&head, "upload-expires"),
+        "",
+        "a finished upload does not expire"
+    );
+    let again = tus.patch(&path, body.len(), &[]).await;
+    assert_eq!(again.status(), 204);
+    assert_eq!(header(&again, "upload-offset"), body.len().to_string());
+    assert_eq!(tus.patch(&path, 0, &body[..10]).await.status(), 409);
+    let deleted = tus.request(Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(deleted.status(), 409, "{:?}", deleted.text().await);
+    assert_eq!(gw.jobs_of(id).await, 1, "still queued once");
     let partial = objects::partial_key(&gw.storage_key(id), "");
     assert_eq!(objects_under(&gw, &partial).await, 0, "no tail left");
 }

@@ -9,7 +9,10 @@
 //! A body cut off or too slow keeps what arrived (the client resumes from there); a bad body
 //! fails the image as a bad `PUT` does, and the upload's parts go.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::body::Body;
 use follow_bus::{Part as RecordedPart, Resumable, Stage};
@@ -366,7 +369,8 @@ impl Gateway {
             Err(Refused::Transfer(e) | Refused::Body(e)) => return Err(e),
         }
         self.enqueue(&claims, &sha256).await;
-        if let Err(e) = self.forget(&record).await {
+        let kept = self.spent_for(&claims);
+        if let Err(e) = self.forget(&record, Some(kept)).await {
             tracing::warn!(error = %e, "a finished upload's record stays until it expires");
         }
         tracing::info!(
@@ -396,14 +400,34 @@ impl Gateway {
         error
     }
 
-    /// Forgets an upload that ended: its tail, its record, its place among its owner's.
-    pub(super) async fn forget(&self, record: &Resumable) -> Result<(), follow_bus::BusError> {
+    /// Forgets an upload that ended: its tail, its place among its owner's, its record (or,
+    /// when it completed, all of it but that it did, `kept` as long).
+    pub(super) async fn forget(
+        &self,
+        record: &Resumable,
+        completed: Option<Duration>,
+    ) -> Result<(), follow_bus::BusError> {
         if let Some(tail) = &record.tail_key {
             self.remove(tail).await;
         }
         self.resumables
             .close(&record.owner, record.image_id)
             .await?;
-        self.resumables.remove(record.image_id).await
+        match completed {
+            None => self.resumables.remove(record.image_id).await,
+            Some(kept) => {
+                let done = Resumable {
+                    offset: record.length,
+                    multipart: None,
+                    parts: Vec::new(),
+                    tail: 0,
+                    tail_key: None,
+                    check: String::new(),
+                    completed: true,
+                    ..record.clone()
+                };
+                self.resumables.finish(&done, kept).await
+            }
+        }
     }
 }

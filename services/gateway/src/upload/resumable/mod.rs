@@ -93,7 +93,11 @@ pub async fn head_upload(State(gateway): State<Arc<Gateway>>, Path(id): Path<Str
             headers.insert(UPLOAD_OFFSET, HeaderValue::from(record.offset));
             headers.insert(UPLOAD_LENGTH, HeaderValue::from(record.length));
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            with_expiry(response, record.expires)
+            if record.completed {
+                response
+            } else {
+                with_expiry(response, record.expires)
+            }
         }
         Err(e) => e.into_response(),
     };
@@ -278,7 +282,9 @@ impl Gateway {
                 .insert(UPLOAD_OFFSET, HeaderValue::from(0_u64));
             return Ok(with_expiry(response, expires));
         }
-        let (record, holder) = self.locked(&id, 0).await?;
+        let Locked::Open(record, holder) = self.locked(&id, 0).await? else {
+            return Err(UploadError::Duplicate);
+        };
         let done = self.append_locked(record, &holder, body).await?;
         Ok(appended(response, &done))
     }
@@ -321,6 +327,7 @@ impl Gateway {
             tail: 0,
             tail_key: None,
             check: BodyCheck::new(format, length, max_pixels).save(),
+            completed: false,
         })
     }
 
@@ -361,7 +368,7 @@ impl Gateway {
     }
 
     /// The record of upload `id`: `404` if there is none, `410` (and its parts removed) if it
-    /// expired.
+    /// expired unfinished. A completed upload's record says so until its token expires.
     async fn find(&self, id: &str) -> Result<Resumable, UploadError> {
         let (image_id, nonce) = parse_upload_id(id).ok_or(UploadError::UnknownUpload)?;
         let record = self
@@ -371,7 +378,7 @@ impl Gateway {
             .map_err(|e| bus_unavailable(&e))?
             .filter(|r| constant_time_eq(r.nonce.as_bytes(), nonce.as_bytes()))
             .ok_or(UploadError::UnknownUpload)?;
-        if record.is_expired() {
+        if !record.completed && record.is_expired() {
             self.abandon(&record).await.ok();
             return Err(UploadError::UploadExpired);
         }
@@ -379,12 +386,20 @@ impl Gateway {
     }
 
     /// Upload `id` with its lock taken for this append (by the holder returned), read again
-    /// under the lock, at `offset`.
-    async fn locked(&self, id: &str, offset: u64) -> Result<(Resumable, String), UploadError> {
+    /// under the lock, at `offset`; or its length if it completed there (the answer to an
+    /// append whose answer was lost).
+    async fn locked(&self, id: &str, offset: u64) -> Result<Locked, UploadError> {
         let record = self.find(id).await?;
+        match (record.completed, record.offset == offset) {
+            (false, true) => {}
+            (true, true) => return Ok(Locked::Completed(record.length)),
+            (_, false) => return Err(UploadError::OffsetMismatch(record.offset)),
+        }
         let holder = self.lock(&record).await?;
         match self.find(id).await {
-            Ok(record) if record.offset == offset => Ok((record, holder)),
+            Ok(record) if !record.completed && record.offset == offset => {
+                Ok(Locked::Open(record, holder))
+            }
             other => {
                 if let Err(e) = self.resumables.unlock(record.image_id, &holder).await {
                     tracing::warn!(error = %e, "an upload's lock could not be released; it expires");
@@ -423,7 +438,16 @@ impl Gateway {
         }
         let offset = header_u64(headers, &UPLOAD_OFFSET)
             .ok_or(UploadError::Malformed("`Upload-Offset` is required"))??;
-        let (record, holder) = self.locked(id, offset).await?;
+        let (record, holder) = match self.locked(id, offset).await? {
+            Locked::Open(record, holder) => (record, holder),
+            Locked::Completed(length) => {
+                let done = Appended {
+                    offset: length,
+                    expires: None,
+                };
+                return Ok(appended(StatusCode::NO_CONTENT.into_response(), &done));
+            }
+        };
         let span = tracing::info_span!("resumable", image_id = %record.image_id);
         let done = tracing::Instrument::instrument(self.append_locked(record, &holder, body), span)
             .await?;
@@ -442,6 +466,10 @@ impl Gateway {
     /// token may start again while valid). Storage away: the record stays for a sweeper to
     /// retry.
     async fn abandon(&self, record: &Resumable) -> Result<(), UploadError> {
+        if record.completed {
+            // Its photo is accepted: nothing to abandon, and the token stays used.
+            return Err(UploadError::Duplicate);
+        }
         let original = follow_service::objects::original_key(&record.storage_key);
         if let Some(upload) = &record.multipart
             && let Err(e) = self.bucket.abort_multipart(&original, upload).await
@@ -451,8 +479,18 @@ impl Gateway {
         }
         self.release_guard(record.image_id, &guard_holder(&record.nonce))
             .await;
-        self.forget(record).await.map_err(|e| bus_unavailable(&e))
+        self.forget(record, None)
+            .await
+            .map_err(|e| bus_unavailable(&e))
     }
+}
+
+/// An upload ready for an append.
+enum Locked {
+    /// Its record, read under its lock, and the lock's holder.
+    Open(Resumable, String),
+    /// It completed at this length.
+    Completed(u64),
 }
 
 fn content_type_refused(headers: &HeaderMap) -> UploadError {
