@@ -285,7 +285,7 @@ impl Gateway {
         let Locked::Open(record, holder) = self.locked(&id, 0).await? else {
             return Err(UploadError::Duplicate);
         };
-        let done = self.append_locked(record, &holder, body).await?;
+        let done = self.append_locked(*record, &holder, body).await?;
         Ok(appended(response, &done))
     }
 
@@ -398,7 +398,7 @@ impl Gateway {
         let holder = self.lock(&record).await?;
         match self.find(id).await {
             Ok(record) if !record.completed && record.offset == offset => {
-                Ok(Locked::Open(record, holder))
+                Ok(Locked::Open(Box::new(record), holder))
             }
             other => {
                 if let Err(e) = self.resumables.unlock(record.image_id, &holder).await {
@@ -439,7 +439,7 @@ impl Gateway {
         let offset = header_u64(headers, &UPLOAD_OFFSET)
             .ok_or(UploadError::Malformed("`Upload-Offset` is required"))??;
         let (record, holder) = match self.locked(id, offset).await? {
-            Locked::Open(record, holder) => (record, holder),
+            Locked::Open(record, holder) => (*record, holder),
             Locked::Completed(length) => {
                 let done = Appended {
                     offset: length,
@@ -488,7 +488,7 @@ impl Gateway {
 /// An upload ready for an append.
 enum Locked {
     /// Its record, read under its lock, and the lock's holder.
-    Open(Resumable, String),
+    Open(Box<Resumable>, String),
     /// It completed at this length.
     Completed(u64),
 }
