@@ -300,36 +300,7 @@ impl Gateway {
             }
         };
         reporter.stage(Stage::Validating);
-        let key = original_key(&claims.storage_key);
-        let lease = self.lease();
-        let commit = async {
-            match arrived {
-                Arrived::Spooled(file) => {
-                    let path = file.file.path();
-                    let original = Original::File {
-                        path,
-                        sha256: &sha256,
-                    };
-                    self.commit(claims, holder, lease, original).await
-                }
-                Arrived::Parts(stored) => {
-                    let upload = stored.upload.as_deref().unwrap_or_default();
-                    let original = Original::Parts {
-                        upload,
-                        parts: &stored.parts,
-                    };
-                    let committed = self.commit(claims, holder, lease, original).await;
-                    if committed.is_err() {
-                        stored.abort(&self.bucket, &key).await;
-                    }
-                    committed
-                }
-                Arrived::Streamed(put, last) => {
-                    let original = Original::Streamed { put, last };
-                    self.commit(claims, holder, lease, original).await
-                }
-            }
-        };
+        let commit = self.commit_arrived(claims, holder, arrived, &sha256);
         // Its stages written before the job's (the worker's must not be overtaken).
         let (committed, ()) = tokio::join!(commit, reporter.finish());
         committed?;
@@ -340,6 +311,41 @@ impl Gateway {
             bytes,
             status: "accepted",
         })
+    }
+
+    /// The commit point for a body wherever it arrived; parts of one refused there go.
+    async fn commit_arrived(
+        &self,
+        claims: &UploadClaims,
+        holder: &str,
+        arrived: Arrived,
+        sha256: &[u8; 32],
+    ) -> Result<(), Refused> {
+        let lease = self.lease();
+        match arrived {
+            Arrived::Spooled(file) => {
+                let path = file.file.path();
+                let original = Original::File { path, sha256 };
+                self.commit(claims, holder, lease, original).await
+            }
+            Arrived::Parts(stored) => {
+                let upload = stored.upload.as_deref().unwrap_or_default();
+                let original = Original::Parts {
+                    upload,
+                    parts: &stored.parts,
+                };
+                let committed = self.commit(claims, holder, lease, original).await;
+                if committed.is_err() {
+                    let key = original_key(&claims.storage_key);
+                    stored.abort(&self.bucket, &key).await;
+                }
+                committed
+            }
+            Arrived::Streamed(put, last) => {
+                let original = Original::Streamed { put, last };
+                self.commit(claims, holder, lease, original).await
+            }
+        }
     }
 
     /// Streams the body through its [`BodyCheck`] into spool files, storing each full part in

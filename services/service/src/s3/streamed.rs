@@ -14,7 +14,7 @@ use std::{
 };
 
 use aws_sdk_s3::{
-    config::{retry::RetryConfig, timeout::TimeoutConfig},
+    config::{StalledStreamProtectionConfig, retry::RetryConfig, timeout::TimeoutConfig},
     primitives::ByteStream,
 };
 use axum::body::Bytes;
@@ -44,7 +44,9 @@ pub struct StreamedPut {
 impl Bucket {
     /// Starts storing `length` bytes at `key` unless an object is there already (as
     /// [`Bucket::put_new`]). The request may last `within` (the body's own time limit) plus the
-    /// usual attempt timeout; a streamed body is not retried.
+    /// usual attempt timeout; a streamed body is not retried. The SDK's stalled-stream check is
+    /// off: it would take a client's pause for a stalled S3; the caller keeps the client's pace,
+    /// and each piece and the answer have the attempt timeout.
     pub fn put_new_streamed(
         &self,
         key: &str,
@@ -79,6 +81,7 @@ impl Bucket {
             .config_override(
                 aws_sdk_s3::Config::builder()
                     .timeout_config(timeouts)
+                    .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
                     .retry_config(RetryConfig::disabled()),
             )
             .send();
