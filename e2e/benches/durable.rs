@@ -5,7 +5,8 @@
 //!    photos, beside a bare S3 PUT of the same bytes to the same Garage (a presigned URL), both
 //!    sent the same way (one raw HTTP/1.1 request on a fresh connection, the body written at
 //!    once, the clock started when the last byte is handed to the socket), interleaved, warmed
-//!    up, `FOLLOW_BENCH_REPEATS` times each (default 20): p50 and p99, and the ratio.
+//!    up, `FOLLOW_BENCH_REPEATS` times each (default 20): p50 and p99, and the ratio; then the
+//!    gateway's mean time in each step of accepting them (`follow_gateway_upload_step_seconds`).
 //! 2. **Memory**: `FOLLOW_BENCH_SLOW` uploads (default 200) of 10 MB held open, each having sent
 //!    64 KiB: the growth per upload in flight of the gateway's heap (its allocator's count,
 //!    `follow_gateway_heap_bytes`) and RSS.
@@ -126,6 +127,7 @@ async fn accept_latency(platform: &Platform, repeats: usize) {
         "{:>8} {:>12} {:>12} {:>12} {:>12} {:>10}",
         "photo", "202 p50 ms", "202 p99 ms", "PUT p50 ms", "PUT p99 ms", "202 / PUT"
     );
+    let mut before = upload_steps(platform).await;
     for megabytes in [1usize, 5, 20] {
         let body = photo_of(megabytes << 20);
         let waypoints = vec![(0.5, 0.5); repeats + 2];
@@ -155,6 +157,7 @@ async fn accept_latency(platform: &Platform, repeats: usize) {
                 bare.push(put);
             }
         }
+        let steps = upload_steps(platform).await;
         ours.sort();
         bare.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -167,9 +170,45 @@ async fn accept_latency(platform: &Platform, repeats: usize) {
             ms(percentile(&bare, 0.99)),
             ms(percentile(&ours, 0.5)) / ms(percentile(&bare, 0.5))
         );
+        let means: Vec<String> = UPLOAD_STEPS
+            .iter()
+            .zip(steps.iter().zip(&before))
+            .map(|(step, ((sum, n), (sum0, n0)))| {
+                format!("{step} {:.1}", (sum - sum0) * 1e3 / (n - n0).max(1.0))
+            })
+            .collect();
+        println!("{:>8} the 202's steps, mean ms: {}", "", means.join(", "));
+        before = steps;
     }
     println!("   (target: the 202 adds at most 20 % over the bare PUT)");
     user.clean_up(platform).await;
+}
+
+/// The steps of accepting an upload the gateway times (`follow_gateway_upload_step_seconds`).
+const UPLOAD_STEPS: [&str; 6] = [
+    "guard",
+    "checks",
+    "body",
+    "store",
+    "record_check",
+    "enqueue",
+];
+
+/// The gateway's time in each upload step so far: (seconds, uploads) per step.
+async fn upload_steps(platform: &Platform) -> Vec<(f64, f64)> {
+    let mut totals = Vec::new();
+    for step in UPLOAD_STEPS {
+        let mut total = [0.0; 2];
+        for (n, part) in ["sum", "count"].iter().enumerate() {
+            let name = format!("follow_gateway_upload_step_seconds_{part}{{step=\"{step}\"}}");
+            total[n] = platform
+                .metric(&platform.gateway_url, &name)
+                .await
+                .unwrap_or(0.0);
+        }
+        totals.push((total[0], total[1]));
+    }
+    totals
 }
 
 /// A JPEG of exactly `bytes`: a photo of about two thirds of that, then a trailer after its end

@@ -99,7 +99,7 @@ pub struct Metrics {
     watchers_lagged: Counter,
     hub_channels: Gauge,
     results_queue: QueueMetrics,
-    valkey: ProcessMetrics,
+    process: ProcessMetrics,
 }
 
 impl Metrics {
@@ -119,7 +119,7 @@ impl Metrics {
             hub_channels: Gauge::default(),
             // `image:result` as the API consumes it (dead: `follow-api dead list`).
             results_queue: QueueMetrics::register(registry, "results", "results"),
-            valkey: ProcessMetrics::register(registry),
+            process: ProcessMetrics::register(registry),
         };
         registry.register(
             "rpc_errors",
@@ -212,7 +212,7 @@ impl Metrics {
 
     /// Takes in the hub's and the consumer's counters and the result queue as of now.
     pub async fn sample(&self, hub: &HubStats, valkey: &HealthChecker, consumer: &ConsumerStats) {
-        self.valkey.sample(valkey);
+        self.process.sample(valkey);
         self.watchers_lagged
             .inner()
             .store(hub.lagged.load(Ordering::Relaxed), Ordering::Relaxed);

@@ -1,6 +1,9 @@
 //! Prometheus metrics of the gateway (`GET /metrics`) and the counters behind `GetPipelineStats`.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::{
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Instant,
+};
 
 use follow_bus::{ConsumerStats, ErrorCode, HealthChecker, Stage, keys};
 use follow_service::metrics::{
@@ -18,6 +21,43 @@ struct StageLabel {
     stage: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabel {
+    step: &'static str,
+}
+
+/// A step of accepting an upload (`upload_step_seconds{step}`): where the time to its answer
+/// goes.
+#[derive(Debug, Clone, Copy)]
+pub enum UploadStep {
+    /// The one-time guard taken.
+    Guard,
+    /// S3 asked whether the image has its upload already (beside the body when it streams).
+    Checks,
+    /// The body received and checked, from the guard on.
+    Body,
+    /// The guard renewed and the original stored (its streamed `PUT` finished, its spool file
+    /// put, or its parts completed).
+    Store,
+    /// The record's absence checked after the original was stored.
+    RecordCheck,
+    /// The job queued.
+    Enqueue,
+}
+
+impl UploadStep {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Guard => "guard",
+            Self::Checks => "checks",
+            Self::Body => "body",
+            Self::Store => "store",
+            Self::RecordCheck => "record_check",
+            Self::Enqueue => "enqueue",
+        }
+    }
+}
+
 /// An image's failure, by its contract code (`INVALID_IMAGE`, …).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
@@ -28,6 +68,7 @@ struct CodeLabel {
 #[derive(Debug)]
 pub struct Metrics {
     uploads: Family<StatusLabel, Counter>,
+    upload_steps: Family<StepLabel, Histogram>,
     stage_seconds: Family<StageLabel, Histogram>,
     /// Uploads being received now.
     pub receiving: Gauge,
@@ -37,7 +78,7 @@ pub struct Metrics {
     failed: Family<CodeLabel, Counter>,
     failed_total: AtomicU64,
     jobs: QueueMetrics,
-    valkey: ProcessMetrics,
+    process: ProcessMetrics,
 }
 
 impl Metrics {
@@ -45,6 +86,9 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             uploads: Family::default(),
+            upload_steps: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
             stage_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
             }),
@@ -55,12 +99,17 @@ impl Metrics {
             failed_total: AtomicU64::new(0),
             // `image:jobs`, as every gateway shares it, and this instance's workers.
             jobs: QueueMetrics::register(registry, "jobs", "jobs"),
-            valkey: ProcessMetrics::register(registry),
+            process: ProcessMetrics::register(registry),
         };
         registry.register(
             "uploads",
             "upload requests by HTTP status",
             m.uploads.clone(),
+        );
+        registry.register(
+            "upload_step_seconds",
+            "time spent in each step of accepting an upload, by step",
+            m.upload_steps.clone(),
         );
         registry.register(
             "stage_seconds",
@@ -92,6 +141,15 @@ impl Metrics {
 
     pub fn upload(&self, status: u16) {
         self.uploads.get_or_create(&StatusLabel { status }).inc();
+    }
+
+    /// `step` of an upload, begun at `since`, is done.
+    pub fn upload_step(&self, step: UploadStep, since: Instant) {
+        self.upload_steps
+            .get_or_create(&StepLabel {
+                step: step.as_str(),
+            })
+            .observe(since.elapsed().as_secs_f64());
     }
 
     pub fn stage(&self, stage: Stage, seconds: f64) {
@@ -141,7 +199,7 @@ impl Metrics {
 
     /// Takes in the job queue as of now and the workers' counters, for a scrape.
     pub async fn sample(&self, valkey: &HealthChecker, consumers: &ConsumerStats) {
-        self.valkey.sample(valkey);
+        self.process.sample(valkey);
         self.jobs.sample(valkey, keys::JOBS, consumers).await;
     }
 }

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{Gateway, RENEW_SLACK, Refused};
-use crate::{error::UploadError, report::Reporter};
+use crate::{error::UploadError, metrics::UploadStep, report::Reporter};
 
 /// Where the bytes of an original are before the commit.
 pub(super) enum Original<'a> {
@@ -112,7 +112,10 @@ impl Gateway {
     /// means this token was used.
     pub(super) async fn unused(&self, storage_key: &str) -> Result<(), Refused> {
         let (original, record) = (original_key(storage_key), record_key(storage_key));
-        match tokio::try_join!(self.bucket.exists(&original), self.bucket.exists(&record)) {
+        let asked = Instant::now();
+        let found = tokio::try_join!(self.bucket.exists(&original), self.bucket.exists(&record));
+        self.metrics.upload_step(UploadStep::Checks, asked);
+        match found {
             Ok((false, false)) => Ok(()),
             Ok(_) => Err(Refused::Used),
             Err(e) => {
@@ -135,6 +138,7 @@ impl Gateway {
             original_key(&claims.storage_key),
             record_key(&claims.storage_key),
         );
+        let storing = Instant::now();
         // Still this upload's? A replay that took the guard after it was lost has the image now
         // (S3 servers that ignore `If-None-Match` would let the second original overwrite the
         // first). Valkey away: the lease outlasts short outages, and S3 checks follow.
@@ -161,6 +165,7 @@ impl Gateway {
             }
             Original::Streamed { put, last } => put.finish(last).await,
         };
+        self.metrics.upload_step(UploadStep::Store, storing);
         match stored {
             Ok(()) => {}
             Err(S3Error::Exists) => return Err(Refused::Used),
@@ -177,7 +182,10 @@ impl Gateway {
         // Another upload of this token may have been stored, processed and its original
         // removed while this body arrived (or a bad one may have failed the image): its record
         // is the image's outcome, and this original goes.
-        match self.bucket.exists(&record).await {
+        let checking = Instant::now();
+        let recorded = self.bucket.exists(&record).await;
+        self.metrics.upload_step(UploadStep::RecordCheck, checking);
+        match recorded {
             Ok(false) => Ok(()),
             Ok(true) => {
                 self.remove(&original).await;
@@ -203,12 +211,14 @@ impl Gateway {
             sha256: Some(hex::encode(sha256)),
         };
         follow_service::failpoint("gateway-before-enqueue");
-        if let Err(e) = self
+        let queuing = Instant::now();
+        let queued = self
             .producer
             .clone()
             .enqueue(&job, self.spent_for(claims))
-            .await
-        {
+            .await;
+        self.metrics.upload_step(UploadStep::Enqueue, queuing);
+        if let Err(e) = queued {
             // The original is durable: the API's reconciler queues its job once Valkey is back.
             tracing::warn!(error = %e, "the job could not be queued; the reconciler will");
         }

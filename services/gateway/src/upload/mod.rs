@@ -38,7 +38,12 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::{
-    config::Config, error::UploadError, metrics::Metrics, report::Reporter, sniff, spool::Spool,
+    config::Config,
+    error::UploadError,
+    metrics::{Metrics, UploadStep},
+    report::Reporter,
+    sniff,
+    spool::Spool,
 };
 
 mod check;
@@ -233,8 +238,9 @@ impl Gateway {
         // This upload's own name in the guard: after the guard was lost (Valkey lost its data)
         // and taken again by a replay, this upload no longer holds it, even on this instance.
         let holder = format!("{}/{}", self.holder, Uuid::new_v4().simple());
-        self.take_guard(&claims, &holder, self.lease()).await?;
         let started = Instant::now();
+        self.take_guard(&claims, &holder, self.lease()).await?;
+        self.metrics.upload_step(UploadStep::Guard, started);
         let outcome = self
             .store(&claims, &holder, format, limit, body, declared)
             .await;
@@ -274,6 +280,7 @@ impl Gateway {
     ) -> Result<Receipt, Refused> {
         let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
         self.metrics.receiving.inc();
+        let receiving = Instant::now();
         let received = match declared {
             Some(length) if length > 0 => {
                 Box::pin(self.receive_streamed(claims, holder, format, length, body, &reporter))
@@ -288,6 +295,7 @@ impl Gateway {
             },
         };
         self.metrics.receiving.dec();
+        self.metrics.upload_step(UploadStep::Body, receiving);
         let Received {
             arrived,
             sha256,
