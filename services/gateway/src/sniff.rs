@@ -117,19 +117,31 @@ pub struct JpegEnd {
 }
 
 impl JpegEnd {
+    /// Looks at the byte after each `FF` (found by `memchr`: a body's bytes are mostly not
+    /// markers).
     pub fn feed(&mut self, piece: &[u8]) {
-        for &byte in piece {
-            if self.last == Some(0xFF) {
-                match byte {
-                    0xDA => {
-                        self.ended = false;
-                        self.scans = self.scans.saturating_add(1);
-                    }
-                    0xD9 => self.ended = true,
-                    _ => {}
-                }
+        let Some(&last) = piece.last() else {
+            return;
+        };
+        if self.last == Some(0xFF) {
+            self.after_ff(piece[0]);
+        }
+        for at in memchr::memchr_iter(0xFF, piece) {
+            if let Some(&next) = piece.get(at + 1) {
+                self.after_ff(next);
             }
-            self.last = Some(byte);
+        }
+        self.last = Some(last);
+    }
+
+    fn after_ff(&mut self, byte: u8) {
+        match byte {
+            0xDA => {
+                self.ended = false;
+                self.scans = self.scans.saturating_add(1);
+            }
+            0xD9 => self.ended = true,
+            _ => {}
         }
     }
 
@@ -265,6 +277,31 @@ mod tests {
         assert!(check_complete(b"\xFF\xD8\xFF\xDA", ImageFormat::Jpeg).is_err());
         assert!(check_complete(b"\xFF\xD8", ImageFormat::Jpeg).is_err());
         assert!(check_complete(b"anything", ImageFormat::Png).is_ok());
+    }
+
+    #[test]
+    fn markers_are_found_as_a_byte_by_byte_reading_finds_them() {
+        // Bytes with many `FF`s, `DA`s and `D9`s, cut into pieces of every size up to 7.
+        let mut state = 7u32;
+        let body: Vec<u8> = (0..4000)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                [0xFF, 0xDA, 0xD9, 0x00, (state >> 16) as u8][(state >> 8) as usize % 5]
+            })
+            .collect();
+        let (mut scans, mut ended) = (0u32, false);
+        for pair in body.windows(2) {
+            match pair {
+                [0xFF, 0xDA] => (scans, ended) = (scans + 1, false),
+                [0xFF, 0xD9] => ended = true,
+                _ => {}
+            }
+        }
+        for size in 1..8 {
+            let mut end = JpegEnd::default();
+            body.chunks(size).for_each(|piece| end.feed(piece));
+            assert_eq!((end.scans, end.ended), (scans, ended), "pieces of {size}");
+        }
     }
 
     #[test]

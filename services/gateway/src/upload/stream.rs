@@ -30,7 +30,7 @@ impl Gateway {
     ) -> Result<Received, Refused> {
         let max_pixels = self.config.pipeline.max_pixels;
         let mut check = BodyCheck::new(expected, length, max_pixels);
-        let mut put = self.bucket.put_new_streamed(
+        let put = self.bucket.put_new_streamed(
             &original_key(&claims.storage_key),
             &claims.content_type,
             length,
@@ -41,7 +41,7 @@ impl Gateway {
             reporter.stage(Stage::WaitingUpload);
             Ok(())
         };
-        let streamed = self.stream_into(claims, holder, body, &mut check, &mut put);
+        let streamed = self.stream_into(claims, holder, body, &mut check, &put);
         // An image that has its upload answers so whatever the body: a bad one must not fail it.
         let last = match future::select(pin!(unused), pin!(streamed)).await {
             Either::Left((unused, streamed)) => {
@@ -69,7 +69,7 @@ impl Gateway {
         holder: &str,
         body: Body,
         check: &mut BodyCheck,
-        put: &mut StreamedPut,
+        put: &StreamedPut,
     ) -> Result<Bytes, Refused> {
         let mut stream = body.into_data_stream();
         let pace = Pace::new(&self.config.receive);
