@@ -1,5 +1,5 @@
 //! A body of a declared length sent on to S3 as it arrives, in one `PUT` of its original: after
-//! the client's last byte only what S3 has not yet taken is left. Its last piece is held back
+//! the client's last byte only what S3 has not yet taken is left. Its last byte is held back
 //! until the commit ([`super::commit`]) has checked the whole body and the guard, so a refused
 //! body never completes its `PUT` and leaves nothing in S3. Meanwhile the image is checked to
 //! have no upload yet ([`Gateway::unused`]), as before any other body.
@@ -7,6 +7,7 @@
 use std::{pin::pin, time::Instant};
 
 use axum::body::{Body, Bytes};
+use bytes::BytesMut;
 use follow_bus::Stage;
 use follow_service::{objects::original_key, s3::StreamedPut};
 use follow_token::UploadClaims;
@@ -15,6 +16,10 @@ use image::ImageFormat;
 
 use super::{Arrived, BodyCheck, Gateway, Pace, Received, Refused};
 use crate::{error::UploadError, report::Reporter};
+
+/// The most bytes passed on to S3 in one hand-off: what a fast client has sent meanwhile goes
+/// together (a slow one's pieces go as they come).
+const BATCH: usize = 256 << 10;
 
 impl Gateway {
     /// Receives `length` bytes through their [`BodyCheck`] into the original's `PUT`, its last
@@ -61,8 +66,9 @@ impl Gateway {
         })
     }
 
-    /// The body's pieces, checked, into `put`, each sent once the next has come: the last one
-    /// is returned instead.
+    /// The body's pieces, checked, into `put`: what has arrived is passed on in one hand-off
+    /// (up to [`BATCH`] bytes), all but the body's last byte so far, which is returned at the
+    /// end instead (the `PUT` cannot complete without it).
     async fn stream_into(
         &self,
         claims: &UploadClaims,
@@ -74,19 +80,26 @@ impl Gateway {
         let mut stream = body.into_data_stream();
         let pace = Pace::new(&self.config.receive);
         let mut renewed = Instant::now();
-        let mut held = Bytes::new();
+        let mut held: Option<u8> = None;
         while let Some(piece) = pace
             .next(&mut stream, check.bytes())
             .await
             .map_err(Refused::Transfer)?
         {
-            if piece.is_empty() {
-                continue;
-            }
             check.feed(&piece).map_err(Refused::Body)?;
-            let ready = std::mem::replace(&mut held, piece);
-            if !ready.is_empty() {
-                put.send(ready).await.map_err(|e| {
+            let mut batch = BytesMut::with_capacity(piece.len() + 1);
+            batch.extend_from_slice(held.as_slice());
+            batch.extend_from_slice(&piece);
+            while batch.len() < BATCH
+                && let Some(more) = Pace::ready(&mut stream).map_err(Refused::Transfer)?
+            {
+                check.feed(&more).map_err(Refused::Body)?;
+                batch.extend_from_slice(&more);
+            }
+            held = batch.last().copied();
+            batch.truncate(batch.len().saturating_sub(1));
+            if !batch.is_empty() {
+                put.send(batch.freeze()).await.map_err(|e| {
                     tracing::warn!(error = %e, "upload refused: storage took no more of the body");
                     Refused::Transfer(UploadError::StorageUnavailable)
                 })?;
@@ -95,6 +108,6 @@ impl Gateway {
             self.keep_guard(claims.image_id, holder, &mut renewed)
                 .await?;
         }
-        Ok(held)
+        Ok(held.map_or_else(Bytes::new, |last| Bytes::copy_from_slice(&[last])))
     }
 }

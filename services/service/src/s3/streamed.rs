@@ -25,9 +25,8 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{Bucket, S3Error, classify};
 
-/// Pieces queued for S3 at most (each a piece of a client's body, a few KiB): the rest waits
-/// in the client's connection.
-const QUEUED: usize = 4;
+/// Pieces queued for S3 at most: the rest waits in the client's connection.
+const QUEUED: usize = 2;
 
 /// A `PUT` in progress, fed piece by piece; dropped before [`StreamedPut::finish`], the request
 /// is cut and nothing is stored.
