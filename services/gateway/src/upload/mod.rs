@@ -163,7 +163,7 @@ enum Arrived {
     Spooled(Pending),
     /// In the parts stored while it arrived (a large body without a declared length).
     Parts(Stored),
-    /// Sent on to its `PUT` as it arrived, all but its last piece ([`stream`]).
+    /// Sent on to its `PUT` as it arrived, all but its last byte ([`stream`]).
     Streamed(StreamedPut, Bytes),
 }
 

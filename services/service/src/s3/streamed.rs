@@ -1,6 +1,6 @@
 //! An object stored by one `PUT` whose body is sent while it still arrives from a client: the
 //! bytes go on to S3 as they come, so that when the client's last byte is in, S3 has nearly all
-//! of them. The caller holds back the last piece until it has decided to keep the object; an
+//! of them. The caller holds back the last byte until it has decided to keep the object; an
 //! object whose body never completes is never stored (S3 stores a `PUT` whole or not at all).
 //!
 //! What S3 stored is checked against what was sent by the MD5 S3 computes of a single `PUT`'s
