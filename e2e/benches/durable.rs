@@ -5,7 +5,8 @@
 //!    photos, beside a bare S3 PUT of the same bytes to the same Garage (a presigned URL), both
 //!    sent the same way (one raw HTTP/1.1 request on a fresh connection, the body written at
 //!    once, the clock started when the last byte is handed to the socket), interleaved, warmed
-//!    up, `FOLLOW_BENCH_REPEATS` times each (default 20): p50 and p99, and the ratio; then the
+//!    up, each once the photos before are processed, `FOLLOW_BENCH_REPEATS` times each (default
+//!    20): p50 and p99, and the ratio; then the
 //!    gateway's mean time in each step of accepting them (`follow_gateway_upload_step_seconds`).
 //! 2. **Memory**: `FOLLOW_BENCH_SLOW` uploads (default 200) of 10 MB held open, each having sent
 //!    64 KiB: the growth per upload in flight of the gateway's heap (its allocator's count,
@@ -147,9 +148,13 @@ async fn accept_latency(platform: &Platform, repeats: usize) {
                 )
                 .await
                 .unwrap();
+            // Each side on a machine at rest: the photo before is processed (its decoding would
+            // share the cores with this upload).
+            processed(platform).await;
             let (accept, status) =
                 timed_request(&target.upload_url, "PUT", "image/jpeg", &body).await;
             assert_eq!(status, 202, "{} bytes", body.len());
+            processed(platform).await;
             let (put, status) = timed_request(presigned.uri(), "PUT", "image/jpeg", &body).await;
             assert_eq!(status, 200);
             if n >= 2 {
@@ -182,6 +187,21 @@ async fn accept_latency(platform: &Platform, repeats: usize) {
     }
     println!("   (target: the 202 adds at most 20 % over the bare PUT)");
     user.clean_up(platform).await;
+}
+
+/// Waits until every job queued so far is processed.
+async fn processed(platform: &Platform) {
+    follow_testkit::eventually_async(Duration::from_secs(600), "the jobs processed", || async {
+        let mut left = 0.0;
+        for name in [
+            "follow_gateway_jobs_waiting",
+            "follow_gateway_jobs_in_progress",
+        ] {
+            left += platform.metric(&platform.gateway_url, name).await.ok()?;
+        }
+        (left == 0.0).then_some(())
+    })
+    .await;
 }
 
 /// The steps of accepting an upload the gateway times (`follow_gateway_upload_step_seconds`).
@@ -365,21 +385,7 @@ async fn memory_per_upload(platform: &mut Platform, slow: usize, resumable: bool
         .unwrap();
     let pid = platform.gateway_pid().unwrap();
     // The photos of the sections before are processed first: their decoding would be counted.
-    follow_testkit::eventually_async(
-        Duration::from_secs(600),
-        "the jobs before processed",
-        || async {
-            let mut left = 0.0;
-            for name in [
-                "follow_gateway_jobs_waiting",
-                "follow_gateway_jobs_in_progress",
-            ] {
-                left += platform.metric(&platform.gateway_url, name).await.ok()?;
-            }
-            (left == 0.0).then_some(())
-        },
-    )
-    .await;
+    processed(platform).await;
     let mut user = User::new(platform).await;
     let mut targets = Vec::new();
     while targets.len() < slow {
