@@ -36,8 +36,8 @@ pub enum UploadStep {
     Checks,
     /// The body received and checked, from the guard on.
     Body,
-    /// The guard renewed and the original stored (its streamed `PUT` finished, its spool file
-    /// put, or its parts completed).
+    /// The original stored (its streamed `PUT` finished, its spool file put, or its parts
+    /// completed).
     Store,
     /// The record's absence checked after the original was stored.
     RecordCheck,
@@ -55,6 +55,19 @@ impl UploadStep {
             Self::RecordCheck => "record_check",
             Self::Enqueue => "enqueue",
         }
+    }
+}
+
+/// A step of an upload being timed ([`Metrics::time`]); observed when dropped.
+#[derive(Debug)]
+pub struct StepTimer {
+    histogram: Histogram,
+    since: Instant,
+}
+
+impl Drop for StepTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.since.elapsed().as_secs_f64());
     }
 }
 
@@ -143,13 +156,18 @@ impl Metrics {
         self.uploads.get_or_create(&StatusLabel { status }).inc();
     }
 
-    /// `step` of an upload, begun at `since`, is done.
-    pub fn upload_step(&self, step: UploadStep, since: Instant) {
-        self.upload_steps
+    /// Times `step` of an upload from now until the timer is dropped.
+    pub fn time(&self, step: UploadStep) -> StepTimer {
+        let histogram = self
+            .upload_steps
             .get_or_create(&StepLabel {
                 step: step.as_str(),
             })
-            .observe(since.elapsed().as_secs_f64());
+            .clone();
+        StepTimer {
+            histogram,
+            since: Instant::now(),
+        }
     }
 
     pub fn stage(&self, stage: Stage, seconds: f64) {

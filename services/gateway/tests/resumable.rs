@@ -190,25 +190,15 @@ async fn the_protocol_refuses_what_it_must_and_nothing_is_spent() {
     let too_much = [body.clone(), vec![0; 10]].concat();
     assert_eq!(tus.patch(&path, 0, &too_much).await.status(), 400);
     // A second upload of the same token while this one is open: refused, saying so.
+    let says_open = |status: u16, said: serde_json::Value| {
+        assert_eq!(status, 409, "{said}");
+        let message = said["message"].as_str().unwrap();
+        assert!(message.contains("resumable upload"), "{said}");
+    };
     let second = tus.create(&token, body.len()).await;
-    assert_eq!(second.status(), 409);
-    let said: serde_json::Value = second.json().await.unwrap();
-    assert!(
-        said["message"]
-            .as_str()
-            .unwrap()
-            .contains("resumable upload"),
-        "{said}"
-    );
+    says_open(second.status().as_u16(), second.json().await.unwrap());
     let (status, said) = gw.put(&token, "image/jpeg", body.clone()).await;
-    assert_eq!(status, 409);
-    assert!(
-        said["message"]
-            .as_str()
-            .unwrap()
-            .contains("resumable upload"),
-        "{said}"
-    );
+    says_open(status, said);
     // Abandoned: gone, and the token starts again.
     let deleted = tus.request(Method::DELETE, &path).send().await.unwrap();
     assert_eq!(deleted.status(), 204);

@@ -112,9 +112,10 @@ impl Gateway {
     /// means this token was used.
     pub(super) async fn unused(&self, storage_key: &str) -> Result<(), Refused> {
         let (original, record) = (original_key(storage_key), record_key(storage_key));
-        let asked = Instant::now();
-        let found = tokio::try_join!(self.bucket.exists(&original), self.bucket.exists(&record));
-        self.metrics.upload_step(UploadStep::Checks, asked);
+        let found = {
+            let _timer = self.metrics.time(UploadStep::Checks);
+            tokio::try_join!(self.bucket.exists(&original), self.bucket.exists(&record))
+        };
         match found {
             Ok((false, false)) => Ok(()),
             Ok(_) => Err(Refused::Used),
@@ -138,7 +139,6 @@ impl Gateway {
             original_key(&claims.storage_key),
             record_key(&claims.storage_key),
         );
-        let storing = Instant::now();
         // Still this upload's? A replay that took the guard after it was lost has the image now
         // (S3 servers that ignore `If-None-Match` would let the second original overwrite the
         // first). Valkey away: the lease outlasts short outages, and S3 checks follow.
@@ -152,6 +152,7 @@ impl Gateway {
             Ok(false) => return Err(Refused::Transfer(UploadError::Duplicate)),
             Err(e) => tracing::warn!(error = %e, "the upload guard could not be checked"),
         }
+        let timer = self.metrics.time(UploadStep::Store);
         let stored = match original_body {
             Original::File { path, sha256 } => {
                 self.bucket
@@ -165,7 +166,7 @@ impl Gateway {
             }
             Original::Streamed { put, last } => put.finish(last).await,
         };
-        self.metrics.upload_step(UploadStep::Store, storing);
+        drop(timer);
         match stored {
             Ok(()) => {}
             Err(S3Error::Exists) => return Err(Refused::Used),
@@ -182,9 +183,9 @@ impl Gateway {
         // Another upload of this token may have been stored, processed and its original
         // removed while this body arrived (or a bad one may have failed the image): its record
         // is the image's outcome, and this original goes.
-        let checking = Instant::now();
+        let timer = self.metrics.time(UploadStep::RecordCheck);
         let recorded = self.bucket.exists(&record).await;
-        self.metrics.upload_step(UploadStep::RecordCheck, checking);
+        drop(timer);
         match recorded {
             Ok(false) => Ok(()),
             Ok(true) => {
@@ -211,13 +212,13 @@ impl Gateway {
             sha256: Some(hex::encode(sha256)),
         };
         follow_service::failpoint("gateway-before-enqueue");
-        let queuing = Instant::now();
+        let timer = self.metrics.time(UploadStep::Enqueue);
         let queued = self
             .producer
             .clone()
             .enqueue(&job, self.spent_for(claims))
             .await;
-        self.metrics.upload_step(UploadStep::Enqueue, queuing);
+        drop(timer);
         if let Err(e) = queued {
             // The original is durable: the API's reconciler queues its job once Valkey is back.
             tracing::warn!(error = %e, "the job could not be queued; the reconciler will");

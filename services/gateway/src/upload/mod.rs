@@ -239,8 +239,9 @@ impl Gateway {
         // and taken again by a replay, this upload no longer holds it, even on this instance.
         let holder = format!("{}/{}", self.holder, Uuid::new_v4().simple());
         let started = Instant::now();
+        let timer = self.metrics.time(UploadStep::Guard);
         self.take_guard(&claims, &holder, self.lease()).await?;
-        self.metrics.upload_step(UploadStep::Guard, started);
+        drop(timer);
         let outcome = self
             .store(&claims, &holder, format, limit, body, declared)
             .await;
@@ -280,7 +281,7 @@ impl Gateway {
     ) -> Result<Receipt, Refused> {
         let reporter = Reporter::start(&self.progress, &self.metrics, claims.image_id);
         self.metrics.receiving.inc();
-        let receiving = Instant::now();
+        let timer = self.metrics.time(UploadStep::Body);
         let received = match declared {
             Some(length) if length > 0 => {
                 Box::pin(self.receive_streamed(claims, holder, format, length, body, &reporter))
@@ -295,7 +296,7 @@ impl Gateway {
             },
         };
         self.metrics.receiving.dec();
-        self.metrics.upload_step(UploadStep::Body, receiving);
+        drop(timer);
         let Received {
             arrived,
             sha256,

@@ -9,7 +9,7 @@ use std::{
 
 use axum::body::{BodyDataStream, Bytes};
 use follow_service::s3::{Bucket, S3Error, StoredPart};
-use futures_util::{FutureExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -66,25 +66,13 @@ impl Pace {
         match tokio::time::timeout(wait, stream.next()).await {
             Err(_) => Err(UploadError::TooSlow),
             Ok(None) => Ok(None),
-            Ok(Some(Err(e))) => Err(cut_off(&e)),
+            Ok(Some(Err(e))) => {
+                tracing::info!(error = %e, received, "the body was cut off");
+                Err(UploadError::Incomplete)
+            }
             Ok(Some(Ok(piece))) => Ok(Some(piece)),
         }
     }
-
-    /// A piece of `stream` that is already here, without waiting: `None` when none is, or at
-    /// the body's end (which the next [`Pace::next`] reports).
-    pub(super) fn ready(stream: &mut BodyDataStream) -> Result<Option<Bytes>, UploadError> {
-        match stream.next().now_or_never() {
-            Some(Some(Ok(piece))) => Ok(Some(piece)),
-            Some(Some(Err(e))) => Err(cut_off(&e)),
-            Some(None) | None => Ok(None),
-        }
-    }
-}
-
-fn cut_off(error: &axum::Error) -> UploadError {
-    tracing::info!(%error, "the body was cut off");
-    UploadError::Incomplete
 }
 
 /// Bytes in a spool file with their SHA-256 so far. Each piece is written by the blocking pool

@@ -17,10 +17,6 @@ use image::ImageFormat;
 use super::{Arrived, BodyCheck, Gateway, Pace, Received, Refused};
 use crate::{error::UploadError, report::Reporter};
 
-/// The most bytes passed on to S3 in one hand-off: what a fast client has sent meanwhile goes
-/// together (a slow one's pieces go as they come).
-const BATCH: usize = 256 << 10;
-
 impl Gateway {
     /// Receives `length` bytes through their [`BodyCheck`] into the original's `PUT`, its last
     /// piece held back.
@@ -35,7 +31,7 @@ impl Gateway {
     ) -> Result<Received, Refused> {
         let max_pixels = self.config.pipeline.max_pixels;
         let mut check = BodyCheck::new(expected, length, max_pixels);
-        let put = self.bucket.put_new_streamed(
+        let mut put = self.bucket.put_new_streamed(
             &original_key(&claims.storage_key),
             &claims.content_type,
             length,
@@ -46,7 +42,7 @@ impl Gateway {
             reporter.stage(Stage::WaitingUpload);
             Ok(())
         };
-        let streamed = self.stream_into(claims, holder, body, &mut check, &put);
+        let streamed = self.stream_into(claims, holder, body, &mut check, &mut put);
         // An image that has its upload answers so whatever the body: a bad one must not fail it.
         let last = match future::select(pin!(unused), pin!(streamed)).await {
             Either::Left((unused, streamed)) => {
@@ -66,16 +62,16 @@ impl Gateway {
         })
     }
 
-    /// The body's pieces, checked, into `put`: what has arrived is passed on in one hand-off
-    /// (up to [`BATCH`] bytes), all but the body's last byte so far, which is returned at the
-    /// end instead (the `PUT` cannot complete without it).
+    /// The body's pieces, checked, into `put` as they come, all but the body's last byte so far,
+    /// which is returned at the end instead (the `PUT` cannot complete without it). That byte is
+    /// copied, so that no piece keeps the connection's read buffer alive.
     async fn stream_into(
         &self,
         claims: &UploadClaims,
         holder: &str,
         body: Body,
         check: &mut BodyCheck,
-        put: &StreamedPut,
+        put: &mut StreamedPut,
     ) -> Result<Bytes, Refused> {
         let mut stream = body.into_data_stream();
         let pace = Pace::new(&self.config.receive);
@@ -90,12 +86,6 @@ impl Gateway {
             let mut batch = BytesMut::with_capacity(piece.len() + 1);
             batch.extend_from_slice(held.as_slice());
             batch.extend_from_slice(&piece);
-            while batch.len() < BATCH
-                && let Some(more) = Pace::ready(&mut stream).map_err(Refused::Transfer)?
-            {
-                check.feed(&more).map_err(Refused::Body)?;
-                batch.extend_from_slice(&more);
-            }
             held = batch.last().copied();
             batch.truncate(batch.len().saturating_sub(1));
             if !batch.is_empty() {

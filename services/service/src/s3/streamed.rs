@@ -9,7 +9,6 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -33,9 +32,8 @@ const QUEUED: usize = 2;
 #[derive(Debug)]
 pub struct StreamedPut {
     pieces: mpsc::Sender<Bytes>,
-    /// Of the bytes handed to S3, computed by the request's body as it sends them (on the
-    /// request's task, beside the one receiving the client's body).
-    md5: Arc<Mutex<Md5>>,
+    /// Of the pieces sent.
+    md5: Md5,
     /// S3's answer: the object's ETag.
     request: JoinHandle<Result<String, S3Error>>,
     /// How long S3 may take to make room for a piece or to answer.
@@ -57,7 +55,6 @@ impl Bucket {
     ) -> StreamedPut {
         self.count("put");
         let (pieces, queued) = mpsc::channel(QUEUED);
-        let md5 = Arc::new(Mutex::new(Md5::new()));
         let patience = self.timeouts.attempt;
         let limit = within + patience;
         let timeouts = TimeoutConfig::builder()
@@ -77,7 +74,6 @@ impl Bucket {
             .body(ByteStream::from_body_1_x(Feed {
                 queued,
                 left: length,
-                md5: Arc::clone(&md5),
             }))
             .customize()
             .disable_payload_signing()
@@ -94,7 +90,7 @@ impl Bucket {
         });
         StreamedPut {
             pieces,
-            md5,
+            md5: Md5::new(),
             request,
             patience,
         }
@@ -103,7 +99,8 @@ impl Bucket {
 
 impl StreamedPut {
     /// Queues `piece`, waiting while S3 catches up (at most the attempt timeout).
-    pub async fn send(&self, piece: Bytes) -> Result<(), S3Error> {
+    pub async fn send(&mut self, piece: Bytes) -> Result<(), S3Error> {
+        self.md5.update(&piece);
         match tokio::time::timeout(self.patience, self.pieces.send(piece)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(S3Error::Unavailable("the streamed PUT ended early".into())),
@@ -130,10 +127,7 @@ impl StreamedPut {
             }
         };
         let etag = etag.trim_matches('"').to_ascii_lowercase();
-        let sent = match self.md5.lock() {
-            Ok(md5) => hex::encode(md5.clone().finalize()),
-            Err(_) => return Err(S3Error::Unavailable("the MD5 of a streamed PUT".into())),
-        };
+        let sent = hex::encode(std::mem::take(&mut self.md5).finalize());
         let is_md5 = etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit());
         if is_md5 && etag != sent {
             return Err(S3Error::Corrupted(format!(
@@ -156,7 +150,6 @@ impl Drop for StreamedPut {
 struct Feed {
     queued: mpsc::Receiver<Bytes>,
     left: u64,
-    md5: Arc<Mutex<Md5>>,
 }
 
 /// The pieces of a streamed `PUT` stopped before its length.
@@ -179,9 +172,6 @@ impl http_body::Body for Feed {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(piece)) if piece.len() as u64 <= self.left => {
                 self.left -= piece.len() as u64;
-                if let Ok(mut md5) = self.md5.lock() {
-                    md5.update(&piece);
-                }
                 Poll::Ready(Some(Ok(Frame::data(piece))))
             }
             Poll::Ready(_) => Poll::Ready(Some(Err(Cut(self.left)))),
