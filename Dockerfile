@@ -5,9 +5,10 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 ARG SERVICE
 WORKDIR /src
-# cmake and nasm build libjpeg-turbo (the gateway's JPEG codec) from its crate's vendored source.
+# cmake and nasm build libjpeg-turbo (the gateway's JPEG codec) and libheif (HEIC) from their
+# crates' vendored sources; libheif decodes HEVC with Debian's libde265.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake nasm \
+ && apt-get install -y --no-install-recommends cmake nasm pkg-config libde265-dev \
  && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -16,10 +17,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && cargo build --release --locked -p "${SERVICE}" --bin "${SERVICE}" \
  && install -D "target/release/${SERVICE}" /out/service
 
-# Small runtime: glibc, CA roots and bash (the health check speaks HTTP through /dev/tcp).
+# Small runtime: glibc, CA roots, bash (the health check speaks HTTP through /dev/tcp) and
+# libde265 (the gateway's HEVC decoder, linked dynamically).
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libde265-0 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin follow
 COPY --from=build /out/service /usr/local/bin/service

@@ -113,7 +113,13 @@ impl TryFrom<pb::Stage> for Stage {
 
 /// The image types follow accepts, as content types: a waypoint declares one, the gateway
 /// checks the bytes are of it.
-pub const CONTENT_TYPES: [&str; 3] = ["image/jpeg", "image/png", "image/webp"];
+pub const CONTENT_TYPES: [&str; 5] = [
+    "image/jpeg",
+    "image/png",
+    "image/webp",
+    "image/heic",
+    "image/heif",
+];
 
 /// Why an upload or the pipeline failed (docs/architecture.md, "Error codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -156,7 +156,7 @@ fn memory(path: &Path) {
     let peak = (resident_kib("VmHWM:") - before) * 1024;
     let decoded = pipeline::decode(
         &photo.bytes,
-        image::ImageFormat::Jpeg,
+        sniff::Format::Jpeg,
         config.max_pixels,
         config.long_edge,
     )
@@ -230,7 +230,7 @@ impl Photo {
     }
 
     fn ours(&self, config: &PipelineConfig) -> pipeline::Output {
-        pipeline::run(&self.bytes, image::ImageFormat::Jpeg, config, |_| {}).unwrap()
+        pipeline::run(&self.bytes, sniff::Format::Jpeg, config, |_| {}).unwrap()
     }
 
     /// The full decode, in sRGB, turned upright, at 16 bits per channel.
@@ -244,7 +244,7 @@ impl Photo {
         let profile = decoder.icc_profile().unwrap();
         let mut image = DynamicImage::from_decoder(decoder).unwrap();
         if let Some(profile) = profile {
-            pipeline::to_srgb(&mut image, &profile);
+            pipeline::to_srgb(&mut image, &pipeline::Colours::Icc(profile));
         }
         image.apply_orientation(orientation);
         DynamicImage::ImageRgb16(image.to_rgb16())

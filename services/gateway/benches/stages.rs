@@ -41,7 +41,7 @@ fn main() {
             let start = Instant::now();
             let decoded = pipeline::decode(
                 &bytes,
-                image::ImageFormat::Jpeg,
+                follow_image_gateway::sniff::Format::Jpeg,
                 config.max_pixels,
                 config.long_edge,
             )
@@ -51,8 +51,8 @@ fn main() {
             let mut main = pipeline::shrunk(decoded.image, config.long_edge).unwrap();
             timed(1, start);
             let start = Instant::now();
-            if let Some(profile) = &decoded.icc_profile {
-                pipeline::to_srgb(&mut main, profile);
+            if let Some(colours) = &decoded.colours {
+                pipeline::to_srgb(&mut main, colours);
             }
             timed(2, start);
             let start = Instant::now();

@@ -2,29 +2,69 @@
 //! header declares more pixels than allowed — both before anything is decoded. Pure functions
 //! over bytes, fuzzed by `fuzz/`.
 
-use image::ImageFormat;
-
 use crate::error::PipelineError;
 
-/// Formats the gateway accepts, by their content type.
-pub fn format_of_content_type(content_type: &str) -> Option<ImageFormat> {
-    match content_type {
-        "image/jpeg" => Some(ImageFormat::Jpeg),
-        "image/png" => Some(ImageFormat::Png),
-        "image/webp" => Some(ImageFormat::WebP),
-        _ => None,
+/// An accepted image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Jpeg,
+    Png,
+    WebP,
+    /// HEIF with HEVC-coded images: what phones call HEIC. `image/heic` and `image/heif` name
+    /// the same container and are taken alike.
+    Heif,
+}
+
+impl Format {
+    /// The format of an accepted content type.
+    pub fn of_content_type(content_type: &str) -> Option<Self> {
+        match content_type {
+            "image/jpeg" => Some(Self::Jpeg),
+            "image/png" => Some(Self::Png),
+            "image/webp" => Some(Self::WebP),
+            "image/heic" | "image/heif" => Some(Self::Heif),
+            _ => None,
+        }
+    }
+
+    /// The content type clients are told.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Jpeg => "image/jpeg",
+            Self::Png => "image/png",
+            Self::WebP => "image/webp",
+            Self::Heif => "image/heic",
+        }
+    }
+
+    /// The format for `image`'s decoders; `None` for HEIF, which libheif decodes.
+    pub fn image_format(self) -> Option<image::ImageFormat> {
+        match self {
+            Self::Jpeg => Some(image::ImageFormat::Jpeg),
+            Self::Png => Some(image::ImageFormat::Png),
+            Self::WebP => Some(image::ImageFormat::WebP),
+            Self::Heif => None,
+        }
     }
 }
 
-/// Bytes needed to tell the format.
+/// Bytes needed to tell the format: a HEIF file's `ftyp` box gives its major brand in bytes
+/// 8 to 12.
 pub const MAGIC_LEN: usize = 12;
+
+/// The major brands of a HEIF file whose primary image is HEVC-coded (`heic`, `heix` and their
+/// multi-view and sequence kin) or that says only "HEIF" (`mif1`, `msf1`: the decoder then
+/// finds out, and an AVIF declared so is refused as undecodable).
+const HEIF_BRANDS: [&[u8; 4]; 10] = [
+    b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1",
+];
 
 /// The accepted format the magic bytes show, or `INVALID_IMAGE`. `prefix` must hold at least
 /// [`MAGIC_LEN`] bytes (or the whole body, if shorter).
-pub fn sniff(prefix: &[u8]) -> Result<ImageFormat, PipelineError> {
+pub fn sniff(prefix: &[u8]) -> Result<Format, PipelineError> {
     match prefix {
-        [0xFF, 0xD8, 0xFF, ..] => Ok(ImageFormat::Jpeg),
-        [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, ..] => Ok(ImageFormat::Png),
+        [0xFF, 0xD8, 0xFF, ..] => Ok(Format::Jpeg),
+        [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, ..] => Ok(Format::Png),
         [
             b'R',
             b'I',
@@ -39,9 +79,18 @@ pub fn sniff(prefix: &[u8]) -> Result<ImageFormat, PipelineError> {
             b'B',
             b'P',
             ..,
-        ] => Ok(ImageFormat::WebP),
+        ] => Ok(Format::WebP),
+        [_, _, _, _, b'f', b't', b'y', b'p', brand @ ..] if brand.len() >= 4 => {
+            if HEIF_BRANDS.iter().any(|heif| brand.starts_with(*heif)) {
+                Ok(Format::Heif)
+            } else {
+                Err(PipelineError::InvalidImage(
+                    "the bytes are an ISO media file, but not a HEIF image".into(),
+                ))
+            }
+        }
         _ => Err(PipelineError::InvalidImage(
-            "the bytes are not a JPEG, PNG or WebP image".into(),
+            "the bytes are not a JPEG, PNG, WebP or HEIC image".into(),
         )),
     }
 }
@@ -99,7 +148,7 @@ pub const MAX_JPEG_SCANS: u32 = 500;
 /// scan with the EOI marker: after the last SOS (`FF DA`) an `FF D9` must follow (inside
 /// entropy-coded data `FF` is always stuffed, so `FF D9` there is only ever EOI; trailers some
 /// cameras append after EOI are fine). PNG and WebP decoders refuse truncated data themselves.
-pub fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), PipelineError> {
+pub fn check_complete(bytes: &[u8], format: Format) -> Result<(), PipelineError> {
     let mut end = JpegEnd::default();
     end.feed(bytes);
     end.check(format)
@@ -146,8 +195,8 @@ impl JpegEnd {
     }
 
     /// `Ok` unless the body is a JPEG that did not end or has too many scans.
-    pub fn check(&self, format: ImageFormat) -> Result<(), PipelineError> {
-        if format != ImageFormat::Jpeg {
+    pub fn check(&self, format: Format) -> Result<(), PipelineError> {
+        if format != Format::Jpeg {
             Ok(())
         } else if self.scans > MAX_JPEG_SCANS {
             Err(PipelineError::InvalidImage(format!(
@@ -221,13 +270,10 @@ mod tests {
     fn magic_bytes_decide_and_garbage_is_refused() {
         assert_eq!(
             sniff(b"\xFF\xD8\xFF\xE0\0\x10JFIF\0\x01").unwrap(),
-            ImageFormat::Jpeg
+            Format::Jpeg
         );
-        assert_eq!(
-            sniff(b"\x89PNG\r\n\x1a\n\0\0\0\x0d").unwrap(),
-            ImageFormat::Png
-        );
-        assert_eq!(sniff(b"RIFF\x24\0\0\0WEBPVP8 ").unwrap(), ImageFormat::WebP);
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\n\0\0\0\x0d").unwrap(), Format::Png);
+        assert_eq!(sniff(b"RIFF\x24\0\0\0WEBPVP8 ").unwrap(), Format::WebP);
         for garbage in [
             &b""[..],
             b"GIF89a......",
@@ -271,12 +317,12 @@ mod tests {
             let mut end = JpegEnd::default();
             end.feed(&body[..cut]);
             end.feed(&body[cut..]);
-            assert!(end.check(ImageFormat::Jpeg).is_ok(), "cut at {cut}");
+            assert!(end.check(Format::Jpeg).is_ok(), "cut at {cut}");
         }
-        assert!(check_complete(b"\xFF\xD8\xFF\xD9\xFF\xDA more", ImageFormat::Jpeg).is_err());
-        assert!(check_complete(b"\xFF\xD8\xFF\xDA", ImageFormat::Jpeg).is_err());
-        assert!(check_complete(b"\xFF\xD8", ImageFormat::Jpeg).is_err());
-        assert!(check_complete(b"anything", ImageFormat::Png).is_ok());
+        assert!(check_complete(b"\xFF\xD8\xFF\xD9\xFF\xDA more", Format::Jpeg).is_err());
+        assert!(check_complete(b"\xFF\xD8\xFF\xDA", Format::Jpeg).is_err());
+        assert!(check_complete(b"\xFF\xD8", Format::Jpeg).is_err());
+        assert!(check_complete(b"anything", Format::Png).is_ok());
     }
 
     #[test]
@@ -314,8 +360,8 @@ mod tests {
             body.extend_from_slice(b"\xFF\xD9");
             body
         };
-        assert!(check_complete(&jpeg(MAX_JPEG_SCANS), ImageFormat::Jpeg).is_ok());
-        let refused = check_complete(&jpeg(MAX_JPEG_SCANS + 1), ImageFormat::Jpeg).unwrap_err();
+        assert!(check_complete(&jpeg(MAX_JPEG_SCANS), Format::Jpeg).is_ok());
+        let refused = check_complete(&jpeg(MAX_JPEG_SCANS + 1), Format::Jpeg).unwrap_err();
         assert!(refused.to_string().contains("scans"), "{refused}");
     }
 

@@ -23,7 +23,6 @@ use follow_service::{
     objects::{self, Record, original_key, parse_storage_key, preview_key},
     s3::{Bucket, S3Error},
 };
-use image::ImageFormat;
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use tracing::Instrument as _;
@@ -33,7 +32,7 @@ use crate::{
     metrics::Metrics,
     pipeline::{self, PipelineError},
     report::Reporter,
-    sniff,
+    sniff::Format,
 };
 
 /// A pipeline worker's handler of jobs (one job at a time: its consumer reads batches of one).
@@ -163,7 +162,7 @@ impl JobHandler {
             }
             Err(e) => return Ended::Unavailable(e.to_string()),
         };
-        let Some(format) = sniff::format_of_content_type(&job.content_type) else {
+        let Some(format) = Format::of_content_type(&job.content_type) else {
             return Ended::Result(failed(
                 job,
                 Failure {
@@ -254,7 +253,7 @@ impl JobHandler {
     async fn pipeline_of(
         &self,
         original: Vec<u8>,
-        format: ImageFormat,
+        format: Format,
         reporter: &Reporter,
     ) -> Result<pipeline::Output, PipelineError> {
         let (config, stages) = (self.pipeline, reporter.sender());

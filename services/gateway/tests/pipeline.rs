@@ -6,9 +6,13 @@
 mod common;
 
 use common::with_exif_orientation_6;
-use follow_image_gateway::{config::PipelineConfig, pipeline};
+use follow_image_gateway::{
+    config::PipelineConfig,
+    pipeline::{self, Colours},
+    sniff::Format,
+};
 use image::{
-    DynamicImage, GenericImageView as _, ImageBuffer, ImageFormat, Rgb, codecs::jpeg::JpegEncoder,
+    DynamicImage, GenericImageView as _, ImageBuffer, Rgb, codecs::jpeg::JpegEncoder,
     imageops::FilterType,
 };
 
@@ -52,7 +56,7 @@ fn outputs_match_a_full_size_lanczos3_reference_turned_or_not() {
         } else {
             plain.clone()
         };
-        let out = pipeline::run(&body, ImageFormat::Jpeg, &config, |_| {}).unwrap();
+        let out = pipeline::run(&body, Format::Jpeg, &config, |_| {}).unwrap();
         let mut reference = image::load_from_memory(&plain).unwrap();
         if turned {
             reference = reference.rotate90();
@@ -80,7 +84,7 @@ fn outputs_match_a_full_size_lanczos3_reference_turned_or_not() {
 fn jpeg_outputs_are_4_2_0_and_carry_no_profile() {
     let out = pipeline::run(
         &photo_like(3000, 2000),
-        ImageFormat::Jpeg,
+        Format::Jpeg,
         &PipelineConfig::default(),
         |_| {},
     )
@@ -111,7 +115,7 @@ fn icc_conversion_matches_little_cms_within_one_level() {
     ];
     let source = ImageBuffer::from_fn(10, 2, |x, _| Rgb(lcms[x as usize].0));
     let mut image = DynamicImage::ImageRgb8(source.clone());
-    pipeline::to_srgb(&mut image, p3);
+    pipeline::to_srgb(&mut image, &Colours::Icc(p3.to_vec()));
     for (x, (p3, want)) in lcms.iter().enumerate() {
         for y in 0..2 {
             let got = image.as_rgb8().unwrap().get_pixel(x as u32, y).0;
@@ -123,7 +127,7 @@ fn icc_conversion_matches_little_cms_within_one_level() {
         }
     }
     let mut untouched = DynamicImage::ImageRgb8(source.clone());
-    pipeline::to_srgb(&mut untouched, b"not a profile");
+    pipeline::to_srgb(&mut untouched, &Colours::Icc(b"not a profile".to_vec()));
     assert_eq!(untouched.as_rgb8().unwrap(), &source);
 }
 
@@ -144,13 +148,7 @@ fn an_embedded_display_p3_profile_is_converted_to_srgb() {
     DynamicImage::ImageRgb8(img)
         .write_with_encoder(encoder)
         .unwrap();
-    let out = pipeline::run(
-        &tagged,
-        ImageFormat::Jpeg,
-        &PipelineConfig::default(),
-        |_| {},
-    )
-    .unwrap();
+    let out = pipeline::run(&tagged, Format::Jpeg, &PipelineConfig::default(), |_| {}).unwrap();
     let mut decoder = image::ImageReader::new(std::io::Cursor::new(&out.image.bytes))
         .with_guessed_format()
         .unwrap()

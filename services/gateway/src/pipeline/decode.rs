@@ -1,30 +1,34 @@
 //! Decoding with limits: a large JPEG shrunk on load by libvips' rule through libjpeg-turbo (a
-//! progressive one transcoded losslessly to baseline first), anything else through `image`.
+//! progressive one transcoded losslessly to baseline first), HEIF through libheif (`heif`),
+//! anything else through `image`.
 
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, metadata::Orientation};
 
-use super::{orient::orientation_swaps, *};
-use crate::{error::PipelineError, sniff};
+use super::{heif::decode_heif, orient::orientation_swaps, *};
+use crate::{
+    error::PipelineError,
+    sniff::{self, Format},
+};
 
-/// A decoded image, maybe already shrunk, as stored (its EXIF `orientation` and ICC profile not
-/// applied yet), and the size of the original after orientation.
+/// A decoded image, maybe already shrunk, as stored (its EXIF `orientation` and declared
+/// colours not applied yet), and the size of the original after orientation.
 #[derive(Debug)]
 pub struct Decoded {
     pub image: DynamicImage,
     pub orientation: Orientation,
-    pub icc_profile: Option<Vec<u8>>,
+    pub colours: Option<Colours>,
     pub width: u32,
     pub height: u32,
 }
 
 /// Decodes with limits on dimensions and allocation (a lying header cannot make it allocate
-/// more than the pixels allowed) and reads the EXIF orientation and ICC profile. A large JPEG
-/// comes out shrunk on load for a resize to `min_edge` ([`load_shrink`]).
+/// more than the pixels allowed) and reads the EXIF orientation and declared colours. A large
+/// JPEG comes out shrunk on load for a resize to `min_edge` ([`load_shrink`]).
 pub fn decode(
     bytes: &[u8],
-    format: ImageFormat,
+    format: Format,
     max_pixels: u64,
     min_edge: u32,
 ) -> Result<Decoded, PipelineError> {
@@ -41,8 +45,14 @@ pub fn decode(
         ));
     };
     sniff::check_complete(bytes, format)?;
+    let image_format = match format.image_format() {
+        Some(image_format) => image_format,
+        // The size libheif reads from the primary image, after its transforms, is the one
+        // clients are told.
+        None => return decode_heif(bytes, max_pixels),
+    };
     let common_jpeg =
-        format == ImageFormat::Jpeg && sniff::jpeg_frame(bytes).is_some_and(|f| f.is_common());
+        format == Format::Jpeg && sniff::jpeg_frame(bytes).is_some_and(|f| f.is_common());
     let Pixels {
         image,
         orientation,
@@ -53,10 +63,10 @@ pub fn decode(
         // end) that `image`'s decoder takes, as libvips does: those get a second chance there.
         decode_jpeg(bytes, max_pixels, shrink).or_else(|e| {
             tracing::debug!(error = %e, "libjpeg-turbo refused the JPEG; trying zune-jpeg");
-            decode_full(bytes, format, max_pixels)
+            decode_full(bytes, image_format, max_pixels)
         })?
     } else {
-        decode_full(bytes, format, max_pixels)?
+        decode_full(bytes, image_format, max_pixels)?
     };
     // The header's size, not the decoder's: a JPEG may declare a height its scans never reach,
     // and the original size is what clients are told.
@@ -72,7 +82,7 @@ pub fn decode(
     Ok(Decoded {
         image,
         orientation,
-        icc_profile,
+        colours: icc_profile.map(Colours::Icc),
         width,
         height,
     })

@@ -1,8 +1,9 @@
 //! The CPU part of the pipeline: decode (with limits; a large JPEG shrunk on load by libvips'
 //! rule; a progressive one transcoded losslessly to baseline first, so that its coefficients
-//! are freed before its pixels exist) → resize to the long edge (never upscaling; Lanczos3,
-//! after a box filter for 4× or more, as libvips) → convert an embedded ICC profile's colours
-//! to sRGB → apply the EXIF orientation to the resized image (never to the full-size one: a
+//! are freed before its pixels exist; HEIF through libheif, upright already) → resize to the
+//! long edge (never upscaling; Lanczos3, after a box filter for 4× or more, as libvips) →
+//! convert the declared colours (an ICC profile, HEIF code points) to sRGB → apply the EXIF
+//! orientation to the resized image (never to the full-size one: a
 //! phone portrait costs no second full-size buffer) → make the preview from those pixels →
 //! encode. Metadata never survives: the output is encoded from pixels alone (no EXIF/GPS, XMP,
 //! IPTC, comments, no profile: the pixels are sRGB). Opaque images become JPEG (libjpeg-turbo,
@@ -11,24 +12,25 @@
 //! Pure and synchronous: the service runs it on its bounded blocking pool; `fuzz/` runs it on
 //! arbitrary bytes.
 //!
-//! One module per stage: `decode`, `resize`, `orient`, `colour`, `encode`; [`run`]
+//! One module per stage: `decode` (and `heif`), `resize`, `orient`, `colour`, `encode`; [`run`]
 //! is the sequence.
 
 mod colour;
 mod decode;
 mod encode;
+mod heif;
 mod orient;
 mod resize;
 #[cfg(test)]
 mod tests;
 
 use follow_bus::Stage;
-use image::{DynamicImage, ImageFormat};
+use image::DynamicImage;
 
-use crate::config::PipelineConfig;
+use crate::{config::PipelineConfig, sniff::Format};
 
 pub use crate::error::PipelineError;
-pub use colour::to_srgb;
+pub use colour::{Colours, to_srgb};
 pub use decode::{Decoded, decode};
 pub use encode::encode;
 pub use orient::turn_upright;
@@ -55,7 +57,7 @@ pub struct Output {
 /// Runs the pipeline over a whole body, calling `stage` as each stage begins.
 pub fn run(
     bytes: &[u8],
-    format: ImageFormat,
+    format: Format,
     config: &PipelineConfig,
     mut stage: impl FnMut(Stage),
 ) -> Result<Output, PipelineError> {
@@ -63,7 +65,7 @@ pub fn run(
     let Decoded {
         image,
         orientation,
-        icc_profile,
+        colours,
         width,
         height,
     } = decode(bytes, format, config.max_pixels, config.long_edge)?;
@@ -73,8 +75,8 @@ pub fn run(
     // does not depend on the orientation, so turning the resized image gives the same result,
     // cheaper; so does converting its colours.
     let mut main = shrunk(image, config.long_edge)?;
-    if let Some(profile) = icc_profile {
-        to_srgb(&mut main, &profile);
+    if let Some(colours) = colours {
+        to_srgb(&mut main, &colours);
     }
     turn_upright(&mut main, orientation);
     let preview = scaled(&main, config.preview_edge);

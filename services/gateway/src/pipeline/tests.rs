@@ -9,7 +9,7 @@ use image::{
 };
 
 use super::{colour::*, decode::*, orient::*, resize::*, *};
-use crate::sniff;
+use crate::sniff::{self, Format};
 
 fn jpeg(width: u32, height: u32) -> Vec<u8> {
     let img = ImageBuffer::from_fn(width, height, |x, _| Rgb([(x % 256) as u8, 0, 0]));
@@ -110,10 +110,7 @@ fn resizes_to_the_long_edge_and_never_upscales() {
         ..PipelineConfig::default()
     };
     let mut stages = Vec::new();
-    let out = run(&jpeg(200, 100), ImageFormat::Jpeg, &config, |s| {
-        stages.push(s)
-    })
-    .unwrap();
+    let out = run(&jpeg(200, 100), Format::Jpeg, &config, |s| stages.push(s)).unwrap();
     assert_eq!(
         stages,
         [Stage::Decoding, Stage::Processing, Stage::Encoding]
@@ -122,7 +119,7 @@ fn resizes_to_the_long_edge_and_never_upscales() {
     assert_eq!((out.image.width, out.image.height), (64, 32));
     assert_eq!((out.preview.width, out.preview.height), (16, 8));
     assert_eq!(out.image.content_type, "image/jpeg");
-    let small = run(&jpeg(10, 20), ImageFormat::Jpeg, &config, |_| {}).unwrap();
+    let small = run(&jpeg(10, 20), Format::Jpeg, &config, |_| {}).unwrap();
     assert_eq!((small.image.width, small.image.height), (10, 20));
 }
 
@@ -135,7 +132,7 @@ fn large_jpegs_shrink_on_load_to_the_same_sizes() {
     };
     let big = jpeg(2100, 300);
     assert!(sniff::jpeg_frame(&big).is_some_and(|f| f.is_common()));
-    let out = run(&big, ImageFormat::Jpeg, &config, |_| {}).unwrap();
+    let out = run(&big, Format::Jpeg, &config, |_| {}).unwrap();
     assert_eq!((out.width, out.height), (2100, 300));
     assert_eq!((out.image.width, out.image.height), (512, 73));
     assert_eq!((out.preview.width, out.preview.height), (64, 9));
@@ -205,13 +202,7 @@ fn a_jpeg_libjpeg_turbo_only_warns_about_is_still_processed() {
     let end = bytes.len() - 2;
     bytes.splice(end..end, *b"junk!");
     assert!(decode_jpeg(&bytes, u64::MAX, 1).is_err());
-    let out = run(
-        &bytes,
-        ImageFormat::Jpeg,
-        &PipelineConfig::default(),
-        |_| {},
-    )
-    .unwrap();
+    let out = run(&bytes, Format::Jpeg, &PipelineConfig::default(), |_| {}).unwrap();
     assert_eq!((out.width, out.height), (64, 48));
 }
 
@@ -290,7 +281,7 @@ fn alpha_is_kept_as_png() {
     DynamicImage::ImageRgba8(img)
         .write_with_encoder(PngEncoder::new(&mut png))
         .unwrap();
-    let out = run(&png, ImageFormat::Png, &PipelineConfig::default(), |_| {}).unwrap();
+    let out = run(&png, Format::Png, &PipelineConfig::default(), |_| {}).unwrap();
     assert_eq!(out.image.content_type, "image/png");
     let back = image::load_from_memory(&out.image.bytes).unwrap();
     assert!(back.color().has_alpha());
@@ -320,9 +311,9 @@ fn corrupted_images_never_panic() {
     };
     let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
     for (original, format) in [
-        (jpeg(48, 32), ImageFormat::Jpeg),
-        (png, ImageFormat::Png),
-        (webp, ImageFormat::WebP),
+        (jpeg(48, 32), Format::Jpeg),
+        (png, Format::Png),
+        (webp, Format::WebP),
     ] {
         for _ in 0..300 {
             let _ = run(&damaged(&original, &mut rng), format, &config, |_| {});
@@ -339,11 +330,11 @@ fn damaged_icc_profiles_never_panic() {
         Rgb([x as u8 * 30, 100, 200])
     }));
     for len in 0..p3.len() {
-        to_srgb(&mut image.clone(), &p3[..len]);
+        to_srgb(&mut image.clone(), &Colours::Icc(p3[..len].to_vec()));
     }
     let mut rng = fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15);
     for _ in 0..2_000 {
-        to_srgb(&mut image.clone(), &damaged(p3, &mut rng));
+        to_srgb(&mut image.clone(), &Colours::Icc(damaged(p3, &mut rng)));
     }
 }
 
@@ -371,12 +362,12 @@ fn damaged(original: &[u8], rng: &mut fastrand::Rng) -> Vec<u8> {
 #[test]
 fn truncated_mislabelled_and_garbage_bytes_are_invalid_never_a_panic() {
     let good = jpeg(64, 64);
-    let cases: Vec<(Vec<u8>, ImageFormat)> = vec![
-        (good[..good.len() / 2].to_vec(), ImageFormat::Jpeg),
-        (good.clone(), ImageFormat::Png),
-        (b"\xFF\xD8\xFF".to_vec(), ImageFormat::Jpeg),
-        (vec![0; 10_000], ImageFormat::Jpeg),
-        (Vec::new(), ImageFormat::WebP),
+    let cases: Vec<(Vec<u8>, Format)> = vec![
+        (good[..good.len() / 2].to_vec(), Format::Jpeg),
+        (good.clone(), Format::Png),
+        (b"\xFF\xD8\xFF".to_vec(), Format::Jpeg),
+        (vec![0; 10_000], Format::Jpeg),
+        (Vec::new(), Format::WebP),
     ];
     for (bytes, format) in cases {
         let result = run(&bytes, format, &PipelineConfig::default(), |_| {});

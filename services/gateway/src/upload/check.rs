@@ -2,8 +2,8 @@
 //! the magic bytes of the declared type, the header's dimensions against the pixel limit, a
 //! JPEG's end. Pure: fed chunk by chunk by the receiving loop, which owns the I/O.
 
+use crate::sniff::Format;
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
-use image::ImageFormat;
 use sha2::{Digest as _, Sha256, digest::common::hazmat::SerializableState as _};
 
 use crate::{
@@ -29,7 +29,7 @@ struct Saved {
 
 /// One body's checks so far. Every error is the body's fault (it spends the token).
 pub(super) struct BodyCheck {
-    expected: ImageFormat,
+    expected: Format,
     limit: u64,
     max_pixels: u64,
     hasher: Sha256,
@@ -41,7 +41,7 @@ pub(super) struct BodyCheck {
 }
 
 impl BodyCheck {
-    pub(super) fn new(expected: ImageFormat, limit: u64, max_pixels: u64) -> Self {
+    pub(super) fn new(expected: Format, limit: u64, max_pixels: u64) -> Self {
         Self {
             expected,
             limit,
@@ -100,7 +100,7 @@ impl BodyCheck {
     /// The checks as [`BodyCheck::save`] left them; `None` if `saved` is not such a state.
     pub(super) fn resume(
         saved: &str,
-        expected: ImageFormat,
+        expected: Format,
         limit: u64,
         max_pixels: u64,
     ) -> Option<Self> {
@@ -138,8 +138,8 @@ impl BodyCheck {
             let found = sniff::sniff(&self.prefix)?;
             if found != self.expected {
                 return Err(UploadError::BodyTypeMismatch {
-                    declared: self.expected.to_mime_type(),
-                    found: found.to_mime_type(),
+                    declared: self.expected.content_type(),
+                    found: found.content_type(),
                 });
             }
             self.sniffed = true;

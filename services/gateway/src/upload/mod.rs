@@ -33,7 +33,6 @@ use follow_service::{
     s3::{Bucket, StreamedPut},
 };
 use follow_token::{TokenError, UploadClaims, Verifier};
-use image::ImageFormat;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -42,7 +41,7 @@ use crate::{
     error::UploadError,
     metrics::{Metrics, UploadStep},
     report::Reporter,
-    sniff,
+    sniff::{self, Format},
     spool::Spool,
 };
 
@@ -205,7 +204,7 @@ impl Gateway {
         body: Body,
     ) -> Result<Receipt, UploadError> {
         let image_id = claims.image_id;
-        let format = sniff::format_of_content_type(&claims.content_type).ok_or_else(|| {
+        let format = Format::of_content_type(&claims.content_type).ok_or_else(|| {
             UploadError::InvalidToken("the token's content type is not accepted".into())
         })?;
         let got = content_type(headers);
@@ -274,7 +273,7 @@ impl Gateway {
         &self,
         claims: &UploadClaims,
         holder: &str,
-        format: ImageFormat,
+        format: Format,
         limit: u64,
         body: Body,
         declared: Option<u64>,
@@ -364,7 +363,7 @@ impl Gateway {
         &self,
         claims: &UploadClaims,
         holder: &str,
-        expected: ImageFormat,
+        expected: Format,
         limit: u64,
         body: Body,
     ) -> Result<Received, Refused> {

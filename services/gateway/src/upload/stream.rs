@@ -6,13 +6,13 @@
 
 use std::{pin::pin, time::Instant};
 
+use crate::sniff::Format;
 use axum::body::{Body, Bytes};
 use bytes::BytesMut;
 use follow_bus::Stage;
 use follow_service::{objects::original_key, s3::StreamedPut};
 use follow_token::UploadClaims;
 use futures_util::future::{self, Either};
-use image::ImageFormat;
 
 use super::{Arrived, BodyCheck, Gateway, Pace, Received, Refused};
 use crate::{error::UploadError, report::Reporter};
@@ -24,7 +24,7 @@ impl Gateway {
         &self,
         claims: &UploadClaims,
         holder: &str,
-        expected: ImageFormat,
+        expected: Format,
         length: u64,
         body: Body,
         reporter: &Reporter,

@@ -26,7 +26,7 @@ use super::{Gateway, claims_of, guard_holder};
 use crate::{
     error::UploadError,
     report::Reporter,
-    sniff,
+    sniff::Format,
     upload::{
         BodyCheck, Original, Refused,
         parts::{MIN_PART, Pace, Pending},
@@ -73,8 +73,7 @@ impl Gateway {
         let _receiving = Arc::clone(&self.receiving)
             .try_acquire_owned()
             .map_err(|_| UploadError::Overloaded)?;
-        let format =
-            sniff::format_of_content_type(&record.content_type).ok_or(UploadError::Internal)?;
+        let format = Format::of_content_type(&record.content_type).ok_or(UploadError::Internal)?;
         let max_pixels = self.config.pipeline.max_pixels;
         let mut check = BodyCheck::resume(&record.check, format, record.length, max_pixels)
             .ok_or_else(|| internal("an upload record's checks do not read back"))?;

@@ -31,7 +31,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{BodyCheck, Gateway, Refused, token_of, verify};
-use crate::{error::UploadError, sniff};
+use crate::{error::UploadError, sniff::Format};
 use append::Appended;
 
 mod append;
@@ -295,7 +295,7 @@ impl Gateway {
         claims: &UploadClaims,
         headers: &HeaderMap,
     ) -> Result<Resumable, UploadError> {
-        let format = sniff::format_of_content_type(&claims.content_type).ok_or_else(|| {
+        let format = Format::of_content_type(&claims.content_type).ok_or_else(|| {
             UploadError::InvalidToken("the token's content type is not accepted".into())
         })?;
         let length = header_u64(headers, &UPLOAD_LENGTH).ok_or(UploadError::Malformed(
