@@ -71,6 +71,28 @@ impl User {
             .await
     }
 
+    /// A route of one waypoint per content type, for photos of up to `file_size` bytes.
+    pub async fn create_route_of_types(
+        &mut self,
+        platform: &Platform,
+        content_types: &[&str],
+        file_size: u64,
+    ) -> CreateRouteWithWaypointsResponse {
+        let waypoints = content_types
+            .iter()
+            .map(|content_type| WaypointInput {
+                marker_x: 0.5,
+                marker_y: 0.5,
+                content_type: (*content_type).into(),
+                file_size,
+            })
+            .collect();
+        let created = self.try_create(platform, waypoints).await.unwrap();
+        self.images
+            .extend(created.upload_targets.iter().map(|t| t.image_id.clone()));
+        created
+    }
+
     async fn try_create_route_sized(
         &self,
         platform: &Platform,
@@ -86,6 +108,14 @@ impl User {
                 file_size,
             })
             .collect();
+        self.try_create(platform, waypoints).await
+    }
+
+    async fn try_create(
+        &self,
+        platform: &Platform,
+        waypoints: Vec<WaypointInput>,
+    ) -> Result<CreateRouteWithWaypointsResponse, Status> {
         let request = api::CreateRouteWithWaypointsRequest {
             request_id: Uuid::new_v4().to_string(),
             name: "e2e".into(),

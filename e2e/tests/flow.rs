@@ -16,6 +16,7 @@ use follow_proto::{
 };
 use follow_testkit::eventually_async;
 use redis::AsyncCommands;
+use sha2::{Digest as _, Sha256};
 
 /// A route of three waypoints, from creation to READY, checked in every store.
 #[tokio::test]
@@ -91,6 +92,61 @@ async fn full_flow_from_route_to_ready() {
             .unwrap()
             .starts_with(&[0xFF, 0xD8, 0xFF])
     );
+    user.clean_up(&platform).await;
+}
+
+/// Photos as an iPhone saves them — HEIC, 12 MP in a grid of 48 tiles, 10-bit and stored on
+/// its side (`irot` and an EXIF orientation saying the same), and 8-bit upright — from
+/// `CreateRouteWithWaypoints` to PROCESSED: the original's SHA-256, its size upright, JPEG
+/// outputs.
+#[tokio::test]
+async fn phone_heic_photos_are_processed_upright() {
+    let photos: [(&str, &[u8], (u32, u32)); 2] = [
+        (
+            "image/heic",
+            include_bytes!("../../services/gateway/tests/fixtures/heic/12mp-10bit-irot.heic"),
+            (3024, 4032),
+        ),
+        (
+            "image/heif",
+            include_bytes!("../../services/gateway/tests/fixtures/heic/12mp.heic"),
+            (4032, 3024),
+        ),
+    ];
+    let platform = Platform::start().await.unwrap();
+    let mut user = User::new(&platform).await;
+    let types: Vec<&str> = photos.iter().map(|(t, _, _)| *t).collect();
+    let created = user
+        .create_route_of_types(&platform, &types, 1_000_000)
+        .await;
+    let route_id = created.route.as_ref().unwrap().id.clone();
+    for (target, (content_type, bytes, _)) in created.upload_targets.iter().zip(photos) {
+        upload_accepted(&target.upload_url, content_type, bytes.to_vec()).await;
+    }
+    user.wait_route(&platform, &route_id, api::RouteStatus::Ready)
+        .await;
+    for (target, (content_type, bytes, (width, height))) in
+        created.upload_targets.iter().zip(photos)
+    {
+        let image = user.image(&platform, &target.image_id).await;
+        assert_eq!(
+            image.status(),
+            api::ImageStatus::Processed,
+            "{content_type}"
+        );
+        assert_eq!(image.sha256, hex::encode(Sha256::digest(bytes)));
+        assert_eq!(
+            (image.width, image.height),
+            (width, height),
+            "{content_type}"
+        );
+        let long = 2048;
+        let (w, h) = (image.processed_width, image.processed_height);
+        assert_eq!(w.max(h), long, "{content_type}");
+        assert_eq!(w > h, width > height, "{content_type}: upright");
+        let preview = reqwest::get(&image.preview_url).await.unwrap();
+        assert_eq!(preview.headers()["content-type"], "image/jpeg");
+    }
     user.clean_up(&platform).await;
 }
 

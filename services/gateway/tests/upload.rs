@@ -7,7 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Gateway, Vars, WITHIN, jpeg, jpeg_with_exif_orientation_6, png_with_alpha, webp};
+use common::{
+    Gateway, HEIC, HEIC_ALPHA, Vars, WITHIN, jpeg, jpeg_with_exif_orientation_6, png_with_alpha,
+    webp,
+};
 use follow_bus::{ErrorCode, Notice, ResultOutcome, Stage, StreamMessage as _, keys};
 use follow_service::objects;
 use follow_testkit::eventually_async;
@@ -31,12 +34,14 @@ fn failure_code(result: &follow_bus::ImageResult) -> ErrorCode {
 }
 
 #[tokio::test]
-async fn jpeg_png_and_webp_are_processed_stored_and_reported() {
+async fn every_accepted_type_is_processed_stored_and_reported() {
     let gw = Gateway::start().await;
     for (content_type, body, stored_type) in [
         ("image/jpeg", jpeg(3000, 1500), "image/jpeg"),
         ("image/png", png_with_alpha(400, 300), "image/png"),
         ("image/webp", webp(500, 250), "image/jpeg"),
+        ("image/heic", HEIC.to_vec(), "image/jpeg"),
+        ("image/heif", HEIC_ALPHA.to_vec(), "image/png"),
     ] {
         let (image_id, token) = gw.token(content_type, 10_000_000);
         let sha = hex::encode(Sha256::digest(&body));
@@ -59,10 +64,20 @@ async fn jpeg_png_and_webp_are_processed_stored_and_reported() {
         assert_eq!(preview_type, stored_type);
         let preview = image::load_from_memory(&preview).unwrap();
         assert!(preview.width().max(preview.height()) <= 320);
-        if content_type == "image/png" {
+        if stored_type == "image/png" {
             assert!(stored.color().has_alpha(), "alpha kept");
         }
     }
+    // A HEIC cut short passes the checks on arrival (its boxes come first) and fails decoding.
+    let (image_id, token) = gw.token("image/heic", 10_000_000);
+    let (status, _) = gw
+        .put(&token, "image/heic", HEIC[..HEIC.len() / 2].to_vec())
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        failure_code(&gw.result(image_id).await),
+        ErrorCode::InvalidImage
+    );
     let (status, _) = gw
         .put(&gw.token("image/jpeg", 10).1, "image/jpeg", Vec::new())
         .await;
@@ -276,6 +291,12 @@ async fn header_refusals_spend_nothing_and_bad_bodies_end_in_a_failed_result() {
         (
             "image/jpeg",
             png_with_alpha(8, 8),
+            415,
+            ErrorCode::ContentTypeMismatch,
+        ),
+        (
+            "image/png",
+            HEIC.to_vec(),
             415,
             ErrorCode::ContentTypeMismatch,
         ),

@@ -288,6 +288,11 @@ impl Drop for Gateway {
     }
 }
 
+/// A phone's HEIC: a grid of 512-pixel tiles, 1600 × 900 (`fixtures/heic/make.py`).
+pub const HEIC: &[u8] = include_bytes!("../fixtures/heic/grid.heic");
+/// A HEIC with alpha, 200 × 100.
+pub const HEIC_ALPHA: &[u8] = include_bytes!("../fixtures/heic/alpha.heic");
+
 pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
     let img = ImageBuffer::from_fn(width, height, |x, y| {
         Rgb([(x % 256) as u8, (y % 256) as u8, 128])
