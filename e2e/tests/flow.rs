@@ -104,7 +104,7 @@ async fn phone_heic_photos_are_processed_upright() {
     let photos: [(&str, &[u8], (u32, u32)); 2] = [
         (
             "image/heic",
-            include_bytes!("../../services/gateway/tests/fixtures/heic/12mp-10bit-irot.heic"),
+            include_bytes!("../../demo/phone.heic"),
             (3024, 4032),
         ),
         (

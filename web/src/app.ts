@@ -4,7 +4,13 @@
 // Settings come from `?api=…&token=…`, else from `config.json` beside the page (`./dev up` writes
 // it), else the defaults of `./dev up`. The dev token of `config.json` is bound to its own API on
 // loopback: it is never sent anywhere else, whatever `?api=` or the API field say.
-import { ConnectError, Stage, followClients, uploadResumable } from "../../sdk/typescript/src/index.js";
+import {
+  ConnectError,
+  Stage,
+  contentTypeOf,
+  followClients,
+  uploadResumable,
+} from "../../sdk/typescript/src/index.js";
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 const apiInput = $<HTMLInputElement>("api");
@@ -84,7 +90,7 @@ async function run() {
     waypoints: chosen.map((file, i) => ({
       markerX: (i + 1) / (chosen.length + 1),
       markerY: 0.5,
-      contentType: file.type,
+      contentType: contentTypeOf(file),
       fileSize: BigInt(file.size),
     })),
   });

@@ -50,6 +50,16 @@ export function gatewayClient(baseUrl: string, uploadToken: string): Client<type
   return createClient(GatewayService, createGrpcWebTransport({ baseUrl, interceptors: [bearer] }));
 }
 
+/**
+ * The content type to declare for a photo (`WaypointInput.contentType`) and upload it with: the
+ * one the browser gives, or `image/heic` for a `.heic`/`.heif` file left untyped (as browsers
+ * outside Apple's systems leave them).
+ */
+export function contentTypeOf(photo: Blob & { name?: string }): string {
+  if (photo.type) return photo.type;
+  return /\.(heic|heif)$/i.test(photo.name ?? "") ? "image/heic" : "";
+}
+
 /** `PUT`s an image to its upload URL; resolves with the gateway's JSON answer, rejects on refusal. */
 export async function upload(
   uploadUrl: string,
@@ -94,7 +104,7 @@ export function uploadResumable(
   options: ResumableOptions = {},
 ): Promise<void> {
   return new Promise((resolve, reject) => {
-    const type = typeof Blob !== "undefined" && photo instanceof Blob ? photo.type : "";
+    const type = typeof Blob !== "undefined" && photo instanceof Blob ? contentTypeOf(photo) : "";
     const upload = new Upload(photo, {
       endpoint: uploadUrl,
       // An option given as `undefined` replaces tus-js-client's default: only set when set.
