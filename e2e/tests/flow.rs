@@ -98,7 +98,7 @@ async fn full_flow_from_route_to_ready() {
 /// Photos as an iPhone saves them — HEIC, 12 MP in a grid of 48 tiles, 10-bit and stored on
 /// its side (`irot` and an EXIF orientation saying the same), and 8-bit upright — from
 /// `CreateRouteWithWaypoints` to PROCESSED: the original's SHA-256, its size upright, JPEG
-/// outputs.
+/// outputs, a placeholder of its shape.
 #[tokio::test]
 async fn phone_heic_photos_are_processed_upright() {
     let photos: [(&str, &[u8], (u32, u32)); 2] = [
@@ -144,6 +144,10 @@ async fn phone_heic_photos_are_processed_upright() {
         let (w, h) = (image.processed_width, image.processed_height);
         assert_eq!(w.max(h), long, "{content_type}");
         assert_eq!(w > h, width > height, "{content_type}: upright");
+        // The placeholder, of the photo's shape.
+        let aspect = thumbhash::thumb_hash_to_approximate_aspect_ratio(&image.thumbhash).unwrap();
+        let want = width as f32 / height as f32;
+        assert!((aspect - want).abs() / want < 0.25, "{aspect} for {want}");
         let preview = reqwest::get(&image.preview_url).await.unwrap();
         assert_eq!(preview.headers()["content-type"], "image/jpeg");
     }

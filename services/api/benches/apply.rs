@@ -250,6 +250,7 @@ fn result(image_id: Uuid, index: usize) -> ImageResult {
             processed_width: 2048,
             processed_height: 1536,
             byte_size: 500_000,
+            thumbhash: vec![0x1f, 0x08, 0x0a],
         })
     };
     ImageResult {

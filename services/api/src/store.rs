@@ -81,6 +81,8 @@ pub struct ImageRecord {
     pub processed_width: Option<i32>,
     pub processed_height: Option<i32>,
     pub byte_size: Option<i64>,
+    /// The preview's ThumbHash, once processed (none for images processed before it existed).
+    pub thumbhash: Option<Vec<u8>>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub expires_at: OffsetDateTime,
@@ -93,8 +95,8 @@ macro_rules! image_columns {
     () => {
         "i.id, i.route_id, i.waypoint_id, i.status, i.content_type, i.declared_size, \
          i.storage_key, i.preview_key, i.sha256, i.width, i.height, i.processed_width, \
-         i.processed_height, i.byte_size, i.error_code, i.error_message, i.expires_at, \
-         i.created_at, i.updated_at"
+         i.processed_height, i.byte_size, i.thumbhash, i.error_code, i.error_message, \
+         i.expires_at, i.created_at, i.updated_at"
     };
 }
 pub(crate) use image_columns;

@@ -59,6 +59,7 @@ pub fn image(record: &ImageRecord, live: Option<Stage>, preview_url: String) -> 
             .and_then(|b| u64::try_from(b).ok())
             .unwrap_or(0),
         sha256: record.sha256.clone().unwrap_or_default(),
+        thumbhash: record.thumbhash.clone().unwrap_or_default(),
         error_code: error_code(record.error_code.as_deref()).into(),
         error_message: record.error_message.clone().unwrap_or_default(),
         preview_url,

@@ -1,12 +1,14 @@
 //! Wire formats of the bus.
 //!
 //! * A result is one stream entry with one string field per `follow.events.v1.ImageResult` field:
-//!   numbers in decimal, timestamps RFC 3339 UTC, `status` as `processed` / `failed`, codes as in
-//!   docs/architecture.md. Unknown fields are ignored (forward compatible); a missing required field or
-//!   a value that does not parse is a [`DecodeError`], which makes the entry poison.
+//!   numbers in decimal, bytes in base64, timestamps RFC 3339 UTC, `status` as `processed` /
+//!   `failed`, codes as in docs/architecture.md. Unknown fields are ignored (forward compatible);
+//!   a missing required field or a value that does not parse is a [`DecodeError`], which makes
+//!   the entry poison.
 //! * A progress channel message is the protobuf binary encoding of
 //!   `follow.events.v1.ProgressNotice`: a stage change, or the API's commit announcement.
 
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use follow_proto::{
     events::v1 as pb,
     prost::Message as _,
@@ -41,12 +43,13 @@ pub mod field {
     pub const ERROR_MESSAGE: &str = "error_message";
     pub const PRODUCED_AT: &str = "produced_at";
     pub const PROCESSING_MS: &str = "processing_ms";
+    pub const THUMBHASH: &str = "thumbhash";
     /// Job fields (`image:jobs`), beside `image_id`, `schema_version`, `storage_key`,
     /// `content_type`.
     pub const OWNER: &str = "owner";
     pub const ACCEPTED_AT: &str = "accepted_at";
 
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         IMAGE_ID,
         STATUS,
         SCHEMA_VERSION,
@@ -63,6 +66,7 @@ pub mod field {
         ERROR_MESSAGE,
         PRODUCED_AT,
         PROCESSING_MS,
+        THUMBHASH,
     ];
 }
 
@@ -198,6 +202,7 @@ impl StreamMessage for ImageResult {
                 (field::PROCESSED_WIDTH, p.processed_width.to_string()),
                 (field::PROCESSED_HEIGHT, p.processed_height.to_string()),
                 (field::BYTE_SIZE, p.byte_size.to_string()),
+                (field::THUMBHASH, BASE64.encode(&p.thumbhash)),
             ]),
             ResultOutcome::Failed(e) => f.extend([
                 (field::ERROR_CODE, e.code.as_str().to_owned()),
@@ -230,6 +235,7 @@ impl StreamMessage for ImageResult {
                 processed_width: fields.number(field::PROCESSED_WIDTH)?,
                 processed_height: fields.number(field::PROCESSED_HEIGHT)?,
                 byte_size: fields.number(field::BYTE_SIZE)?,
+                thumbhash: fields.thumbhash()?,
             }),
             STATUS_FAILED => ResultOutcome::Failed(Failure {
                 code: fields
@@ -280,6 +286,22 @@ impl<N: AsRef<[u8]>, V: AsRef<[u8]>> Fields<'_, N, V> {
                 format!("not an unsigned decimal in range: {text:.32?}"),
             )
         })
+    }
+
+    /// Optional: entries written before placeholders existed have none. A ThumbHash is at
+    /// most a few dozen bytes.
+    fn thumbhash(&self) -> Result<Vec<u8>, DecodeError> {
+        const MAX: usize = 64;
+        match self.required(field::THUMBHASH) {
+            Ok(text) if text.len() > MAX.div_ceil(3) * 4 => {
+                Err(invalid(field::THUMBHASH, "longer than a ThumbHash"))
+            }
+            Ok(text) => BASE64
+                .decode(text)
+                .map_err(|_| invalid(field::THUMBHASH, "not base64")),
+            Err(DecodeError::MissingField(_)) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
     }
 
     fn sha256(&self) -> Result<String, DecodeError> {

@@ -229,6 +229,8 @@ pub struct Processed {
     pub processed_width: u32,
     pub processed_height: u32,
     pub byte_size: u64,
+    /// A ThumbHash of the preview; empty when the result predates placeholders.
+    pub thumbhash: Vec<u8>,
 }
 
 /// Why processing failed, for a `failed` result.

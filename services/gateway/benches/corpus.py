@@ -10,14 +10,17 @@ except one in ten (4:4:4), one in seven progressive. A third are stored turned, 
 portraits, with EXIF orientation 6 or 8; a quarter carry a Display P3 profile (pixels converted to
 P3, the profile embedded). Deterministic; rebuilt only when this script or the sources change
 (OUT_DIR/stamp). Kept out of git (the bench puts it under target/).
+
+Every fifth photo is also saved as an iPhone saves it, HEIC (pillow-heif: x265, quality 80, a
+grid of 512-pixel tiles, the EXIF orientation kept and written as an `irot` transform too, the
+same ICC profile), 12 HEIC files for the bench's HEIC section.
 """
 
 import hashlib
 import pathlib
 import struct
+import subprocess
 import sys
-
-import pyvips
 
 ROOTS = ["/usr/share/backgrounds", "/usr/share/wallpapers"]
 COUNT = 60
@@ -26,6 +29,8 @@ SIZES = [(3264, 2448), (4032, 3024), (4032, 3024), (4000, 3000), (4624, 3468), (
 
 
 def sources():
+    import pyvips
+
     found = {}
     for root in ROOTS:
         for path in sorted(pathlib.Path(root).glob("**/*")):
@@ -97,6 +102,8 @@ def noise_sigma(i):
 
 
 def make(i, source, p3_path, out):
+    import pyvips
+
     width, height = SIZES[i % len(SIZES)]
     if i % 5 == 4:
         height = width * 9 // 16
@@ -135,7 +142,29 @@ def make(i, source, p3_path, out):
     image.jpegsave(str(out), **options)
 
 
+def heic(jpeg, out):
+    """`jpeg` as a phone's HEIC, in a process of its own: pillow-heif brings its own libheif,
+    which cannot share a process with the one libvips links (they crash)."""
+    subprocess.run([sys.executable, __file__, "--heic", str(jpeg), str(out)], check=True)
+
+
+def save_heic(jpeg, out):
+    """`jpeg` as a phone's HEIC: the same pixels as stored, orientation and profile."""
+    import pillow_heif
+    from PIL import Image
+
+    pillow_heif.options.GRID_TILE_SIZE = 512
+    with Image.open(jpeg) as image:
+        heif = pillow_heif.from_pillow(image)
+        options = {"quality": 80, "exif": image.info.get("exif")}
+        if image.info.get("icc_profile"):
+            options["icc_profile"] = image.info["icc_profile"]
+        heif.save(str(out), **options)
+
+
 def main():
+    if sys.argv[1] == "--heic":
+        return save_heic(sys.argv[2], sys.argv[3])
     out = pathlib.Path(sys.argv[1])
     files = sources()
     if len(files) < 8:
@@ -144,12 +173,14 @@ def main():
     if (out / "stamp").is_file() and (out / "stamp").read_text() == stamp:
         return
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.jpg"):
+    for old in [*out.glob("*.jpg"), *out.glob("*.heic")]:
         old.unlink()
     p3 = out / "display-p3.icc"
     p3.write_bytes(display_p3_icc())
     for i in range(COUNT):
         make(i, files[i % len(files)], str(p3), out / f"photo-{i:02}.jpg")
+        if i % 5 == 0:
+            heic(out / f"photo-{i:02}.jpg", out / f"photo-{i:02}.heic")
         print(f"\rcorpus: {i + 1}/{COUNT}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     (out / "stamp").write_text(stamp)

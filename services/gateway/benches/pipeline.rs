@@ -22,7 +22,11 @@
 //!
 //! Corpus: `corpus.py` makes 60 phone-like photos (8–48 MP, 4:2:0 mostly, a third turned with
 //! EXIF orientation 6/8, some Display P3, some progressive) from the photos of Debian's
-//! wallpaper packages, under `target/bench-corpus` (rebuilt only when the script changes).
+//! wallpaper packages, under `target/bench-corpus` (rebuilt only when the script changes), and
+//! 12 of them again as a phone's HEIC (grids of 512-pixel tiles, `irot`, the same profile).
+//! The JPEGs and the HEICs are two sections, each reported on its own: the HEIC section is the
+//! same work from a HEIC decode (libheif 1.23 with libde265 here; Debian's libvips decodes
+//! through its libheif 1.15 with the same libde265).
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
 use std::{
@@ -48,7 +52,6 @@ fn main() {
     }
     let runs: usize = std::env::var("FOLLOW_BENCH_RUNS").map_or(10, |r| r.parse().unwrap());
     let cores = std::thread::available_parallelism().unwrap().get();
-    let core = cores - 1;
     let corpus = Path::new(BENCHES).join("../../target/bench-corpus");
     let built = Command::new("python3")
         .arg(Path::new(BENCHES).join("benches/corpus.py"))
@@ -56,19 +59,27 @@ fn main() {
         .status()
         .unwrap();
     assert!(built.success(), "corpus.py failed");
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&corpus)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
-        .collect();
-    paths.sort();
+    for (label, extension) in [("JPEG", "jpg"), ("HEIC", "heic")] {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&corpus)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == extension))
+            .collect();
+        paths.sort();
+        section(label, &paths, runs, (cores - 1, cores));
+        println!();
+    }
+}
+
+/// One section of the bench: these photos through both sides, reported.
+fn section(label: &str, paths: &[PathBuf], runs: usize, (core, cores): (usize, usize)) {
     let photos: Vec<Photo> = paths.iter().map(|p| Photo::read(p)).collect();
     let config = PipelineConfig::default();
-    let mut vips = Vips::start(core, &paths);
+    let mut vips = Vips::start(core, paths);
     let out = tempfile::tempdir().unwrap();
 
     // Warm-up: one pass of each side, keeping the outputs for scoring and our peak memory.
-    eprintln!("warm-up pass, outputs kept for scoring");
+    eprintln!("{label}: warm-up pass, outputs kept for scoring");
     let mut rows: Vec<Row> = photos
         .iter()
         .enumerate()
@@ -89,7 +100,7 @@ fn main() {
         })
         .collect();
 
-    eprintln!("scoring outputs (SSIMULACRA2 against full-decode Lanczos3 references)");
+    eprintln!("{label}: scoring outputs (SSIMULACRA2 against full-decode Lanczos3 references)");
     for (photo, row) in photos.iter().zip(&mut rows) {
         let reference = photo.reference();
         for output in 0..2 {
@@ -99,7 +110,7 @@ fn main() {
     }
 
     pin(core);
-    eprintln!("{runs} timed passes, interleaved");
+    eprintln!("{label}: {runs} timed passes, interleaved");
     for run in 0..runs {
         for (i, (photo, row)) in photos.iter().zip(&mut rows).enumerate() {
             let mut ours = || {
@@ -117,7 +128,7 @@ fn main() {
         }
     }
     vips.stop();
-    report(&photos, &rows, runs, (core, cores), &vips.version);
+    report(label, &photos, &rows, runs, (core, cores), &vips.version);
 }
 
 /// Peak memory for one photo, ours and libvips', each over the size of the buffer our decode
@@ -156,7 +167,7 @@ fn memory(path: &Path) {
     let peak = (resident_kib("VmHWM:") - before) * 1024;
     let decoded = pipeline::decode(
         &photo.bytes,
-        sniff::Format::Jpeg,
+        photo.format,
         config.max_pixels,
         config.long_edge,
     )
@@ -178,16 +189,48 @@ fn resident_kib(field: &str) -> u64 {
 struct Photo {
     name: String,
     bytes: Vec<u8>,
+    format: sniff::Format,
     width: u32,
     height: u32,
     tags: String,
-    progressive: bool,
-    subsamp: turbojpeg::Subsamp,
+    /// What bounds its peak memory, for the report's worst cases.
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Baseline,
+    /// A progressive JPEG's coefficients are 1× its RGB pixels for 4:2:0, 1.33× for 4:2:2, 2×
+    /// for 4:4:4 — the floor of its peak memory.
+    Progressive420,
+    ProgressiveOther,
+    Heic,
 }
 
 impl Photo {
     fn read(path: &Path) -> Self {
         let bytes = std::fs::read(path).unwrap();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let format = sniff::sniff(&bytes[..sniff::MAGIC_LEN]).unwrap();
+        if format == sniff::Format::Heif {
+            let decoded = pipeline::decode(&bytes, format, u64::MAX, u32::MAX).unwrap();
+            let mut tags = vec!["heic"];
+            if decoded.image.width() != decoded.width {
+                tags.push("irot");
+            }
+            if decoded.colours.is_some() {
+                tags.push("icc");
+            }
+            return Self {
+                name,
+                bytes,
+                format,
+                width: decoded.width,
+                height: decoded.height,
+                tags: tags.join(","),
+                kind: Kind::Heic,
+            };
+        }
         let frame = sniff::jpeg_frame(&bytes).unwrap();
         let mut decoder = ImageReader::new(std::io::Cursor::new(&bytes))
             .with_guessed_format()
@@ -209,8 +252,6 @@ impl Photo {
         if progressive {
             tags.push("prog");
         }
-        // 4:2:0 unless tagged: a progressive JPEG's coefficients are 1× its RGB pixels for
-        // 4:2:0, 1.33× for 4:2:2, 2× for 4:4:4 — the floor of its peak memory.
         let subsamp = turbojpeg::read_header(&bytes).unwrap().subsamp;
         match subsamp {
             turbojpeg::Subsamp::Sub2x2 => {}
@@ -218,23 +259,37 @@ impl Photo {
             turbojpeg::Subsamp::None => tags.push("444"),
             _ => tags.push("other"),
         }
+        let kind = match (progressive, subsamp) {
+            (false, _) => Kind::Baseline,
+            (true, turbojpeg::Subsamp::Sub2x2) => Kind::Progressive420,
+            (true, _) => Kind::ProgressiveOther,
+        };
         Self {
-            name: path.file_stem().unwrap().to_string_lossy().into_owned(),
+            name,
             bytes,
+            format,
             width,
             height,
             tags: tags.join(","),
-            progressive,
-            subsamp,
+            kind,
         }
     }
 
     fn ours(&self, config: &PipelineConfig) -> pipeline::Output {
-        pipeline::run(&self.bytes, sniff::Format::Jpeg, config, |_| {}).unwrap()
+        pipeline::run(&self.bytes, self.format, config, |_| {}).unwrap()
     }
 
     /// The full decode, in sRGB, turned upright, at 16 bits per channel.
     fn reference(&self) -> DynamicImage {
+        if self.format == sniff::Format::Heif {
+            // libheif's decode is upright already; 10-bit files come out at 8 bits.
+            let decoded = pipeline::decode(&self.bytes, self.format, u64::MAX, u32::MAX).unwrap();
+            let mut image = decoded.image;
+            if let Some(colours) = &decoded.colours {
+                pipeline::to_srgb(&mut image, colours);
+            }
+            return DynamicImage::ImageRgb16(image.to_rgb16());
+        }
         let mut decoder = ImageReader::new(std::io::Cursor::new(&self.bytes))
             .with_guessed_format()
             .unwrap()
@@ -378,6 +433,7 @@ fn spread(values: &[f64]) -> f64 {
 }
 
 fn report(
+    label: &str,
     photos: &[Photo],
     rows: &[Row],
     runs: usize,
@@ -392,7 +448,9 @@ fn report(
                 .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_default();
-    println!("gateway pipeline vs libvips {version} (pyvips), the same work, one core each");
+    println!(
+        "{label}: gateway pipeline vs libvips {version} (pyvips), the same work, one core each"
+    );
     println!(
         "conditions: {} photos in memory; both processes pinned to core {core} of {} ({cpu}); \
          VIPS_CONCURRENCY=1, libvips cache off; CPU time of the whole process per image; \
@@ -431,8 +489,9 @@ fn report(
     let (mut ours_bytes, mut theirs_bytes) = (0usize, 0usize);
     let (mut ours_score, mut theirs_score) = ([0.0; 2], [0.0; 2]);
     let (mut worst_ratio, mut best_ratio) = (f64::MAX, 0.0f64);
-    // Worst peak memory [ours, libvips'] per kind: baseline, progressive 4:2:0, other progressive.
-    let mut worst_memory = [[0.0f64; 2]; 3];
+    // Worst peak memory [ours, libvips'] per kind: baseline, progressive 4:2:0, other
+    // progressive, HEIC.
+    let mut worst_memory = [[0.0f64; 2]; 4];
     for (photo, row) in photos.iter().zip(rows) {
         let (ours, theirs) = (median(&row.ours_cpu), median(&row.theirs_cpu));
         let ratio = theirs / ours;
@@ -449,12 +508,7 @@ fn report(
             ours_score[o] += row.ours_score[o];
             theirs_score[o] += row.theirs_score[o];
         }
-        let kind = match (photo.progressive, photo.subsamp) {
-            (false, _) => 0,
-            (true, turbojpeg::Subsamp::Sub2x2) => 1,
-            (true, _) => 2,
-        };
-        let worst = &mut worst_memory[kind];
+        let worst = &mut worst_memory[photo.kind as usize];
         *worst = [0, 1].map(|side| worst[side].max(row.memory[side]));
         println!(
             "{:<9} {:>5.1} {:<16} {:>8.1} {:>5.1} {:>8.1} {:>5.1} {:>5.2}x {:>8.1} {:>8.1} {:>6.1}/{:<6.1} {:>6.1}/{:<6.1} {:>5.2}/{:<5.2}",
@@ -502,7 +556,15 @@ fn report(
         ours_score[1] / n,
         theirs_score[1] / n
     );
-    let [baseline, progressive, other] = worst_memory;
+    let [baseline, progressive, other, heic] = worst_memory;
+    if label == "HEIC" {
+        println!(
+            "peak memory (resident growth) per image, worst, over the buffer our decode makes: \
+             ours {:.2}x, libvips {:.2}x (libheif holds the decoded YCbCr planes beside the RGB)",
+            heic[0], heic[1]
+        );
+        return;
+    }
     println!(
         "peak memory (resident growth) per image, worst, over the buffer our decode makes \
          (target <= 1.5x): baseline ours {:.2}x, libvips {:.2}x; progressive 4:2:0 ours {:.2}x, \

@@ -212,6 +212,7 @@ impl JobHandler {
                 processed_width: output.image.width,
                 processed_height: output.image.height,
                 byte_size,
+                thumbhash: std::mem::take(&mut output.thumbhash),
             }),
             produced_at: OffsetDateTime::now_utc(),
             processing_ms: started.elapsed().as_millis() as u64,

@@ -246,6 +246,8 @@ struct ProcessedColumns {
     processed_widths: Vec<i32>,
     processed_heights: Vec<i32>,
     byte_sizes: Vec<i64>,
+    /// Empty when the result carried none.
+    thumbhashes: Vec<Vec<u8>>,
 }
 
 impl ProcessedColumns {
@@ -256,10 +258,11 @@ impl ProcessedColumns {
          SET status = 'PROCESSED', result_entry_id = r.entry, sha256 = r.sha256,
              preview_key = r.preview_key, width = r.width, height = r.height,
              processed_width = r.pw, processed_height = r.ph, byte_size = r.bytes,
+             thumbhash = NULLIF(r.thumbhash, ''::bytea),
              error_code = NULL, error_message = NULL, updated_at = now()
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-                     $7::int[], $8::int[], $9::int8[])
-              AS r(id, entry, sha256, preview_key, width, height, pw, ph, bytes)
+                     $7::int[], $8::int[], $9::int8[], $10::bytea[])
+              AS r(id, entry, sha256, preview_key, width, height, pw, ph, bytes, thumbhash)
          WHERE i.id = r.id
            AND (i.status = 'PENDING'
                 OR (i.status = 'EXPIRED' AND EXISTS (
@@ -277,6 +280,7 @@ impl ProcessedColumns {
         .bind(&self.processed_widths)
         .bind(&self.processed_heights)
         .bind(&self.byte_sizes)
+        .bind(&self.thumbhashes)
         .fetch_all(&mut *conn)
         .await
     }
@@ -298,6 +302,7 @@ impl ProcessedColumns {
         self.entries.push(entry.to_owned());
         self.sha256.push(p.sha256.clone());
         self.preview_keys.push(p.preview_key.clone());
+        self.thumbhashes.push(p.thumbhash.clone());
         Ok(())
     }
 }

@@ -22,6 +22,7 @@ pub fn processed_outcome(route: Uuid, image: Uuid) -> ResultOutcome {
         processed_width: 2048,
         processed_height: 1536,
         byte_size: 300_000,
+        thumbhash: vec![0x1f, 0x08, 0x0a],
     })
 }
 

@@ -18,6 +18,7 @@ fn processed() -> ImageResult {
             processed_width: 2048,
             processed_height: 1536,
             byte_size: 123_456,
+            thumbhash: vec![0x1f, 0x08, 0x0a, 0x0d, 0x80, 0x58, 0x78, 0x87, 0x7f, 0x78],
         }),
         produced_at: datetime!(2026-11-23 10:00:00.123 UTC),
         processing_ms: 842,
@@ -135,6 +136,23 @@ fn hostile_values_are_typed_errors() {
     }
     let f: Vec<(&str, &str)> = vec![];
     assert!(ImageResult::from_fields(&f).is_err());
+}
+
+/// A result written before placeholders existed has no `thumbhash`: it decodes, with none.
+#[test]
+fn a_result_without_a_thumbhash_decodes_and_a_bad_one_is_refused() {
+    let f = strip(processed().to_fields(), "thumbhash");
+    let ResultOutcome::Processed(p) = ImageResult::from_fields(&f).unwrap().outcome else {
+        panic!("processed");
+    };
+    assert!(p.thumbhash.is_empty());
+    let mut bad = processed().to_fields();
+    bad.retain(|(n, _)| *n != "thumbhash");
+    bad.push(("thumbhash", "not base64!".into()));
+    assert!(matches!(
+        ImageResult::from_fields(&bad),
+        Err(DecodeError::InvalidField { .. })
+    ));
 }
 
 #[test]

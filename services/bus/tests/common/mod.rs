@@ -43,6 +43,7 @@ pub fn processed(image_id: Uuid) -> ImageResult {
             processed_width: 2048,
             processed_height: 1536,
             byte_size: 345_678,
+            thumbhash: vec![0x1f, 0x08],
         }),
         produced_at: time::OffsetDateTime::now_utc(),
         processing_ms: 120,

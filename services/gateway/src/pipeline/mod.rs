@@ -7,19 +7,20 @@
 //! phone portrait costs no second full-size buffer) → make the preview from those pixels →
 //! encode. Metadata never survives: the output is encoded from pixels alone (no EXIF/GPS, XMP,
 //! IPTC, comments, no profile: the pixels are sRGB). Opaque images become JPEG (libjpeg-turbo,
-//! 4:2:0); images with alpha keep it as PNG.
+//! 4:2:0); images with alpha keep it as PNG. A ThumbHash of the preview comes with them.
 //!
 //! Pure and synchronous: the service runs it on its bounded blocking pool; `fuzz/` runs it on
 //! arbitrary bytes.
 //!
-//! One module per stage: `decode` (and `heif`), `resize`, `orient`, `colour`, `encode`; [`run`]
-//! is the sequence.
+//! One module per stage: `decode` (and `heif`), `resize`, `orient`, `colour`, `encode`,
+//! `placeholder`; [`run`] is the sequence.
 
 mod colour;
 mod decode;
 mod encode;
 mod heif;
 mod orient;
+mod placeholder;
 mod resize;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ pub use colour::{Colours, to_srgb};
 pub use decode::{Decoded, decode};
 pub use encode::encode;
 pub use orient::turn_upright;
+pub use placeholder::thumbhash;
 pub use resize::{scaled, shrunk};
 
 /// One encoded output.
@@ -52,6 +54,8 @@ pub struct Output {
     pub height: u32,
     pub image: Encoded,
     pub preview: Encoded,
+    /// A ThumbHash of the preview: a placeholder of a few dozen bytes.
+    pub thumbhash: Vec<u8>,
 }
 
 /// Runs the pipeline over a whole body, calling `stage` as each stage begins.
@@ -87,6 +91,7 @@ pub fn run(
         height,
         image: encode(&main, config.jpeg_quality)?,
         preview: encode(preview, config.jpeg_quality)?,
+        thumbhash: thumbhash(preview),
     })
 }
 

@@ -378,3 +378,34 @@ fn truncated_mislabelled_and_garbage_bytes_are_invalid_never_a_panic() {
         );
     }
 }
+
+/// The placeholder holds the photo's average colour and aspect ratio, alpha included, in a few
+/// dozen bytes.
+#[test]
+fn the_placeholder_holds_the_colour_and_shape_of_the_photo() {
+    for (colour, (width, height)) in [
+        ([200, 40, 40, 255], (800, 400)),
+        ([20, 90, 220, 128], (300, 600)),
+    ] {
+        let mut png = Vec::new();
+        DynamicImage::ImageRgba8(ImageBuffer::from_pixel(width, height, Rgba(colour)))
+            .write_with_encoder(PngEncoder::new(&mut png))
+            .unwrap();
+        let out = run(&png, Format::Png, &PipelineConfig::default(), |_| {}).unwrap();
+        assert!(out.thumbhash.len() <= 40, "{} bytes", out.thumbhash.len());
+        let (r, g, b, a) = thumbhash::thumb_hash_to_average_rgba(&out.thumbhash).unwrap();
+        for (got, want) in [r, g, b, a].into_iter().zip(colour) {
+            assert!(
+                (got * 255.0 - f32::from(want)).abs() < 12.0,
+                "{colour:?}: {r} {g} {b} {a}"
+            );
+        }
+        let ratio = thumbhash::thumb_hash_to_approximate_aspect_ratio(&out.thumbhash).unwrap();
+        let want = width as f32 / height as f32;
+        // Approximate: the shape is kept as a grid of at most 7 × 7 (5 × 5 with alpha).
+        assert!(
+            (ratio - want).abs() / want < 0.25,
+            "aspect {ratio} for {want}"
+        );
+    }
+}
