@@ -4,6 +4,9 @@
 //! never a panic, before its pixels are allocated.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{HEIC as GRID, HEIC_ALPHA as ALPHA, mean_difference};
 use follow_image_gateway::{
     config::PipelineConfig,
     pipeline::{self, Colours, PipelineError},
@@ -11,28 +14,14 @@ use follow_image_gateway::{
 };
 use image::{DynamicImage, GenericImageView as _, ImageBuffer, Rgb, metadata::Orientation};
 
-const GRID: &[u8] = include_bytes!("fixtures/heic/grid.heic");
 const GRID_10BIT_IROT: &[u8] = include_bytes!("fixtures/heic/grid-10bit-irot.heic");
 const P3_ICC: &[u8] = include_bytes!("fixtures/heic/p3-icc.heic");
 const P3_NCLX: &[u8] = include_bytes!("fixtures/heic/p3-nclx.heic");
-const ALPHA: &[u8] = include_bytes!("fixtures/heic/alpha.heic");
 /// What the grids were made from.
 const PHOTO: &[u8] = include_bytes!("../../../demo/photo.jpg");
 
 fn decode(bytes: &[u8], max_pixels: u64) -> Result<pipeline::Decoded, PipelineError> {
     pipeline::decode(bytes, Format::Heif, max_pixels, 2048)
-}
-
-/// Mean absolute difference per channel, 0–255.
-fn mean_difference(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let total: u64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| u64::from(x.abs_diff(*y)))
-        .sum();
-    total as f64 / a.as_raw().len() as f64
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::with_exif_orientation_6;
+use common::{mean_difference, with_exif_orientation_6};
 use follow_image_gateway::{
     config::PipelineConfig,
     pipeline::{self, Colours},
@@ -33,17 +33,6 @@ fn photo_like(width: u32, height: u32) -> Vec<u8> {
         .write_with_encoder(JpegEncoder::new_with_quality(&mut out, 95))
         .unwrap();
     out
-}
-
-/// Mean absolute difference per channel, 0–255.
-fn mean_difference(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    let total: u64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| u64::from(x.abs_diff(*y)))
-        .sum();
-    total as f64 / a.as_raw().len() as f64
 }
 
 #[test]

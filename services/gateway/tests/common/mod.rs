@@ -288,6 +288,18 @@ impl Drop for Gateway {
     }
 }
 
+/// Mean absolute difference per channel, 0–255, of two images of the same size.
+pub fn mean_difference(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let total: u64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| u64::from(x.abs_diff(*y)))
+        .sum();
+    total as f64 / a.as_raw().len() as f64
+}
+
 /// A phone's HEIC: a grid of 512-pixel tiles, 1600 × 900 (`fixtures/heic/make.py`).
 pub const HEIC: &[u8] = include_bytes!("../fixtures/heic/grid.heic");
 /// A HEIC with alpha, 200 × 100.
