@@ -124,7 +124,12 @@ pub fn check_header_of(file: &std::fs::File, max_pixels: u64) -> Result<Header, 
 }
 
 fn check_pixels(size: imagesize::ImageSize, max_pixels: u64) -> Result<Header, PipelineError> {
-    let (width, height) = (size.width as u64, size.height as u64);
+    check_dimensions(size.width as u64, size.height as u64, max_pixels)
+}
+
+/// The pixel limit, for dimensions however they were read (a header here, libheif's primary
+/// image in the pipeline).
+pub fn check_dimensions(width: u64, height: u64, max_pixels: u64) -> Result<Header, PipelineError> {
     if width == 0 || height == 0 {
         return Err(PipelineError::InvalidImage(
             "the image declares no pixels".into(),

@@ -19,7 +19,7 @@ use libheif_rs::{
 };
 
 use super::{Colours, Decoded, decode::max_alloc, from_raw};
-use crate::error::PipelineError;
+use crate::{error::PipelineError, sniff};
 
 /// libheif, initialised once for the process.
 static LIBHEIF: LazyLock<LibHeif> = LazyLock::new(LibHeif::new);
@@ -43,16 +43,7 @@ pub(super) fn decode_heif(bytes: &[u8], max_pixels: u64) -> Result<Decoded, Pipe
     context.read_bytes(bytes).map_err(refused)?;
     let handle = context.primary_image_handle().map_err(refused)?;
     let (width, height) = (handle.width(), handle.height());
-    if width == 0 || height == 0 {
-        return Err(PipelineError::InvalidImage(
-            "the image declares no pixels".into(),
-        ));
-    }
-    if u64::from(width) * u64::from(height) > max_pixels {
-        return Err(PipelineError::ImageTooLarge(format!(
-            "{width}x{height} is more than {max_pixels} pixels"
-        )));
-    }
+    sniff::check_dimensions(width.into(), height.into(), max_pixels)?;
     let alpha = handle.has_alpha_channel();
     let mut options = DecodingOptions::new().ok_or(PipelineError::Internal)?;
     options.set_convert_hdr_to_8bit(true);
