@@ -104,6 +104,10 @@ async fn the_web_page_in_chromium_shows_every_photo_processed() {
         assert_eq!(image["stage"], "DONE");
         assert_eq!(image["uploaded"], 1);
         assert!(image["preview"].as_u64().unwrap() > 0);
+        assert_eq!(
+            image["placeholder"], true,
+            "the preview's ThumbHash painted under it"
+        );
     }
     user.clean_up(&platform).await;
 }

@@ -9,6 +9,7 @@ import {
   Stage,
   contentTypeOf,
   followClients,
+  placeholderDataURL,
   uploadResumable,
 } from "../../sdk/typescript/src/index.js";
 
@@ -134,6 +135,12 @@ async function run() {
           src: event.value.previewUrl,
           alt: "preview",
         });
+        // The placeholder shows until the preview has loaded over it.
+        const placeholder = placeholderDataURL(event.value.image?.thumbhash ?? new Uint8Array());
+        if (placeholder) {
+          img.style.backgroundImage = `url(${placeholder})`;
+          img.style.backgroundSize = "cover";
+        }
         row.querySelector(".preview-cell")!.replaceChildren(img);
         break;
       }

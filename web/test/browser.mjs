@@ -37,6 +37,7 @@ try {
       stage: row.querySelector(".stage")?.textContent,
       uploaded: row.querySelector("progress")?.value,
       preview: row.querySelector("img.preview")?.naturalWidth ?? 0,
+      placeholder: row.querySelector("img.preview")?.style.backgroundImage.startsWith('url("data:image/png') ?? false,
     })),
   }));
   console.log(JSON.stringify(summary));

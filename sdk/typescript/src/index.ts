@@ -11,6 +11,7 @@
  */
 import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { thumbHashToDataURL } from "thumbhash";
 import { Upload } from "tus-js-client";
 import { ImageService } from "./gen/follow/api/v1/image_service_pb.js";
 import { RouteService } from "./gen/follow/api/v1/route_service_pb.js";
@@ -48,6 +49,14 @@ export function gatewayClient(baseUrl: string, uploadToken: string): Client<type
     return next(request);
   };
   return createClient(GatewayService, createGrpcWebTransport({ baseUrl, interceptors: [bearer] }));
+}
+
+/**
+ * The placeholder of a processed image (`Image.thumbhash`) as a PNG data URL: a blurred picture
+ * of its colours and shape, to paint before its preview loads. `undefined` when it has none.
+ */
+export function placeholderDataURL(thumbhash: Uint8Array): string | undefined {
+  return thumbhash.length > 0 ? thumbHashToDataURL(thumbhash) : undefined;
 }
 
 /**
