@@ -34,11 +34,12 @@ impl Colours {
 }
 
 /// Converts 8-bit RGB(A) pixels from the `colours` a file declares (a phone's Display P3,
-/// Adobe RGB) to sRGB, as libvips' `thumbnail` does with `export_profile=srgb`; run on the resized image,
-/// so it costs a fraction of the decode. moxcms in floating point: its fixed-point path and
-/// qcms round a few per cent of samples off by one, noise that costs 0.1–0.15 % more JPEG bytes
-/// than libvips' Little CMS (`./dev bench gateway`). Colours that cannot be read or converted
-/// (or grey pixels) leave the pixels as they are: they are then taken as sRGB.
+/// Adobe RGB) to sRGB, as libvips' `thumbnail` does with `export_profile=srgb`; run on the
+/// resized image, so it costs a fraction of the decode. moxcms in floating point: its
+/// fixed-point path and qcms round a few per cent of samples off by one, noise that costs
+/// 0.1–0.15 % more JPEG bytes than libvips' Little CMS (`./dev bench gateway`). Colours that
+/// cannot be read or converted (or grey pixels) leave the pixels as they are: they are then
+/// taken as sRGB.
 pub fn to_srgb(image: &mut DynamicImage, colours: &Colours) {
     let (layout, row, pixels): (_, _, &mut [u8]) = match image {
         DynamicImage::ImageRgb8(rgb) => (moxcms::Layout::Rgb, rgb.width() as usize * 3, rgb),
