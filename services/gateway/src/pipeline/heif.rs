@@ -134,3 +134,23 @@ fn cannot_start(e: HeifError) -> PipelineError {
     tracing::error!(error = %e, "libheif cannot start");
     PipelineError::Internal
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// libheif reads the security limits we pass as its own version's struct: the bindings must
+    /// be of the library linked (`max_bad_pixels` exists from 1.23 on), or it reads past the
+    /// end of ours.
+    #[test]
+    fn the_bindings_are_of_the_library_linked() {
+        // Compiles only against bindings of 1.23 or later.
+        let _fields_of_1_23 = |limits: &libheif_sys::heif_security_limits| {
+            (
+                limits.max_bad_pixels,
+                limits.max_iso23001_17_pixel_size_bytes,
+            )
+        };
+        assert_eq!(LIBHEIF.version()[..2], [1, 23]);
+    }
+}
