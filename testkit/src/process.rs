@@ -138,13 +138,19 @@ impl Guarded {
     }
 
     /// Sends `signal` (e.g. `STOP` to freeze it: its sockets stay open but nothing answers,
-    /// `CONT` to let it go on).
+    /// `CONT` to let it go on). A `STOP` returns once every thread of the process has stopped
+    /// (within 10 s): it is delivered asynchronously, and on a loaded machine a "frozen" server
+    /// could otherwise still answer the test's first request.
     pub(crate) fn signal(&self, signal: rustix::process::Signal) {
-        if let Some(pid) = self
-            .pid()
-            .and_then(|id| rustix::process::Pid::from_raw(id.cast_signed()))
-        {
+        let Some(id) = self.pid() else { return };
+        if let Some(pid) = rustix::process::Pid::from_raw(id.cast_signed()) {
             let _ = rustix::process::kill_process(pid, signal);
+        }
+        if signal == rustix::process::Signal::STOP {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !all_threads_stopped(id) && std::time::Instant::now() < deadline {
+                std::thread::yield_now();
+            }
         }
     }
 
@@ -174,4 +180,19 @@ impl Drop for Guarded {
             let _ = child.start_kill();
         }
     }
+}
+
+/// Whether every thread of process `pid` is stopped (`T` in `/proc/{pid}/task/*/stat`); a
+/// process that is gone counts as stopped.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).map_or(true, |stat| {
+            // The state follows the command name, which ends at the last `)`.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+        })
+    })
 }
