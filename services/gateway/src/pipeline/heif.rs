@@ -76,13 +76,11 @@ pub(super) fn decode_heif(bytes: &[u8], max_pixels: u64) -> Result<Decoded, Pipe
         );
         return Err(PipelineError::Internal);
     }
-    let pixels: Vec<u8> = plane
-        .data
-        .chunks(plane.stride)
-        .take(plane.height as usize)
-        .flat_map(|line| &line[..row])
-        .copied()
-        .collect();
+    // One copy of each row (libheif pads rows to its stride).
+    let mut pixels = Vec::with_capacity(row * plane.height as usize);
+    for line in plane.data.chunks(plane.stride).take(plane.height as usize) {
+        pixels.extend_from_slice(&line[..row]);
+    }
     let image =
         from_raw(color, (plane.width, plane.height), pixels).ok_or(PipelineError::Internal)?;
     Ok(Decoded {
