@@ -251,6 +251,8 @@ fn result(image_id: Uuid, index: usize) -> ImageResult {
             processed_height: 1536,
             byte_size: 500_000,
             thumbhash: vec![0x1f, 0x08, 0x0a],
+            files: Vec::new(),
+            stripped_metadata: Vec::new(),
         })
     };
     ImageResult {

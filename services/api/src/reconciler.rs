@@ -329,7 +329,7 @@ impl Reconciler {
         tracing::info!(image_id = %image.id, "image expired: nothing uploaded before its token ran out");
         let committed = Committed {
             image_id: expired.id,
-            image: views::image(&expired, None, String::new()),
+            image: views::image(&expired, None),
             route_ready: false,
         };
         if let Err(e) = self.announcer.clone().announce(committed).await {

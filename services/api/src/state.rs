@@ -1,12 +1,13 @@
 //! What every RPC shares: the database pool, the bus, keys, and views that join database
-//! records with live Valkey state and presigned preview URLs.
+//! records with live Valkey state and presigned URLs.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use follow_bus::{BusError, Hub, Progress, ProgressTracker, RateLimiter, Stage};
-use follow_proto::api::v1 as api;
+use follow_bus::{BusError, Hub, OutputRole, Progress, ProgressTracker, RateLimiter, Stage};
+use follow_proto::{api::v1 as api, events::v1 as events};
 use follow_service::{
     limits::{Slot, Tally},
+    objects,
     s3::Bucket,
 };
 use follow_token::SigningKey;
@@ -176,21 +177,48 @@ impl Shared {
         }
     }
 
-    /// A presigned URL of `image`'s preview, when it is processed.
-    pub async fn preview_url(&self, image: &ImageRecord) -> String {
-        match (image.status, &image.preview_key) {
-            (ImageStatus::Processed, Some(key)) => self
+    /// Fills the short-lived URLs of a processed image's view: its preview's and each file's
+    /// (their objects named from the view's ids, role and type). Presigning is local: no round
+    /// trip to S3. A URL that cannot be signed stays empty.
+    pub async fn sign(&self, view: &mut api::Image) {
+        let (Ok(route), Ok(image)) = (Uuid::try_parse(&view.route_id), Uuid::try_parse(&view.id))
+        else {
+            return;
+        };
+        if view.status() != api::ImageStatus::Processed {
+            return;
+        }
+        let storage_key = objects::storage_key(route, image);
+        let ttl = self.limits.preview_url_ttl;
+        if view.preview_url.is_empty() {
+            let key = objects::preview_key(&storage_key);
+            view.preview_url = self
                 .bucket
-                .presigned_get(key, self.limits.preview_url_ttl)
+                .presigned_get(&key, ttl)
                 .await
-                .unwrap_or_default(),
-            _ => String::new(),
+                .unwrap_or_default();
+        }
+        for file in view.files.iter_mut().filter(|f| f.url.is_empty()) {
+            let role = match file.role() {
+                events::OutputRole::Main => OutputRole::Main,
+                events::OutputRole::Preview => OutputRole::Preview,
+                events::OutputRole::Unspecified => continue,
+            };
+            if let Some(key) = objects::output_key(&storage_key, role, &file.content_type) {
+                file.url = self
+                    .bucket
+                    .presigned_get(&key, ttl)
+                    .await
+                    .unwrap_or_default();
+            }
         }
     }
 
     /// The API message of one image; `live` is its pipeline stage while PENDING.
     pub async fn image_view(&self, image: &ImageRecord, live: Option<Stage>) -> api::Image {
-        views::image(image, live, self.preview_url(image).await)
+        let mut view = views::image(image, live);
+        self.sign(&mut view).await;
+        view
     }
 
     /// The API message of a route, with live stages of its pending images.
@@ -202,14 +230,11 @@ impl Shared {
             .map(|w| w.image.id)
             .collect();
         let live = self.live_stages(&pending).await;
-        let mut previews = HashMap::new();
-        for w in &route.waypoints {
-            let url = self.preview_url(&w.image).await;
-            if !url.is_empty() {
-                previews.insert(w.image.id, url);
-            }
+        let mut view = views::route(route, &live);
+        for image in view.waypoints.iter_mut().filter_map(|w| w.image.as_mut()) {
+            self.sign(image).await;
         }
-        views::route(route, &live, &previews)
+        view
     }
 }
 

@@ -4,6 +4,7 @@
 //! reissue, and the reconciler's leases and expiry. Statuses are the database's enums as Rust
 //! enums, rows are named structs, and no statement is assembled at run time.
 
+use follow_bus::OutputFile;
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -83,6 +84,10 @@ pub struct ImageRecord {
     pub byte_size: Option<i64>,
     /// The preview's ThumbHash, once processed (none for images processed before it existed).
     pub thumbhash: Option<Vec<u8>>,
+    /// Every stored file, once processed (none for images processed before the list existed).
+    pub files: Option<sqlx::types::Json<Vec<OutputFile>>>,
+    /// The names of the kinds of metadata stripped (`follow_bus::MetadataKind`), once processed.
+    pub stripped_metadata: Option<Vec<String>>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub expires_at: OffsetDateTime,
@@ -95,7 +100,8 @@ macro_rules! image_columns {
     () => {
         "i.id, i.route_id, i.waypoint_id, i.status, i.content_type, i.declared_size, \
          i.storage_key, i.preview_key, i.sha256, i.width, i.height, i.processed_width, \
-         i.processed_height, i.byte_size, i.thumbhash, i.error_code, i.error_message, \
+         i.processed_height, i.byte_size, i.thumbhash, i.files, i.stripped_metadata, \
+         i.error_code, i.error_message, \
          i.expires_at, i.created_at, i.updated_at"
     };
 }

@@ -1,9 +1,9 @@
 //! Database records as API messages: the one place rows become `follow.api.v1` views. Pure:
-//! live stages and preview URLs are handed in.
+//! live stages are handed in; URLs are left empty, for `AppState::sign` to fill.
 
 use std::collections::HashMap;
 
-use follow_bus::{ErrorCode, Stage};
+use follow_bus::{ErrorCode, MetadataKind, Stage};
 use follow_proto::{api::v1 as api, events::v1 as events, time::timestamp};
 use uuid::Uuid;
 
@@ -28,8 +28,8 @@ impl LiveStages {
     }
 }
 
-/// The API message of one image; `live` is its pipeline stage while PENDING.
-pub fn image(record: &ImageRecord, live: Option<Stage>, preview_url: String) -> api::Image {
+/// The API message of one image, without URLs; `live` is its pipeline stage while PENDING.
+pub fn image(record: &ImageRecord, live: Option<Stage>) -> api::Image {
     let stage = match record.status {
         ImageStatus::Pending => live.map_or(events::Stage::Unspecified, events::Stage::from),
         ImageStatus::Processed => events::Stage::Done,
@@ -60,21 +60,37 @@ pub fn image(record: &ImageRecord, live: Option<Stage>, preview_url: String) -> 
             .unwrap_or(0),
         sha256: record.sha256.clone().unwrap_or_default(),
         thumbhash: record.thumbhash.clone().unwrap_or_default(),
+        files: record
+            .files
+            .iter()
+            .flat_map(|files| files.iter())
+            .map(|f| api::ImageFile {
+                role: events::OutputRole::from(f.role).into(),
+                content_type: f.content_type.clone(),
+                width: f.width,
+                height: f.height,
+                byte_size: f.byte_size,
+                url: String::new(),
+            })
+            .collect(),
+        stripped_metadata: record
+            .stripped_metadata
+            .iter()
+            .flatten()
+            .filter_map(|name| name.parse::<MetadataKind>().ok())
+            .map(|kind| events::MetadataKind::from(kind).into())
+            .collect(),
         error_code: error_code(record.error_code.as_deref()).into(),
         error_message: record.error_message.clone().unwrap_or_default(),
-        preview_url,
+        preview_url: String::new(),
         expire_time: Some(timestamp(record.expires_at)),
         create_time: Some(timestamp(record.created_at)),
         update_time: Some(timestamp(record.updated_at)),
     }
 }
 
-/// The API message of a route; `previews` holds the preview URL of each processed image.
-pub fn route(
-    record: &RouteRecord,
-    live: &LiveStages,
-    previews: &HashMap<Uuid, String>,
-) -> api::Route {
+/// The API message of a route, without URLs.
+pub fn route(record: &RouteRecord, live: &LiveStages) -> api::Route {
     api::Route {
         id: record.id.to_string(),
         owner: record.owner.clone(),
@@ -100,11 +116,7 @@ pub fn route(
                     WaypointStatus::Failed => api::WaypointStatus::Failed,
                 }
                 .into(),
-                image: Some(image(
-                    &w.image,
-                    live.of(w.image.id),
-                    previews.get(&w.image.id).cloned().unwrap_or_default(),
-                )),
+                image: Some(image(&w.image, live.of(w.image.id))),
             })
             .collect(),
         create_time: Some(timestamp(record.created_at)),

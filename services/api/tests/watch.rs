@@ -11,7 +11,7 @@ use common::{
     failed_outcome, processed_for, result,
     stack::{Stack, Vars, bearer, route_request},
 };
-use follow_bus::{ErrorCode, Progress, ResultOutcome, Stage};
+use follow_bus::{ErrorCode, OutputRole, Progress, ResultOutcome, Stage};
 use follow_proto::{
     api::v1::{
         self as api, image_service_client::ImageServiceClient, watch_image_status_request::Target,
@@ -20,6 +20,7 @@ use follow_proto::{
     events::v1 as events,
     tonic::{Code, Streaming},
 };
+use follow_service::objects;
 use uuid::Uuid;
 
 const WITHIN: Duration = Duration::from_secs(20);
@@ -99,16 +100,20 @@ async fn process(stack: &Stack, image_id: &str, preview: &[u8]) -> String {
     };
     let preview_key = p.preview_key.clone();
     let garage = stack.garage.as_ref().unwrap();
-    garage
-        .client()
-        .put_object()
-        .bucket(garage.bucket())
-        .key(&preview_key)
-        .content_type("image/jpeg")
-        .body(preview.to_vec().into())
-        .send()
-        .await
-        .unwrap();
+    // The JPEG preview, and the main WebP (its bytes the preview's, reversed).
+    let webp_key = objects::output_key(&p.storage_key, OutputRole::Main, "image/webp").unwrap();
+    let webp: Vec<u8> = preview.iter().rev().copied().collect();
+    for (key, body) in [(&preview_key, preview.to_vec()), (&webp_key, webp)] {
+        garage
+            .client()
+            .put_object()
+            .bucket(garage.bucket())
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+    }
     stack.producer().publish(&processed).await.unwrap();
     preview_key
 }
@@ -164,6 +169,30 @@ async fn a_route_watch_sends_state_then_every_stage_in_order_then_processed_and_
     let fetched = reqwest::get(&processed.preview_url).await.unwrap();
     assert_eq!(fetched.status(), 200, "{}", processed.preview_url);
     assert_eq!(fetched.bytes().await.unwrap().as_ref(), preview.as_slice());
+    // Every file with its size and a URL of its own; the privacy manifest by name.
+    let files: Vec<_> = image
+        .files
+        .iter()
+        .map(|f| (f.role(), f.content_type.as_str(), f.width, f.byte_size))
+        .collect();
+    assert_eq!(
+        files,
+        [
+            (events::OutputRole::Main, "image/jpeg", 2048, 300_000),
+            (events::OutputRole::Preview, "image/jpeg", 320, 20_000),
+            (events::OutputRole::Main, "image/webp", 2048, 240_000),
+            (events::OutputRole::Preview, "image/webp", 320, 16_000),
+        ]
+    );
+    let webp = &image.files[2];
+    let fetched = reqwest::get(&webp.url).await.unwrap();
+    assert_eq!(fetched.status(), 200, "{}", webp.url);
+    let reversed: Vec<u8> = preview.iter().rev().copied().collect();
+    assert_eq!(fetched.bytes().await.unwrap().as_ref(), reversed.as_slice());
+    assert_eq!(
+        image.stripped_metadata().collect::<Vec<_>>(),
+        [events::MetadataKind::Gps, events::MetadataKind::CaptureTime]
+    );
 
     process(&stack, &b, &preview).await;
     let mut seen_b = Vec::new();

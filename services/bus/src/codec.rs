@@ -18,8 +18,8 @@ use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
 use crate::{
-    Committed, ErrorCode, Failure, ImageResult, Job, Notice, Processed, Progress, ResultOutcome,
-    Stage,
+    Committed, ErrorCode, Failure, ImageResult, Job, MetadataKind, Notice, OUTPUT_TYPES,
+    OutputFile, Processed, Progress, ResultOutcome, Stage,
 };
 
 /// The schema version this code writes. Readers accept any version and ignore unknown fields.
@@ -44,12 +44,14 @@ pub mod field {
     pub const PRODUCED_AT: &str = "produced_at";
     pub const PROCESSING_MS: &str = "processing_ms";
     pub const THUMBHASH: &str = "thumbhash";
+    pub const FILES: &str = "files";
+    pub const STRIPPED_METADATA: &str = "stripped_metadata";
     /// Job fields (`image:jobs`), beside `image_id`, `schema_version`, `storage_key`,
     /// `content_type`.
     pub const OWNER: &str = "owner";
     pub const ACCEPTED_AT: &str = "accepted_at";
 
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 19] = [
         IMAGE_ID,
         STATUS,
         SCHEMA_VERSION,
@@ -67,6 +69,8 @@ pub mod field {
         PRODUCED_AT,
         PROCESSING_MS,
         THUMBHASH,
+        FILES,
+        STRIPPED_METADATA,
     ];
 }
 
@@ -203,6 +207,18 @@ impl StreamMessage for ImageResult {
                 (field::PROCESSED_HEIGHT, p.processed_height.to_string()),
                 (field::BYTE_SIZE, p.byte_size.to_string()),
                 (field::THUMBHASH, BASE64.encode(&p.thumbhash)),
+                (
+                    field::FILES,
+                    serde_json::to_string(&p.files).unwrap_or_default(),
+                ),
+                (
+                    field::STRIPPED_METADATA,
+                    p.stripped_metadata
+                        .iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
             ]),
             ResultOutcome::Failed(e) => f.extend([
                 (field::ERROR_CODE, e.code.as_str().to_owned()),
@@ -236,6 +252,8 @@ impl StreamMessage for ImageResult {
                 processed_height: fields.number(field::PROCESSED_HEIGHT)?,
                 byte_size: fields.number(field::BYTE_SIZE)?,
                 thumbhash: fields.thumbhash()?,
+                files: fields.files()?,
+                stripped_metadata: fields.stripped_metadata()?,
             }),
             STATUS_FAILED => ResultOutcome::Failed(Failure {
                 code: fields
@@ -302,6 +320,49 @@ impl<N: AsRef<[u8]>, V: AsRef<[u8]>> Fields<'_, N, V> {
             Err(DecodeError::MissingField(_)) => Ok(Vec::new()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Optional: entries written before the list existed have none. A few files of the types
+    /// outputs have, each role and type once.
+    fn files(&self) -> Result<Vec<OutputFile>, DecodeError> {
+        const MAX_FILES: usize = 8;
+        let json = match self.required(field::FILES) {
+            Ok(json) => json,
+            Err(DecodeError::MissingField(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        if json.len() > MAX_FILES * 128 {
+            return Err(invalid(field::FILES, "longer than a list of files"));
+        }
+        let files: Vec<OutputFile> = serde_json::from_str(json)
+            .map_err(|e| invalid(field::FILES, format!("not a list of files: {e}")))?;
+        let mut seen = std::collections::HashSet::new();
+        for file in &files {
+            if !OUTPUT_TYPES.contains(&file.content_type.as_str()) {
+                return Err(invalid(field::FILES, "a file of a type outputs never have"));
+            }
+            if !seen.insert((file.role, file.content_type.as_str())) {
+                return Err(invalid(field::FILES, "a role and type listed twice"));
+            }
+        }
+        Ok(files)
+    }
+
+    /// Optional: entries written before manifests existed have none. Names this version does
+    /// not know (a newer gateway's) are left out.
+    fn stripped_metadata(&self) -> Result<Vec<MetadataKind>, DecodeError> {
+        let names = match self.required(field::STRIPPED_METADATA) {
+            Ok(names) => names,
+            Err(DecodeError::MissingField(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut kinds: Vec<MetadataKind> = names
+            .split(',')
+            .filter_map(|name| name.parse().ok())
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        Ok(kinds)
     }
 
     fn sha256(&self) -> Result<String, DecodeError> {

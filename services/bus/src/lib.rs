@@ -39,6 +39,7 @@ mod guard;
 mod health;
 mod hub;
 mod model;
+mod output;
 mod producer;
 mod progress;
 mod rate;
@@ -62,6 +63,7 @@ pub use model::{
     CONTENT_TYPES, Committed, ErrorCode, Failure, ImageResult, Job, Notice, Processed, Progress,
     ResultOutcome, Stage,
 };
+pub use output::{MetadataKind, OUTPUT_TYPES, OutputFile, OutputRole};
 pub use producer::Producer;
 pub use progress::{ProgressTracker, Recorded};
 pub use rate::RateLimiter;

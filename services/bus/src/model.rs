@@ -2,6 +2,7 @@
 
 use std::{fmt, str::FromStr};
 
+use crate::{MetadataKind, OutputFile};
 use follow_proto::events::v1 as pb;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -231,6 +232,10 @@ pub struct Processed {
     pub byte_size: u64,
     /// A ThumbHash of the preview; empty when the result predates placeholders.
     pub thumbhash: Vec<u8>,
+    /// Every stored file; empty when the result predates the list.
+    pub files: Vec<OutputFile>,
+    /// What the original carried and lost, in [`MetadataKind`] order, each once.
+    pub stripped_metadata: Vec<MetadataKind>,
 }
 
 /// Why processing failed, for a `failed` result.

@@ -97,7 +97,7 @@ fn section(label: &str, paths: &[PathBuf], runs: usize, (core, cores): (usize, u
             ];
             let ours = photo.ours(&config);
             Row {
-                ours: [ours.image.bytes, ours.preview.bytes],
+                ours: [ours.main().bytes.clone(), ours.preview().bytes.clone()],
                 theirs,
                 memory: peak_memory(&paths[i]),
                 ..Row::default()

@@ -16,7 +16,13 @@ pub struct PipelineConfig {
     pub long_edge: u32,
     pub preview_edge: u32,
     pub jpeg_quality: u8,
+    /// libwebp's quality for the WebP files of opaque images (those with alpha are lossless).
+    pub webp_quality: u8,
 }
+
+/// The WebP quality whose files score as the JPEGs of quality 85 do on SSIMULACRA2
+/// (docs/performance.md, "WebP").
+const DEFAULT_WEBP_QUALITY: u8 = 80;
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -25,6 +31,7 @@ impl Default for PipelineConfig {
             long_edge: 2048,
             preview_edge: 320,
             jpeg_quality: 85,
+            webp_quality: DEFAULT_WEBP_QUALITY,
         }
     }
 }
@@ -98,6 +105,7 @@ impl FromEnv for Config {
                 long_edge,
                 preview_edge: env.number("FOLLOW_PREVIEW_EDGE", 320, 16..=long_edge)?,
                 jpeg_quality: env.number("FOLLOW_JPEG_QUALITY", 85, 1..=100)?,
+                webp_quality: env.number("FOLLOW_WEBP_QUALITY", DEFAULT_WEBP_QUALITY, 1..=100)?,
             },
             receive: ReceiveConfig {
                 max_upload_bytes: env.number("FOLLOW_MAX_UPLOAD_BYTES", 52_428_800, 1..=1 << 32)?,

@@ -237,34 +237,50 @@ impl JpegFrame {
 /// Walks a JPEG's marker segments up to its frame header. `None` when there is none before
 /// the first scan or the segments are malformed: the full decoder then reports why.
 pub fn jpeg_frame(bytes: &[u8]) -> Option<JpegFrame> {
+    jpeg_segments(bytes).find_map(|(marker, payload)| match (marker, payload) {
+        // SOF0..SOF15, but not DHT (C4), JPG (C8) or DAC (CC).
+        (0xC0..=0xCF, &[precision, _, _, _, _, components, ..])
+            if !matches!(marker, 0xC4 | 0xC8 | 0xCC) =>
+        {
+            Some(JpegFrame {
+                process: marker & 0x0F,
+                precision,
+                components,
+            })
+        }
+        _ => None,
+    })
+}
+
+/// A JPEG's marker segments before its first scan, as (marker, payload after the length): the
+/// headers and metadata. Ends early at the first malformed segment; a segment cut off by the
+/// end of `bytes` comes with what there is of it.
+pub fn jpeg_segments(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     let mut at = 2;
-    loop {
-        let (&[0xFF, marker], rest) = bytes.get(at..)?.split_first_chunk::<2>()? else {
-            return None;
-        };
-        match marker {
-            // Fill bytes before a marker.
-            0xFF => at += 1,
-            // SOF0..SOF15, but not DHT (C4), JPG (C8) or DAC (CC).
-            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
-                let [_, _, precision, _, _, _, _, components, ..] = *rest else {
-                    return None;
-                };
-                return Some(JpegFrame {
-                    process: marker & 0x0F,
-                    precision,
-                    components,
-                });
-            }
-            0xDA | 0xD9 => return None,
-            // Markers that stand alone, without a length.
-            0x01 | 0xD0..=0xD7 => at += 2,
-            _ => {
-                let [hi, lo, ..] = *rest else { return None };
-                at += 2 + usize::from(u16::from_be_bytes([hi, lo]));
+    std::iter::from_fn(move || {
+        loop {
+            let (&[0xFF, marker], rest) = bytes.get(at..)?.split_first_chunk::<2>()? else {
+                return None;
+            };
+            match marker {
+                // Fill bytes before a marker.
+                0xFF => at += 1,
+                0xDA | 0xD9 => return None,
+                // Markers that stand alone, without a length.
+                0x01 | 0xD0..=0xD7 => {
+                    at += 2;
+                    return Some((marker, &[][..]));
+                }
+                _ => {
+                    let [hi, lo, ..] = *rest else { return None };
+                    let length = usize::from(u16::from_be_bytes([hi, lo]));
+                    let payload = rest.get(2..length.max(2)).unwrap_or(&rest[2..]);
+                    at += 2 + length;
+                    return Some((marker, payload));
+                }
             }
         }
-    }
+    })
 }
 
 #[cfg(test)]

@@ -16,11 +16,11 @@
 use std::{sync::Arc, time::Instant};
 
 use follow_bus::{
-    Delivery, ErrorCode, Failure, Handler, ImageResult, Job, Outcome, Processed, ProgressTracker,
-    ResultOutcome, Stage,
+    Delivery, ErrorCode, Failure, Handler, ImageResult, Job, Outcome, OutputFile, Processed,
+    ProgressTracker, ResultOutcome, Stage,
 };
 use follow_service::{
-    objects::{self, Record, original_key, parse_storage_key, preview_key},
+    objects::{self, Record, original_key, output_key, parse_storage_key, preview_key},
     s3::{Bucket, S3Error},
 };
 use sha2::{Digest as _, Sha256};
@@ -30,7 +30,7 @@ use tracing::Instrument as _;
 use crate::{
     config::{JobConfig, PipelineConfig},
     metrics::Metrics,
-    pipeline::{self, PipelineError},
+    pipeline::{self, Encoded, PipelineError, Rendition},
     report::Reporter,
     sniff::Format,
 };
@@ -194,59 +194,65 @@ impl JobHandler {
         };
         follow_service::failpoint("gateway-mid-pipeline");
         reporter.stage(Stage::UploadingToStorage);
-        let preview = preview_key(&job.storage_key);
-        let byte_size = output.image.bytes.len() as u64;
-        let image_type = output.image.content_type;
-        if let Err(e) = Box::pin(self.store_outputs(job, &preview, &mut output)).await {
+        let files: Vec<OutputFile> = output
+            .files
+            .iter()
+            .map(|f| OutputFile {
+                role: f.role,
+                content_type: f.encoded.content_type.to_owned(),
+                width: f.encoded.width,
+                height: f.encoded.height,
+                byte_size: f.encoded.bytes.len() as u64,
+            })
+            .collect();
+        let main = &files[0];
+        let processed = Processed {
+            storage_key: job.storage_key.clone(),
+            preview_key: preview_key(&job.storage_key),
+            sha256,
+            content_type: main.content_type.clone(),
+            width: output.width,
+            height: output.height,
+            processed_width: main.width,
+            processed_height: main.height,
+            byte_size: main.byte_size,
+            thumbhash: std::mem::take(&mut output.thumbhash),
+            stripped_metadata: std::mem::take(&mut output.stripped_metadata),
+            files,
+        };
+        let mut objects = Vec::with_capacity(output.files.len());
+        for Rendition { role, encoded } in output.files {
+            let Some(key) = output_key(&job.storage_key, role, encoded.content_type) else {
+                return Ended::Failed(format!("no object name for {}", encoded.content_type));
+            };
+            objects.push((key, encoded));
+        }
+        if let Err(e) = Box::pin(self.store_outputs(objects)).await {
             return Ended::Unavailable(e.to_string());
         }
         Ended::Result(ImageResult {
             image_id: job.image_id,
-            outcome: ResultOutcome::Processed(Processed {
-                storage_key: job.storage_key.clone(),
-                preview_key: preview,
-                sha256,
-                content_type: image_type.to_owned(),
-                width: output.width,
-                height: output.height,
-                processed_width: output.image.width,
-                processed_height: output.image.height,
-                byte_size,
-                thumbhash: std::mem::take(&mut output.thumbhash),
-            }),
+            outcome: ResultOutcome::Processed(processed),
             produced_at: OffsetDateTime::now_utc(),
             processing_ms: started.elapsed().as_millis() as u64,
         })
     }
 
-    /// The processed image and its preview, each written once: an earlier attempt at this job
-    /// that stored them made the same bytes from the same original, so finding them there is
+    /// Every file of the image, each written once and all at once: an earlier attempt at this
+    /// job that stored one made the same bytes from the same original, so finding it there is
     /// success.
-    async fn store_outputs(
-        &self,
-        job: &Job,
-        preview: &str,
-        output: &mut pipeline::Output,
-    ) -> Result<(), S3Error> {
-        let (image, small) = (&mut output.image, &mut output.preview);
-        let stored = tokio::join!(
-            self.bucket.put_new(
-                &job.storage_key,
-                std::mem::take(&mut image.bytes),
-                image.content_type
-            ),
-            self.bucket.put_new(
-                preview,
-                std::mem::take(&mut small.bytes),
-                small.content_type
-            ),
-        );
-        for written in [stored.0, stored.1] {
-            match written {
-                Ok(()) | Err(S3Error::Exists) => {}
-                Err(e) => return Err(e),
+    async fn store_outputs(&self, objects: Vec<(String, Encoded)>) -> Result<(), S3Error> {
+        let writes = objects.into_iter().map(|(key, encoded)| async move {
+            match self
+                .bucket
+                .put_new(&key, encoded.bytes, encoded.content_type)
+                .await
+            {
+                Ok(()) | Err(S3Error::Exists) => Ok(()),
+                Err(e) => Err(e),
             }
-        }
+        });
+        futures_util::future::try_join_all(writes).await?;
         Ok(())
     }
 

@@ -70,10 +70,10 @@ fn grids_decode_to_the_photo_upright_whatever_their_depth() {
 
         let out = pipeline::run(file, Format::Heif, &PipelineConfig::default(), |_| {}).unwrap();
         assert_eq!((out.width, out.height), (1600, 900), "{name}");
-        assert_eq!(out.image.content_type, "image/jpeg", "{name}");
-        let main = image::load_from_memory(&out.image.bytes).unwrap();
+        assert_eq!(out.main().content_type, "image/jpeg", "{name}");
+        let main = image::load_from_memory(&out.main().bytes).unwrap();
         assert_eq!(main.dimensions(), (1600, 900), "{name}");
-        let preview = image::load_from_memory(&out.preview.bytes).unwrap();
+        let preview = image::load_from_memory(&out.preview().bytes).unwrap();
         assert!(preview.width() > preview.height(), "{name}: upright");
     }
 }
@@ -91,7 +91,7 @@ fn display_p3_by_profile_or_code_points_becomes_srgb() {
         let decoded = decode(file, 50_000_000).unwrap();
         assert!(decoded.colours.is_some(), "{name}: colours declared");
         let out = pipeline::run(file, Format::Heif, &PipelineConfig::default(), |_| {}).unwrap();
-        let got = image::load_from_memory(&out.image.bytes)
+        let got = image::load_from_memory(&out.main().bytes)
             .unwrap()
             .to_rgb8()
             .get_pixel(32, 32)
@@ -105,8 +105,8 @@ fn display_p3_by_profile_or_code_points_becomes_srgb() {
 #[test]
 fn alpha_is_kept_as_png() {
     let out = pipeline::run(ALPHA, Format::Heif, &PipelineConfig::default(), |_| {}).unwrap();
-    assert_eq!(out.image.content_type, "image/png");
-    let image = image::load_from_memory(&out.image.bytes)
+    assert_eq!(out.main().content_type, "image/png");
+    let image = image::load_from_memory(&out.main().bytes)
         .unwrap()
         .to_rgba8();
     assert_eq!(image.get_pixel(50, 50).0[3], 255, "the left half is opaque");

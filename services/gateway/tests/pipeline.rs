@@ -52,8 +52,8 @@ fn outputs_match_a_full_size_lanczos3_reference_turned_or_not() {
         }
         assert_eq!((out.width, out.height), reference.dimensions());
         for (encoded, edge) in [
-            (&out.image, config.long_edge),
-            (&out.preview, config.preview_edge),
+            (out.main(), config.long_edge),
+            (out.preview(), config.preview_edge),
         ] {
             let got = image::load_from_memory(&encoded.bytes).unwrap().to_rgb8();
             let (w, h) = got.dimensions();
@@ -78,7 +78,7 @@ fn jpeg_outputs_are_4_2_0_and_carry_no_profile() {
         |_| {},
     )
     .unwrap();
-    for encoded in [&out.image, &out.preview] {
+    for encoded in [out.main(), out.preview()] {
         let header = turbojpeg::read_header(&encoded.bytes).unwrap();
         assert_eq!(header.subsamp, turbojpeg::Subsamp::Sub2x2);
     }
@@ -138,7 +138,7 @@ fn an_embedded_display_p3_profile_is_converted_to_srgb() {
         .write_with_encoder(encoder)
         .unwrap();
     let out = pipeline::run(&tagged, Format::Jpeg, &PipelineConfig::default(), |_| {}).unwrap();
-    let mut decoder = image::ImageReader::new(std::io::Cursor::new(&out.image.bytes))
+    let mut decoder = image::ImageReader::new(std::io::Cursor::new(&out.main().bytes))
         .with_guessed_format()
         .unwrap()
         .into_decoder()

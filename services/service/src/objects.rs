@@ -1,7 +1,7 @@
 //! The S3 objects of an image (docs/architecture.md, "S3 objects"), all under its `storage_key`
 //! `routes/{route_id}/images/{image_id}`: the one place their names are made and checked.
 
-use follow_bus::{ImageResult, StreamMessage as _};
+use follow_bus::{ImageResult, OutputRole, StreamMessage as _};
 use uuid::Uuid;
 
 use crate::s3::{Bucket, S3Error};
@@ -24,6 +24,21 @@ pub fn parse_storage_key(key: &str) -> Option<(Uuid, Uuid)> {
 /// The preview, beside the processed image.
 pub fn preview_key(storage_key: &str) -> String {
     format!("{storage_key}.preview")
+}
+
+/// Where a stored file of the image under `storage_key` lives: the JPEG or PNG main image at
+/// the storage key itself and its preview at [`preview_key`] (the names older images have),
+/// the WebP of each beside them with `.webp` added; `None` for a type outputs never have.
+pub fn output_key(storage_key: &str, role: OutputRole, content_type: &str) -> Option<String> {
+    let base = match role {
+        OutputRole::Main => storage_key.to_owned(),
+        OutputRole::Preview => preview_key(storage_key),
+    };
+    match content_type {
+        "image/jpeg" | "image/png" => Some(base),
+        "image/webp" => Some(format!("{base}.webp")),
+        _ => None,
+    }
 }
 
 /// The uploaded bytes as received, until the hand-off.
@@ -92,6 +107,24 @@ pub async fn write_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_output_has_its_own_object_and_none_is_a_storage_key() {
+        let key = storage_key(Uuid::new_v4(), Uuid::new_v4());
+        let mut names = Vec::new();
+        for role in [OutputRole::Main, OutputRole::Preview] {
+            for content_type in follow_bus::OUTPUT_TYPES {
+                names.push(output_key(&key, role, content_type).unwrap());
+            }
+            assert_eq!(output_key(&key, role, "image/heic"), None);
+        }
+        assert_eq!(names[0], key);
+        assert_eq!(names[3], preview_key(&key));
+        names.dedup();
+        // JPEG and PNG share a name (an image is stored as one or the other); WebP has its own.
+        assert_eq!(names.len(), 4);
+        assert!(names.iter().skip(1).all(|n| parse_storage_key(n).is_none()));
+    }
 
     #[test]
     fn storage_keys_round_trip_and_nothing_else_parses() {

@@ -248,6 +248,10 @@ struct ProcessedColumns {
     byte_sizes: Vec<i64>,
     /// Empty when the result carried none.
     thumbhashes: Vec<Vec<u8>>,
+    /// JSON arrays; `[]` when the result carried none.
+    files: Vec<String>,
+    /// Names joined by commas.
+    stripped: Vec<String>,
 }
 
 impl ProcessedColumns {
@@ -259,10 +263,13 @@ impl ProcessedColumns {
              preview_key = r.preview_key, width = r.width, height = r.height,
              processed_width = r.pw, processed_height = r.ph, byte_size = r.bytes,
              thumbhash = NULLIF(r.thumbhash, ''::bytea),
+             files = NULLIF(r.files, '[]'::jsonb),
+             stripped_metadata = string_to_array(r.stripped, ','),
              error_code = NULL, error_message = NULL, updated_at = now()
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-                     $7::int[], $8::int[], $9::int8[], $10::bytea[])
-              AS r(id, entry, sha256, preview_key, width, height, pw, ph, bytes, thumbhash)
+                     $7::int[], $8::int[], $9::int8[], $10::bytea[], $11::jsonb[], $12::text[])
+              AS r(id, entry, sha256, preview_key, width, height, pw, ph, bytes, thumbhash,
+                   files, stripped)
          WHERE i.id = r.id
            AND (i.status = 'PENDING'
                 OR (i.status = 'EXPIRED' AND EXISTS (
@@ -281,6 +288,8 @@ impl ProcessedColumns {
         .bind(&self.processed_heights)
         .bind(&self.byte_sizes)
         .bind(&self.thumbhashes)
+        .bind(&self.files)
+        .bind(&self.stripped)
         .fetch_all(&mut *conn)
         .await
     }
@@ -303,6 +312,15 @@ impl ProcessedColumns {
         self.sha256.push(p.sha256.clone());
         self.preview_keys.push(p.preview_key.clone());
         self.thumbhashes.push(p.thumbhash.clone());
+        self.files
+            .push(serde_json::to_string(&p.files).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+        self.stripped.push(
+            p.stripped_metadata
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
         Ok(())
     }
 }

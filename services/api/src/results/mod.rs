@@ -218,7 +218,7 @@ impl ResultApplier {
             let mut tracker = tracker.clone();
             let committed = Committed {
                 image_id: image.id,
-                image: views::image(image, None, String::new()),
+                image: views::image(image, None),
                 route_ready,
             };
             async move {

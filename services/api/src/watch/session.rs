@@ -37,7 +37,7 @@ use crate::{
 };
 use follow_bus::{Committed, HubEvent, Notice, Subscription};
 use follow_proto::time::timestamp;
-use follow_service::{limits::Slot, objects};
+use follow_service::limits::Slot;
 
 /// The level of an image whose committed outcome was sent: above every stage's seq.
 pub(super) const FINAL: u8 = Stage::LAST_SEQ as u8 + 1;
@@ -334,34 +334,18 @@ impl Watch {
         &self,
         image: &store::ImageRecord,
     ) -> api::watch_image_status_response::Event {
-        self.final_event_of(views::image(
-            image,
-            None,
-            self.shared.preview_url(image).await,
-        ))
-        .await
+        self.final_event_of(views::image(image, None)).await
     }
 
-    /// The final event of an image from its view (the preview URL presigned here when missing:
-    /// an announcement carries none).
+    /// The final event of an image from its view (its URLs presigned here when missing: an
+    /// announcement carries none).
     async fn final_event_of(
         &self,
         mut view: api::Image,
     ) -> api::watch_image_status_response::Event {
         use api::watch_image_status_response::Event;
         if view.status() == api::ImageStatus::Processed {
-            if view.preview_url.is_empty()
-                && let (Ok(route), Ok(image)) =
-                    (Uuid::try_parse(&view.route_id), Uuid::try_parse(&view.id))
-            {
-                let key = objects::preview_key(&objects::storage_key(route, image));
-                view.preview_url = self
-                    .shared
-                    .bucket
-                    .presigned_get(&key, self.shared.limits.preview_url_ttl)
-                    .await
-                    .unwrap_or_default();
-            }
+            self.shared.sign(&mut view).await;
             Event::ImageProcessed(api::ImageProcessedEvent {
                 preview_url: view.preview_url.clone(),
                 image: Some(view),

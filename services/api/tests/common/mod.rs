@@ -3,7 +3,9 @@
 
 pub mod stack;
 
-use follow_bus::{ErrorCode, Failure, ImageResult, Processed, ResultOutcome};
+use follow_bus::{
+    ErrorCode, Failure, ImageResult, MetadataKind, OutputFile, OutputRole, Processed, ResultOutcome,
+};
 use follow_service::objects;
 use follow_testkit::PostgresServer;
 use sqlx::PgPool;
@@ -23,7 +25,24 @@ pub fn processed_outcome(route: Uuid, image: Uuid) -> ResultOutcome {
         processed_height: 1536,
         byte_size: 300_000,
         thumbhash: vec![0x1f, 0x08, 0x0a],
+        files: vec![
+            output(OutputRole::Main, "image/jpeg", 2048, 1536, 300_000),
+            output(OutputRole::Preview, "image/jpeg", 320, 240, 20_000),
+            output(OutputRole::Main, "image/webp", 2048, 1536, 240_000),
+            output(OutputRole::Preview, "image/webp", 320, 240, 16_000),
+        ],
+        stripped_metadata: vec![MetadataKind::Gps, MetadataKind::CaptureTime],
     })
+}
+
+fn output(role: OutputRole, content_type: &str, width: u32, height: u32, bytes: u64) -> OutputFile {
+    OutputFile {
+        role,
+        content_type: content_type.into(),
+        width,
+        height,
+        byte_size: bytes,
+    }
 }
 
 pub fn failed_outcome(code: ErrorCode) -> ResultOutcome {

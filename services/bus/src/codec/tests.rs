@@ -4,6 +4,7 @@ use follow_proto::{FILE_DESCRIPTOR_SET, prost::Message as _, prost_types::FileDe
 use time::macros::datetime;
 
 use super::*;
+use crate::OutputRole;
 
 fn processed() -> ImageResult {
     ImageResult {
@@ -19,9 +20,26 @@ fn processed() -> ImageResult {
             processed_height: 1536,
             byte_size: 123_456,
             thumbhash: vec![0x1f, 0x08, 0x0a, 0x0d, 0x80, 0x58, 0x78, 0x87, 0x7f, 0x78],
+            files: vec![
+                file(OutputRole::Main, "image/jpeg", 2048, 1536, 123_456),
+                file(OutputRole::Preview, "image/jpeg", 320, 240, 20_000),
+                file(OutputRole::Main, "image/webp", 2048, 1536, 98_765),
+                file(OutputRole::Preview, "image/webp", 320, 240, 15_000),
+            ],
+            stripped_metadata: vec![MetadataKind::Gps, MetadataKind::Camera],
         }),
         produced_at: datetime!(2026-11-23 10:00:00.123 UTC),
         processing_ms: 842,
+    }
+}
+
+fn file(role: OutputRole, content_type: &str, width: u32, height: u32, bytes: u64) -> OutputFile {
+    OutputFile {
+        role,
+        content_type: content_type.into(),
+        width,
+        height,
+        byte_size: bytes,
     }
 }
 
@@ -153,6 +171,43 @@ fn a_result_without_a_thumbhash_decodes_and_a_bad_one_is_refused() {
         ImageResult::from_fields(&bad),
         Err(DecodeError::InvalidField { .. })
     ));
+}
+
+/// Results written before the file list and the manifest have neither: they decode, with none.
+#[test]
+fn a_result_without_files_or_manifest_decodes_and_bad_ones_are_refused() {
+    let f = strip(strip(processed().to_fields(), "files"), "stripped_metadata");
+    let ResultOutcome::Processed(p) = ImageResult::from_fields(&f).unwrap().outcome else {
+        panic!("processed");
+    };
+    assert!(p.files.is_empty() && p.stripped_metadata.is_empty());
+    let with = |name: &'static str, value: &str| {
+        let mut fields = strip(processed().to_fields(), name);
+        fields.push((name, value.into()));
+        ImageResult::from_fields(&fields)
+    };
+    let main = r#"{"role":"main","content_type":"image/jpeg","width":1,"height":1,"byte_size":9}"#;
+    for bad in [
+        "not json".to_owned(),
+        r#"[{"role":"main"}]"#.to_owned(),
+        format!("[{}]", main.replace("image/jpeg", "text/html")),
+        format!("[{}]", main.replace("\"main\"", "\"original\"")),
+        format!("[{main},{main}]"),
+        format!("[{}]", vec![main; 40].join(",")),
+    ] {
+        assert!(
+            matches!(with("files", &bad), Err(DecodeError::InvalidField { .. })),
+            "{bad}"
+        );
+    }
+    // A newer gateway's kinds are left out; the known ones come in order, once.
+    let ResultOutcome::Processed(p) = with("stripped_metadata", "xmp,gps,future_kind,gps,")
+        .unwrap()
+        .outcome
+    else {
+        panic!("processed");
+    };
+    assert_eq!(p.stripped_metadata, [MetadataKind::Gps, MetadataKind::Xmp]);
 }
 
 #[test]

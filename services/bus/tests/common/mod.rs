@@ -44,6 +44,8 @@ pub fn processed(image_id: Uuid) -> ImageResult {
             processed_height: 1536,
             byte_size: 345_678,
             thumbhash: vec![0x1f, 0x08],
+            files: Vec::new(),
+            stripped_metadata: Vec::new(),
         }),
         produced_at: time::OffsetDateTime::now_utc(),
         processing_ms: 120,

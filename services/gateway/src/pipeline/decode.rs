@@ -6,7 +6,9 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, metadata::Orientation};
 
-use super::{heif::decode_heif, orient::orientation_swaps, *};
+use follow_bus::MetadataKind;
+
+use super::{heif::decode_heif, metadata, orient::orientation_swaps, *};
 use crate::{
     error::PipelineError,
     sniff::{self, Format},
@@ -19,6 +21,8 @@ pub struct Decoded {
     pub image: DynamicImage,
     pub orientation: Orientation,
     pub colours: Option<Colours>,
+    /// The kinds of metadata the file carries (none of which the outputs keep).
+    pub metadata: Vec<MetadataKind>,
     pub width: u32,
     pub height: u32,
 }
@@ -83,6 +87,7 @@ pub fn decode(
         image,
         orientation,
         colours: icc_profile.map(Colours::Icc),
+        metadata: metadata::of(bytes, format).into_vec(),
         width,
         height,
     })

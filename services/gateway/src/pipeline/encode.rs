@@ -1,4 +1,6 @@
-//! Encoding from pixels alone: JPEG (libjpeg-turbo, 4:2:0) for opaque images, PNG with alpha.
+//! Encoding from pixels alone: JPEG (libjpeg-turbo, 4:2:0) for opaque images, PNG with alpha;
+//! beside either, a WebP of the same pixels (libwebp: lossy for opaque images, lossless with
+//! alpha).
 
 use image::{DynamicImage, codecs::png::PngEncoder};
 
@@ -48,6 +50,41 @@ pub fn encode(image: &DynamicImage, quality: u8) -> Result<Encoded, PipelineErro
     Ok(Encoded {
         bytes,
         content_type,
+        width: image.width(),
+        height: image.height(),
+    })
+}
+
+/// The same pixels as WebP through libwebp: lossy at `quality` (0–100, libwebp's scale) for
+/// opaque images, lossless (as the PNG is) with alpha. Method 4 of libwebp's 0–6, its default:
+/// the slower ones cost a third more time for about 1 % fewer bytes.
+pub fn encode_webp(image: &DynamicImage, quality: u8) -> Result<Encoded, PipelineError> {
+    let mut config = webp::WebPConfig::new().map_err(|()| encoding_failed("WebP", "no config"))?;
+    config.method = 4;
+    let (rgba, rgb);
+    let encoder = if image.color().has_alpha() {
+        config.lossless = 1;
+        // For lossless, the effort: libwebp's default.
+        config.quality = 75.0;
+        rgba = image.to_rgba8();
+        webp::Encoder::from_rgba(&rgba, image.width(), image.height())
+    } else {
+        config.quality = f32::from(quality);
+        let pixels: &[u8] = match image {
+            DynamicImage::ImageRgb8(pixels) => pixels,
+            other => {
+                rgb = other.to_rgb8();
+                &rgb
+            }
+        };
+        webp::Encoder::from_rgb(pixels, image.width(), image.height())
+    };
+    let bytes = encoder
+        .encode_advanced(&config)
+        .map_err(|e| encoding_failed("WebP", format!("{e:?}")))?;
+    Ok(Encoded {
+        bytes: bytes.to_vec(),
+        content_type: "image/webp",
         width: image.width(),
         height: image.height(),
     })

@@ -12,13 +12,14 @@
 
 use std::sync::LazyLock;
 
+use follow_bus::MetadataKind;
 use image::{ColorType, metadata::Orientation};
 use libheif_rs::{
-    ColorProfile as _, ColorSpace, DecodingOptions, HeifContext, HeifError, HeifErrorSubCode,
-    ImageHandle, LibHeif, RgbChroma, color_profile_types,
+    AuxiliaryImagesFilter, ColorProfile as _, ColorSpace, DecodingOptions, HeifContext, HeifError,
+    HeifErrorSubCode, ImageHandle, LibHeif, RgbChroma, color_profile_types,
 };
 
-use super::{Colours, Decoded, decode::max_alloc, from_raw};
+use super::{Colours, Decoded, decode::max_alloc, from_raw, metadata::Found};
 use crate::{error::PipelineError, sniff};
 
 /// libheif, initialised once for the process.
@@ -87,9 +88,54 @@ pub(super) fn decode_heif(bytes: &[u8], max_pixels: u64) -> Result<Decoded, Pipe
         image,
         orientation: Orientation::NoTransforms,
         colours: colours_of(&handle),
+        metadata: metadata_of(&handle),
         width,
         height,
     })
+}
+
+/// The metadata the primary image carries: EXIF and XMP items, thumbnails, depth maps and
+/// other auxiliary images (not its alpha plane, which is kept).
+fn metadata_of(handle: &ImageHandle) -> Vec<MetadataKind> {
+    /// More items than any phone writes are not looked at.
+    const MAX_ITEMS: usize = 32;
+    /// An EXIF item larger than this is not read (see `Found::exif`).
+    const MAX_EXIF: usize = 256 * 1024 + 4;
+    let mut found = Found::default();
+    let mut ids = vec![0; MAX_ITEMS];
+    let count = handle.metadata_block_ids(&mut ids, 0);
+    for &id in &ids[..count.min(MAX_ITEMS)] {
+        match handle.metadata_type(id) {
+            Some("Exif") if handle.metadata_size(id) <= MAX_EXIF => {
+                // A big-endian offset from its end to the TIFF header, then the EXIF block.
+                match handle.metadata(id) {
+                    Ok(item) => match item.split_first_chunk::<4>() {
+                        Some((offset, rest)) => {
+                            let offset = u32::from_be_bytes(*offset) as usize;
+                            found.exif(rest.get(offset..).unwrap_or_default());
+                        }
+                        None => found.add(MetadataKind::Exif),
+                    },
+                    Err(_) => found.add(MetadataKind::Exif),
+                }
+            }
+            Some("Exif") => found.add(MetadataKind::Exif),
+            Some("mime") if handle.metadata_content_type(id) == Some("application/rdf+xml") => {
+                found.add(MetadataKind::Xmp);
+            }
+            _ => {}
+        }
+    }
+    if handle.number_of_thumbnails() > 0 {
+        found.add(MetadataKind::Thumbnail);
+    }
+    if !handle
+        .auxiliary_images(AuxiliaryImagesFilter::OMIT_ALPHA)
+        .is_empty()
+    {
+        found.add(MetadataKind::AuxiliaryImage);
+    }
+    found.into_vec()
 }
 
 /// The colours the file declares: an ICC profile, else `nclx` code points that are not sRGB's

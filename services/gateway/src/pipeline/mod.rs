@@ -6,26 +6,28 @@
 //! orientation to the resized image (never to the full-size one: a
 //! phone portrait costs no second full-size buffer) → make the preview from those pixels →
 //! encode. Metadata never survives: the output is encoded from pixels alone (no EXIF/GPS, XMP,
-//! IPTC, comments, no profile: the pixels are sRGB). Opaque images become JPEG (libjpeg-turbo,
-//! 4:2:0); images with alpha keep it as PNG. A ThumbHash of the preview comes with them.
+//! IPTC, comments, no profile: the pixels are sRGB); what the original carried is named in the
+//! privacy manifest (`metadata`). Opaque images become JPEG (libjpeg-turbo, 4:2:0); images with
+//! alpha keep it as PNG; each also as WebP. A ThumbHash of the preview comes with them.
 //!
 //! Pure and synchronous: the service runs it on its bounded blocking pool; `fuzz/` runs it on
 //! arbitrary bytes.
 //!
-//! One module per stage: `decode` (and `heif`), `resize`, `orient`, `colour`, `encode`,
-//! `placeholder`; [`run`] is the sequence.
+//! One module per stage: `decode` (and `heif`, `metadata`), `resize`, `orient`, `colour`,
+//! `encode`, `placeholder`; [`run`] is the sequence.
 
 mod colour;
 mod decode;
 mod encode;
 mod heif;
+mod metadata;
 mod orient;
 mod placeholder;
 mod resize;
 #[cfg(test)]
 mod tests;
 
-use follow_bus::Stage;
+use follow_bus::{MetadataKind, OutputRole, Stage};
 use image::DynamicImage;
 
 use crate::{config::PipelineConfig, sniff::Format};
@@ -33,7 +35,7 @@ use crate::{config::PipelineConfig, sniff::Format};
 pub use crate::error::PipelineError;
 pub use colour::{Colours, to_srgb};
 pub use decode::{Decoded, decode};
-pub use encode::encode;
+pub use encode::{encode, encode_webp};
 pub use orient::turn_upright;
 pub use placeholder::thumbhash;
 pub use resize::{scaled, shrunk};
@@ -47,15 +49,44 @@ pub struct Encoded {
     pub height: u32,
 }
 
+/// One file to store: an encoding of the main image or of the preview.
+#[derive(Debug, Clone)]
+pub struct Rendition {
+    pub role: OutputRole,
+    pub encoded: Encoded,
+}
+
 #[derive(Debug, Clone)]
 pub struct Output {
     /// Dimensions of the original, after orientation.
     pub width: u32,
     pub height: u32,
-    pub image: Encoded,
-    pub preview: Encoded,
+    /// The main image and the preview as JPEG (or PNG), then as WebP.
+    pub files: Vec<Rendition>,
     /// A ThumbHash of the preview: a placeholder of a few dozen bytes.
     pub thumbhash: Vec<u8>,
+    /// The kinds of metadata the original carried, none of which the files keep.
+    pub stripped_metadata: Vec<MetadataKind>,
+}
+
+impl Output {
+    /// The file of `role` whose content type is `content_type`.
+    pub fn file(&self, role: OutputRole, content_type: &str) -> Option<&Encoded> {
+        self.files
+            .iter()
+            .find(|f| f.role == role && f.encoded.content_type == content_type)
+            .map(|f| &f.encoded)
+    }
+
+    /// The main image as JPEG or PNG: the one the image's size and type describe.
+    pub fn main(&self) -> &Encoded {
+        &self.files[0].encoded
+    }
+
+    /// The preview as JPEG or PNG.
+    pub fn preview(&self) -> &Encoded {
+        &self.files[1].encoded
+    }
 }
 
 /// Runs the pipeline over a whole body, calling `stage` as each stage begins.
@@ -70,6 +101,7 @@ pub fn run(
         image,
         orientation,
         colours,
+        metadata,
         width,
         height,
     } = decode(bytes, format, config.max_pixels, config.long_edge)?;
@@ -86,12 +118,24 @@ pub fn run(
     let preview = scaled(&main, config.preview_edge);
     let preview = preview.as_ref().unwrap_or(&main);
     stage(Stage::Encoding);
+    let rendition = |role, encoded: Result<Encoded, PipelineError>| {
+        encoded.map(|encoded| Rendition { role, encoded })
+    };
+    let files = vec![
+        rendition(OutputRole::Main, encode(&main, config.jpeg_quality))?,
+        rendition(OutputRole::Preview, encode(preview, config.jpeg_quality))?,
+        rendition(OutputRole::Main, encode_webp(&main, config.webp_quality))?,
+        rendition(
+            OutputRole::Preview,
+            encode_webp(preview, config.webp_quality),
+        )?,
+    ];
     Ok(Output {
         width,
         height,
-        image: encode(&main, config.jpeg_quality)?,
-        preview: encode(preview, config.jpeg_quality)?,
+        files,
         thumbhash: thumbhash(preview),
+        stripped_metadata: metadata,
     })
 }
 

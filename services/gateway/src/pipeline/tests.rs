@@ -116,11 +116,11 @@ fn resizes_to_the_long_edge_and_never_upscales() {
         [Stage::Decoding, Stage::Processing, Stage::Encoding]
     );
     assert_eq!((out.width, out.height), (200, 100));
-    assert_eq!((out.image.width, out.image.height), (64, 32));
-    assert_eq!((out.preview.width, out.preview.height), (16, 8));
-    assert_eq!(out.image.content_type, "image/jpeg");
+    assert_eq!((out.main().width, out.main().height), (64, 32));
+    assert_eq!((out.preview().width, out.preview().height), (16, 8));
+    assert_eq!(out.main().content_type, "image/jpeg");
     let small = run(&jpeg(10, 20), Format::Jpeg, &config, |_| {}).unwrap();
-    assert_eq!((small.image.width, small.image.height), (10, 20));
+    assert_eq!((small.main().width, small.main().height), (10, 20));
 }
 
 #[test]
@@ -134,10 +134,12 @@ fn large_jpegs_shrink_on_load_to_the_same_sizes() {
     assert!(sniff::jpeg_frame(&big).is_some_and(|f| f.is_common()));
     let out = run(&big, Format::Jpeg, &config, |_| {}).unwrap();
     assert_eq!((out.width, out.height), (2100, 300));
-    assert_eq!((out.image.width, out.image.height), (512, 73));
-    assert_eq!((out.preview.width, out.preview.height), (64, 9));
+    assert_eq!((out.main().width, out.main().height), (512, 73));
+    assert_eq!((out.preview().width, out.preview().height), (64, 9));
     // The pixels survive the DCT-domain shrink: red is the source column mod 256.
-    let main = image::load_from_memory(&out.image.bytes).unwrap().to_rgb8();
+    let main = image::load_from_memory(&out.main().bytes)
+        .unwrap()
+        .to_rgb8();
     for x in [10u32, 50, 100, 300] {
         let expected = i32::try_from(x * 2100 / 512 % 256).unwrap();
         let red = i32::from(main.get_pixel(x, 36)[0]);
@@ -282,8 +284,8 @@ fn alpha_is_kept_as_png() {
         .write_with_encoder(PngEncoder::new(&mut png))
         .unwrap();
     let out = run(&png, Format::Png, &PipelineConfig::default(), |_| {}).unwrap();
-    assert_eq!(out.image.content_type, "image/png");
-    let back = image::load_from_memory(&out.image.bytes).unwrap();
+    assert_eq!(out.main().content_type, "image/png");
+    let back = image::load_from_memory(&out.main().bytes).unwrap();
     assert!(back.color().has_alpha());
 }
 

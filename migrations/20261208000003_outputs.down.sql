@@ -1,0 +1,1 @@
+ALTER TABLE image.images DROP COLUMN files, DROP COLUMN stripped_metadata;
