@@ -287,6 +287,62 @@ fn alpha_is_kept_as_png() {
     assert_eq!(out.main().content_type, "image/png");
     let back = image::load_from_memory(&out.main().bytes).unwrap();
     assert!(back.color().has_alpha());
+    // Its WebP is lossless: the PNG's pixels exactly, wherever they show (libwebp drops the
+    // colour of fully transparent pixels).
+    let webp = out.file(OutputRole::Main, "image/webp").unwrap();
+    let webp = image::load_from_memory(&webp.bytes).unwrap().to_rgba8();
+    let differing = (webp.pixels().zip(back.to_rgba8().pixels()))
+        .filter(|(a, b)| a != b && b[3] != 0)
+        .count();
+    assert_eq!(differing, 0);
+}
+
+/// Each role comes as JPEG and as WebP of the same size; the WebP shows the same picture.
+#[test]
+fn every_role_comes_as_jpeg_and_as_webp_of_the_same_pixels() {
+    let config = PipelineConfig {
+        long_edge: 256,
+        preview_edge: 64,
+        ..PipelineConfig::default()
+    };
+    let out = run(&jpeg(600, 300), Format::Jpeg, &config, |_| {}).unwrap();
+    let kinds: Vec<_> = out
+        .files
+        .iter()
+        .map(|f| {
+            (
+                f.role,
+                f.encoded.content_type,
+                f.encoded.width,
+                f.encoded.height,
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (OutputRole::Main, "image/jpeg", 256, 128),
+            (OutputRole::Preview, "image/jpeg", 64, 32),
+            (OutputRole::Main, "image/webp", 256, 128),
+            (OutputRole::Preview, "image/webp", 64, 32),
+        ]
+    );
+    for role in [OutputRole::Main, OutputRole::Preview] {
+        let decode = |content_type| {
+            let file = out.file(role, content_type).unwrap();
+            image::load_from_memory(&file.bytes).unwrap().to_rgb8()
+        };
+        let (jpeg, webp) = (decode("image/jpeg"), decode("image/webp"));
+        assert_eq!(jpeg.dimensions(), webp.dimensions());
+        let mean = jpeg
+            .as_raw()
+            .iter()
+            .zip(webp.as_raw())
+            .map(|(a, b)| f64::from(a.abs_diff(*b)))
+            .sum::<f64>()
+            / jpeg.as_raw().len() as f64;
+        assert!(mean < 4.0, "{role:?}: mean difference {mean:.2}");
+    }
 }
 
 /// What `fuzz/` does at scale, deterministically: corrupted real images of each format
