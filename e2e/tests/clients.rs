@@ -108,6 +108,10 @@ async fn the_web_page_in_chromium_shows_every_photo_processed() {
             image["placeholder"], true,
             "the preview's ThumbHash painted under it"
         );
+        assert_eq!(
+            image["previewType"], "image/webp",
+            "Chromium shows WebP: the SDK picks the smaller file"
+        );
     }
     user.clean_up(&platform).await;
 }

@@ -11,7 +11,7 @@ use follow_e2e::{
 };
 use follow_proto::{
     api::v1::{self as api},
-    events::v1::ErrorCode,
+    events::v1::{self as events, ErrorCode},
     tonic::Code,
 };
 use follow_testkit::eventually_async;
@@ -97,8 +97,9 @@ async fn full_flow_from_route_to_ready() {
 
 /// Photos as an iPhone saves them — HEIC, 12 MP in a grid of 48 tiles, 10-bit and stored on
 /// its side (`irot` and an EXIF orientation saying the same), and 8-bit upright — from
-/// `CreateRouteWithWaypoints` to PROCESSED: the original's SHA-256, its size upright, JPEG
-/// outputs, a placeholder of its shape.
+/// `CreateRouteWithWaypoints` to PROCESSED: the original's SHA-256, its size upright, JPEG and
+/// WebP files of the main image and the preview (each fetched: its type and size as listed),
+/// a placeholder of its shape, the metadata stripped named.
 #[tokio::test]
 async fn phone_heic_photos_are_processed_upright() {
     let photos: [(&str, &[u8], (u32, u32)); 2] = [
@@ -150,6 +151,44 @@ async fn phone_heic_photos_are_processed_upright() {
         assert!((aspect - want).abs() / want < 0.25, "{aspect} for {want}");
         let preview = reqwest::get(&image.preview_url).await.unwrap();
         assert_eq!(preview.headers()["content-type"], "image/jpeg");
+        // Both formats of both roles, each as listed.
+        let mut listed: Vec<_> = image
+            .files
+            .iter()
+            .map(|f| (f.role(), f.content_type.as_str()))
+            .collect();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                (events::OutputRole::Main, "image/jpeg"),
+                (events::OutputRole::Main, "image/webp"),
+                (events::OutputRole::Preview, "image/jpeg"),
+                (events::OutputRole::Preview, "image/webp"),
+            ]
+        );
+        for file in &image.files {
+            let fetched = reqwest::get(&file.url).await.unwrap();
+            assert_eq!(
+                fetched.headers()["content-type"],
+                file.content_type.as_str()
+            );
+            let bytes = fetched.bytes().await.unwrap();
+            assert_eq!(bytes.len() as u64, file.byte_size, "{file:?}");
+            let decoded = image::load_from_memory(&bytes).unwrap();
+            assert_eq!(
+                (decoded.width(), decoded.height()),
+                (file.width, file.height)
+            );
+        }
+        // The phone's EXIF (its make, an orientation) is named; the plain file has none.
+        let stripped: Vec<_> = image.stripped_metadata().collect();
+        let expected: &[events::MetadataKind] = if content_type == "image/heic" {
+            &[events::MetadataKind::Exif, events::MetadataKind::Camera]
+        } else {
+            &[]
+        };
+        assert_eq!(stripped, expected, "{content_type}");
     }
     user.clean_up(&platform).await;
 }

@@ -6,9 +6,12 @@
 // loopback: it is never sent anywhere else, whatever `?api=` or the API field say.
 import {
   ConnectError,
+  OutputRole,
   Stage,
+  browserImageTypes,
   contentTypeOf,
   followClients,
+  pickFile,
   placeholderDataURL,
   uploadResumable,
 } from "../../sdk/typescript/src/index.js";
@@ -19,6 +22,9 @@ const tokenInput = $<HTMLInputElement>("token");
 const files = $<HTMLInputElement>("files");
 const start = $<HTMLButtonElement>("start");
 const rows = $<HTMLTableSectionElement>("images");
+
+/** The image types this browser shows, found once. */
+const imageTypes = browserImageTypes();
 
 const LOOPBACK = new Set(["127.0.0.1", "localhost", "[::1]"]);
 
@@ -130,11 +136,14 @@ async function run() {
         const row = byImage.get(event.value.image?.id ?? "");
         if (!row) break;
         row.querySelector(".stage")!.textContent = "DONE";
+        // The smallest preview this browser shows (a WebP where it can).
+        const file = event.value.image && pickFile(event.value.image, OutputRole.PREVIEW, await imageTypes);
         const img = Object.assign(document.createElement("img"), {
           className: "preview",
-          src: event.value.previewUrl,
+          src: file?.url ?? event.value.previewUrl,
           alt: "preview",
         });
+        img.dataset.type = file?.contentType ?? "";
         // The placeholder shows until the preview has loaded over it.
         const placeholder = placeholderDataURL(event.value.image?.thumbhash ?? new Uint8Array());
         if (placeholder) {

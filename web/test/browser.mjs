@@ -38,6 +38,7 @@ try {
       uploaded: row.querySelector("progress")?.value,
       preview: row.querySelector("img.preview")?.naturalWidth ?? 0,
       placeholder: row.querySelector("img.preview")?.style.backgroundImage.startsWith('url("data:image/png') ?? false,
+      previewType: row.querySelector("img.preview")?.dataset.type,
     })),
   }));
   console.log(JSON.stringify(summary));

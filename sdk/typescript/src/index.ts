@@ -16,6 +16,8 @@ import { Upload } from "tus-js-client";
 import { ImageService } from "./gen/follow/api/v1/image_service_pb.js";
 import { RouteService } from "./gen/follow/api/v1/route_service_pb.js";
 import { GatewayService } from "./gen/follow/gateway/v1/gateway_service_pb.js";
+import type { Image, ImageFile } from "./gen/follow/api/v1/types_pb.js";
+import type { OutputRole } from "./gen/follow/events/v1/events_pb.js";
 
 export { Code, ConnectError } from "@connectrpc/connect";
 export * from "./gen/follow/api/v1/image_service_pb.js";
@@ -57,6 +59,47 @@ export function gatewayClient(baseUrl: string, uploadToken: string): Client<type
  */
 export function placeholderDataURL(thumbhash: Uint8Array): string | undefined {
   return thumbhash.length > 0 ? thumbHashToDataURL(thumbhash) : undefined;
+}
+
+/** A 1 x 1 image of each format a processed image may come in beyond JPEG and PNG. */
+const PROBES: Record<string, string> = {
+  "image/webp": "data:image/webp;base64,UklGRhoAAABXRUJQVlA4TA0AAAAvAAAAEAcQERGIiP4HAA==",
+};
+
+let accepted: Promise<Set<string>> | undefined;
+
+/**
+ * The content types of the image files this browser can show: JPEG and PNG always, WebP when a
+ * tiny WebP decodes. Found once, by decoding; outside a browser (no `Image`), JPEG and PNG.
+ */
+export function browserImageTypes(): Promise<Set<string>> {
+  accepted ??= (async () => {
+    const types = new Set(["image/jpeg", "image/png"]);
+    if (typeof Image === "undefined") return types;
+    for (const [type, probe] of Object.entries(PROBES)) {
+      const image = new Image();
+      image.src = probe;
+      const shown = await image.decode().then(
+        () => image.naturalWidth === 1,
+        () => false,
+      );
+      if (shown) types.add(type);
+    }
+    return types;
+  })();
+  return accepted;
+}
+
+/**
+ * The file of a processed image to show as `role` (`OutputRole.MAIN` or `OutputRole.PREVIEW`):
+ * of the files whose type the client `accepts` (see `browserImageTypes`), the smallest — the
+ * formats are encoded to the same perceived quality, so fewer bytes is simply better.
+ * `undefined` when the image lists none (use `previewUrl` then).
+ */
+export function pickFile(image: Image, role: OutputRole, accepts: Set<string>): ImageFile | undefined {
+  return image.files
+    .filter((file) => file.role === role && file.url !== "" && accepts.has(file.contentType))
+    .sort((a, b) => (a.byteSize < b.byteSize ? -1 : a.byteSize > b.byteSize ? 1 : 0))[0];
 }
 
 /**

@@ -36,6 +36,7 @@ use std::{
 };
 
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image};
+use follow_bus::OutputRole;
 use follow_image_gateway::{config::PipelineConfig, pipeline, sniff};
 use image::{DynamicImage, ImageDecoder, ImageReader};
 use ssimulacra2::{ColorPrimaries, Rgb, TransferCharacteristic, compute_frame_ssimulacra2};
@@ -60,7 +61,8 @@ fn main() {
         .unwrap();
     assert!(built.success(), "corpus.py failed");
     // `FOLLOW_BENCH_SECTIONS=heic` (or `jpeg`) runs one section alone.
-    let sections = std::env::var("FOLLOW_BENCH_SECTIONS").unwrap_or_else(|_| "jpeg,heic".into());
+    let sections =
+        std::env::var("FOLLOW_BENCH_SECTIONS").unwrap_or_else(|_| "jpeg,heic,formats".into());
     for (label, extension) in [("JPEG", "jpg"), ("HEIC", "heic")] {
         if !sections.split(',').any(|s| s.eq_ignore_ascii_case(label)) {
             continue;
@@ -74,12 +76,150 @@ fn main() {
         section(label, &paths, runs, (cores - 1, cores));
         println!();
     }
+    if sections.split(',').any(|s| s == "formats") {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&corpus)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+            .collect();
+        paths.sort();
+        formats(&paths, cores - 1);
+    }
+}
+
+/// The formats section: the 2048 px pixels the gateway makes of every third corpus JPEG,
+/// encoded as its JPEG, as WebP at several qualities (ours: libwebp, method 4) and as AVIF at
+/// several qualities and efforts (libvips' `heifsave`: libheif with libaom), all on one core;
+/// each scored (SSIMULACRA2 against the full decode) and timed (median CPU of 3 after a
+/// warm-up; AVIF once, it is slow). Says which WebP quality scores as the JPEG does, and what an
+/// AVIF of that score costs beside the whole pipeline.
+fn formats(paths: &[PathBuf], core: usize) {
+    let config = config();
+    let dir = tempfile::tempdir().unwrap();
+    pin(core);
+    // Per setting: (score, bytes, CPU seconds) of each photo.
+    let mut table: Vec<(String, Vec<(f64, usize, f64)>)> = Vec::new();
+    let mut add = |label: String, measured: (f64, usize, f64)| match table
+        .iter_mut()
+        .find(|(l, _)| *l == label)
+    {
+        Some((_, rows)) => rows.push(measured),
+        None => table.push((label, vec![measured])),
+    };
+    let photos: Vec<&PathBuf> = paths.iter().step_by(3).collect();
+    for (i, path) in photos.iter().enumerate() {
+        eprintln!("formats: photo {} of {}", i + 1, photos.len());
+        let photo = Photo::read(path);
+        let reference = photo.reference();
+        add(
+            "whole pipeline".into(),
+            (0.0, 0, timed(|| photo.ours(&config).files.len())),
+        );
+        let main = main_pixels(&photo, &config);
+        let jpeg = pipeline::encode(&main, config.jpeg_quality).unwrap().bytes;
+        let cpu = timed(|| pipeline::encode(&main, config.jpeg_quality).unwrap());
+        add(
+            format!("JPEG q{}", config.jpeg_quality),
+            (score(&reference, &jpeg), jpeg.len(), cpu),
+        );
+        for quality in [70, 75, 80, 85, 90] {
+            let webp = pipeline::encode_webp(&main, quality).unwrap().bytes;
+            let cpu = timed(|| pipeline::encode_webp(&main, quality).unwrap());
+            add(
+                format!("WebP q{quality}"),
+                (score(&reference, &webp), webp.len(), cpu),
+            );
+        }
+        let png = dir.path().join(format!("{i}.png"));
+        main.save(&png).unwrap();
+        let out = Command::new("python3")
+            .arg(Path::new(BENCHES).join("benches/vips_worker.py"))
+            .args(["--avif", &core.to_string()])
+            .arg(dir.path())
+            .arg(&png)
+            .env("VIPS_CONCURRENCY", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in String::from_utf8(out.stdout).unwrap().lines() {
+            let [_, q, effort, cpu, bytes, decoded] = line.split(' ').collect::<Vec<_>>()[..]
+            else {
+                panic!("vips_worker.py --avif: {line:?}");
+            };
+            let decoded = std::fs::read(decoded).unwrap();
+            add(
+                format!("AVIF Q{q} effort {effort}"),
+                (
+                    score(&reference, &decoded),
+                    bytes.parse().unwrap(),
+                    cpu.parse().unwrap(),
+                ),
+            );
+        }
+    }
+    println!(
+        "formats: the gateway's 2048 px pixels of {} corpus photos as JPEG, WebP (ours, libwebp \
+         method 4) and AVIF (libvips heifsave: libheif + libaom, VIPS_CONCURRENCY=1), one core; \
+         score: mean SSIMULACRA2 against the full decode; CPU: median of 3 after a warm-up \
+         (AVIF: one encode)",
+        photos.len()
+    );
+    println!(
+        "{:<22} {:>8} {:>10} {:>9}",
+        "encoding", "score", "bytes", "CPU ms"
+    );
+    let mean = |rows: &[(f64, usize, f64)], f: fn(&(f64, usize, f64)) -> f64| {
+        rows.iter().map(f).sum::<f64>() / rows.len() as f64
+    };
+    for (label, rows) in &table {
+        println!(
+            "{label:<22} {:>8.2} {:>10} {:>9.1}",
+            mean(rows, |r| r.0),
+            rows.iter().map(|r| r.1).sum::<usize>(),
+            1e3 * mean(rows, |r| r.2)
+        );
+    }
+}
+
+/// The main image's pixels as the pipeline makes them: decoded, shrunk, sRGB, upright.
+fn main_pixels(photo: &Photo, config: &PipelineConfig) -> DynamicImage {
+    let decoded = pipeline::decode(
+        &photo.bytes,
+        photo.format,
+        config.max_pixels,
+        config.long_edge,
+    )
+    .unwrap();
+    let mut main = pipeline::shrunk(decoded.image, config.long_edge).unwrap();
+    if let Some(colours) = &decoded.colours {
+        pipeline::to_srgb(&mut main, colours);
+    }
+    pipeline::turn_upright(&mut main, decoded.orientation);
+    main
+}
+
+/// Median CPU seconds of 3 runs of `work`, after one to warm up.
+fn timed<T>(mut work: impl FnMut() -> T) -> f64 {
+    std::hint::black_box(work());
+    let mut runs: Vec<f64> = (0..3)
+        .map(|_| {
+            let start = cpu_seconds();
+            std::hint::black_box(work());
+            cpu_seconds() - start
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    runs[1]
 }
 
 /// One section of the bench: these photos through both sides, reported.
 fn section(label: &str, paths: &[PathBuf], runs: usize, (core, cores): (usize, usize)) {
     let photos: Vec<Photo> = paths.iter().map(|p| Photo::read(p)).collect();
-    let config = PipelineConfig::default();
+    let config = config();
     let mut vips = Vips::start(core, paths);
     let out = tempfile::tempdir().unwrap();
 
@@ -91,14 +231,13 @@ fn section(label: &str, paths: &[PathBuf], runs: usize, (core, cores): (usize, u
         .map(|(i, photo)| {
             let prefix = out.path().join(format!("{i}"));
             vips.run(i, Some(&prefix));
-            let theirs = [
-                std::fs::read(prefix.with_extension("main.jpg")).unwrap(),
-                std::fs::read(prefix.with_extension("preview.jpg")).unwrap(),
-            ];
             let ours = photo.ours(&config);
             Row {
-                ours: [ours.main().bytes.clone(), ours.preview().bytes.clone()],
-                theirs,
+                ours: OUTPUTS.map(|(role, content_type, _)| {
+                    ours.file(role, content_type).unwrap().bytes.clone()
+                }),
+                theirs: OUTPUTS
+                    .map(|(.., name)| std::fs::read(prefix.with_extension(name)).unwrap()),
                 memory: peak_memory(&paths[i]),
                 ..Row::default()
             }
@@ -108,7 +247,7 @@ fn section(label: &str, paths: &[PathBuf], runs: usize, (core, cores): (usize, u
     eprintln!("{label}: scoring outputs (SSIMULACRA2 against full-decode Lanczos3 references)");
     for (photo, row) in photos.iter().zip(&mut rows) {
         let reference = photo.reference();
-        for output in 0..2 {
+        for output in 0..OUTPUTS.len() {
             row.ours_score[output] = score(&reference, &row.ours[output]);
             row.theirs_score[output] = score(&reference, &row.theirs[output]);
         }
@@ -164,7 +303,7 @@ fn peak_memory(path: &Path) -> [f64; 2] {
 /// `malloc` (a progressive JPEG's coefficients, its row buffers); the high-water mark is reset
 /// (`clear_refs` 5) once the photo is in memory.
 fn memory(path: &Path) {
-    let config = PipelineConfig::default();
+    let config = config();
     let photo = Photo::read(path);
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let before = resident_kib("VmRSS:");
@@ -181,6 +320,16 @@ fn memory(path: &Path) {
     .as_bytes()
     .len();
     println!("{peak} {decoded}");
+}
+
+/// The gateway's defaults, the WebP quality from `FOLLOW_WEBP_QUALITY` if set (libvips' side
+/// reads it too).
+fn config() -> PipelineConfig {
+    let mut config = PipelineConfig::default();
+    if let Ok(quality) = std::env::var("FOLLOW_WEBP_QUALITY") {
+        config.webp_quality = quality.parse().unwrap();
+    }
+    config
 }
 
 /// A `/proc/self/status` figure in KiB.
@@ -343,13 +492,21 @@ fn score(reference: &DynamicImage, encoded: &[u8]) -> f64 {
     compute_frame_ssimulacra2(frame(wanted), frame(got)).unwrap()
 }
 
-/// What one photo measured, on both sides ([main, preview] for outputs).
+/// The outputs both sides make, in [`Row`]'s order.
+const OUTPUTS: [(OutputRole, &str, &str); 4] = [
+    (OutputRole::Main, "image/jpeg", "main.jpg"),
+    (OutputRole::Preview, "image/jpeg", "preview.jpg"),
+    (OutputRole::Main, "image/webp", "main.webp"),
+    (OutputRole::Preview, "image/webp", "preview.webp"),
+];
+
+/// What one photo measured, on both sides (outputs in [`OUTPUTS`]' order).
 #[derive(Default)]
 struct Row {
-    ours: [Vec<u8>; 2],
-    theirs: [Vec<u8>; 2],
-    ours_score: [f64; 2],
-    theirs_score: [f64; 2],
+    ours: [Vec<u8>; 4],
+    theirs: [Vec<u8>; 4],
+    ours_score: [f64; 4],
+    theirs_score: [f64; 4],
     ours_cpu: Vec<f64>,
     theirs_cpu: Vec<f64>,
     /// Peak resident memory while processing, [ours, libvips'], over the size of the buffer our
@@ -442,6 +599,7 @@ fn report(
     (core, cores): (usize, usize),
     version: &str,
 ) {
+    let webp_quality = config().webp_quality;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -462,7 +620,8 @@ fn report(
     println!(
         "work on both sides: 2048 and 320 px JPEG, quality 85, 4:2:0, optimized Huffman \
          tables, stripped, Lanczos3 (boxes first from 4x: libvips' gap 2), libvips' \
-         shrink-on-load rule, orientation applied, ICC -> sRGB; preview from the 2048 pixels"
+         shrink-on-load rule, orientation applied, ICC -> sRGB; preview from the 2048 pixels; \
+         each also as WebP (libwebp, quality {webp_quality}, method 4)"
     );
     println!(
         "score: SSIMULACRA2 (higher is better; 90 ~ visually lossless) of each output against \
@@ -487,7 +646,8 @@ fn report(
     );
     let (mut log_ratio, mut ours_total, mut theirs_total) = (0.0, 0.0, 0.0);
     let (mut ours_bytes, mut theirs_bytes) = (0usize, 0usize);
-    let (mut ours_score, mut theirs_score) = ([0.0; 2], [0.0; 2]);
+    let (mut ours_score, mut theirs_score) = ([0.0; 4], [0.0; 4]);
+    let (mut ours_format_bytes, mut theirs_format_bytes) = ([0usize; 2], [0usize; 2]);
     let (mut worst_ratio, mut best_ratio) = (f64::MAX, 0.0f64);
     // Worst peak memory [ours, libvips'] per kind: baseline, progressive 4:2:0, other
     // progressive, HEIC.
@@ -500,13 +660,15 @@ fn report(
         best_ratio = best_ratio.max(ratio);
         ours_total += ours;
         theirs_total += theirs;
-        let ob: usize = row.ours.iter().map(Vec::len).sum();
-        let tb: usize = row.theirs.iter().map(Vec::len).sum();
+        let ob: usize = row.ours[..2].iter().map(Vec::len).sum();
+        let tb: usize = row.theirs[..2].iter().map(Vec::len).sum();
         ours_bytes += ob;
         theirs_bytes += tb;
-        for o in 0..2 {
+        for o in 0..OUTPUTS.len() {
             ours_score[o] += row.ours_score[o];
             theirs_score[o] += row.theirs_score[o];
+            ours_format_bytes[o / 2] += row.ours[o].len();
+            theirs_format_bytes[o / 2] += row.theirs[o].len();
         }
         let worst = &mut worst_memory[photo.kind as usize];
         *worst = [0, 1].map(|side| worst[side].max(row.memory[side]));
@@ -545,7 +707,7 @@ fn report(
         best_ratio
     );
     println!(
-        "output bytes: ours {ours_bytes}, libvips {theirs_bytes} ({:+} B, {:.5}x; target <= 1.0x)",
+        "JPEG output bytes: ours {ours_bytes}, libvips {theirs_bytes} ({:+} B, {:.5}x; target <= 1.0x)",
         ours_bytes as i64 - theirs_bytes as i64,
         ours_bytes as f64 / theirs_bytes as f64
     );
@@ -555,6 +717,18 @@ fn report(
         theirs_score[0] / n,
         ours_score[1] / n,
         theirs_score[1] / n
+    );
+    println!(
+        "WebP (quality {webp_quality}): mean SSIMULACRA2 main ours {:.2} vs libvips {:.2}, preview ours \
+         {:.2} vs libvips {:.2}; bytes ours {} ({:.1} % of our JPEGs'), libvips {} (target: \
+         WebP scores within 1 of the JPEG's, fewer bytes)",
+        ours_score[2] / n,
+        theirs_score[2] / n,
+        ours_score[3] / n,
+        theirs_score[3] / n,
+        ours_format_bytes[1],
+        100.0 * ours_format_bytes[1] as f64 / ours_format_bytes[0] as f64,
+        theirs_format_bytes[1],
     );
     let [baseline, progressive, other, heic] = worst_memory;
     if label == "HEIC" {
