@@ -263,3 +263,26 @@ fn heic_items_are_named() {
     );
     assert_eq!(run(HEIC_PLAIN, Format::Heif).stripped_metadata, []);
 }
+
+/// Damaged metadata never panics: 500 copies of a JPEG carrying an EXIF block of every kind,
+/// bytes of the block changed at random, decode or are refused with a typed error.
+#[test]
+fn damaged_metadata_never_panics() {
+    let exif = tiff(
+        &telling_fields(),
+        Some(&jpeg_of(&picture().thumbnail(16, 16))),
+    );
+    let jpeg = with_segments(
+        &jpeg_of(&picture()),
+        &[(0xE1, prefixed(b"Exif\0\0", &exif))],
+    );
+    let mut rng = fastrand::Rng::with_seed(29);
+    for _ in 0..500 {
+        let mut damaged = jpeg.clone();
+        for _ in 0..rng.usize(1..8) {
+            let at = rng.usize(12..12 + exif.len());
+            damaged[at] = rng.u8(..);
+        }
+        let _ = pipeline::decode(&damaged, Format::Jpeg, 50_000_000, 2048);
+    }
+}
