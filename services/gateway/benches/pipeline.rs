@@ -87,7 +87,7 @@ fn main() {
     }
 }
 
-/// The formats section: the 2048 px pixels the gateway makes of every third corpus JPEG,
+/// The formats section: the 2048 px pixels the gateway makes of every sixth corpus JPEG,
 /// encoded as its JPEG, as WebP at several qualities (ours: libwebp, method 4) and as AVIF at
 /// several qualities and efforts (libvips' `heifsave`: libheif with libaom), all on one core;
 /// each scored (SSIMULACRA2 against the full decode) and timed (median CPU of 3 after a
@@ -97,16 +97,16 @@ fn formats(paths: &[PathBuf], core: usize) {
     let config = config();
     let dir = tempfile::tempdir().unwrap();
     pin(core);
-    // Per setting: (score, bytes, CPU seconds) of each photo.
-    let mut table: Vec<(String, Vec<(f64, usize, f64)>)> = Vec::new();
-    let mut add = |label: String, measured: (f64, usize, f64)| match table
-        .iter_mut()
-        .find(|(l, _)| *l == label)
-    {
-        Some((_, rows)) => rows.push(measured),
-        None => table.push((label, vec![measured])),
+    // Per setting, each photo's measures.
+    let mut table: Vec<(String, Vec<Measured>)> = Vec::new();
+    let mut add = |label: String, (score, bytes, cpu): (f64, usize, f64)| {
+        let measured = Measured { score, bytes, cpu };
+        match table.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, rows)) => rows.push(measured),
+            None => table.push((label, vec![measured])),
+        }
     };
-    let photos: Vec<&PathBuf> = paths.iter().step_by(3).collect();
+    let photos: Vec<&PathBuf> = paths.iter().step_by(6).collect();
     for (i, path) in photos.iter().enumerate() {
         eprintln!("formats: photo {} of {}", i + 1, photos.len());
         let photo = Photo::read(path);
@@ -172,17 +172,26 @@ fn formats(paths: &[PathBuf], core: usize) {
         "{:<22} {:>8} {:>10} {:>9}",
         "encoding", "score", "bytes", "CPU ms"
     );
-    let mean = |rows: &[(f64, usize, f64)], f: fn(&(f64, usize, f64)) -> f64| {
+    let mean = |rows: &[Measured], f: fn(&Measured) -> f64| {
         rows.iter().map(f).sum::<f64>() / rows.len() as f64
     };
     for (label, rows) in &table {
         println!(
             "{label:<22} {:>8.2} {:>10} {:>9.1}",
-            mean(rows, |r| r.0),
-            rows.iter().map(|r| r.1).sum::<usize>(),
-            1e3 * mean(rows, |r| r.2)
+            mean(rows, |r| r.score),
+            rows.iter().map(|r| r.bytes).sum::<usize>(),
+            1e3 * mean(rows, |r| r.cpu)
         );
     }
+}
+
+/// One encoding of one photo in the formats section.
+struct Measured {
+    /// SSIMULACRA2.
+    score: f64,
+    bytes: usize,
+    /// CPU seconds.
+    cpu: f64,
 }
 
 /// The main image's pixels as the pipeline makes them: decoded, shrunk, sRGB, upright.

@@ -69,7 +69,7 @@ impl Handler<Job> for JobHandler {
 
 /// How a job's processing ended, before it becomes an [`Outcome`].
 enum Ended {
-    Result(ImageResult),
+    Result(Box<ImageResult>),
     /// Storage (or the pool) is unavailable: try again later.
     Unavailable(String),
     /// The pipeline itself failed: counted, retried, given up on in the end.
@@ -87,7 +87,7 @@ impl JobHandler {
                 // A previous attempt finished; only the hand-off (and the clean-up) is left.
                 tracing::info!("result already recorded; handing it off");
                 self.drop_original(job).await;
-                return Outcome::HandOff(result);
+                return Outcome::HandOff(*result);
             }
             Ok(Record::Corrupt(reason)) => return Outcome::dead_letter(reason),
             Ok(Record::Missing) => {}
@@ -98,7 +98,7 @@ impl JobHandler {
         let reporter = Reporter::start(&self.progress, &self.metrics, job.image_id);
         let ended = Box::pin(self.run(job, &reporter, started)).await;
         let outcome = match ended {
-            Ended::Result(result) => match self.finish(job, result).await {
+            Ended::Result(result) => match self.finish(job, *result).await {
                 Ok(result) => {
                     match &result.outcome {
                         ResultOutcome::Processed(_) => {
@@ -151,26 +151,26 @@ impl JobHandler {
             Ok(bytes) => bytes,
             Err(S3Error::NotFound) => {
                 // Neither a record nor an original: nothing can be made of this job.
-                return Ended::Result(failed(
+                return Ended::Result(Box::new(failed(
                     job,
                     Failure {
                         code: ErrorCode::Internal,
                         message: "the uploaded image was lost".into(),
                     },
                     started,
-                ));
+                )));
             }
             Err(e) => return Ended::Unavailable(e.to_string()),
         };
         let Some(format) = Format::of_content_type(&job.content_type) else {
-            return Ended::Result(failed(
+            return Ended::Result(Box::new(failed(
                 job,
                 Failure {
                     code: ErrorCode::InvalidImage,
                     message: "the content type is not accepted".into(),
                 },
                 started,
-            ));
+            )));
         };
         // Taken as the bytes arrived (and S3 checked them against it) when the gateway queued
         // the job; from the original when the reconciler did.
@@ -179,7 +179,7 @@ impl JobHandler {
             .clone()
             .unwrap_or_else(|| hex::encode(Sha256::digest(&original)));
         let output = self.pipeline_of(original, format, reporter).await;
-        let mut output = match output {
+        let output = match output {
             Ok(output) => output,
             Err(PipelineError::Internal) => {
                 return Ended::Failed("the pipeline failed (see the logs)".into());
@@ -189,53 +189,24 @@ impl JobHandler {
                     code: e.code(),
                     message: e.to_string(),
                 };
-                return Ended::Result(failed(job, failure, started));
+                return Ended::Result(Box::new(failed(job, failure, started)));
             }
         };
         follow_service::failpoint("gateway-mid-pipeline");
         reporter.stage(Stage::UploadingToStorage);
-        let files: Vec<OutputFile> = output
-            .files
-            .iter()
-            .map(|f| OutputFile {
-                role: f.role,
-                content_type: f.encoded.content_type.to_owned(),
-                width: f.encoded.width,
-                height: f.encoded.height,
-                byte_size: f.encoded.bytes.len() as u64,
-            })
-            .collect();
-        let main = &files[0];
-        let processed = Processed {
-            storage_key: job.storage_key.clone(),
-            preview_key: preview_key(&job.storage_key),
-            sha256,
-            content_type: main.content_type.clone(),
-            width: output.width,
-            height: output.height,
-            processed_width: main.width,
-            processed_height: main.height,
-            byte_size: main.byte_size,
-            thumbhash: std::mem::take(&mut output.thumbhash),
-            stripped_metadata: std::mem::take(&mut output.stripped_metadata),
-            files,
+        let (processed, objects) = match described(job, sha256, output) {
+            Ok(described) => described,
+            Err(message) => return Ended::Failed(message),
         };
-        let mut objects = Vec::with_capacity(output.files.len());
-        for Rendition { role, encoded } in output.files {
-            let Some(key) = output_key(&job.storage_key, role, encoded.content_type) else {
-                return Ended::Failed(format!("no object name for {}", encoded.content_type));
-            };
-            objects.push((key, encoded));
-        }
         if let Err(e) = Box::pin(self.store_outputs(objects)).await {
             return Ended::Unavailable(e.to_string());
         }
-        Ended::Result(ImageResult {
+        Ended::Result(Box::new(ImageResult {
             image_id: job.image_id,
             outcome: ResultOutcome::Processed(processed),
             produced_at: OffsetDateTime::now_utc(),
             processing_ms: started.elapsed().as_millis() as u64,
-        })
+        }))
     }
 
     /// Every file of the image, each written once and all at once: an earlier attempt at this
@@ -294,7 +265,7 @@ impl JobHandler {
                         tracing::info!(
                             "another attempt recorded this image's result first; handing that off"
                         );
-                        Ok(recorded)
+                        Ok(*recorded)
                     }
                     Ok(Record::Corrupt(reason)) => Err(Outcome::dead_letter(reason)),
                     Ok(Record::Missing) => {
@@ -330,4 +301,46 @@ fn failed(job: &Job, failure: Failure, started: Instant) -> ImageResult {
         produced_at: OffsetDateTime::now_utc(),
         processing_ms: started.elapsed().as_millis() as u64,
     }
+}
+
+/// What the pipeline made of `job`, as its result describes it, and the objects to store it in.
+fn described(
+    job: &Job,
+    sha256: String,
+    output: pipeline::Output,
+) -> Result<(Processed, Vec<(String, Encoded)>), String> {
+    let files: Vec<OutputFile> = output
+        .files
+        .iter()
+        .map(|f| OutputFile {
+            role: f.role,
+            content_type: f.encoded.content_type.to_owned(),
+            width: f.encoded.width,
+            height: f.encoded.height,
+            byte_size: f.encoded.bytes.len() as u64,
+        })
+        .collect();
+    let main = output.main();
+    let processed = Processed {
+        storage_key: job.storage_key.clone(),
+        preview_key: preview_key(&job.storage_key),
+        sha256,
+        content_type: main.content_type.to_owned(),
+        width: output.width,
+        height: output.height,
+        processed_width: main.width,
+        processed_height: main.height,
+        byte_size: main.bytes.len() as u64,
+        thumbhash: output.thumbhash,
+        stripped_metadata: output.stripped_metadata,
+        files,
+    };
+    let mut objects = Vec::with_capacity(output.files.len());
+    for Rendition { role, encoded } in output.files {
+        let Some(key) = output_key(&job.storage_key, role, encoded.content_type) else {
+            return Err(format!("no object name for {}", encoded.content_type));
+        };
+        objects.push((key, encoded));
+    }
+    Ok((processed, objects))
 }

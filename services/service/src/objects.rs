@@ -62,7 +62,7 @@ pub fn record_key(storage_key: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Missing,
-    Found(ImageResult),
+    Found(Box<ImageResult>),
     /// There, but not a result (or of another image): for operators, never applied.
     Corrupt(String),
 }
@@ -81,7 +81,7 @@ pub async fn read_record(bucket: &Bucket, storage_key: &str) -> Result<Record, S
     };
     Ok(match ImageResult::from_json(&json) {
         Ok(result) if parse_storage_key(storage_key).map(|(_, id)| id) == Some(result.image_id) => {
-            Record::Found(result)
+            Record::Found(Box::new(result))
         }
         Ok(_) => Record::Corrupt(format!("{key} is the result of another image")),
         Err(e) => Record::Corrupt(format!("{key}: {e}")),
