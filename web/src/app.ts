@@ -6,6 +6,7 @@
 // loopback: it is never sent anywhere else, whatever `?api=` or the API field say.
 import {
   ConnectError,
+  MetadataKind,
   OutputRole,
   Stage,
   browserImageTypes,
@@ -135,7 +136,12 @@ async function run() {
       case "imageProcessed": {
         const row = byImage.get(event.value.image?.id ?? "");
         if (!row) break;
-        row.querySelector(".stage")!.textContent = "DONE";
+        // The privacy manifest: what the photo carried and lost, by name.
+        const stripped = (event.value.image?.strippedMetadata ?? []).map((kind) =>
+          MetadataKind[kind].toLowerCase().replaceAll("_", " "),
+        );
+        row.querySelector(".stage")!.textContent =
+          stripped.length > 0 ? `DONE (removed: ${stripped.join(", ")})` : "DONE";
         // The smallest preview this browser shows (a WebP where it can).
         const file = event.value.image && pickFile(event.value.image, OutputRole.PREVIEW, await imageTypes);
         const img = Object.assign(document.createElement("img"), {

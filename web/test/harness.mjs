@@ -67,7 +67,7 @@ export function waitForEveryPhotoProcessed(page, n) {
         rows.length === n &&
         rows.every((row) => {
           const img = row.querySelector("img.preview");
-          return row.querySelector(".stage")?.textContent === "DONE" && img?.complete && img.naturalWidth > 0;
+          return row.querySelector(".stage")?.textContent?.startsWith("DONE") && img?.complete && img.naturalWidth > 0;
         })
       );
     },
