@@ -198,7 +198,9 @@ impl PostgresServer {
 
     async fn spawn(&mut self, run_as: &RunAs) -> Result<(), TestkitError> {
         let data = self.dir.path().join("data");
-        // A killed server leaves its pid file; PostgreSQL would refuse to start over it.
+        // A killed server leaves its pid file, which PostgreSQL would refuse to start over, and
+        // its shared memory segment.
+        release_shared_memory(&data);
         let _ = std::fs::remove_file(data.join("postmaster.pid"));
         let mut command = run_as.command(self.bin.join("postgres"));
         command
@@ -231,6 +233,33 @@ impl PostgresServer {
         .await?;
         self.child = Guarded::new(child);
         Ok(())
+    }
+}
+
+impl Drop for PostgresServer {
+    /// The server is killed as its handle drops; its System V shared memory segment would
+    /// outlive it (thousands of them pile up over test runs, until no server can start).
+    fn drop(&mut self) {
+        release_shared_memory(&self.dir.path().join("data"));
+    }
+}
+
+/// Marks the System V shared memory segment the server of `data` made (its id is on the pid
+/// file's 7th line, after the key) for removal: it goes once no process has it attached.
+fn release_shared_memory(data: &Path) {
+    let Ok(pid_file) = std::fs::read_to_string(data.join("postmaster.pid")) else {
+        return;
+    };
+    let id = pid_file
+        .lines()
+        .nth(6)
+        .and_then(|line| line.split_whitespace().nth(1))
+        .filter(|id| id.bytes().all(|b| b.is_ascii_digit()));
+    if let Some(id) = id {
+        let _ = std::process::Command::new("ipcrm")
+            .args(["-m", id])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 

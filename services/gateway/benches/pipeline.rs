@@ -4,7 +4,8 @@
 //! - Same work: both make a 2048 px and a 320 px JPEG (quality 85, 4:2:0, optimized Huffman
 //!   tables, metadata stripped, Lanczos3 — after boxes where the reduction is 4× or more, as
 //!   libvips' `resize` with its default gap —, libvips' shrink-on-load rule, EXIF orientation
-//!   applied, an ICC profile converted to sRGB), the preview from the 2048 pixels in memory.
+//!   applied, an ICC profile converted to sRGB), the preview from the 2048 pixels in memory;
+//!   each also as WebP (libwebp, the gateway's quality and method, metadata stripped).
 //!   libvips runs `thumbnail_buffer` in one long-lived pyvips process (`vips_worker.py`,
 //!   `VIPS_CONCURRENCY=1`, operation cache off), ours in this process; every image is in
 //!   memory on both sides before timing starts.
@@ -88,7 +89,7 @@ fn main() {
 }
 
 /// The formats section: the 2048 px pixels the gateway makes of every sixth corpus JPEG,
-/// encoded as its JPEG, as WebP at several qualities (ours: libwebp, method 4) and as AVIF at
+/// encoded as its JPEG, as WebP at several qualities and methods (ours: libwebp) and as AVIF at
 /// several qualities and efforts (libvips' `heifsave`: libheif with libaom), all on one core;
 /// each scored (SSIMULACRA2 against the full decode) and timed (median CPU of 3 after a
 /// warm-up; AVIF once, it is slow). Says which WebP quality scores as the JPEG does, and what an
@@ -122,11 +123,11 @@ fn formats(paths: &[PathBuf], core: usize) {
             format!("JPEG q{}", config.jpeg_quality),
             (score(&reference, &jpeg), jpeg.len(), cpu),
         );
-        for quality in [70, 75, 80, 85, 90] {
-            let webp = pipeline::encode_webp(&main, quality).unwrap().bytes;
-            let cpu = timed(|| pipeline::encode_webp(&main, quality).unwrap());
+        for (quality, method) in [(80, 4), (90, 4), (90, 2), (92, 2), (94, 2), (92, 0)] {
+            let webp = pipeline::encode_webp(&main, quality, method).unwrap().bytes;
+            let cpu = timed(|| pipeline::encode_webp(&main, quality, method).unwrap());
             add(
-                format!("WebP q{quality}"),
+                format!("WebP q{quality} method {method}"),
                 (score(&reference, &webp), webp.len(), cpu),
             );
         }
@@ -162,8 +163,8 @@ fn formats(paths: &[PathBuf], core: usize) {
         }
     }
     println!(
-        "formats: the gateway's 2048 px pixels of {} corpus photos as JPEG, WebP (ours, libwebp \
-         method 4) and AVIF (libvips heifsave: libheif + libaom, VIPS_CONCURRENCY=1), one core; \
+        "formats: the gateway's 2048 px pixels of {} corpus photos as JPEG, WebP (ours, \
+         libwebp) and AVIF (libvips heifsave: libheif + libaom, VIPS_CONCURRENCY=1), one core; \
          score: mean SSIMULACRA2 against the full decode; CPU: median of 3 after a warm-up \
          (AVIF: one encode)",
         photos.len()
@@ -630,7 +631,8 @@ fn report(
         "work on both sides: 2048 and 320 px JPEG, quality 85, 4:2:0, optimized Huffman \
          tables, stripped, Lanczos3 (boxes first from 4x: libvips' gap 2), libvips' \
          shrink-on-load rule, orientation applied, ICC -> sRGB; preview from the 2048 pixels; \
-         each also as WebP (libwebp, quality {webp_quality}, method 4)"
+         each also as WebP (libwebp, quality {webp_quality}, method {})",
+        pipeline::WEBP_METHOD
     );
     println!(
         "score: SSIMULACRA2 (higher is better; 90 ~ visually lossless) of each output against \

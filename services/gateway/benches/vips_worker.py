@@ -13,8 +13,8 @@ after boxes where the reduction is 4x or more: the default gap of 2; libvips' sh
 rule; EXIF orientation applied; an embedded ICC profile converted to sRGB), saved as JPEG
 quality 85, 4:2:0, optimized Huffman tables (as the gateway does), metadata stripped; then the
 320 preview made from the 2048 pixels in memory (no second decode) and saved the same way; each
-also saved as WebP (libwebp, quality FOLLOW_WEBP_QUALITY or 80, effort 4 = libwebp's method 4,
-metadata stripped). The operation cache is off.
+also saved as WebP (libwebp, quality FOLLOW_WEBP_QUALITY or 90, effort 4 = libwebp's method 4,
+as the gateway's, metadata stripped). The operation cache is off.
 
     VIPS_CONCURRENCY=1 vips_worker.py --avif CORE OUT_DIR PNG...
 
@@ -38,8 +38,8 @@ import pyvips
 MAIN_EDGE = 2048
 PREVIEW_EDGE = 320
 SAVE = {"Q": 85, "strip": True, "subsample_mode": "on", "optimize_coding": True}
-SAVE_WEBP = {"Q": int(os.environ.get("FOLLOW_WEBP_QUALITY", "80")), "strip": True, "effort": 4}
-AVIF_GRID = [(q, effort) for effort in (0, 2, 4) for q in (50, 60)]
+SAVE_WEBP = {"Q": int(os.environ.get("FOLLOW_WEBP_QUALITY", "90")), "strip": True, "effort": 4}
+AVIF_GRID = [(q, effort) for effort in (0, 2, 4) for q in (60, 70, 80)]
 OUTPUTS = ["main.jpg", "preview.jpg", "main.webp", "preview.webp"]
 
 

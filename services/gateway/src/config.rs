@@ -22,7 +22,7 @@ pub struct PipelineConfig {
 
 /// The WebP quality whose files score as the JPEGs of quality 85 do on SSIMULACRA2
 /// (docs/performance.md, "WebP").
-const DEFAULT_WEBP_QUALITY: u8 = 80;
+const DEFAULT_WEBP_QUALITY: u8 = 90;
 
 impl Default for PipelineConfig {
     fn default() -> Self {

@@ -55,12 +55,18 @@ pub fn encode(image: &DynamicImage, quality: u8) -> Result<Encoded, PipelineErro
     })
 }
 
-/// The same pixels as WebP through libwebp: lossy at `quality` (0–100, libwebp's scale) for
-/// opaque images, lossless (as the PNG is) with alpha. Method 4 of libwebp's 0–6, its default:
-/// the slower ones cost a third more time for about 1 % fewer bytes.
-pub fn encode_webp(image: &DynamicImage, quality: u8) -> Result<Encoded, PipelineError> {
+/// libwebp's method (0–6: effort) for the pipeline's WebPs (docs/performance.md, "WebP").
+pub const WEBP_METHOD: u8 = 4;
+
+/// The same pixels as WebP through libwebp, with `method` (0–6: effort): lossy at `quality`
+/// (0–100, libwebp's scale) for opaque images, lossless (as the PNG is) with alpha.
+pub fn encode_webp(
+    image: &DynamicImage,
+    quality: u8,
+    method: u8,
+) -> Result<Encoded, PipelineError> {
     let mut config = webp::WebPConfig::new().map_err(|()| encoding_failed("WebP", "no config"))?;
-    config.method = 4;
+    config.method = i32::from(method);
     let (rgba, rgb);
     let encoder = if image.color().has_alpha() {
         config.lossless = 1;

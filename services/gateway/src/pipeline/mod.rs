@@ -35,7 +35,7 @@ use crate::{config::PipelineConfig, sniff::Format};
 pub use crate::error::PipelineError;
 pub use colour::{Colours, to_srgb};
 pub use decode::{Decoded, decode};
-pub use encode::{encode, encode_webp};
+pub use encode::{WEBP_METHOD, encode, encode_webp};
 pub use orient::turn_upright;
 pub use placeholder::thumbhash;
 pub use resize::{scaled, shrunk};
@@ -124,10 +124,13 @@ pub fn run(
     let files = vec![
         rendition(OutputRole::Main, encode(&main, config.jpeg_quality))?,
         rendition(OutputRole::Preview, encode(preview, config.jpeg_quality))?,
-        rendition(OutputRole::Main, encode_webp(&main, config.webp_quality))?,
+        rendition(
+            OutputRole::Main,
+            encode_webp(&main, config.webp_quality, WEBP_METHOD),
+        )?,
         rendition(
             OutputRole::Preview,
-            encode_webp(preview, config.webp_quality),
+            encode_webp(preview, config.webp_quality, WEBP_METHOD),
         )?,
     ];
     Ok(Output {
