@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use follow_e2e::{Platform, user::User};
+use follow_proto::events::v1 as events;
 
 fn repo() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -108,11 +109,22 @@ async fn the_web_page_in_chromium_shows_every_photo_processed() {
             image["placeholder"], true,
             "the preview's ThumbHash painted under it"
         );
-        assert_eq!(
-            image["previewType"], "image/webp",
-            "Chromium shows WebP: the SDK picks the smaller file"
-        );
+        // The smaller of the two previews (JPEG and WebP: Chromium shows both).
+        let id = image["id"].as_str().unwrap();
+        let smallest = user
+            .image(&platform, id)
+            .await
+            .files
+            .into_iter()
+            .filter(|f| f.role() == events::OutputRole::Preview)
+            .min_by_key(|f| f.byte_size)
+            .unwrap();
+        assert_eq!(image["previewType"], smallest.content_type.as_str());
     }
+    assert_eq!(
+        summary["imageTypes"], "image/jpeg,image/png,image/webp",
+        "Chromium decodes the SDK's WebP probe"
+    );
     user.clean_up(&platform).await;
 }
 

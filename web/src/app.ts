@@ -24,8 +24,9 @@ const files = $<HTMLInputElement>("files");
 const start = $<HTMLButtonElement>("start");
 const rows = $<HTMLTableSectionElement>("images");
 
-/** The image types this browser shows, found once. */
+/** The image types this browser shows, found once (and written on the page's body). */
 const imageTypes = browserImageTypes();
+void imageTypes.then((types) => (document.body.dataset.imageTypes = [...types].join(",")));
 
 const LOOPBACK = new Set(["127.0.0.1", "localhost", "[::1]"]);
 
@@ -142,7 +143,7 @@ async function run() {
         );
         row.querySelector(".stage")!.textContent =
           stripped.length > 0 ? `DONE (removed: ${stripped.join(", ")})` : "DONE";
-        // The smallest preview this browser shows (a WebP where it can).
+        // The smallest preview this browser shows (JPEG or WebP: equal quality, fewer bytes).
         const file = event.value.image && pickFile(event.value.image, OutputRole.PREVIEW, await imageTypes);
         const img = Object.assign(document.createElement("img"), {
           className: "preview",

@@ -33,7 +33,9 @@ try {
   const summary = await page.evaluate(() => ({
     route: document.querySelector("#route-status")?.textContent,
     error: document.querySelector("#error")?.textContent,
+    imageTypes: document.body.dataset.imageTypes,
     images: [...document.querySelectorAll(".image-row")].map((row) => ({
+      id: row.dataset.imageId,
       stage: row.querySelector(".stage")?.textContent,
       uploaded: row.querySelector("progress")?.value,
       preview: row.querySelector("img.preview")?.naturalWidth ?? 0,

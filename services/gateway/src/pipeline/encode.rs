@@ -55,7 +55,8 @@ pub fn encode(image: &DynamicImage, quality: u8) -> Result<Encoded, PipelineErro
     })
 }
 
-/// libwebp's method (0–6: effort) for the pipeline's WebPs (docs/performance.md, "WebP").
+/// libwebp's method (0–6: effort) for the pipeline's WebPs (docs/performance.md, "WebP and
+/// AVIF").
 pub const WEBP_METHOD: u8 = 4;
 
 /// The same pixels as WebP through libwebp, with `method` (0–6: effort): lossy at `quality`
