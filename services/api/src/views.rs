@@ -1,5 +1,5 @@
 //! Database records as API messages: the one place rows become `follow.api.v1` views. Pure:
-//! live stages are handed in; URLs are left empty, for `AppState::sign` to fill.
+//! live stages are handed in; URLs are left empty, for `Shared::sign` to fill.
 
 use std::collections::HashMap;
 

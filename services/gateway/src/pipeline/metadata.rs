@@ -24,7 +24,7 @@ impl Found {
     }
 
     /// An EXIF block (TIFF structure, from its byte-order mark on): `Exif`, and what it holds
-    /// that names a kind. A block larger than any camera writes is not read past the mark.
+    /// that names a kind. A block larger than any camera writes is named `Exif` unread.
     pub(super) fn exif(&mut self, tiff: &[u8]) {
         /// Camera EXIF is at most 64 KiB (a JPEG segment); reading a value copies it, so a
         /// hostile block is not parsed beyond this.
