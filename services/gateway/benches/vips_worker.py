@@ -39,7 +39,7 @@ MAIN_EDGE = 2048
 PREVIEW_EDGE = 320
 SAVE = {"Q": 85, "strip": True, "subsample_mode": "on", "optimize_coding": True}
 SAVE_WEBP = {"Q": int(os.environ.get("FOLLOW_WEBP_QUALITY", "90")), "strip": True, "effort": 4}
-AVIF_GRID = [(q, effort) for effort in (0, 2, 4) for q in (60, 70, 80)]
+AVIF_GRID = [(q, 0) for q in (60, 70, 80, 85, 90)] + [(80, 2), (80, 4)]
 OUTPUTS = ["main.jpg", "preview.jpg", "main.webp", "preview.webp"]
 
 
