@@ -4,7 +4,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use follow_bus::{BusError, Hub, OutputRole, Progress, ProgressTracker, RateLimiter, Stage};
-use follow_proto::{api::v1 as api, events::v1 as events};
+use follow_proto::api::v1 as api;
 use follow_service::{
     limits::{Slot, Tally},
     objects,
@@ -199,10 +199,8 @@ impl Shared {
                 .unwrap_or_default();
         }
         for file in view.files.iter_mut().filter(|f| f.url.is_empty()) {
-            let role = match file.role() {
-                events::OutputRole::Main => OutputRole::Main,
-                events::OutputRole::Preview => OutputRole::Preview,
-                events::OutputRole::Unspecified => continue,
+            let Ok(role) = OutputRole::try_from(file.role()) else {
+                continue;
             };
             if let Some(key) = objects::output_key(&storage_key, role, &file.content_type) {
                 file.url = self

@@ -207,18 +207,8 @@ impl StreamMessage for ImageResult {
                 (field::PROCESSED_HEIGHT, p.processed_height.to_string()),
                 (field::BYTE_SIZE, p.byte_size.to_string()),
                 (field::THUMBHASH, BASE64.encode(&p.thumbhash)),
-                (
-                    field::FILES,
-                    serde_json::to_string(&p.files).unwrap_or_default(),
-                ),
-                (
-                    field::STRIPPED_METADATA,
-                    p.stripped_metadata
-                        .iter()
-                        .map(|k| k.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
+                (field::FILES, files_text(&p.files)),
+                (field::STRIPPED_METADATA, kinds_text(&p.stripped_metadata)),
             ]),
             ResultOutcome::Failed(e) => f.extend([
                 (field::ERROR_CODE, e.code.as_str().to_owned()),
@@ -276,6 +266,20 @@ impl StreamMessage for ImageResult {
             processing_ms: fields.number(field::PROCESSING_MS)?,
         })
     }
+}
+
+/// The `files` field's text: a JSON array (also how the database keeps it).
+pub fn files_text(files: &[OutputFile]) -> String {
+    serde_json::to_string(files).unwrap_or_else(|_| "[]".into())
+}
+
+/// The `stripped_metadata` field's text: the names joined by commas.
+pub fn kinds_text(kinds: &[MetadataKind]) -> String {
+    kinds
+        .iter()
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Field lookup over raw (name, value) pairs; the first occurrence of a name counts.

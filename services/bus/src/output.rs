@@ -25,6 +25,18 @@ impl From<OutputRole> for pb::OutputRole {
     }
 }
 
+impl TryFrom<pb::OutputRole> for OutputRole {
+    type Error = ();
+
+    fn try_from(role: pb::OutputRole) -> Result<Self, Self::Error> {
+        match role {
+            pb::OutputRole::Unspecified => Err(()),
+            pb::OutputRole::Main => Ok(OutputRole::Main),
+            pb::OutputRole::Preview => Ok(OutputRole::Preview),
+        }
+    }
+}
+
 /// The content types an output may have.
 pub const OUTPUT_TYPES: [&str; 3] = ["image/jpeg", "image/png", "image/webp"];
 
@@ -154,5 +166,8 @@ mod tests {
             );
         }
         assert_eq!("location".parse::<MetadataKind>(), Err(()));
+        for role in [OutputRole::Main, OutputRole::Preview] {
+            assert_eq!(OutputRole::try_from(pb::OutputRole::from(role)), Ok(role));
+        }
     }
 }

@@ -204,12 +204,13 @@ fn main_pixels(photo: &Photo, config: &PipelineConfig) -> DynamicImage {
         config.long_edge,
     )
     .unwrap();
-    let mut main = pipeline::shrunk(decoded.image, config.long_edge).unwrap();
-    if let Some(colours) = &decoded.colours {
-        pipeline::to_srgb(&mut main, colours);
-    }
-    pipeline::turn_upright(&mut main, decoded.orientation);
-    main
+    pipeline::main_image(
+        decoded.image,
+        decoded.colours.as_ref(),
+        decoded.orientation,
+        config.long_edge,
+    )
+    .unwrap()
 }
 
 /// Median CPU seconds of 3 runs of `work`, after one to warm up.

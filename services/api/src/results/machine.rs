@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use follow_bus::{ImageResult, ResultOutcome};
+use follow_bus::{ImageResult, ResultOutcome, codec};
 use follow_service::objects::preview_key;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -248,9 +248,8 @@ struct ProcessedColumns {
     byte_sizes: Vec<i64>,
     /// Empty when the result carried none.
     thumbhashes: Vec<Vec<u8>>,
-    /// JSON arrays; `[]` when the result carried none.
+    /// As the result's fields are written (`follow_bus::codec`).
     files: Vec<String>,
-    /// Names joined by commas.
     stripped: Vec<String>,
 }
 
@@ -312,15 +311,8 @@ impl ProcessedColumns {
         self.sha256.push(p.sha256.clone());
         self.preview_keys.push(p.preview_key.clone());
         self.thumbhashes.push(p.thumbhash.clone());
-        self.files
-            .push(serde_json::to_string(&p.files).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
-        self.stripped.push(
-            p.stripped_metadata
-                .iter()
-                .map(|k| k.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-        );
+        self.files.push(codec::files_text(&p.files));
+        self.stripped.push(codec::kinds_text(&p.stripped_metadata));
         Ok(())
     }
 }

@@ -106,15 +106,7 @@ pub fn run(
         height,
     } = decode(bytes, format, config.max_pixels, config.long_edge)?;
     stage(Stage::Processing);
-    // The full-size decode is consumed by the main image's resize: peak memory is the decoded
-    // image plus a band of rows and the output, never a second full-size buffer. The long edge
-    // does not depend on the orientation, so turning the resized image gives the same result,
-    // cheaper; so does converting its colours.
-    let mut main = shrunk(image, config.long_edge)?;
-    if let Some(colours) = colours {
-        to_srgb(&mut main, &colours);
-    }
-    turn_upright(&mut main, orientation);
+    let main = main_image(image, colours.as_ref(), orientation, config.long_edge)?;
     let preview = scaled(&main, config.preview_edge);
     let preview = preview.as_ref().unwrap_or(&main);
     stage(Stage::Encoding);
@@ -140,6 +132,25 @@ pub fn run(
         thumbhash: thumbhash(preview),
         stripped_metadata: metadata,
     })
+}
+
+/// The main image from a decode: resized to the long edge, in sRGB, upright. The full-size
+/// decode is consumed by the resize: peak memory is the decoded image plus a band of rows and
+/// the output, never a second full-size buffer. The long edge does not depend on the
+/// orientation, so turning the resized image gives the same result, cheaper; so does
+/// converting its colours.
+pub fn main_image(
+    decoded: DynamicImage,
+    colours: Option<&Colours>,
+    orientation: image::metadata::Orientation,
+    long_edge: u32,
+) -> Result<DynamicImage, PipelineError> {
+    let mut main = shrunk(decoded, long_edge)?;
+    if let Some(colours) = colours {
+        to_srgb(&mut main, colours);
+    }
+    turn_upright(&mut main, orientation);
+    Ok(main)
 }
 
 /// 8-bit grey, RGB or RGBA `pixels` (rows of `width`, no padding) as an image; `None` when
